@@ -1,0 +1,1 @@
+"""Identity encoders and face analysis (pure torch / numpy; no ComfyUI imports)."""

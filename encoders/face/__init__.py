@@ -1,0 +1,26 @@
+"""Face analysis: detection, landmarks, descriptors, pose, alignment and crops."""
+from .alignment import ARCFACE_TEMPLATE_112, estimate_similarity, template_points, transform_points
+from .crop import SELECTIONS, CropResult, crop_faces, draw_faces
+from .types import (BackendUnavailableError, DetectedFace, FaceAnalysisError, FaceAnalyzer,
+                    FaceRecord, FaceSet, NoFaceFoundError)
+
+
+def create_analyzer(backend: str, *, det_size: int = 640, provider: str = "CPU",
+                    dlib_detector: str = "hog", insightface_roots: list[str] | None = None):
+    """A backend by name: ``dlib`` or ``insightface/<pack>``."""
+    if backend == "dlib":
+        from .dlib_backend import DlibFaceAnalyzer
+        return DlibFaceAnalyzer(detector=dlib_detector, det_size=det_size)
+    if backend.startswith("insightface/"):
+        from .insightface_backend import InsightFaceAnalyzer
+        return InsightFaceAnalyzer(backend.split("/", 1)[1], insightface_roots or [],
+                                   provider=provider, det_size=det_size)
+    raise ValueError(f"unknown face backend {backend!r}: use 'dlib' or 'insightface/<pack name>'")
+
+
+__all__ = [
+    "ARCFACE_TEMPLATE_112", "BackendUnavailableError", "CropResult", "DetectedFace",
+    "FaceAnalysisError", "FaceAnalyzer", "FaceRecord", "FaceSet", "NoFaceFoundError",
+    "SELECTIONS", "create_analyzer", "crop_faces", "draw_faces", "estimate_similarity",
+    "template_points", "transform_points",
+]

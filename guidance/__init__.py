@@ -1,0 +1,1 @@
+"""Attention math and sampling guidance (pure torch; no ComfyUI imports)."""

@@ -1,0 +1,1 @@
+"""Datasets, decoders, the training loop and metrics (pure torch; no ComfyUI imports)."""
