@@ -1,0 +1,22 @@
+"""ComfyUI adapters: the only package of the pack that imports ComfyUI."""
+from __future__ import annotations
+
+from comfy_api.latest import ComfyExtension, io
+
+from .face_nodes import FaceAnalysisLoader, FaceCrop
+from .model_folders import register_model_folders
+
+NODES: list[type[io.ComfyNode]] = [
+    FaceAnalysisLoader,
+    FaceCrop,
+]
+
+
+class OmniIdentityExtension(ComfyExtension):
+    async def get_node_list(self) -> list[type[io.ComfyNode]]:
+        return list(NODES)
+
+
+async def comfy_entrypoint() -> OmniIdentityExtension:
+    register_model_folders()
+    return OmniIdentityExtension()

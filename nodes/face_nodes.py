@@ -1,0 +1,102 @@
+"""Face analysis nodes: load a backend, detect/align/crop faces."""
+from __future__ import annotations
+
+from comfy_api.latest import io
+
+from ..encoders import face as face_core
+from ..encoders.face.insightface_backend import KNOWN_PACKS, PROVIDERS, list_packs
+from .common import CATEGORY, LOG, Faces, progress
+from .model_folders import folder
+
+DLIB = "dlib"
+
+
+def backend_options() -> list[str]:
+    packs = sorted(set(list_packs(folder("insightface"))) | set(KNOWN_PACKS))
+    return [DLIB] + [f"insightface/{name}" for name in packs]
+
+
+class FaceAnalysisLoader(io.ComfyNode):
+    @classmethod
+    def define_schema(cls) -> io.Schema:
+        return io.Schema(
+            node_id="OmniIdentityFaceAnalysisLoader",
+            display_name="Face Analysis Loader (OmniIdentity)",
+            category=f"{CATEGORY}/face",
+            description=(
+                "Loads a face analyser: detection, landmarks, face descriptor and head pose. "
+                "'dlib' is bundled (HOG or CNN detector, 68 landmarks, 128-D descriptor) and needs "
+                "no downloads; 'insightface/<pack>' runs an insightface model pack placed in "
+                "models/insightface/models/<pack>/ (ArcFace 512-D embeddings)."),
+            inputs=[
+                io.Combo.Input("backend", options=backend_options(), default=DLIB,
+                               tooltip="'dlib' (bundled) or an insightface pack from "
+                                       "models/insightface/models/<pack>/ (needs insightface + onnxruntime)."),
+                io.Combo.Input("provider", options=list(PROVIDERS), default="CPU",
+                               tooltip="onnxruntime device for insightface packs; dlib always runs on the CPU."),
+                io.Int.Input("det_size", default=640, min=128, max=2048, step=32,
+                             tooltip="Detection resolution: images are scaled so their longer side is this "
+                                     "many pixels for detection. Raise it to find small faces."),
+                io.Combo.Input("dlib_detector", options=["hog", "cnn"], default="hog", optional=True,
+                               tooltip="dlib backend only: 'hog' is fast and frontal; 'cnn' also finds "
+                                       "turned and small faces but is slower on the CPU."),
+            ],
+            outputs=[io.FaceAnalysis.Output(display_name="face_analysis",
+                                            tooltip="The loaded face analyser.")],
+        )
+
+    @classmethod
+    def execute(cls, backend: str, provider: str, det_size: int, dlib_detector: str = "hog") -> io.NodeOutput:
+        analyzer = face_core.create_analyzer(
+            backend, det_size=det_size, provider=provider, dlib_detector=dlib_detector,
+            insightface_roots=folder("insightface"))
+        return io.NodeOutput(analyzer)
+
+
+class FaceCrop(io.ComfyNode):
+    @classmethod
+    def define_schema(cls) -> io.Schema:
+        return io.Schema(
+            node_id="OmniIdentityFaceCrop",
+            display_name="Face Crop (OmniIdentity)",
+            category=f"{CATEGORY}/face",
+            description=(
+                "Finds faces in an image batch and aligns each to the ArcFace five-point template "
+                "(eye centres, nose tip, mouth corners; similarity transform), returning square "
+                "crops, a face mask per crop, a FACES record (boxes, landmarks, pose, descriptors, "
+                "crop transforms) and a preview. Images without a face are skipped with a warning; "
+                "the node fails only when no face is left."),
+            inputs=[
+                io.Image.Input("image", tooltip="One or more photos (a batch)."),
+                io.FaceAnalysis.Input("face_analysis", tooltip="From Face Analysis Loader (OmniIdentity)."),
+                io.Int.Input("crop_size", default=224, min=64, max=2048, step=8,
+                             tooltip="Side of the square crops in pixels (224 for CLIP, 112 for ArcFace)."),
+                io.Float.Input("padding", default=0.25, min=0.0, max=2.0, step=0.01,
+                               tooltip="Margin around the ArcFace face square, as a fraction of it per "
+                                       "side: 0 is the tight ArcFace crop, 0.25 adds hair and chin."),
+                io.Combo.Input("selection", options=list(face_core.SELECTIONS), default="largest",
+                               tooltip="Which face to keep per image: the largest, the most confident, "
+                                       "the one nearest the centre, or all of them (largest first)."),
+            ],
+            outputs=[
+                io.Image.Output(display_name="crops", tooltip="Aligned face crops, one per kept face."),
+                io.Mask.Output(display_name="masks", tooltip="Face region of each crop (soft edge)."),
+                Faces.Output(display_name="faces",
+                             tooltip="Per face: source image, box, landmarks, pose, descriptor, crop transform."),
+                io.Image.Output(display_name="preview",
+                                tooltip="The input images with boxes and landmarks drawn on them."),
+            ],
+        )
+
+    @classmethod
+    def execute(cls, image, face_analysis, crop_size: int, padding: float, selection: str) -> io.NodeOutput:
+        if not callable(getattr(face_analysis, "detect", None)):
+            raise TypeError(
+                "face_analysis must come from 'Face Analysis Loader (OmniIdentity)'; the connected "
+                f"{type(face_analysis).__name__} object is another pack's analyser.")
+        result = face_core.crop_faces(image, face_analysis, crop_size=crop_size, padding=padding,
+                                      selection=selection, on_image_done=progress(len(image)))
+        for warning in result.warnings:
+            LOG.warning("FaceCrop: %s", warning)
+        return io.NodeOutput(result.crops, result.masks, result.faces,
+                             face_core.draw_faces(image, result.faces))
