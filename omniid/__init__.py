@@ -1,0 +1,1 @@
+"""Command-line and test tooling around a real ComfyUI (not loaded by ComfyUI itself)."""

@@ -1,0 +1,204 @@
+"""Command line: `serve` a ComfyUI with this pack, `run` an API-format workflow on one.
+
+Exit codes (stable, for scripts):
+  0 success · 2 bad arguments or workflow file · 3 ComfyUI not found, not started or
+  unreachable · 4 prompt rejected at validation · 5 a node failed · 6 interrupted ·
+  7 timed out
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import signal
+import sys
+from pathlib import Path
+from typing import Optional
+
+from .client import ComfyClient, ComfyClientError, ExecutionFailed, PromptRejected
+from .comfy_server import ComfyServer, ComfyUIError, find_comfyui
+
+EXIT_OK, EXIT_USAGE, EXIT_COMFYUI, EXIT_REJECTED, EXIT_FAILED, EXIT_INTERRUPTED, EXIT_TIMEOUT = 0, 2, 3, 4, 5, 6, 7
+
+
+class UsageError(Exception):
+    pass
+
+
+def load_api_workflow(path: Path) -> dict:
+    try:
+        data = json.loads(path.read_text(encoding="utf-8"))
+    except FileNotFoundError:
+        raise UsageError(f"workflow file not found: {path}")
+    except json.JSONDecodeError as exc:
+        raise UsageError(f"{path} is not valid JSON: {exc}")
+    if isinstance(data, dict) and "nodes" in data and "links" in data:
+        raise UsageError(f"{path} is a UI-format workflow; use its API-format twin (*.api.json), or "
+                         "export one from the editor with Workflow > Export (API)")
+    if isinstance(data, dict) and "prompt" in data and isinstance(data["prompt"], dict):
+        data = data["prompt"]
+    if not isinstance(data, dict) or not all(isinstance(n, dict) and "class_type" in n for n in data.values()):
+        raise UsageError(f"{path} is not an API-format workflow (a map of node id -> {{class_type, inputs}})")
+    return data
+
+
+def _parse_value(text: str):
+    try:
+        return json.loads(text)
+    except json.JSONDecodeError:
+        return text
+
+
+def apply_overrides(prompt: dict, overrides: list[str]) -> dict:
+    """Apply ``NODE.INPUT=VALUE`` edits; NODE is a node id, its title or its class_type."""
+    for item in overrides:
+        target, sep, value = item.partition("=")
+        node_key, dot, input_name = target.rpartition(".")
+        if not sep or not dot or not node_key or not input_name:
+            raise UsageError(f"--set {item!r}: expected NODE.INPUT=VALUE")
+        matches = [nid for nid, node in prompt.items()
+                   if node_key in (nid, node.get("class_type"), node.get("_meta", {}).get("title"))]
+        if not matches:
+            raise UsageError(f"--set {item!r}: no node with id, title or type {node_key!r}")
+        for nid in matches:
+            prompt[nid].setdefault("inputs", {})[input_name] = _parse_value(value)
+    return prompt
+
+
+def _print_event(kind: str, data: dict, prompt: dict) -> None:
+    if kind == "executing" and data.get("node") is not None:
+        node = prompt.get(str(data["node"]), {})
+        title = node.get("_meta", {}).get("title") or node.get("class_type", "?")
+        print(f"  running node {data['node']} ({title})", file=sys.stderr, flush=True)
+    elif kind == "progress":
+        value, total = data.get("value", 0), data.get("max", 0) or 1
+        bar = "#" * int(30 * value / total)
+        print(f"\r    [{bar:<30}] {value}/{total}", end="\n" if value >= total else "", file=sys.stderr, flush=True)
+    elif kind == "execution_cached" and data.get("nodes"):
+        print(f"  cached: {', '.join(map(str, data['nodes']))}", file=sys.stderr, flush=True)
+
+
+def save_outputs(client: ComfyClient, result, output_dir: Path) -> list[Path]:
+    output_dir.mkdir(parents=True, exist_ok=True)
+    saved = []
+    for file in result.files():
+        if file.get("type") not in ("output", "temp"):
+            continue
+        name = f"{file['node']}_{Path(file['filename']).name}"
+        target = output_dir / name
+        target.write_bytes(client.view(file))
+        saved.append(target)
+    texts = {nid: out for nid, out in result.outputs.items()
+             if any(k not in ("images", "gifs", "audio", "video", "files") for k in out)}
+    if texts:
+        (output_dir / "outputs.json").write_text(json.dumps(texts, indent=2, default=str))
+        saved.append(output_dir / "outputs.json")
+    return saved
+
+
+def cmd_run(args) -> int:
+    prompt = apply_overrides(load_api_workflow(Path(args.workflow)), args.set or [])
+    server: Optional[ComfyServer] = None
+    try:
+        if args.server:
+            url = args.server
+        else:
+            comfyui = find_comfyui(args.comfyui)
+            if comfyui is None:
+                raise ComfyUIError("no ComfyUI found: pass --server URL of a running one, or --comfyui PATH "
+                                   "(or set COMFYUI_PATH) to start one")
+            server = ComfyServer(comfyui, base_directory=Path(args.base_directory) if args.base_directory else None,
+                                 cpu=not args.gpu)
+            print(f"starting ComfyUI from {comfyui} ...", file=sys.stderr, flush=True)
+            server.start()
+            url = server.url
+        client = ComfyClient(url)
+        client.system_stats()
+        for image in args.upload or []:
+            name = client.upload_image(image)
+            print(f"uploaded {image} as {name}", file=sys.stderr, flush=True)
+        print(f"queued {args.workflow} on {url}", file=sys.stderr, flush=True)
+        on_event = None if args.quiet else (lambda kind, data: _print_event(kind, data, prompt))
+        result = client.run(prompt, timeout=args.timeout, on_event=on_event)
+        output_dir = Path(args.output) / result.prompt_id
+        for path in save_outputs(client, result, output_dir):
+            print(path)
+        print(f"done: prompt {result.prompt_id}, outputs in {output_dir}", file=sys.stderr)
+        return EXIT_OK
+    except PromptRejected as exc:
+        print(f"error: ComfyUI rejected the workflow:\n{exc}", file=sys.stderr)
+        return EXIT_REJECTED
+    except ExecutionFailed as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return EXIT_INTERRUPTED if exc.interrupted and not exc.error else EXIT_FAILED
+    except TimeoutError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return EXIT_TIMEOUT
+    except (ComfyUIError, ComfyClientError) as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return EXIT_COMFYUI
+    finally:
+        if server is not None:
+            server.cleanup()
+
+
+def _raise_keyboard_interrupt(*_args) -> None:
+    raise KeyboardInterrupt
+
+
+def cmd_serve(args) -> int:
+    comfyui = find_comfyui(args.comfyui)
+    if comfyui is None:
+        raise ComfyUIError("no ComfyUI found: pass --comfyui PATH or set COMFYUI_PATH")
+    server = ComfyServer(comfyui, port=args.port, listen=args.listen, cpu=not args.gpu,
+                         base_directory=Path(args.base_directory) if args.base_directory else None,
+                         extra_args=list(args.comfy_args or []), console=True)
+    signal.signal(signal.SIGTERM, _raise_keyboard_interrupt)
+    try:
+        server.start()
+        print(f"ComfyUI with OmniIdentity is serving on {server.url}  (models: {server.models_dir()}; "
+              "Ctrl-C stops)", flush=True)
+        return server.process.wait()
+    except KeyboardInterrupt:
+        return EXIT_OK
+    finally:
+        server.cleanup()
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="python -m omniid", description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    serve = sub.add_parser("serve", help="start ComfyUI (from COMFYUI_PATH) with this pack loaded")
+    serve.add_argument("--comfyui", help="ComfyUI checkout (default: $COMFYUI_PATH, else /opt/ComfyUI)")
+    serve.add_argument("--port", type=int, default=8188)
+    serve.add_argument("--listen", default="127.0.0.1")
+    serve.add_argument("--base-directory", help="ComfyUI base directory for models/input/output/custom_nodes")
+    serve.add_argument("--gpu", action="store_true", help="use the GPU (default: --cpu)")
+    serve.add_argument("comfy_args", nargs="*", help="extra ComfyUI arguments, after --")
+
+    run = sub.add_parser("run", help="queue an API-format workflow and save its outputs")
+    run.add_argument("workflow", help="API-format workflow JSON (e.g. workflows/*.api.json)")
+    run.add_argument("--server", help="URL of a running ComfyUI; without it one is started and stopped")
+    run.add_argument("--comfyui", help="ComfyUI checkout to start (default: $COMFYUI_PATH, else /opt/ComfyUI)")
+    run.add_argument("--base-directory", help="base directory for a started ComfyUI")
+    run.add_argument("--gpu", action="store_true", help="let a started ComfyUI use the GPU")
+    run.add_argument("--set", action="append", metavar="NODE.INPUT=VALUE",
+                     help="override an input; NODE is a node id, title or class_type; VALUE is JSON or text")
+    run.add_argument("--upload", action="append", metavar="IMAGE", help="upload an image to ComfyUI's input folder first")
+    run.add_argument("--output", default="omniid-output", help="folder for the outputs (a subfolder per prompt)")
+    run.add_argument("--timeout", type=float, default=3600.0, help="seconds to wait for the prompt")
+    run.add_argument("--quiet", action="store_true", help="no progress on stderr")
+    return parser
+
+
+def main(argv: Optional[list[str]] = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        return cmd_serve(args) if args.command == "serve" else cmd_run(args)
+    except UsageError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return EXIT_USAGE
+    except ComfyUIError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return EXIT_COMFYUI

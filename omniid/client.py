@@ -1,0 +1,226 @@
+"""A small client for ComfyUI's HTTP and websocket API (stdlib + websocket-client)."""
+from __future__ import annotations
+
+import json
+import mimetypes
+import time
+import urllib.error
+import urllib.parse
+import urllib.request
+import uuid
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Callable, Optional
+
+
+class ComfyClientError(RuntimeError):
+    pass
+
+
+class PromptRejected(ComfyClientError):
+    """ComfyUI refused the prompt at validation (HTTP 400)."""
+
+    def __init__(self, error: dict, node_errors: dict):
+        self.error = error or {}
+        self.node_errors = node_errors or {}
+        lines = [self.error.get("message", "prompt rejected")]
+        if self.error.get("details"):
+            lines.append(str(self.error["details"]))
+        for node_id, info in self.node_errors.items():
+            for err in info.get("errors", []):
+                lines.append(f"node {node_id} ({info.get('class_type', '?')}): {err.get('message')}: "
+                             f"{err.get('details', '')}".rstrip(": "))
+        super().__init__("\n".join(lines))
+
+
+class ExecutionFailed(ComfyClientError):
+    """The prompt ran and stopped with an error or an interrupt."""
+
+    def __init__(self, prompt_id: str, status: dict):
+        self.prompt_id = prompt_id
+        self.status = status or {}
+        self.interrupted = False
+        self.error: dict = {}
+        for kind, data in self.status.get("messages", []):
+            if kind == "execution_error":
+                self.error = data
+            elif kind == "execution_interrupted":
+                self.interrupted = True
+        if self.error:
+            message = (f"node {self.error.get('node_id')} ({self.error.get('node_type')}) failed: "
+                       f"{self.error.get('exception_type')}: {self.error.get('exception_message', '').strip()}")
+        elif self.interrupted:
+            message = "the prompt was interrupted"
+        else:
+            message = f"the prompt ended with status {self.status.get('status_str')!r}"
+        super().__init__(message)
+
+
+@dataclass
+class RunResult:
+    prompt_id: str
+    history: dict
+
+    @property
+    def outputs(self) -> dict:
+        return self.history.get("outputs", {})
+
+    def files(self) -> list[dict]:
+        """Every file an output node reported: node, filename, subfolder, type."""
+        found = []
+        for node_id, output in self.outputs.items():
+            for key in ("images", "gifs", "audio", "video", "files"):
+                for item in output.get(key, []) or []:
+                    if isinstance(item, dict) and "filename" in item:
+                        found.append({"node": node_id, **item})
+        return found
+
+
+class ComfyClient:
+    def __init__(self, url: str, client_id: Optional[str] = None, timeout: float = 30.0):
+        self.url = url.rstrip("/")
+        self.client_id = client_id or uuid.uuid4().hex
+        self.timeout = timeout
+
+    # -- plain HTTP ---------------------------------------------------------------
+    def _request(self, path: str, data: Optional[bytes] = None, headers: Optional[dict] = None,
+                 method: Optional[str] = None):
+        request = urllib.request.Request(self.url + path, data=data, headers=headers or {}, method=method)
+        try:
+            with urllib.request.urlopen(request, timeout=self.timeout) as response:
+                return response.status, response.read()
+        except urllib.error.HTTPError as exc:
+            return exc.code, exc.read()
+        except (urllib.error.URLError, ConnectionError, TimeoutError, OSError) as exc:
+            raise ComfyClientError(f"cannot reach ComfyUI at {self.url}: {exc}") from exc
+
+    def get_json(self, path: str) -> Any:
+        status, body = self._request(path)
+        if status != 200:
+            raise ComfyClientError(f"GET {path} answered {status}: {body[:300]!r}")
+        return json.loads(body)
+
+    def post_json(self, path: str, payload: Any) -> tuple[int, Any]:
+        status, body = self._request(path, json.dumps(payload).encode(), {"Content-Type": "application/json"})
+        try:
+            return status, json.loads(body) if body else None
+        except json.JSONDecodeError:
+            return status, body.decode(errors="replace")
+
+    def system_stats(self) -> dict:
+        return self.get_json("/system_stats")
+
+    def object_info(self, node_type: Optional[str] = None) -> dict:
+        return self.get_json("/object_info" + (f"/{node_type}" if node_type else ""))
+
+    def history(self, prompt_id: str) -> Optional[dict]:
+        return self.get_json(f"/history/{prompt_id}").get(prompt_id)
+
+    def queue_state(self) -> dict:
+        return self.get_json("/queue")
+
+    def interrupt(self) -> None:
+        self.post_json("/interrupt", {})
+
+    def queue_prompt(self, prompt: dict) -> str:
+        status, body = self.post_json("/prompt", {"prompt": prompt, "client_id": self.client_id})
+        if status == 200 and isinstance(body, dict) and "prompt_id" in body:
+            return body["prompt_id"]
+        if isinstance(body, dict):
+            raise PromptRejected(body.get("error", {}), body.get("node_errors", {}))
+        raise ComfyClientError(f"POST /prompt answered {status}: {body!r}")
+
+    def view(self, file: dict) -> bytes:
+        query = urllib.parse.urlencode({k: file.get(k, "") for k in ("filename", "subfolder", "type")})
+        status, body = self._request(f"/view?{query}")
+        if status != 200:
+            raise ComfyClientError(f"cannot fetch {file.get('filename')}: HTTP {status}")
+        return body
+
+    def upload_image(self, path: str | Path, overwrite: bool = True) -> str:
+        """Upload a file to ComfyUI's input folder; returns the name LoadImage takes."""
+        path = Path(path)
+        boundary = uuid.uuid4().hex
+        mime = mimetypes.guess_type(path.name)[0] or "application/octet-stream"
+        parts = [
+            f'--{boundary}\r\nContent-Disposition: form-data; name="overwrite"\r\n\r\n'
+            f'{"true" if overwrite else "false"}\r\n'.encode(),
+            f'--{boundary}\r\nContent-Disposition: form-data; name="image"; filename="{path.name}"\r\n'
+            f'Content-Type: {mime}\r\n\r\n'.encode() + path.read_bytes() + b"\r\n",
+            f"--{boundary}--\r\n".encode(),
+        ]
+        status, body = self._request("/upload/image", b"".join(parts),
+                                     {"Content-Type": f"multipart/form-data; boundary={boundary}"})
+        if status != 200:
+            raise ComfyClientError(f"upload of {path} failed: HTTP {status}: {body[:300]!r}")
+        info = json.loads(body)
+        return f"{info['subfolder']}/{info['name']}" if info.get("subfolder") else info["name"]
+
+    # -- running prompts ----------------------------------------------------------
+    def _open_socket(self):
+        try:
+            import websocket  # websocket-client
+        except ImportError:
+            return None
+        ws_url = self.url.replace("http://", "ws://").replace("https://", "wss://")
+        try:
+            sock = websocket.create_connection(f"{ws_url}/ws?clientId={self.client_id}", timeout=self.timeout)
+        except Exception:
+            return None
+        sock.settimeout(0.5)
+        return sock
+
+    def run(self, prompt: dict, timeout: float = 600.0,
+            on_event: Optional[Callable[[str, dict], None]] = None) -> RunResult:
+        """Queue ``prompt``, wait for it, and return its history entry.
+
+        ``on_event(type, data)`` receives the websocket messages about this prompt
+        (progress, executing, executed, ...) when websocket-client is installed.
+        Raises PromptRejected, ExecutionFailed, or TimeoutError.
+        """
+        sock = self._open_socket() if on_event is not None else None
+        try:
+            prompt_id = self.queue_prompt(prompt)
+            return self.wait(prompt_id, timeout, on_event, sock)
+        finally:
+            if sock is not None:
+                sock.close()
+
+    def wait(self, prompt_id: str, timeout: float = 600.0,
+             on_event: Optional[Callable[[str, dict], None]] = None, sock=None) -> RunResult:
+        deadline = time.monotonic() + timeout
+        next_poll = 0.0
+        while time.monotonic() < deadline:
+            if sock is not None:
+                self._pump(sock, prompt_id, on_event)
+            else:
+                time.sleep(0.2)
+            if time.monotonic() >= next_poll:
+                entry = self.history(prompt_id)
+                if entry is not None and entry.get("status"):
+                    if entry["status"].get("status_str") == "success":
+                        return RunResult(prompt_id, entry)
+                    raise ExecutionFailed(prompt_id, entry["status"])
+                next_poll = time.monotonic() + (1.0 if sock is not None else 0.0)
+        raise TimeoutError(f"prompt {prompt_id} did not finish within {timeout:.0f}s")
+
+    @staticmethod
+    def _pump(sock, prompt_id: str, on_event) -> None:
+        import websocket
+        while True:
+            try:
+                message = sock.recv()
+            except websocket.WebSocketTimeoutException:
+                return
+            except Exception:
+                time.sleep(0.2)
+                return
+            if not isinstance(message, str):
+                continue  # binary preview frames
+            try:
+                event = json.loads(message)
+            except json.JSONDecodeError:
+                continue
+            data = event.get("data") or {}
+            if data.get("prompt_id") in (None, prompt_id) and on_event is not None:
+                on_event(event.get("type", ""), data)
