@@ -1,0 +1,114 @@
+"""Write tiny random checkpoints that a real ComfyUI detects and samples with.
+
+Run with the Python that runs ComfyUI (it builds the modules with ComfyUI's own
+classes, so the key layouts are exactly the ones ComfyUI's detection reads):
+
+    python tests/comfy/tiny_models.py --comfyui /opt/ComfyUI --out DIR
+
+Writes, under DIR:
+  checkpoints/omniid_tiny_sd15.safetensors  SD1.5 layout: UNet of width 320 and context
+      768 but one level deep (one res block, one transformer block), full-size CLIP-L
+      text encoder (its config is fixed), TAESD-layout VAE
+  vae/omniid_tiny_taesd.safetensors          the same VAE alone
+  controlnet/omniid_tiny_controlnet.safetensors  a ControlNet matching the UNet
+All weights are random (seeded): images are noise-like, but every code path is real.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+
+VERSION = 1  # bump when the layouts below change, so cached files are rebuilt
+SEED = 20251122
+
+UNET_CONFIG = dict(
+    image_size=32, in_channels=4, out_channels=4, model_channels=320, num_res_blocks=[1],
+    channel_mult=[1], num_heads=8, use_spatial_transformer=True, transformer_depth=[1],
+    transformer_depth_output=[1, 1], transformer_depth_middle=1, context_dim=768,
+    use_linear_in_transformer=False, legacy=False,
+)
+
+
+def initialise(module, generator) -> None:
+    """Deterministic random weights (ComfyUI's ops leave parameters uninitialised)."""
+    import torch
+    norm_types = (torch.nn.GroupNorm, torch.nn.LayerNorm)
+    for sub in module.modules():
+        for name, param in sub.named_parameters(recurse=False):
+            with torch.no_grad():
+                if isinstance(sub, norm_types):
+                    param.fill_(1.0 if name == "weight" else 0.0)
+                elif param.ndim >= 2:
+                    fan_in = param[0].numel()
+                    std = 0.02 if isinstance(sub, torch.nn.Embedding) else fan_in ** -0.5
+                    param.copy_(torch.randn(param.shape, generator=generator) * std)
+                else:
+                    param.zero_()
+
+
+def build(out_dir: str) -> dict:
+    import torch
+    import comfy.cli_args
+    comfy.cli_args.args.cpu = True
+    import comfy.ops
+    from comfy.cldm.cldm import ControlNet
+    from comfy.clip_model import CLIPTextModel
+    from comfy.ldm.modules.diffusionmodules.openaimodel import UNetModel
+    from comfy.taesd.taesd import TAESD
+    from safetensors.torch import save_file
+
+    generator = torch.Generator().manual_seed(SEED)
+    ops = comfy.ops.disable_weight_init
+
+    unet = UNetModel(**UNET_CONFIG, operations=ops)
+    initialise(unet, generator)
+    clip_config = json.load(open(os.path.join(os.path.dirname(comfy.ops.__file__), "sd1_clip_config.json")))
+    clip = CLIPTextModel(clip_config, torch.float32, "cpu", ops)
+    initialise(clip, generator)
+    vae = TAESD(latent_channels=4)
+    initialise(vae, generator)
+    with torch.no_grad():
+        vae.vae_scale.fill_(1.0)
+        vae.vae_shift.fill_(0.0)
+        # keep decoded pixels around mid-grey so image differences are not clipped away
+        last_conv = [m for m in vae.taesd_decoder.modules() if isinstance(m, torch.nn.Conv2d)][-1]
+        last_conv.weight.mul_(0.05)
+        last_conv.bias.fill_(0.5)
+    control = ControlNet(hint_channels=3, operations=ops, **UNET_CONFIG)
+    initialise(control, generator)
+
+    def half(state, prefix=""):
+        return {prefix + k: v.detach().to(torch.float16).contiguous() for k, v in state.items()}
+
+    clip_state = {k: v for k, v in clip.state_dict().items() if not k.endswith("position_ids")}
+    checkpoint = {**half(unet.state_dict(), "model.diffusion_model."),
+                  **half(clip_state, "cond_stage_model.transformer."),
+                  **half(vae.state_dict(), "first_stage_model.")}
+    files = {
+        "checkpoints/omniid_tiny_sd15.safetensors": checkpoint,
+        "vae/omniid_tiny_taesd.safetensors": half(vae.state_dict()),
+        "controlnet/omniid_tiny_controlnet.safetensors": half(control.state_dict()),
+    }
+    for rel, state in files.items():
+        path = os.path.join(out_dir, rel)
+        os.makedirs(os.path.dirname(path), exist_ok=True)
+        save_file(state, path + ".tmp", metadata={"omniid_tiny_models": str(VERSION)})
+        os.replace(path + ".tmp", path)
+    return {rel: sum(v.numel() for v in state.values()) for rel, state in files.items()}
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--comfyui", required=True)
+    parser.add_argument("--out", required=True)
+    args = parser.parse_args()
+    sys.path.insert(0, os.path.abspath(args.comfyui))
+    sys.argv = sys.argv[:1]
+    counts = build(args.out)
+    print(json.dumps({"version": VERSION, "parameters": counts}))
+
+
+if __name__ == "__main__":
+    main()
