@@ -6,6 +6,8 @@ from comfy_api.latest import ComfyExtension, io
 from .face_nodes import FaceAnalysisLoader, FaceCrop
 from .model_folders import register_model_folders
 
+__all__ = ["NODES", "OmniIdentityExtension", "register_model_folders"]
+
 NODES: list[type[io.ComfyNode]] = [
     FaceAnalysisLoader,
     FaceCrop,
@@ -16,7 +18,3 @@ class OmniIdentityExtension(ComfyExtension):
     async def get_node_list(self) -> list[type[io.ComfyNode]]:
         return list(NODES)
 
-
-async def comfy_entrypoint() -> OmniIdentityExtension:
-    register_model_folders()
-    return OmniIdentityExtension()

@@ -1,0 +1,135 @@
+"""Test and benchmark assets, obtained from PyPI packages into a cache (never from model hubs).
+
+- Face photos: the ``face_recognition==1.3.0`` source distribution ships
+  ``tests/test_images`` (Obama x6 including an RGBA copy, Biden x1; MIT licence).
+- A photo without a human face: scikit-image's ``chelsea`` (a cat; public domain).
+- A group photo: insightface's package data ``t1.jpg`` (when insightface is installed).
+- Tiny ComfyUI checkpoints: written by ``tests/comfy/tiny_models.py`` with the
+  Python that runs ComfyUI.
+
+The cache is ``$OMNI_IDENTITY_CACHE`` or ``~/.cache/comfyui-omniidentity``.
+"""
+from __future__ import annotations
+
+import importlib.util
+import json
+import os
+import shutil
+import subprocess
+import sys
+import tarfile
+import tempfile
+from pathlib import Path
+from typing import Optional
+
+FACE_RECOGNITION_SDIST = "face_recognition==1.3.0"
+FACE_PHOTOS = ("obama.jpg", "obama2.jpg", "obama3.jpg", "obama_partial_face.jpg",
+               "obama_partial_face2.jpg", "32bit.png", "biden.jpg")
+TINY_MODELS_SCRIPT = Path(__file__).resolve().parent.parent / "tests" / "comfy" / "tiny_models.py"
+
+
+class AssetError(RuntimeError):
+    pass
+
+
+def cache_dir() -> Path:
+    root = Path(os.environ.get("OMNI_IDENTITY_CACHE") or Path.home() / ".cache" / "comfyui-omniidentity")
+    root.mkdir(parents=True, exist_ok=True)
+    return root
+
+
+def face_photos() -> Path:
+    """A folder with the face_recognition test photos (downloaded once with pip)."""
+    target = cache_dir() / "photos" / "face_recognition-1.3.0"
+    if all((target / name).is_file() for name in FACE_PHOTOS):
+        return target
+    with tempfile.TemporaryDirectory() as tmp:
+        cmd = [sys.executable, "-m", "pip", "download", "--quiet", "--no-deps", "--no-binary",
+               "face-recognition", FACE_RECOGNITION_SDIST, "-d", tmp]
+        done = subprocess.run(cmd, capture_output=True, text=True)
+        archives = list(Path(tmp).glob("face_recognition-1.3.0.tar.gz"))
+        if done.returncode != 0 or not archives:
+            raise AssetError(f"could not fetch the test photos ({' '.join(cmd)}):\n{done.stderr[-2000:]}")
+        staging = Path(tmp) / "photos"
+        staging.mkdir()
+        with tarfile.open(archives[0]) as tar:
+            for member in tar.getmembers():
+                name = Path(member.name).name
+                if "/tests/test_images/" in member.name and name in FACE_PHOTOS and member.isfile():
+                    (staging / name).write_bytes(tar.extractfile(member).read())
+        missing = [n for n in FACE_PHOTOS if not (staging / n).is_file()]
+        if missing:
+            raise AssetError(f"{FACE_RECOGNITION_SDIST} lacks {missing}")
+        target.parent.mkdir(parents=True, exist_ok=True)
+        shutil.rmtree(target, ignore_errors=True)
+        shutil.move(str(staging), str(target))
+    return target
+
+
+def no_face_photo() -> Path:
+    """A real photo with no human face in it (scikit-image's cat)."""
+    target = cache_dir() / "photos" / "chelsea_cat.png"
+    if not target.is_file():
+        try:
+            from skimage import data
+        except ImportError as exc:
+            raise AssetError("scikit-image is needed for the no-face photo (requirements-test.txt)") from exc
+        from PIL import Image
+        target.parent.mkdir(parents=True, exist_ok=True)
+        Image.fromarray(data.chelsea()).save(target)
+    return target
+
+
+def group_photo() -> Optional[Path]:
+    """insightface's t1.jpg (several people), or None when insightface is absent."""
+    spec = importlib.util.find_spec("insightface")
+    if spec is None or not spec.submodule_search_locations:
+        return None
+    path = Path(list(spec.submodule_search_locations)[0]) / "data" / "images" / "t1.jpg"
+    return path if path.is_file() else None
+
+
+def load_photo(path: Path):
+    """A photo as an RGB uint8 array, upright (EXIF orientation applied, as LoadImage does)."""
+    import numpy as np
+    from PIL import Image, ImageOps
+    return np.asarray(ImageOps.exif_transpose(Image.open(path)).convert("RGB"))
+
+
+def tiny_models(comfyui: Path, python: str) -> Path:
+    """The tiny checkpoints for ``comfyui``, built once per layout version and ComfyUI version."""
+    version_file = comfyui / "comfyui_version.py"
+    comfy_version = version_file.read_text().strip().split("=")[-1].strip(" '\"") if version_file.exists() else "unknown"
+    script_version = _script_version()
+    target = cache_dir() / "tiny_models" / f"v{script_version}-comfyui-{comfy_version}"
+    stamp = target / "done.json"
+    if stamp.is_file():
+        return target
+    staging = Path(tempfile.mkdtemp(prefix="tiny-", dir=cache_dir()))
+    done = subprocess.run([python, str(TINY_MODELS_SCRIPT), "--comfyui", str(comfyui), "--out", str(staging)],
+                          capture_output=True, text=True)
+    if done.returncode != 0:
+        shutil.rmtree(staging, ignore_errors=True)
+        raise AssetError(f"building the tiny checkpoints failed:\n{done.stdout[-2000:]}\n{done.stderr[-4000:]}")
+    (staging / "done.json").write_text(done.stdout.strip().splitlines()[-1])
+    target.parent.mkdir(parents=True, exist_ok=True)
+    shutil.rmtree(target, ignore_errors=True)
+    os.replace(staging, target)
+    return target
+
+
+def _script_version() -> int:
+    for line in TINY_MODELS_SCRIPT.read_text().splitlines():
+        if line.startswith("VERSION"):
+            return int(line.split("=")[1].split("#")[0])
+    raise AssetError(f"no VERSION in {TINY_MODELS_SCRIPT}")
+
+
+def tiny_model_files(folder: Path) -> dict[str, list[str]]:
+    """ComfyUI model folder -> file names, for a tiny-models folder."""
+    info = json.loads((folder / "done.json").read_text())
+    out: dict[str, list[str]] = {}
+    for rel in info["parameters"]:
+        kind, name = rel.split("/", 1)
+        out.setdefault(kind, []).append(name)
+    return out
