@@ -24,3 +24,16 @@ def progress(total: int) -> Callable[[int], None]:
         bar.update(1)
 
     return step
+
+
+def check_combos(node_cls, **values) -> bool | str:
+    """Reject unknown combo values when the prompt is queued.
+
+    ComfyUI (0.3.x) checks V3 combo values only at run time, if at all; a node's
+    ``validate_inputs`` calls this so a wrong value fails validation with the options
+    listed. Linked (not yet known) values arrive as None and are skipped.
+    """
+    options = {i.id: list(i.options) for i in node_cls.define_schema().inputs if isinstance(i, io.Combo.Input)}
+    problems = [f"{name}: {value!r} is not one of {options[name]}" for name, value in values.items()
+                if value is not None and name in options and value not in options[name]]
+    return "; ".join(problems) if problems else True

@@ -5,7 +5,7 @@ from comfy_api.latest import io
 
 from ..encoders import face as face_core
 from ..encoders.face.insightface_backend import KNOWN_PACKS, PROVIDERS, list_packs
-from .common import CATEGORY, LOG, Faces, progress
+from .common import CATEGORY, LOG, Faces, check_combos, progress
 from .model_folders import folder
 
 DLIB = "dlib"
@@ -44,6 +44,10 @@ class FaceAnalysisLoader(io.ComfyNode):
             outputs=[io.FaceAnalysis.Output(display_name="face_analysis",
                                             tooltip="The loaded face analyser.")],
         )
+
+    @classmethod
+    def validate_inputs(cls, backend=None, provider=None, dlib_detector=None):
+        return check_combos(cls, backend=backend, provider=provider, dlib_detector=dlib_detector)
 
     @classmethod
     def execute(cls, backend: str, provider: str, det_size: int, dlib_detector: str = "hog") -> io.NodeOutput:
@@ -87,6 +91,10 @@ class FaceCrop(io.ComfyNode):
                                 tooltip="The input images with boxes and landmarks drawn on them."),
             ],
         )
+
+    @classmethod
+    def validate_inputs(cls, selection=None):
+        return check_combos(cls, selection=selection)
 
     @classmethod
     def execute(cls, image, face_analysis, crop_size: int, padding: float, selection: str) -> io.NodeOutput:

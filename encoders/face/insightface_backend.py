@@ -65,8 +65,8 @@ class InsightFaceAnalyzer:
                  det_thresh: float = 0.5):
         if provider not in PROVIDERS:
             raise ValueError(f"provider must be one of {sorted(PROVIDERS)}, not {provider!r}")
-        root = find_pack(pack, roots)
         face_analysis_cls = _import_insightface()
+        root = find_pack(pack, roots)
         try:
             app = face_analysis_cls(name=pack, root=root, providers=[PROVIDERS[provider]])
         except AssertionError as exc:

@@ -104,7 +104,7 @@ def test_faces_convert_to_records(fake_insightface, pack_root):
     assert with_68.embedding is None and with_68.embedding_kind is None
 
 
-def test_missing_pack_names_the_folder_before_touching_insightface(fake_insightface, pack_root):
+def test_missing_pack_names_the_folder_and_downloads_nothing(fake_insightface, pack_root):
     with pytest.raises(BackendUnavailableError, match=r"buffalo_l.*models/buffalo_l.*Nothing is downloaded"):
         create_analyzer("insightface/buffalo_l", insightface_roots=[str(pack_root)])
     with pytest.raises(BackendUnavailableError, match="empty"):

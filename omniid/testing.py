@@ -1,0 +1,45 @@
+"""Helpers for tests and benchmarks that drive a real ComfyUI with this pack."""
+from __future__ import annotations
+
+import io
+import shutil
+from pathlib import Path
+
+import numpy as np
+
+from . import assets, cli
+from .client import ComfyClient, RunResult
+from .comfy_server import PACK_ROOT, ComfyServer
+
+WORKFLOWS = PACK_ROOT / "workflows"
+
+
+def load_workflow(name: str, *overrides: str) -> dict:
+    """An API workflow from workflows/, with ``NODE.INPUT=VALUE`` overrides applied."""
+    return cli.apply_overrides(cli.load_api_workflow(WORKFLOWS / name), list(overrides))
+
+
+def populate_base(base: Path, tiny_models: Path, input_files: dict[str, Path]) -> Path:
+    """A ComfyUI base directory with the tiny checkpoints linked in and input files copied."""
+    for kind, names in assets.tiny_model_files(tiny_models).items():
+        (base / "models" / kind).mkdir(parents=True, exist_ok=True)
+        for name in names:
+            (base / "models" / kind / name).symlink_to(tiny_models / kind / name)
+    (base / "input").mkdir(parents=True, exist_ok=True)
+    for name, path in input_files.items():
+        shutil.copy(path, base / "input" / name)
+    return base
+
+
+def start_server(comfyui: Path, base: Path, **kwargs) -> ComfyServer:
+    """A CPU ComfyUI on a free port over ``base``, logging to ``base/comfyui.log``."""
+    server = ComfyServer(comfyui, base_directory=base, log_path=base / "comfyui.log",
+                         extra_args=["--database-url", "sqlite:///:memory:"], **kwargs)
+    return server.start()
+
+
+def images_of(client: ComfyClient, result: RunResult, node_id: str) -> list[np.ndarray]:
+    """The images a SaveImage/PreviewImage node reported, as RGB uint8 arrays."""
+    from PIL import Image
+    return [np.asarray(Image.open(io.BytesIO(client.view(f))).convert("RGB"))
+            for f in result.files() if f["node"] == node_id]

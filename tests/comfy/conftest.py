@@ -1,0 +1,53 @@
+"""Fixtures that drive a real ComfyUI (from COMFYUI_PATH, else /opt/ComfyUI) on the CPU.
+
+The server runs in a temporary --base-directory with this pack linked into its
+custom_nodes, the tiny checkpoints linked into its model folders and the test
+photos in its input folder. Without a ComfyUI checkout every test here is skipped,
+with the reason in the report.
+"""
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from omniid import assets
+from omniid.client import ComfyClient
+from omniid.comfy_server import comfyui_python, find_comfyui
+from omniid.testing import populate_base, start_server
+
+
+@pytest.fixture(scope="session")
+def comfyui() -> Path:
+    path = find_comfyui()
+    if path is None:
+        pytest.skip("no ComfyUI checkout found: set COMFYUI_PATH (or put one at /opt/ComfyUI) "
+                    "to run the real-ComfyUI integration tests")
+    return path
+
+
+@pytest.fixture(scope="session")
+def tiny_models(comfyui) -> Path:
+    return assets.tiny_models(comfyui, comfyui_python(comfyui))
+
+
+@pytest.fixture(scope="session")
+def input_photos(photos, no_face_photo) -> dict[str, Path]:
+    """Name in ComfyUI's input folder -> photo."""
+    named = {name: photos / name for name in ("obama.jpg", "obama2.jpg", "biden.jpg", "32bit.png")}
+    named["cat.png"] = no_face_photo
+    return named
+
+
+@pytest.fixture(scope="session")
+def comfy_server(comfyui, tiny_models, input_photos, tmp_path_factory):
+    base = populate_base(tmp_path_factory.mktemp("comfy-base"), tiny_models, input_photos)
+    server = start_server(comfyui, base)
+    yield server
+    server.cleanup()
+
+
+@pytest.fixture
+def comfy(comfy_server) -> ComfyClient:
+    assert comfy_server.alive(), f"ComfyUI died; log tail:\n{comfy_server.log_tail()}"
+    return ComfyClient(comfy_server.url)

@@ -1,0 +1,68 @@
+"""`python -m omniid run` and `serve` against a real ComfyUI, as a script would use them."""
+import os
+import signal
+import subprocess
+import sys
+import time
+
+from omniid import cli
+from omniid.client import ComfyClient, ComfyClientError
+from omniid.comfy_server import PACK_ROOT, free_port
+from omniid.testing import WORKFLOWS
+
+
+def omniid(*args, timeout=300):
+    return subprocess.run([sys.executable, "-m", "omniid", *args], cwd=PACK_ROOT, capture_output=True,
+                          text=True, timeout=timeout)
+
+
+def test_run_saves_outputs_and_reports_progress(comfy_server, tmp_path):
+    done = omniid("run", str(WORKFLOWS / "face_crop.api.json"), "--server", comfy_server.url,
+                  "--set", "Photo.image=biden.jpg", "--set", "Face crop.crop_size=128", "--output", str(tmp_path))
+    assert done.returncode == cli.EXIT_OK, done.stderr
+    saved = [line for line in done.stdout.splitlines() if line.endswith(".png")]
+    assert len(saved) == 3 and all(os.path.isfile(p) for p in saved)
+    assert "running node 3 (Face crop)" in done.stderr and "1/1" in done.stderr
+
+
+def test_run_exit_codes_for_rejected_and_failed_prompts(comfy_server, tmp_path):
+    rejected = omniid("run", str(WORKFLOWS / "face_crop.api.json"), "--server", comfy_server.url,
+                      "--set", "Photo.image=obama.jpg", "--set", "Face crop.selection=random", "--quiet")
+    assert rejected.returncode == cli.EXIT_REJECTED, rejected.stderr
+    assert "selection" in rejected.stderr
+    failed = omniid("run", str(WORKFLOWS / "face_crop.api.json"), "--server", comfy_server.url,
+                    "--set", "Photo.image=cat.png", "--quiet", "--output", str(tmp_path))
+    assert failed.returncode == cli.EXIT_FAILED
+    assert "OmniIdentityFaceCrop" in failed.stderr and "No face found" in failed.stderr
+
+
+def test_serve_starts_comfyui_with_the_pack_and_stops_on_sigterm(comfyui, tmp_path):
+    port = free_port()
+    process = subprocess.Popen([sys.executable, "-m", "omniid", "serve", "--comfyui", str(comfyui), "--port",
+                                str(port), "--base-directory", str(tmp_path), "--", "--database-url",
+                                "sqlite:///:memory:"], cwd=PACK_ROOT, stdout=subprocess.PIPE,
+                               stderr=subprocess.STDOUT, text=True)
+    client = ComfyClient(f"http://127.0.0.1:{port}", timeout=5)
+    try:
+        deadline = time.monotonic() + 180
+        while True:
+            try:
+                if "OmniIdentityFaceCrop" in client.object_info():
+                    break
+            except ComfyClientError:
+                pass
+            assert process.poll() is None, process.stdout.read()
+            assert time.monotonic() < deadline, "serve did not come up"
+            time.sleep(1)
+        assert (tmp_path / "models" / "omni_identity").is_dir()
+        assert (tmp_path / "custom_nodes" / "ComfyUI-OmniIdentity").resolve() == PACK_ROOT
+    finally:
+        process.send_signal(signal.SIGTERM)
+        output, _ = process.communicate(timeout=60)
+    assert process.returncode == cli.EXIT_OK, output
+    assert "is serving on" in output
+    try:
+        client.system_stats()
+        raise AssertionError("ComfyUI still answers after serve stopped")
+    except ComfyClientError:
+        pass
