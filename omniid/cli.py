@@ -32,7 +32,7 @@ def load_api_workflow(path: Path) -> dict:
     except json.JSONDecodeError as exc:
         raise UsageError(f"{path} is not valid JSON: {exc}")
     if isinstance(data, dict) and "nodes" in data and "links" in data:
-        raise UsageError(f"{path} is a UI-format workflow; use its API-format twin (*.api.json), or "
+        raise UsageError(f"{path} is a UI-format workflow; use its API-format twin (workflows/api/), or "
                          "export one from the editor with Workflow > Export (API)")
     if isinstance(data, dict) and "prompt" in data and isinstance(data["prompt"], dict):
         data = data["prompt"]

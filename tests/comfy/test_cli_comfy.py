@@ -17,7 +17,7 @@ def omniid(*args, timeout=300):
 
 
 def test_run_saves_outputs_and_reports_progress(comfy_server, tmp_path):
-    done = omniid("run", str(WORKFLOWS / "face_crop.api.json"), "--server", comfy_server.url,
+    done = omniid("run", str(WORKFLOWS / "api/face_crop.json"), "--server", comfy_server.url,
                   "--set", "Photo.image=biden.jpg", "--set", "Face crop.crop_size=128", "--output", str(tmp_path))
     assert done.returncode == cli.EXIT_OK, done.stderr
     saved = [line for line in done.stdout.splitlines() if line.endswith(".png")]
@@ -26,11 +26,11 @@ def test_run_saves_outputs_and_reports_progress(comfy_server, tmp_path):
 
 
 def test_run_exit_codes_for_rejected_and_failed_prompts(comfy_server, tmp_path):
-    rejected = omniid("run", str(WORKFLOWS / "face_crop.api.json"), "--server", comfy_server.url,
+    rejected = omniid("run", str(WORKFLOWS / "api/face_crop.json"), "--server", comfy_server.url,
                       "--set", "Photo.image=obama.jpg", "--set", "Face crop.selection=random", "--quiet")
     assert rejected.returncode == cli.EXIT_REJECTED, rejected.stderr
     assert "selection" in rejected.stderr
-    failed = omniid("run", str(WORKFLOWS / "face_crop.api.json"), "--server", comfy_server.url,
+    failed = omniid("run", str(WORKFLOWS / "api/face_crop.json"), "--server", comfy_server.url,
                     "--set", "Photo.image=cat.png", "--quiet", "--output", str(tmp_path))
     assert failed.returncode == cli.EXIT_FAILED
     assert "OmniIdentityFaceCrop" in failed.stderr and "No face found" in failed.stderr

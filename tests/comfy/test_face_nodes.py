@@ -14,7 +14,7 @@ def dlib_analyzer():
 
 def test_face_crop_aligns_an_uploaded_photo(comfy, photos, dlib_analyzer):
     name = comfy.upload_image(photos / "obama2.jpg")
-    prompt = load_workflow("face_crop.api.json", f"Photo.image={name}", "Face crop.crop_size=256")
+    prompt = load_workflow("api/face_crop.json", f"Photo.image={name}", "Face crop.crop_size=256")
     result = comfy.run(prompt, timeout=300)
     crops, masks, previews = (images_of(comfy, result, n) for n in ("4", "6", "7"))
     assert len(crops) == len(masks) == len(previews) == 1
@@ -30,24 +30,24 @@ def test_face_crop_aligns_an_uploaded_photo(comfy, photos, dlib_analyzer):
 
 
 def test_rgba_photo_is_cropped(comfy):
-    result = comfy.run(load_workflow("face_crop.api.json", "Photo.image=32bit.png"), timeout=300)
+    result = comfy.run(load_workflow("api/face_crop.json", "Photo.image=32bit.png"), timeout=300)
     assert images_of(comfy, result, "4")[0].shape == (224, 224, 3)
 
 
 def test_no_face_is_a_clear_error_and_the_server_serves_on(comfy):
     with pytest.raises(ExecutionFailed) as failure:
-        comfy.run(load_workflow("face_crop.api.json", "Photo.image=cat.png"), timeout=300)
+        comfy.run(load_workflow("api/face_crop.json", "Photo.image=cat.png"), timeout=300)
     error = failure.value.error
     assert error["node_type"] == "OmniIdentityFaceCrop"
     assert "No face found in any of the 1 input image(s)" in error["exception_message"]
     assert "det_size" in error["exception_message"]
     assert comfy.system_stats()["system"]["comfyui_version"]
-    result = comfy.run(load_workflow("face_crop.api.json", "Photo.image=biden.jpg"), timeout=300)
+    result = comfy.run(load_workflow("api/face_crop.json", "Photo.image=biden.jpg"), timeout=300)
     assert len(images_of(comfy, result, "4")) == 1
 
 
 def test_faceless_image_in_a_batch_is_skipped_with_a_warning(comfy, comfy_server):
-    prompt = load_workflow("face_crop.api.json", "Photo.image=obama.jpg")
+    prompt = load_workflow("api/face_crop.json", "Photo.image=obama.jpg")
     prompt["20"] = {"class_type": "LoadImage", "inputs": {"image": "cat.png"}}
     prompt["21"] = {"class_type": "ImageBatch", "inputs": {"image1": ["1", 0], "image2": ["20", 0]}}
     prompt["3"]["inputs"]["image"] = ["21", 0]
@@ -58,7 +58,7 @@ def test_faceless_image_in_a_batch_is_skipped_with_a_warning(comfy, comfy_server
 
 
 def test_all_faces_of_a_batch(comfy):
-    prompt = load_workflow("face_crop.api.json", "Photo.image=obama.jpg", "Face crop.selection=all")
+    prompt = load_workflow("api/face_crop.json", "Photo.image=obama.jpg", "Face crop.selection=all")
     prompt["20"] = {"class_type": "LoadImage", "inputs": {"image": "obama2.jpg"}}
     prompt["21"] = {"class_type": "ImageBatch", "inputs": {"image1": ["1", 0], "image2": ["20", 0]}}
     prompt["3"]["inputs"]["image"] = ["21", 0]
@@ -67,7 +67,7 @@ def test_all_faces_of_a_batch(comfy):
 
 
 def test_missing_insightface_pack_names_the_folder(comfy, comfy_server):
-    prompt = load_workflow("face_crop.api.json", "Photo.image=obama.jpg",
+    prompt = load_workflow("api/face_crop.json", "Photo.image=obama.jpg",
                            "Face analysis.backend=insightface/antelopev2")
     with pytest.raises(ExecutionFailed) as failure:
         comfy.run(prompt, timeout=300)
@@ -80,7 +80,7 @@ def test_missing_insightface_pack_names_the_folder(comfy, comfy_server):
 
 def test_invalid_inputs_are_rejected_before_running(comfy):
     with pytest.raises(PromptRejected) as rejected:
-        comfy.queue_prompt(load_workflow("face_crop.api.json", "Photo.image=obama.jpg",
+        comfy.queue_prompt(load_workflow("api/face_crop.json", "Photo.image=obama.jpg",
                                          "Face crop.selection=random", "Face crop.crop_size=8",
                                          "Face analysis.backend=insightface/nope"))
     text = str(rejected.value)

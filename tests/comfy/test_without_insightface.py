@@ -24,13 +24,13 @@ def test_pack_loads_and_dlib_works(server_without_insightface):
     assert "IMPORT FAILED" not in "\n".join(l for l in log.splitlines() if "OmniIdentity" in l)
     client = ComfyClient(server_without_insightface.url)
     assert "OmniIdentityFaceCrop" in client.object_info()
-    result = client.run(load_workflow("face_crop.api.json", "Photo.image=obama.jpg"), timeout=300)
+    result = client.run(load_workflow("api/face_crop.json", "Photo.image=obama.jpg"), timeout=300)
     assert len(images_of(client, result, "4")) == 1
 
 
 def test_insightface_backend_says_what_to_install(server_without_insightface):
     client = ComfyClient(server_without_insightface.url)
-    prompt = load_workflow("face_crop.api.json", "Photo.image=obama.jpg",
+    prompt = load_workflow("api/face_crop.json", "Photo.image=obama.jpg",
                            "Face analysis.backend=insightface/antelopev2")
     with pytest.raises(ExecutionFailed) as failure:
         client.run(prompt, timeout=300)
