@@ -1,0 +1,82 @@
+"""From photos' features to IDENTITY_EMBEDS: the Omni-ID encoder and the baselines.
+
+Hosts supply the features (CLIP tokens per photo, ArcFace embeddings per face); these
+functions check that they fit the method and the encoder and run it.
+"""
+from __future__ import annotations
+
+from typing import Optional
+
+import numpy as np
+import torch
+
+from .embeds import IdentityEmbeds
+from .face.types import FaceSet
+from .omni_id import ARCFACE_MERGES, IdentityEncoder
+
+BASELINES = ("clip", "arcface", "arcface_clip")
+
+
+def arcface_from_faces(faces: FaceSet) -> torch.Tensor:
+    """(N, 512) ArcFace embeddings of a FACES record, or a clear error naming the fix."""
+    kinds = {r.face.embedding_kind for r in faces.records}
+    if kinds != {"arcface512"}:
+        raise ValueError(
+            f"ArcFace embeddings are needed, but the {faces.backend} face analysis gave "
+            f"{sorted(str(k) for k in kinds)}: use an insightface pack as the backend, or the dlib "
+            "backend with an ArcFace recognition model (arcface_model input of the loader).")
+    return torch.from_numpy(np.stack([r.face.embedding for r in faces.records]).astype(np.float32))
+
+
+@torch.no_grad()
+def run_encoder(encoder: IdentityEncoder, clip_tokens: Optional[torch.Tensor] = None,
+                arcface: Optional[torch.Tensor] = None, arcface_merge: str = "average") -> torch.Tensor:
+    """One identity through ``encoder``: (N, T, C) tokens and/or (N, 512) -> (L, D) on the CPU, fp32."""
+    param = next(encoder.parameters())
+
+    def prepare(t):
+        return None if t is None else t.to(param.device, param.dtype)[None]
+
+    out = encoder(clip_tokens=prepare(clip_tokens), arcface=prepare(arcface), arcface_merge=arcface_merge)
+    return out[0].float().cpu()
+
+
+def omni_id_embeds(encoder: IdentityEncoder, clip_tokens: torch.Tensor, info: dict) -> IdentityEmbeds:
+    arch = encoder.config.architecture
+    if arch != "omni_id":
+        raise ValueError(f"this is an '{arch}' encoder file; Omni-ID encoding needs an 'omni_id' encoder "
+                         "(use Encode Baseline for the baselines)")
+    return IdentityEmbeds("omni_id", {"tokens": run_encoder(encoder, clip_tokens)}, info)
+
+
+def baseline_embeds(method: str, clip_tokens: Optional[torch.Tensor] = None,
+                    arcface: Optional[torch.Tensor] = None, encoder: Optional[IdentityEncoder] = None,
+                    arcface_merge: str = "concat", info: Optional[dict] = None) -> IdentityEmbeds:
+    """The paper's baselines. Without an encoder, the raw features (what an IP-Adapter's own
+    projection reads); with an encoder file of the method's architecture, also its
+    projected 256 x 1280 ``tokens`` (the representation the paper compares)."""
+    if method not in BASELINES:
+        raise ValueError(f"baseline method must be one of {BASELINES}, not {method!r}")
+    if arcface_merge not in ARCFACE_MERGES:
+        raise ValueError(f"arcface_merge must be one of {ARCFACE_MERGES}, not {arcface_merge!r}")
+    needs_clip, needs_arcface = method in ("clip", "arcface_clip"), method in ("arcface", "arcface_clip")
+    if needs_clip and clip_tokens is None:
+        raise ValueError(f"the {method} baseline needs CLIP tokens: connect a CLIP vision model (CLIP-H)")
+    if needs_arcface and arcface is None:
+        raise ValueError(f"the {method} baseline needs ArcFace embeddings: connect a face analysis")
+    tensors = {}
+    if needs_clip:
+        tensors["clip"] = clip_tokens.float().cpu()
+    if needs_arcface:
+        tensors["arcface"] = arcface.float().cpu()
+    info = dict(info or {})
+    if encoder is not None:
+        arch = encoder.config.architecture
+        if method == "clip" or arch != method:
+            raise ValueError(f"the connected encoder file is an '{arch}' encoder; the {method} baseline "
+                             + ("takes none (CLIP tokens need no projection)" if method == "clip"
+                                else f"needs an '{method}' encoder file, or none for the raw features"))
+        tensors["tokens"] = run_encoder(encoder, clip_tokens if needs_clip else None,
+                                        arcface, arcface_merge=arcface_merge)
+        info["arcface_merge"] = arcface_merge
+    return IdentityEmbeds(method, tensors, info)
