@@ -3,6 +3,7 @@ from __future__ import annotations
 
 from comfy_api.latest import ComfyExtension, io
 
+from . import encoder_nodes
 from .face_nodes import FaceAnalysisLoader, FaceCrop
 from .model_folders import register_model_folders
 
@@ -11,6 +12,7 @@ __all__ = ["NODES", "OmniIdentityExtension", "register_model_folders"]
 NODES: list[type[io.ComfyNode]] = [
     FaceAnalysisLoader,
     FaceCrop,
+    *encoder_nodes.NODES,
 ]
 
 

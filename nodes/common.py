@@ -13,6 +13,8 @@ LOG = logging.getLogger("OmniIdentity")
 
 # custom socket types of the pack (core types are used wherever one exists)
 Faces = io.Custom("FACES")
+OmniIdEncoderType = io.Custom("OMNI_ID_ENCODER")
+IdentityEmbedsType = io.Custom("IDENTITY_EMBEDS")
 
 
 def progress(total: int) -> Callable[[int], None]:

@@ -1,6 +1,8 @@
 """Face analysis nodes: load a backend, detect/align/crop faces."""
 from __future__ import annotations
 
+import os
+
 from comfy_api.latest import io
 
 from ..encoders import face as face_core
@@ -9,11 +11,24 @@ from .common import CATEGORY, LOG, Faces, check_combos, progress
 from .model_folders import folder
 
 DLIB = "dlib"
+NONE = "none"
 
 
 def backend_options() -> list[str]:
     packs = sorted(set(list_packs(folder("insightface"))) | set(KNOWN_PACKS))
     return [DLIB] + [f"insightface/{name}" for name in packs]
+
+
+def onnx_files() -> dict[str, str]:
+    """ONNX files under the insightface folders: name relative to its folder -> full path."""
+    found = {}
+    for root in folder("insightface"):
+        for dirpath, _, names in os.walk(root, followlinks=True):
+            for name in names:
+                if name.endswith(".onnx"):
+                    full = os.path.join(dirpath, name)
+                    found.setdefault(os.path.relpath(full, root).replace(os.sep, "/"), full)
+    return dict(sorted(found.items()))
 
 
 class FaceAnalysisLoader(io.ComfyNode):
@@ -40,20 +55,34 @@ class FaceAnalysisLoader(io.ComfyNode):
                 io.Combo.Input("dlib_detector", options=["hog", "cnn"], default="hog", optional=True,
                                tooltip="dlib backend only: 'hog' is fast and frontal; 'cnn' also finds "
                                        "turned and small faces but is slower on the CPU."),
+                io.Combo.Input("arcface_model", options=[NONE] + list(onnx_files()), default=NONE, optional=True,
+                               tooltip="dlib backend only: an ArcFace recognition model (.onnx under "
+                                       "models/insightface, e.g. models/antelopev2/glintr100.onnx) whose 512-d "
+                                       "embeddings replace dlib's descriptor; needed by the ArcFace baselines."),
             ],
             outputs=[io.FaceAnalysis.Output(display_name="face_analysis",
                                             tooltip="The loaded face analyser.")],
         )
 
     @classmethod
-    def validate_inputs(cls, backend=None, provider=None, dlib_detector=None):
-        return check_combos(cls, backend=backend, provider=provider, dlib_detector=dlib_detector)
+    def validate_inputs(cls, backend=None, provider=None, dlib_detector=None, arcface_model=None):
+        return check_combos(cls, backend=backend, provider=provider, dlib_detector=dlib_detector,
+                            arcface_model=arcface_model)
 
     @classmethod
-    def execute(cls, backend: str, provider: str, det_size: int, dlib_detector: str = "hog") -> io.NodeOutput:
+    def execute(cls, backend: str, provider: str, det_size: int, dlib_detector: str = "hog",
+                arcface_model: str = NONE) -> io.NodeOutput:
+        if arcface_model != NONE and backend != DLIB:
+            raise ValueError("arcface_model applies to the dlib backend only; insightface packs bring "
+                             "their own recognition model. Set it to 'none'.")
+        arcface_path = None
+        if arcface_model != NONE:
+            arcface_path = onnx_files().get(arcface_model)
+            if arcface_path is None:
+                raise FileNotFoundError(f"ArcFace model {arcface_model!r} is no longer under models/insightface")
         analyzer = face_core.create_analyzer(
             backend, det_size=det_size, provider=provider, dlib_detector=dlib_detector,
-            insightface_roots=folder("insightface"))
+            insightface_roots=folder("insightface"), arcface_model=arcface_path)
         return io.NodeOutput(analyzer)
 
 

@@ -28,3 +28,9 @@ def register_model_folders() -> None:
 def folder(name: str) -> list[str]:
     """The search paths of one of the pack's model folders."""
     return folder_paths.get_folder_paths(name)
+
+
+def model_files(name: str) -> list[str]:
+    """Files of one of the pack's model folders with the extensions it accepts."""
+    extensions = tuple(MODEL_FOLDERS[name])
+    return [f for f in folder_paths.get_filename_list(name) if f.endswith(extensions)]

@@ -80,6 +80,33 @@ def no_face_photo() -> Path:
     return target
 
 
+IDENTITY_SET = (("obama.jpg", False), ("obama2.jpg", False), ("obama3.jpg", False),
+                ("obama_partial_face2.jpg", False), ("obama.jpg", True), ("obama2.jpg", True), ("obama3.jpg", True))
+
+
+def identity_photo_set(size: int = 512) -> dict[str, Path]:
+    """Seven photos of one person, letterboxed to size x size so ComfyUI can batch them
+    (the five distinct Obama photos' faces, plus mirror images), and a faceless one.
+
+    Names: ``id_1.png`` ... ``id_7.png`` and ``no_face.png``.
+    """
+    from PIL import Image, ImageOps
+    target = cache_dir() / "photos" / f"identity_{size}"
+    names = [f"id_{i + 1}.png" for i in range(len(IDENTITY_SET))] + ["no_face.png"]
+    if not all((target / n).is_file() for n in names):
+        target.mkdir(parents=True, exist_ok=True)
+        sources = [(face_photos() / name, mirror) for name, mirror in IDENTITY_SET] + [(no_face_photo(), False)]
+        for name, (source, mirror) in zip(names, sources):
+            image = Image.fromarray(load_photo(source))
+            if mirror:
+                image = ImageOps.mirror(image)
+            image.thumbnail((size, size), Image.LANCZOS)
+            canvas = Image.new("RGB", (size, size), (127, 127, 127))
+            canvas.paste(image, ((size - image.width) // 2, (size - image.height) // 2))
+            canvas.save(target / name)
+    return {name: target / name for name in names}
+
+
 def group_photo() -> Optional[Path]:
     """insightface's t1.jpg (several people), or None when insightface is absent."""
     spec = importlib.util.find_spec("insightface")
@@ -94,6 +121,76 @@ def load_photo(path: Path):
     import numpy as np
     from PIL import Image, ImageOps
     return np.asarray(ImageOps.exif_transpose(Image.open(path)).convert("RGB"))
+
+
+def random_arcface_onnx(path: Path, seed: int = 0) -> Path:
+    """An ONNX model with ArcFace's interface (1 x 3 x 112 x 112 in, 512 out), random weights.
+
+    insightface's model zoo recognises it as a recognition model, so the real
+    insightface/onnxruntime path runs on it; its embeddings mean nothing.
+    """
+    import numpy as np
+    import onnx
+    from onnx import TensorProto, helper, numpy_helper
+
+    rng = np.random.default_rng(seed)
+    conv = rng.normal(0.0, 0.05, (16, 3, 8, 8)).astype(np.float32)
+    dense = rng.normal(0.0, 0.02, (512, 16 * 14 * 14)).astype(np.float32)
+    graph = helper.make_graph(
+        [helper.make_node("Conv", ["input.1", "conv_w"], ["c"], strides=[8, 8], name="Conv_0"),
+         helper.make_node("Relu", ["c"], ["r"], name="Relu_1"),
+         helper.make_node("Flatten", ["r"], ["f"], axis=1, name="Flatten_2"),
+         helper.make_node("Gemm", ["f", "dense_w", "dense_b"], ["embedding"], transB=1, name="Gemm_3")],
+        "random_arcface",
+        [helper.make_tensor_value_info("input.1", TensorProto.FLOAT, ["N", 3, 112, 112])],
+        [helper.make_tensor_value_info("embedding", TensorProto.FLOAT, ["N", 512])],
+        initializer=[numpy_helper.from_array(conv, "conv_w"), numpy_helper.from_array(dense, "dense_w"),
+                     numpy_helper.from_array(np.zeros(512, np.float32), "dense_b")])
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 13)])
+    model.ir_version = 8
+    onnx.checker.check_model(model)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    onnx.save(model, str(path))
+    return path
+
+
+# Small random encoder files of each architecture (real CLIP-H input width, shallow)
+TEST_ENCODERS = {
+    "omniid_tiny_omni_id.safetensors": dict(architecture="omni_id", cross_depth=1, self_depth=1, mlp_ratio=1.0),
+    "omniid_tiny_arcface.safetensors": dict(architecture="arcface", num_queries=16, id_hidden=64),
+    "omniid_tiny_arcface_clip.safetensors": dict(architecture="arcface_clip", num_queries=16, id_hidden=64,
+                                                 cross_depth=1, self_depth=1, mlp_ratio=1.0),
+}
+TEST_ARCFACE_ONNX = "models/omniid_test/random_arcface.onnx"   # under models/insightface/
+
+
+def pack_test_models() -> Path:
+    """Random encoder files and an ArcFace-interface ONNX, made with the pack's own code.
+
+    Layout mirrors ComfyUI's models folder: omni_identity/*.safetensors and
+    insightface/models/omniid_test/random_arcface.onnx.
+    """
+    import hashlib
+
+    key = hashlib.sha1(json.dumps(TEST_ENCODERS, sort_keys=True).encode()).hexdigest()[:10]
+    target = cache_dir() / "pack_models" / key
+    if (target / "done").is_file():
+        return target
+    from .pack import import_pack
+    import_pack()
+    from omni_identity.encoders.checkpoint import save_encoder
+    from omni_identity.encoders.omni_id import EncoderConfig, create_encoder
+
+    staging = Path(tempfile.mkdtemp(prefix="pack-models-", dir=cache_dir()))
+    for seed, (name, config) in enumerate(TEST_ENCODERS.items()):
+        save_encoder(create_encoder(EncoderConfig(**config), seed=seed), str(staging / "omni_identity" / name),
+                     extra={"note": "random weights for tests"})
+    random_arcface_onnx(staging / "insightface" / TEST_ARCFACE_ONNX)
+    (staging / "done").write_text("ok")
+    shutil.rmtree(target, ignore_errors=True)
+    target.parent.mkdir(parents=True, exist_ok=True)
+    os.replace(staging, target)
+    return target
 
 
 def tiny_models(comfyui: Path, python: str) -> Path:

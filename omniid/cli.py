@@ -14,7 +14,7 @@ import sys
 from pathlib import Path
 from typing import Optional
 
-from .client import ComfyClient, ComfyClientError, ExecutionFailed, PromptRejected
+from .client import FILE_KEYS, ComfyClient, ComfyClientError, ExecutionFailed, PromptRejected
 from .comfy_server import ComfyServer, ComfyUIError, find_comfyui
 
 EXIT_OK, EXIT_USAGE, EXIT_COMFYUI, EXIT_REJECTED, EXIT_FAILED, EXIT_INTERRUPTED, EXIT_TIMEOUT = 0, 2, 3, 4, 5, 6, 7
@@ -88,7 +88,7 @@ def save_outputs(client: ComfyClient, result, output_dir: Path) -> list[Path]:
         target.write_bytes(client.view(file))
         saved.append(target)
     texts = {nid: out for nid, out in result.outputs.items()
-             if any(k not in ("images", "gifs", "audio", "video", "files") for k in out)}
+             if any(k not in FILE_KEYS for k in out)}
     if texts:
         (output_dir / "outputs.json").write_text(json.dumps(texts, indent=2, default=str))
         saved.append(output_dir / "outputs.json")

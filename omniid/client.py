@@ -13,6 +13,9 @@ from pathlib import Path
 from typing import Any, Callable, Optional
 
 
+FILE_KEYS = ("images", "gifs", "audio", "video", "files", "embeds")
+
+
 class ComfyClientError(RuntimeError):
     pass
 
@@ -69,7 +72,7 @@ class RunResult:
         """Every file an output node reported: node, filename, subfolder, type."""
         found = []
         for node_id, output in self.outputs.items():
-            for key in ("images", "gifs", "audio", "video", "files"):
+            for key in FILE_KEYS:
                 for item in output.get(key, []) or []:
                     if isinstance(item, dict) and "filename" in item:
                         found.append({"node": node_id, **item})

@@ -20,11 +20,17 @@ def load_workflow(name: str, *overrides: str) -> dict:
 
 
 def populate_base(base: Path, tiny_models: Path, input_files: dict[str, Path]) -> Path:
-    """A ComfyUI base directory with the tiny checkpoints linked in and input files copied."""
+    """A ComfyUI base directory with the tiny checkpoints and the pack's test models linked
+    in, and the input files copied."""
     for kind, names in assets.tiny_model_files(tiny_models).items():
         (base / "models" / kind).mkdir(parents=True, exist_ok=True)
         for name in names:
             (base / "models" / kind / name).symlink_to(tiny_models / kind / name)
+    pack_models = assets.pack_test_models()
+    for source in sorted(p for p in pack_models.rglob("*") if p.is_file() and p.name != "done"):
+        target = base / "models" / source.relative_to(pack_models)
+        target.parent.mkdir(parents=True, exist_ok=True)
+        target.symlink_to(source)
     (base / "input").mkdir(parents=True, exist_ok=True)
     for name, path in input_files.items():
         shutil.copy(path, base / "input" / name)

@@ -7,7 +7,6 @@ so unit tests need no ComfyUI.
 """
 from __future__ import annotations
 
-import importlib.machinery
 import importlib.util
 import sys
 from pathlib import Path
@@ -18,23 +17,19 @@ import pytest
 ROOT = Path(__file__).resolve().parent.parent
 
 
-def _alias_package(name: str, path: Path, run_init: bool) -> None:
-    if name in sys.modules:
-        return
-    if run_init:
-        spec = importlib.util.spec_from_file_location(name, path / "__init__.py",
-                                                      submodule_search_locations=[str(path)])
-    else:
-        spec = importlib.machinery.ModuleSpec(name, None, is_package=True)
-        spec.submodule_search_locations = [str(path)]
-    module = importlib.util.module_from_spec(spec)
-    sys.modules[name] = module
-    if run_init:
+def _import_tooling() -> None:
+    """``omniid`` (the tooling next to the pack) by path, then the pack as ``omni_identity``."""
+    if "omniid" not in sys.modules:
+        spec = importlib.util.spec_from_file_location("omniid", ROOT / "omniid" / "__init__.py",
+                                                      submodule_search_locations=[str(ROOT / "omniid")])
+        module = importlib.util.module_from_spec(spec)
+        sys.modules["omniid"] = module
         spec.loader.exec_module(module)
+    from omniid.pack import import_pack
+    import_pack()
 
 
-_alias_package("omni_identity", ROOT, run_init=False)
-_alias_package("omniid", ROOT / "omniid", run_init=True)
+_import_tooling()
 
 from omniid import assets  # noqa: E402
 from omniid.comfy_server import find_comfyui  # noqa: E402

@@ -6,11 +6,20 @@ from .types import (BackendUnavailableError, DetectedFace, FaceAnalysisError, Fa
 
 
 def create_analyzer(backend: str, *, det_size: int = 640, provider: str = "CPU",
-                    dlib_detector: str = "hog", insightface_roots: list[str] | None = None):
-    """A backend by name: ``dlib`` or ``insightface/<pack>``."""
+                    dlib_detector: str = "hog", insightface_roots: list[str] | None = None,
+                    arcface_model: str | None = None):
+    """A backend by name: ``dlib`` or ``insightface/<pack>``.
+
+    ``arcface_model`` (dlib only): path of an ArcFace ONNX whose embeddings replace
+    dlib's descriptor.
+    """
     if backend == "dlib":
         from .dlib_backend import DlibFaceAnalyzer
-        return DlibFaceAnalyzer(detector=dlib_detector, det_size=det_size)
+        recognizer = None
+        if arcface_model:
+            from .insightface_backend import ArcFaceRecognizer
+            recognizer = ArcFaceRecognizer(arcface_model, provider=provider)
+        return DlibFaceAnalyzer(detector=dlib_detector, det_size=det_size, recognizer=recognizer)
     if backend.startswith("insightface/"):
         from .insightface_backend import InsightFaceAnalyzer
         return InsightFaceAnalyzer(backend.split("/", 1)[1], insightface_roots or [],

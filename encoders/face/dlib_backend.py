@@ -55,16 +55,19 @@ class DlibFaceAnalyzer:
 
     ``det_size``: detection runs on a copy whose longer side is ``det_size``
     pixels; landmarks and descriptors then use the full-resolution image.
+    ``recognizer``: an ArcFaceRecognizer; its 512-d ArcFace embedding then replaces
+    dlib's 128-D descriptor.
     """
 
-    def __init__(self, detector: str = "hog", det_size: int = 640):
+    def __init__(self, detector: str = "hog", det_size: int = 640, recognizer=None):
         if detector not in DETECTORS:
             raise ValueError(f"dlib detector must be one of {DETECTORS}, not {detector!r}")
         dlib = _import_dlib()
         folder = weights_dir()
         self.detector_kind = detector
         self.det_size = int(det_size)
-        self.name = f"dlib/{detector}"
+        self.recognizer = recognizer
+        self.name = f"dlib/{detector}" + (f"+{recognizer.name}" if recognizer is not None else "")
         if detector == "cnn":
             self._detector = dlib.cnn_face_detection_model_v1(os.path.join(folder, WEIGHT_FILES["cnn"]))
         else:
@@ -99,12 +102,15 @@ class DlibFaceAnalyzer:
             rect = self._dlib.rectangle(*(int(round(v)) for v in box))
             shape = self._predictor(image, rect)
             landmarks = np.array([(p.x, p.y) for p in shape.parts()], dtype=np.float64)
-            embedding = None
-            if with_embedding:
+            keypoints5 = ibug68_to_kps5(landmarks)
+            embedding, kind = None, None
+            if with_embedding and self.recognizer is not None:
+                embedding, kind = self.recognizer.embed(image, keypoints5), "arcface512"
+            elif with_embedding:
                 embedding = np.array(self._descriptor.compute_face_descriptor(image, shape), dtype=np.float32)
+                kind = "dlib128"
             faces.append(DetectedFace(
-                bbox=box, score=score, keypoints5=ibug68_to_kps5(landmarks), landmarks=landmarks,
-                landmark_format="ibug68", embedding=embedding,
-                embedding_kind="dlib128" if embedding is not None else None,
+                bbox=box, score=score, keypoints5=keypoints5, landmarks=landmarks,
+                landmark_format="ibug68", embedding=embedding, embedding_kind=kind,
                 pose=estimate_pose(landmarks, "ibug68")))
         return faces

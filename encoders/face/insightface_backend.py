@@ -100,3 +100,34 @@ def convert_insightface_face(face) -> DetectedFace:
         embedding_kind="arcface512" if embedding is not None else None,
         pose=estimate_pose(landmarks, fmt))
 
+
+
+class ArcFaceRecognizer:
+    """An ArcFace ONNX model (112 x 112 in, 512-d out) run through insightface's model zoo.
+
+    Gives ArcFace embeddings for faces another backend found (the dlib backend with an
+    ``arcface_model``): the face is aligned from its five keypoints by insightface
+    itself, exactly as inside an insightface pack.
+    """
+
+    def __init__(self, onnx_path: str, provider: str = "CPU"):
+        if provider not in PROVIDERS:
+            raise ValueError(f"provider must be one of {sorted(PROVIDERS)}, not {provider!r}")
+        _import_insightface()
+        from insightface.app.common import Face
+        from insightface.model_zoo import get_model
+        if not os.path.isfile(onnx_path):
+            raise BackendUnavailableError(f"ArcFace model not found: {onnx_path}")
+        model = get_model(onnx_path, providers=[PROVIDERS[provider]])
+        if model is None or getattr(model, "taskname", None) != "recognition":
+            raise BackendUnavailableError(
+                f"{onnx_path} is not an ArcFace recognition model (expected a square input of 112 px "
+                "or more and a 512-d embedding output)")
+        model.prepare(ctx_id=-1 if provider == "CPU" else 0)
+        self._model, self._face = model, Face
+        self.name = os.path.basename(onnx_path)
+
+    def embed(self, image: np.ndarray, keypoints5: np.ndarray) -> np.ndarray:
+        bgr = np.ascontiguousarray(np.asarray(image, dtype=np.uint8)[..., ::-1])
+        face = self._face(kps=np.asarray(keypoints5, dtype=np.float32))
+        return np.asarray(self._model.get(bgr, face), dtype=np.float32).reshape(-1)

@@ -36,6 +36,7 @@ def input_photos(photos, no_face_photo) -> dict[str, Path]:
     """Name in ComfyUI's input folder -> photo."""
     named = {name: photos / name for name in ("obama.jpg", "obama2.jpg", "biden.jpg", "32bit.png")}
     named["cat.png"] = no_face_photo
+    named.update(assets.identity_photo_set())
     return named
 
 

@@ -38,10 +38,12 @@ def test_run_exit_codes_for_rejected_and_failed_prompts(comfy_server, tmp_path):
 
 def test_serve_starts_comfyui_with_the_pack_and_stops_on_sigterm(comfyui, tmp_path):
     port = free_port()
-    process = subprocess.Popen([sys.executable, "-m", "omniid", "serve", "--comfyui", str(comfyui), "--port",
-                                str(port), "--base-directory", str(tmp_path), "--", "--database-url",
-                                "sqlite:///:memory:"], cwd=PACK_ROOT, stdout=subprocess.PIPE,
-                               stderr=subprocess.STDOUT, text=True)
+    log_path = tmp_path / "serve.log"
+    base = tmp_path / "base"
+    with open(log_path, "w") as log:
+        process = subprocess.Popen([sys.executable, "-m", "omniid", "serve", "--comfyui", str(comfyui), "--port",
+                                    str(port), "--base-directory", str(base), "--", "--database-url",
+                                    "sqlite:///:memory:"], cwd=PACK_ROOT, stdout=log, stderr=subprocess.STDOUT)
     client = ComfyClient(f"http://127.0.0.1:{port}", timeout=5)
     try:
         deadline = time.monotonic() + 180
@@ -51,14 +53,15 @@ def test_serve_starts_comfyui_with_the_pack_and_stops_on_sigterm(comfyui, tmp_pa
                     break
             except ComfyClientError:
                 pass
-            assert process.poll() is None, process.stdout.read()
-            assert time.monotonic() < deadline, "serve did not come up"
+            assert process.poll() is None, log_path.read_text()
+            assert time.monotonic() < deadline, f"serve did not come up:\n{log_path.read_text()}"
             time.sleep(1)
-        assert (tmp_path / "models" / "omni_identity").is_dir()
-        assert (tmp_path / "custom_nodes" / "ComfyUI-OmniIdentity").resolve() == PACK_ROOT
+        assert (base / "models" / "omni_identity").is_dir()
+        assert (base / "custom_nodes" / "ComfyUI-OmniIdentity").resolve() == PACK_ROOT
     finally:
         process.send_signal(signal.SIGTERM)
-        output, _ = process.communicate(timeout=60)
+        process.wait(timeout=60)
+    output = log_path.read_text()
     assert process.returncode == cli.EXIT_OK, output
     assert "is serving on" in output
     try:

@@ -1,7 +1,9 @@
 """The pack loads into a real ComfyUI and describes itself fully."""
 import re
 
-PACK_NODES = ("OmniIdentityFaceAnalysisLoader", "OmniIdentityFaceCrop")
+PACK_NODES = ("OmniIdentityFaceAnalysisLoader", "OmniIdentityFaceCrop", "OmniIdentityEncoderLoader",
+              "OmniIdentityEncode", "OmniIdentityEncodeBaseline", "OmniIdentityCombineEmbeds",
+              "OmniIdentitySaveEmbeds", "OmniIdentityLoadEmbeds")
 
 
 def test_log_shows_the_pack_loaded_without_import_errors(comfy_server, comfy):
@@ -15,8 +17,9 @@ def test_log_shows_the_pack_loaded_without_import_errors(comfy_server, comfy):
 
 def test_object_info_describes_every_node_and_input(comfy):
     info = comfy.object_info()
-    for node_id in PACK_NODES:
-        assert node_id in info, f"{node_id} not registered"
+    ours = sorted(n for n in info if n.startswith("OmniIdentity"))
+    assert set(PACK_NODES) <= set(ours), f"missing: {set(PACK_NODES) - set(ours)}"
+    for node_id in ours:
         node = info[node_id]
         assert node["category"].startswith("OmniIdentity/")
         assert len(node["description"]) > 40
@@ -25,6 +28,7 @@ def test_object_info_describes_every_node_and_input(comfy):
         for name, spec in inputs.items():
             assert spec[1].get("tooltip"), f"{node_id}.{name} has no tooltip"
         assert all(node["output_tooltips"]), f"{node_id} has an output without a tooltip"
+        assert node["display_name"].endswith("(OmniIdentity)")
 
 
 def test_face_nodes_types(comfy):
@@ -43,4 +47,5 @@ def test_model_folders_are_registered(comfy, comfy_server):
         assert name in folders
     (comfy_server.base_directory / "models" / "omni_identity" / "probe.safetensors").write_bytes(b"")
     (comfy_server.base_directory / "models" / "omni_identity" / "ignored.txt").write_bytes(b"")
-    assert comfy.get_json("/models/omni_identity") == ["probe.safetensors"]
+    listed = comfy.get_json("/models/omni_identity")
+    assert "probe.safetensors" in listed and "ignored.txt" not in listed

@@ -11,6 +11,8 @@ Writes, under DIR:
       text encoder (its config is fixed), TAESD-layout VAE
   vae/omniid_tiny_taesd.safetensors          the same VAE alone
   controlnet/omniid_tiny_controlnet.safetensors  a ControlNet matching the UNet
+  clip_vision/omniid_random_clip_vit_h.safetensors  a CLIP-H vision tower at full size
+      (ComfyUI picks the vision config by layer count, so only the real layout loads)
 All weights are random (seeded): images are noise-like, but every code path is real.
 """
 from __future__ import annotations
@@ -20,7 +22,7 @@ import json
 import os
 import sys
 
-VERSION = 1  # bump when the layouts below change, so cached files are rebuilt
+VERSION = 2  # bump when the layouts below change, so cached files are rebuilt
 SEED = 20251122
 
 UNET_CONFIG = dict(
@@ -54,7 +56,7 @@ def build(out_dir: str) -> dict:
     comfy.cli_args.args.cpu = True
     import comfy.ops
     from comfy.cldm.cldm import ControlNet
-    from comfy.clip_model import CLIPTextModel
+    from comfy.clip_model import CLIPTextModel, CLIPVisionModelProjection
     from comfy.ldm.modules.diffusionmodules.openaimodel import UNetModel
     from comfy.taesd.taesd import TAESD
     from safetensors.torch import save_file
@@ -78,6 +80,9 @@ def build(out_dir: str) -> dict:
         last_conv.bias.fill_(0.5)
     control = ControlNet(hint_channels=3, operations=ops, **UNET_CONFIG)
     initialise(control, generator)
+    vision_config = json.load(open(os.path.join(os.path.dirname(comfy.ops.__file__), "clip_vision_config_h.json")))
+    vision = CLIPVisionModelProjection(vision_config, torch.float32, "cpu", ops)
+    initialise(vision, generator)
 
     def half(state, prefix=""):
         return {prefix + k: v.detach().to(torch.float16).contiguous() for k, v in state.items()}
@@ -90,6 +95,7 @@ def build(out_dir: str) -> dict:
         "checkpoints/omniid_tiny_sd15.safetensors": checkpoint,
         "vae/omniid_tiny_taesd.safetensors": half(vae.state_dict()),
         "controlnet/omniid_tiny_controlnet.safetensors": half(control.state_dict()),
+        "clip_vision/omniid_random_clip_vit_h.safetensors": half(vision.state_dict()),
     }
     for rel, state in files.items():
         path = os.path.join(out_dir, rel)
