@@ -93,7 +93,21 @@ IMAGES_TOOLTIP = ("Photos of one person (a batch). Aligned face crops from Face 
                   "when a face analysis is connected.")
 FACE_ANALYSIS_TOOLTIP = ("Optional: detect and align the face in every photo here (crops of 224 px); "
                          "photos without a face are skipped and reported.")
-PADDING_TOOLTIP = "Margin around the ArcFace face square when cropping here (see Face Crop)."
+
+
+def padding_input():
+    return io.Float.Input("padding", default=0.25, min=0.0, max=2.0, step=0.01, optional=True,
+                          tooltip="Margin around the ArcFace face square when cropping here (see Face Crop).")
+
+
+def crops_output():
+    return io.Image.Output(display_name="crops", tooltip="The face crops that were encoded.")
+
+
+def require_encoder(encoder) -> LoadedEncoder:
+    if not isinstance(encoder, LoadedEncoder):
+        raise TypeError("encoder must come from 'Identity Encoder Loader (OmniIdentity)'")
+    return encoder
 
 
 class EncoderLoader(io.ComfyNode):
@@ -138,19 +152,17 @@ class Encode(io.ComfyNode):
                                                            "from Load CLIP Vision."),
                 io.Image.Input("images", tooltip=IMAGES_TOOLTIP),
                 io.FaceAnalysis.Input("face_analysis", optional=True, tooltip=FACE_ANALYSIS_TOOLTIP),
-                io.Float.Input("padding", default=0.25, min=0.0, max=2.0, step=0.01, optional=True,
-                               tooltip=PADDING_TOOLTIP),
+                padding_input(),
             ],
             outputs=[
                 IdentityEmbedsType.Output(display_name="embeds", tooltip="The identity (256 x 1280 tokens)."),
-                io.Image.Output(display_name="crops", tooltip="The face crops that were encoded."),
+                crops_output(),
             ],
         )
 
     @classmethod
     def execute(cls, encoder, clip_vision, images, face_analysis=None, padding: float = 0.25) -> io.NodeOutput:
-        if not isinstance(encoder, LoadedEncoder):
-            raise TypeError("encoder must come from 'Identity Encoder Loader (OmniIdentity)'")
+        require_encoder(encoder)
         crops, _, info = prepare_photos(images, face_analysis, padding)
         tokens, fresh = clip_tokens(clip_vision, crops)
         info["encoder"] = encoder.name
@@ -185,12 +197,11 @@ class EncodeBaseline(io.ComfyNode):
                 io.Combo.Input("arcface_merge", options=list(ARCFACE_MERGES), default="concat", optional=True,
                                tooltip="Several photos with an arcface encoder: concatenate their tokens (the "
                                        "paper's choice) or average the embeddings first."),
-                io.Float.Input("padding", default=0.25, min=0.0, max=2.0, step=0.01, optional=True,
-                               tooltip=PADDING_TOOLTIP),
+                padding_input(),
             ],
             outputs=[
                 IdentityEmbedsType.Output(display_name="embeds", tooltip="The baseline identity."),
-                io.Image.Output(display_name="crops", tooltip="The face crops that were encoded."),
+                crops_output(),
             ],
         )
 
@@ -207,8 +218,8 @@ class EncodeBaseline(io.ComfyNode):
                              "ArcFace model) to compute ArcFace embeddings")
         if method in ("clip", "arcface_clip") and clip_vision is None:
             raise ValueError(f"the {method} baseline needs clip_vision (CLIP-H)")
-        if encoder is not None and not isinstance(encoder, LoadedEncoder):
-            raise TypeError("encoder must come from 'Identity Encoder Loader (OmniIdentity)'")
+        if encoder is not None:
+            require_encoder(encoder)
         crops, faces, info = prepare_photos(images, face_analysis, padding)
         arcface = arcface_from_faces(faces) if needs_arcface else None
         tokens, fresh = (None, 0)
