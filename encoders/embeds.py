@@ -5,7 +5,9 @@ An identity is a set of named tensors plus a little provenance:
   (Omni-ID: 256 x 1280; projected baselines);
 - ``clip`` (N, 257, C): CLIP penultimate tokens, one block per photo (the CLIP
   baseline; the adapter concatenates them, or its own projection reads them);
-- ``arcface`` (N, 512): ArcFace embeddings, one row per photo.
+- ``arcface`` (N, 512): ArcFace embeddings, one row per photo;
+- ``clip_uncond`` (1, 257, C): CLIP tokens of a zero image, the unconditional input of
+  IP-Adapter projections (stored by the encode nodes next to ``clip``).
 Files are safetensors (never pickle) with a JSON header under ``omni_identity``.
 """
 from __future__ import annotations
@@ -20,7 +22,7 @@ from .checkpoint import METADATA_KEY, CheckpointError, atomic_save, read_info, r
 EMBEDS_FORMAT = "omni_identity.embeds"
 EMBEDS_VERSION = 1
 KINDS = ("omni_id", "clip", "arcface", "arcface_clip")
-PARTS = ("tokens", "clip", "arcface")
+PARTS = ("tokens", "clip", "arcface", "clip_uncond")
 COMBINE_MODES = ("concat", "average")
 
 
@@ -37,7 +39,7 @@ class IdentityEmbeds:
         if unknown or not self.tensors:
             raise ValueError(f"embeds parts must be among {PARTS}, got {sorted(self.tensors)}")
         for name, tensor in self.tensors.items():
-            expected = 3 if name == "clip" else 2
+            expected = 3 if name in ("clip", "clip_uncond") else 2
             if tensor.ndim != expected:
                 raise ValueError(f"embeds part {name!r} must have {expected} dimensions, has shape {tuple(tensor.shape)}")
 

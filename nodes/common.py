@@ -15,6 +15,7 @@ LOG = logging.getLogger("OmniIdentity")
 Faces = io.Custom("FACES")
 OmniIdEncoderType = io.Custom("OMNI_ID_ENCODER")
 IdentityEmbedsType = io.Custom("IDENTITY_EMBEDS")
+IdentityAdapterType = io.Custom("IDENTITY_ADAPTER")
 
 
 def progress(total: int) -> Callable[[int], None]:

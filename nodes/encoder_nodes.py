@@ -13,7 +13,7 @@ import torch
 from comfy_api.latest import io, ui
 
 from ..encoders.checkpoint import load_encoder
-from ..encoders.clip_features import TokenCache
+from ..encoders.clip_features import OPENAI_MEAN, TokenCache
 from ..encoders.embeds import COMBINE_MODES, combine_embeds, load_embeds, save_embeds
 from ..encoders.face import crop_faces
 from ..encoders.identity import BASELINES, arcface_from_faces, baseline_embeds, omni_id_embeds
@@ -62,6 +62,13 @@ def clip_tokens(clip_vision, crops: torch.Tensor) -> tuple[torch.Tensor, int]:
         return clip_vision.encode_image(images, crop=False)["penultimate_hidden_states"]
 
     return TOKEN_CACHE.encode(crops, encode, clip_key(clip_vision))
+
+
+def clip_uncond_tokens(clip_vision) -> torch.Tensor:
+    """CLIP tokens (1, 257, C) of a zero image after normalisation (an image of CLIP's mean
+    colour): the unconditional input IP-Adapter projections were trained with."""
+    mean = torch.tensor(getattr(clip_vision, "image_mean", OPENAI_MEAN), dtype=torch.float32)
+    return clip_tokens(clip_vision, mean.expand(1, CROP_SIZE, CROP_SIZE, 3).contiguous())[0]
 
 
 def prepare_photos(images: torch.Tensor, face_analysis, padding: float):
@@ -222,14 +229,15 @@ class EncodeBaseline(io.ComfyNode):
             require_encoder(encoder)
         crops, faces, info = prepare_photos(images, face_analysis, padding)
         arcface = arcface_from_faces(faces) if needs_arcface else None
-        tokens, fresh = (None, 0)
+        tokens, fresh, uncond = None, 0, None
         if clip_vision is not None and method != "arcface":
             tokens, fresh = clip_tokens(clip_vision, crops)
+            uncond = clip_uncond_tokens(clip_vision)
         if encoder is not None:
             info["encoder"] = encoder.name
         embeds = baseline_embeds(method, clip_tokens=tokens, arcface=arcface,
                                  encoder=encoder.ready() if encoder is not None else None,
-                                 arcface_merge=arcface_merge, info=info)
+                                 arcface_merge=arcface_merge, info=info, clip_uncond=uncond)
         text = report(embeds, fresh, info["skipped_images"], len(images))
         return io.NodeOutput(embeds, crops, ui=ui.PreviewText(text))
 

@@ -1,0 +1,215 @@
+"""Decoupled identity attention (IP-Adapter style), as data-driven attention patches.
+
+    out = Attn(q, K_text, V_text) + sum_a  w_a(block, sigma) * m_a * Attn(q, K_id_a, V_id_a)
+
+K_id, V_id are per-layer linear projections of an identity's tokens, computed once
+when an adapter is applied (for the conditional and the unconditional branch of
+CFG). ``w`` is the adapter weight times a per-block multiplier, and is zero outside
+the adapter's sigma window; ``m`` is an optional spatial mask resized to the layer's
+token grid. Terms with zero weight are skipped, so weight 0 or a sigma outside the
+window reproduces the unpatched attention exactly.
+
+A host (ComfyUI, diffusers) supplies the attention function with ComfyUI's
+``optimized_attention`` signature ``attention(q, k, v, heads, **kwargs)`` on
+(B, N, heads * dim) tensors, and calls ``DecoupledAttention`` with the layer's
+projected q, k, v and its ``extra`` options (``n_heads``, ``sigmas``,
+``cond_or_uncond``, ``original_shape``, ...).
+"""
+from __future__ import annotations
+
+import math
+import re
+from dataclasses import dataclass, field
+from typing import Callable, Optional, Sequence
+
+import torch
+import torch.nn.functional as F
+
+AttentionFn = Callable[..., torch.Tensor]
+COND, UNCOND = 0, 1
+
+
+def sdpa_attention(q, k, v, heads, mask=None, **_):
+    """Reference attention with ComfyUI's signature: (B, N, H*D) in and out."""
+    b, _, inner = q.shape
+    d = inner // heads
+    split = [t.view(t.shape[0], -1, heads, d).transpose(1, 2) for t in (q, k, v)]
+    out = F.scaled_dot_product_attention(*split, attn_mask=mask)
+    return out.transpose(1, 2).reshape(b, -1, inner)
+
+
+# ----------------------------------------------------------------------------- masks
+def token_grid(num_tokens: int, height: int, width: int) -> tuple[int, int]:
+    """The (h, w) grid of a layer with ``num_tokens`` tokens for a latent of height x width.
+
+    Downsampling by 2 with padding rounds up, so the grid is ceil(H / f) x ceil(W / f)
+    for the power of two f that gives ``num_tokens``.
+    """
+    factor = 1
+    while factor <= max(height, width) * 2:
+        h, w = -(-height // factor), -(-width // factor)
+        if h * w == num_tokens:
+            return h, w
+        factor *= 2
+    ratio = math.sqrt(height * width / num_tokens)
+    raise ValueError(f"cannot place {num_tokens} tokens on a {height} x {width} latent (ratio {ratio:.2f})")
+
+
+def mask_for_layer(mask: torch.Tensor, num_tokens: int, latent_hw: tuple[int, int]) -> torch.Tensor:
+    """(B or 1, H, W) mask -> (B or 1, num_tokens, 1) weights on the layer's token grid."""
+    h, w = token_grid(num_tokens, *latent_hw)
+    resized = F.interpolate(mask[:, None].float(), size=(h, w), mode="bilinear", align_corners=False)
+    return resized.reshape(mask.shape[0], h * w, 1)
+
+
+# ----------------------------------------------------------------------------- block weights
+BLOCK_GROUPS = ("input", "middle", "output", "double", "single")
+
+
+@dataclass(frozen=True)
+class BlockWeights:
+    """Per-block multipliers as data, from a spec like ``"all=1, input=0.5, output.4=0"``.
+
+    Selectors: ``all``; a group (``input``, ``middle``, ``output`` for UNets, ``double``,
+    ``single`` for FLUX); or ``group.N`` for one block. Later rules win.
+    """
+    rules: tuple[tuple[str, Optional[int], float], ...] = (("all", None, 1.0),)
+
+    @classmethod
+    def parse(cls, spec: str) -> "BlockWeights":
+        rules = []
+        for part in filter(None, (p.strip() for p in (spec or "").replace(";", ",").split(","))):
+            match = re.fullmatch(r"(all|input|middle|output|double|single)(?:\.(\d+))?\s*=\s*([-+0-9.eE]+)", part)
+            if not match:
+                raise ValueError(f"block weight {part!r} is not 'selector=weight' with selector all, "
+                                 f"{', '.join(BLOCK_GROUPS)} or group.N (e.g. 'input=0.5, output.4=1')")
+            group, index, weight = match.group(1), match.group(2), float(match.group(3))
+            if group == "all" and index is not None:
+                raise ValueError(f"'all' takes no block number: {part!r}")
+            rules.append((group, int(index) if index is not None else None, weight))
+        return cls(tuple(rules) if rules else cls.rules)
+
+    def weight(self, group: str, index: int) -> float:
+        value = 1.0
+        for rule_group, rule_index, rule_weight in self.rules:
+            if rule_group == "all" or (rule_group == group and rule_index in (None, index)):
+                value = rule_weight
+        return value
+
+
+# ----------------------------------------------------------------------------- injections
+@dataclass
+class LayerInjection:
+    """One adapter's identity keys/values at one attention layer, and when to use them."""
+    keys: dict[int, torch.Tensor]          # COND / UNCOND -> (L, inner)
+    values: dict[int, torch.Tensor]
+    weight: float
+    sigma_start: float = math.inf          # active while sigma_end <= sigma <= sigma_start
+    sigma_end: float = 0.0
+    mask: Optional[torch.Tensor] = None    # (B or 1, H, W) over the latent
+    _cast: dict = field(default_factory=dict, repr=False)
+
+    def active(self, sigmas: Optional[torch.Tensor]) -> bool:
+        if self.weight == 0.0:
+            return False
+        if sigmas is None:
+            return True
+        sigma = float(sigmas.reshape(-1)[0])
+        return self.sigma_end <= sigma <= self.sigma_start
+
+    def kv(self, branch: int, like: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        key = (branch, like.device, like.dtype)
+        if key not in self._cast:
+            self._cast[key] = (self.keys[branch].to(like.device, like.dtype),
+                               self.values[branch].to(like.device, like.dtype))
+        return self._cast[key]
+
+    def to(self, device) -> "LayerInjection":
+        moved = {b: t.to(device) for b, t in self.keys.items()}, {b: t.to(device) for b, t in self.values.items()}
+        return LayerInjection(moved[0], moved[1], self.weight, self.sigma_start, self.sigma_end,
+                              None if self.mask is None else self.mask.to(device))
+
+    def contribution(self, q: torch.Tensor, heads: int, attention: AttentionFn,
+                     cond_or_uncond: Sequence[int], latent_hw: Optional[tuple[int, int]]) -> torch.Tensor:
+        """w * m * Attn(q, K_id, V_id) for a batch laid out as chunks of ``cond_or_uncond``."""
+        chunks = q.chunk(len(cond_or_uncond)) if cond_or_uncond else (q,)
+        branches = cond_or_uncond if cond_or_uncond else (COND,)
+        outs = []
+        for chunk, branch in zip(chunks, branches):
+            k, v = self.kv(UNCOND if branch == UNCOND else COND, chunk)
+            b = chunk.shape[0]
+            outs.append(attention(chunk, k.expand(b, -1, -1), v.expand(b, -1, -1), heads))
+        out = torch.cat(outs)
+        if self.mask is not None:
+            if latent_hw is None:
+                raise ValueError("a spatial mask needs the latent's shape from the host")
+            weights = mask_for_layer(self.mask, q.shape[1], latent_hw).to(out.device, out.dtype)
+            if weights.shape[0] != 1:
+                per_chunk = out.shape[0] // len(branches)
+                if weights.shape[0] != per_chunk:
+                    raise ValueError(f"the mask batch ({weights.shape[0]}) must be 1 or the image batch ({per_chunk})")
+                weights = weights.repeat(len(branches), 1, 1)
+            out = out * weights
+        return out * self.weight
+
+
+class DecoupledAttention:
+    """A cross-attention replacement: the text attention plus every stacked identity term.
+
+    ``base`` computes the text attention: the host's attention function, or a replace
+    patch another pack installed before us (kept, so both apply).
+    """
+
+    def __init__(self, attention: AttentionFn, injections: Sequence[LayerInjection] = (),
+                 base: Optional[Callable] = None):
+        self.attention = attention
+        self.injections = tuple(injections)
+        self.base = base
+
+    def with_injection(self, injection: LayerInjection) -> "DecoupledAttention":
+        return DecoupledAttention(self.attention, (*self.injections, injection), self.base)
+
+    def __deepcopy__(self, memo) -> "DecoupledAttention":
+        # injections are immutable data: ModelPatcher.clone() must not copy their tensors
+        return DecoupledAttention(self.attention, self.injections, self.base)
+
+    def to(self, device) -> "DecoupledAttention":
+        base = self.base.to(device) if hasattr(self.base, "to") else self.base
+        return DecoupledAttention(self.attention, [i.to(device) for i in self.injections], base)
+
+    def text_attention(self, q, k, v, extra: dict) -> torch.Tensor:
+        if self.base is not None:
+            return self.base(q, k, v, extra)
+        return self.attention(q, k, v, extra["n_heads"], attn_precision=extra.get("attn_precision"),
+                              transformer_options=extra)
+
+    def __call__(self, q, k, v, extra: dict) -> torch.Tensor:
+        out = self.text_attention(q, k, v, extra)
+        sigmas = extra.get("sigmas")
+        shape = extra.get("original_shape")
+        latent_hw = tuple(shape[-2:]) if shape is not None and len(shape) >= 4 else None
+        cond_or_uncond = extra.get("cond_or_uncond") or ()
+        for injection in self.injections:
+            if injection.active(sigmas):
+                out = out + injection.contribution(q, extra["n_heads"], self.attention, cond_or_uncond, latent_hw)
+        return out
+
+
+def add_identity_to_joint_attention(out: torch.Tensor, q: torch.Tensor, txt_len: int, injection: LayerInjection,
+                                    attention: AttentionFn, cond_or_uncond: Sequence[int],
+                                    latent_hw: Optional[tuple[int, int]], patch_size: int = 2) -> torch.Tensor:
+    """FLUX-style joint attention: add the identity term to the image tokens' output.
+
+    ``q`` (B, heads, L, D) is the joint query (text tokens first, as FLUX orders them),
+    ``out`` (B, L, heads * D) the joint attention output. With the latent's size known,
+    only the generated image's tokens (ceil(H/p) x ceil(W/p)) take the identity;
+    reference-image tokens appended after them (Kontext) do not.
+    """
+    b, heads, _, d = q.shape
+    image_q = q[:, :, txt_len:].transpose(1, 2).reshape(b, -1, heads * d)
+    count = image_q.shape[1]
+    if latent_hw is not None:
+        count = min(count, -(-latent_hw[0] // patch_size) * -(-latent_hw[1] // patch_size))
+    term = injection.contribution(image_q[:, :count], heads, attention, cond_or_uncond, latent_hw)
+    return torch.cat([out[:, :txt_len], out[:, txt_len:txt_len + count] + term.to(out.dtype),
+                      out[:, txt_len + count:]], dim=1)

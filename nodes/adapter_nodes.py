@@ -1,0 +1,96 @@
+"""Identity adapter nodes: load an adapter file, apply an identity to a model."""
+from __future__ import annotations
+
+import folder_paths
+from comfy_api.latest import io
+
+from ..guidance.adapter import load_adapter
+from ..guidance.decoupled import BlockWeights
+from .common import CATEGORY, IdentityAdapterType, IdentityEmbedsType, check_combos
+from .hosts import INJECT_MODES, apply_identity
+from .model_folders import model_files
+
+
+class AdapterLoader(io.ComfyNode):
+    @classmethod
+    def define_schema(cls) -> io.Schema:
+        return io.Schema(
+            node_id="OmniIdentityAdapterLoader",
+            display_name="Identity Adapter Loader (OmniIdentity)",
+            category=f"{CATEGORY}/adapter",
+            description=("Loads an identity adapter from models/ipadapter: this pack's adapters (Omni-ID or a "
+                         "baseline, for SD1.5, SDXL or FLUX) or h94 IP-Adapter checkpoints (Plus, Plus-Face, "
+                         "Full-Face, FaceID, FaceID Plus v2) for SD1.5 and SDXL."),
+            inputs=[io.Combo.Input("adapter_name", options=model_files("ipadapter"),
+                                   tooltip="Adapter file in models/ipadapter (.safetensors; h94 .bin files are "
+                                           "read as plain tensors only).")],
+            outputs=[IdentityAdapterType.Output(display_name="adapter", tooltip="The loaded identity adapter.")],
+        )
+
+    @classmethod
+    def validate_inputs(cls, adapter_name=None):
+        return check_combos(cls, adapter_name=adapter_name)
+
+    @classmethod
+    def execute(cls, adapter_name: str) -> io.NodeOutput:
+        path = folder_paths.get_full_path_or_raise("ipadapter", adapter_name)
+        return io.NodeOutput(load_adapter(path, adapter_name))
+
+
+class ApplyAdapter(io.ComfyNode):
+    @classmethod
+    def define_schema(cls) -> io.Schema:
+        return io.Schema(
+            node_id="OmniIdentityApplyAdapter",
+            display_name="Apply Identity Adapter (OmniIdentity)",
+            category=f"{CATEGORY}/adapter",
+            description=("Injects an identity into a model with decoupled cross-attention: every cross-attention "
+                         "layer adds weight x Attn(q, K_id, V_id) to its text attention (IP-Adapter). Returns a "
+                         "patched copy; the input model is untouched. Chain several to combine identities."),
+            inputs=[
+                io.Model.Input("model", tooltip="SD1.5, SDXL or FLUX model."),
+                IdentityAdapterType.Input("adapter", tooltip="From Identity Adapter Loader."),
+                IdentityEmbedsType.Input("embeds", tooltip="The identity, from an encode or load node."),
+                io.Float.Input("weight", default=1.0, min=-1.0, max=5.0, step=0.05,
+                               tooltip="Strength of the identity; 0 leaves the model's output exactly unchanged."),
+                io.Float.Input("start_at", default=0.0, min=0.0, max=1.0, step=0.01,
+                               tooltip="Fraction of the sampling schedule where the identity starts."),
+                io.Float.Input("end_at", default=1.0, min=0.0, max=1.0, step=0.01,
+                               tooltip="Fraction of the schedule where it stops."),
+                io.Mask.Input("attn_mask", optional=True,
+                              tooltip="Where the identity applies (image space, any size; resized to each layer)."),
+                io.String.Input("blocks", default="all=1", optional=True,
+                                tooltip="Per-block weights: 'selector=weight, ...' with selector all, input, middle, "
+                                        "output (UNet), double, single (FLUX) or group.N, e.g. 'all=1, input=0'."),
+                io.Combo.Input("flux_inject", options=list(INJECT_MODES), default="both", optional=True,
+                               tooltip="FLUX only: inject into double (MM-DiT) blocks, single (DiT) blocks, or both."),
+                io.Float.Input("faceid_v2_scale", default=1.0, min=0.0, max=5.0, step=0.05, optional=True,
+                               tooltip="FaceID Plus v2 adapters only: weight of the CLIP refinement."),
+            ],
+            outputs=[io.Model.Output(display_name="model", tooltip="The model with the identity injected.")],
+        )
+
+    @classmethod
+    def validate_inputs(cls, flux_inject=None, blocks=None, start_at=None, end_at=None):
+        if blocks is not None:
+            try:
+                BlockWeights.parse(blocks)
+            except ValueError as exc:
+                return str(exc)
+        if start_at is not None and end_at is not None and start_at > end_at:
+            return f"start_at ({start_at}) must not be after end_at ({end_at})"
+        return check_combos(cls, flux_inject=flux_inject)
+
+    @classmethod
+    def execute(cls, model, adapter, embeds, weight: float, start_at: float, end_at: float, attn_mask=None,
+                blocks: str = "all=1", flux_inject: str = "both", faceid_v2_scale: float = 1.0) -> io.NodeOutput:
+        tokens = adapter.identity_tokens(embeds, faceid_v2_scale)
+        mask = None
+        if attn_mask is not None:
+            mask = attn_mask if attn_mask.ndim == 3 else attn_mask[None]
+        patched = apply_identity(model, adapter, tokens, weight, start_at, end_at, mask=mask,
+                                 blocks=BlockWeights.parse(blocks), inject=flux_inject)
+        return io.NodeOutput(patched)
+
+
+NODES = [AdapterLoader, ApplyAdapter]

@@ -1,0 +1,199 @@
+"""Identity injection on ComfyUI models, through ModelPatcher's public extension points only.
+
+UNets (SD1.5, SDXL): an attn2 replace patch per cross-attention layer of a clone.
+FLUX: a ``patches_replace["dit"]`` patch per double/single block that marks the block
+in a copy of transformer_options and installs an ``optimized_attention_override``; the
+override adds the identity term to the image tokens of that block's joint attention.
+A DIFFUSION_MODEL wrapper records the text length and latent size per model call.
+Nothing global is changed: the original model, and every other clone, stay as they were.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Optional
+
+import comfy.ldm.modules.attention as comfy_attention
+import comfy.patcher_extension
+import torch
+from comfy.ldm.modules.attention import SpatialTransformer
+
+from ..guidance.adapter import IdentityAdapter
+from ..guidance.decoupled import (BlockWeights, DecoupledAttention, LayerInjection,
+                                  add_identity_to_joint_attention)
+
+FLUX_STATE = "omni_identity_flux"          # per model call: text length, latent size
+FLUX_BLOCK = "omni_identity_flux_block"    # per block: the injections to add
+INJECT_MODES = ("both", "double", "single")
+
+
+@dataclass(frozen=True)
+class HostLayer:
+    key: tuple                 # ComfyUI's patch key
+    group: str                 # input / middle / output / double / single
+    number: int                # block number within its group
+    inner_dim: int
+
+
+def diffusion_model(model):
+    return model.get_model_object("diffusion_model")
+
+
+def is_flux(model) -> bool:
+    dm = diffusion_model(model)
+    return hasattr(dm, "double_blocks") and hasattr(dm, "single_blocks")
+
+
+def model_description(model) -> str:
+    return f"{type(model.model).__name__} ({type(diffusion_model(model)).__name__})"
+
+
+def unet_layers(model) -> list[HostLayer]:
+    """Cross-attention layers in diffusers' processor order: down, up, then middle blocks."""
+    dm = diffusion_model(model)
+    layers = []
+    for group, blocks in (("input", dm.input_blocks), ("output", dm.output_blocks), ("middle", [dm.middle_block])):
+        for number, block in enumerate(blocks):
+            for module in block:
+                if isinstance(module, SpatialTransformer):
+                    for index, tb in enumerate(module.transformer_blocks):
+                        if getattr(tb, "attn2", None) is not None:
+                            layers.append(HostLayer((group, number, index), group, number, tb.attn2.to_q.out_features))
+    return layers
+
+
+def flux_layers(model) -> list[HostLayer]:
+    dm = diffusion_model(model)
+    return ([HostLayer(("double_block", i), "double", i, dm.hidden_size) for i in range(len(dm.double_blocks))]
+            + [HostLayer(("single_block", i), "single", i, dm.hidden_size) for i in range(len(dm.single_blocks))])
+
+
+def host_layers(model) -> list[HostLayer]:
+    return flux_layers(model) if is_flux(model) else unet_layers(model)
+
+
+def check_fit(adapter: IdentityAdapter, model, layers: list[HostLayer]) -> None:
+    family = "flux" if is_flux(model) else "unet"
+    dims = [layer.inner_dim for layer in layers]
+    if adapter.config.family != family or tuple(dims) != adapter.config.layer_dims:
+        raise ValueError(
+            f"adapter '{adapter.name}' ({adapter.config.describe()}, layer widths "
+            f"{_summary(adapter.config.layer_dims)}) does not fit the model {model_description(model)}, which has "
+            f"{len(dims)} {family} attention layers of widths {_summary(dims)}. Use an adapter made for this base model.")
+
+
+def _summary(dims) -> str:
+    dims = list(dims)
+    return str(dims) if len(dims) <= 8 else f"[{', '.join(map(str, dims[:6]))}, ... {len(dims)} in all]"
+
+
+def sigma_window(model, start_at: float, end_at: float) -> tuple[float, float]:
+    sampling = model.get_model_object("model_sampling")
+    return sampling.percent_to_sigma(start_at), sampling.percent_to_sigma(end_at)
+
+
+def apply_identity(model, adapter: IdentityAdapter, tokens: dict, weight: float, start_at: float, end_at: float,
+                   mask: Optional[torch.Tensor] = None, blocks: BlockWeights = BlockWeights(),
+                   inject: str = "both"):
+    """A clone of ``model`` with the adapter's identity injected; ``model`` is untouched."""
+    layers = host_layers(model)
+    check_fit(adapter, model, layers)
+    sigma_start, sigma_end = sigma_window(model, start_at, end_at)
+    patched = model.clone()
+    flux = is_flux(model)
+    for index, layer in enumerate(layers):
+        if flux and inject != "both" and layer.group != inject:
+            continue
+        layer_weight = weight * blocks.weight(layer.group, layer.number)
+        if layer_weight == 0.0:
+            continue
+        keys, values = adapter.layer_kv(index, tokens)
+        injection = LayerInjection(keys, values, layer_weight, sigma_start, sigma_end, mask)
+        if flux:
+            _add_flux_injection(patched, layer.key, injection)
+        else:
+            _add_unet_injection(patched, layer.key, injection)
+    if flux:
+        patched.remove_wrappers_with_key(comfy.patcher_extension.WrappersMP.DIFFUSION_MODEL, FLUX_STATE)
+        patched.add_wrapper_with_key(comfy.patcher_extension.WrappersMP.DIFFUSION_MODEL, FLUX_STATE,
+                                     record_flux_call)
+    return patched
+
+
+def _existing_patch(model, kind: str, key: tuple):
+    return model.model_options["transformer_options"].get("patches_replace", {}).get(kind, {}).get(key)
+
+
+def _add_unet_injection(model, key: tuple, injection: LayerInjection) -> None:
+    existing = _existing_patch(model, "attn2", key)
+    if isinstance(existing, DecoupledAttention):
+        patch = existing.with_injection(injection)
+    else:   # no patch yet, or another pack's: keep it as the text attention
+        patch = DecoupledAttention(comfy_attention.optimized_attention, [injection], base=existing)
+    model.set_model_attn2_replace(patch, *key)
+
+
+# -- FLUX -----------------------------------------------------------------------------
+def record_flux_call(executor, x, timestep, context, *args, **kwargs):
+    """DIFFUSION_MODEL wrapper: remember the text length and latent size of this call."""
+    # executor arguments after context: y, guidance, ref_latents, control, transformer_options
+    options = args[4] if len(args) > 4 else kwargs.get("transformer_options")
+    if isinstance(options, dict):
+        options[FLUX_STATE] = {"txt_len": int(context.shape[1]), "latent_hw": tuple(x.shape[-2:])}
+    return executor(x, timestep, context, *args, **kwargs)
+
+
+class FluxBlockPatch:
+    """dit replace patch: runs the block with our attention override switched on for it."""
+
+    def __init__(self, injections: tuple[LayerInjection, ...], previous=None):
+        self.injections = injections
+        self.previous = previous
+
+    def with_injection(self, injection: LayerInjection) -> "FluxBlockPatch":
+        return FluxBlockPatch((*self.injections, injection), self.previous)
+
+    def __deepcopy__(self, memo) -> "FluxBlockPatch":
+        return FluxBlockPatch(self.injections, self.previous)
+
+    def to(self, device) -> "FluxBlockPatch":
+        return FluxBlockPatch(tuple(i.to(device) for i in self.injections), self.previous)
+
+    def __call__(self, args: dict, extra: dict) -> dict:
+        options = dict(args.get("transformer_options") or {})
+        options[FLUX_BLOCK] = self.injections
+        previous_override = options.get("optimized_attention_override")
+        options["optimized_attention_override"] = FluxAttentionOverride(previous_override)
+        args = {**args, "transformer_options": options}
+        if self.previous is not None:
+            return self.previous(args, extra)
+        return extra["original_block"](args)
+
+
+class FluxAttentionOverride:
+    def __init__(self, previous=None):
+        self.previous = previous
+
+    def __call__(self, func, q, k, v, heads, *args, **kwargs):
+        if self.previous is not None:
+            out = self.previous(func, q, k, v, heads, *args, **kwargs)
+        else:
+            out = func(q, k, v, heads, *args, **kwargs)
+        options = kwargs.get("transformer_options") or {}
+        injections = options.get(FLUX_BLOCK)
+        state = options.get(FLUX_STATE)
+        if not injections or state is None or q.ndim != 4:
+            return out
+        for injection in injections:
+            if injection.active(options.get("sigmas")):
+                out = add_identity_to_joint_attention(out, q, state["txt_len"], injection, func,
+                                                      options.get("cond_or_uncond") or (), state["latent_hw"])
+        return out
+
+
+def _add_flux_injection(model, key: tuple, injection: LayerInjection) -> None:
+    existing = _existing_patch(model, "dit", key)
+    if isinstance(existing, FluxBlockPatch):
+        patch = existing.with_injection(injection)
+    else:
+        patch = FluxBlockPatch((injection,), previous=existing)
+    model.set_model_patch_replace(patch, "dit", key[0], key[1])
