@@ -20,6 +20,10 @@ from ..encoders.embeds import IdentityEmbeds
 from .decoupled import COND, UNCOND
 from .image_proj import PROJECTIONS, build_projection, infer_h94_projection
 
+class AdapterFitError(ValueError):
+    """An adapter that does not fit the embeds or the model it is applied with."""
+
+
 ADAPTER_FORMAT = "omni_identity.adapter"
 ADAPTER_VERSION = 1
 FAMILIES = ("unet", "flux")
@@ -92,8 +96,8 @@ class IdentityAdapter(nn.Module):
                 if part in self.config.needs() and dim and embeds.tensors[part].shape[-1] != dim:
                     problem = f"its projection reads {part} features of width {dim}"
         if problem:
-            raise ValueError(f"adapter '{self.name}' ({self.config.describe()}) does not fit these embeds: "
-                             f"{problem}, but the embeds are {embeds.describe()}")
+            raise AdapterFitError(f"adapter '{self.name}' ({self.config.describe()}) does not fit these embeds: "
+                                  f"{problem}, but the embeds are {embeds.describe()}")
 
     def _clip_dim(self) -> Optional[int]:
         args = self.config.projection_args
@@ -218,3 +222,15 @@ def create_adapter(config: AdapterConfig, seed: Optional[int] = None, name: str 
         return IdentityAdapter(config, name).eval()
     finally:
         torch.random.set_rng_state(generator_state)
+
+
+def h94_state_dict(adapter: IdentityAdapter) -> dict[str, torch.Tensor]:
+    """The adapter in the h94 IP-Adapter key layout (``image_proj.*``, ``ip_adapter.N.to_k_ip``
+    with N = 1, 3, 5, ...: the cross-attention processors' indices in diffusers' order)."""
+    if adapter.config.projection == "none":
+        raise ValueError("the h94 layout needs an image projection; this adapter reads tokens directly")
+    state = {f"image_proj.{k}": v.detach().contiguous() for k, v in adapter.image_proj.state_dict().items()}
+    for i, layer in enumerate(adapter.layers):
+        state[f"ip_adapter.{2 * i + 1}.to_k_ip.weight"] = layer.to_k.weight.detach().contiguous()
+        state[f"ip_adapter.{2 * i + 1}.to_v_ip.weight"] = layer.to_v.weight.detach().contiguous()
+    return state

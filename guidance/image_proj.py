@@ -96,6 +96,8 @@ class FaceIDProjection(nn.Module):
 
 class FaceIDPlusProjection(FaceIDProjection):
     def __init__(self, id_dim, hidden, output_dim, num_tokens, dim, depth, heads, embedding_dim, ff_mult):
+        if dim != output_dim:
+            raise ValueError(f"FaceID Plus: the resampler width ({dim}) must equal the token width ({output_dim})")
         super().__init__(id_dim, hidden, output_dim, num_tokens)
         self.perceiver_resampler = PerceiverStack(dim, depth, heads, embedding_dim, output_dim, ff_mult)
 

@@ -4,10 +4,10 @@ from __future__ import annotations
 import folder_paths
 from comfy_api.latest import io
 
-from ..guidance.adapter import load_adapter
+from ..guidance.adapter import AdapterFitError, IdentityAdapter, load_adapter
 from ..guidance.decoupled import BlockWeights
 from .common import CATEGORY, IdentityAdapterType, IdentityEmbedsType, check_combos
-from .hosts import INJECT_MODES, apply_identity
+from .hosts import INJECT_MODES, apply_identity, fit_summary
 from .model_folders import model_files
 
 
@@ -84,12 +84,17 @@ class ApplyAdapter(io.ComfyNode):
     @classmethod
     def execute(cls, model, adapter, embeds, weight: float, start_at: float, end_at: float, attn_mask=None,
                 blocks: str = "all=1", flux_inject: str = "both", faceid_v2_scale: float = 1.0) -> io.NodeOutput:
-        tokens = adapter.identity_tokens(embeds, faceid_v2_scale)
+        if not isinstance(adapter, IdentityAdapter):
+            raise TypeError("adapter must come from 'Identity Adapter Loader (OmniIdentity)'")
         mask = None
         if attn_mask is not None:
             mask = attn_mask if attn_mask.ndim == 3 else attn_mask[None]
-        patched = apply_identity(model, adapter, tokens, weight, start_at, end_at, mask=mask,
-                                 blocks=BlockWeights.parse(blocks), inject=flux_inject)
+        try:
+            tokens = adapter.identity_tokens(embeds, faceid_v2_scale)
+            patched = apply_identity(model, adapter, tokens, weight, start_at, end_at, mask=mask,
+                                     blocks=BlockWeights.parse(blocks), inject=flux_inject)
+        except AdapterFitError as exc:
+            raise AdapterFitError(f"{exc}\n{fit_summary(adapter, embeds, model)}") from exc
         return io.NodeOutput(patched)
 
 

@@ -17,7 +17,7 @@ import comfy.patcher_extension
 import torch
 from comfy.ldm.modules.attention import SpatialTransformer
 
-from ..guidance.adapter import IdentityAdapter
+from ..guidance.adapter import AdapterFitError, IdentityAdapter
 from ..guidance.decoupled import (BlockWeights, DecoupledAttention, LayerInjection,
                                   add_identity_to_joint_attention)
 
@@ -75,10 +75,22 @@ def check_fit(adapter: IdentityAdapter, model, layers: list[HostLayer]) -> None:
     family = "flux" if is_flux(model) else "unet"
     dims = [layer.inner_dim for layer in layers]
     if adapter.config.family != family or tuple(dims) != adapter.config.layer_dims:
-        raise ValueError(
+        raise AdapterFitError(
             f"adapter '{adapter.name}' ({adapter.config.describe()}, layer widths "
             f"{_summary(adapter.config.layer_dims)}) does not fit the model {model_description(model)}, which has "
             f"{len(dims)} {family} attention layers of widths {_summary(dims)}. Use an adapter made for this base model.")
+
+
+def fit_summary(adapter: IdentityAdapter, embeds, model) -> str:
+    """The three things that must fit, one line each, for error messages."""
+    try:
+        layers = host_layers(model)
+        model_line = (f"{model_description(model)}: {len(layers)} {'flux' if is_flux(model) else 'unet'} "
+                      f"attention layers of widths {_summary([layer.inner_dim for layer in layers])}")
+    except Exception:   # a model this pack cannot inject into at all
+        model_line = f"{model_description(model)}: no UNet cross-attention or FLUX blocks found"
+    return (f"  adapter: '{adapter.name}', {adapter.config.describe()}, layer widths "
+            f"{_summary(adapter.config.layer_dims)}\n  embeds: {embeds.describe()}\n  model: {model_line}")
 
 
 def _summary(dims) -> str:

@@ -162,6 +162,19 @@ TEST_ENCODERS = {
                                                  cross_depth=1, self_depth=1, mlp_ratio=1.0),
 }
 TEST_ARCFACE_ONNX = "models/omniid_test/random_arcface.onnx"   # under models/insightface/
+TINY_UNET_ATTN2_DIMS = (320, 320, 320, 320)   # tests/comfy/tiny_models.py's UNet: input 1, output 0-1, middle
+TEST_ADAPTERS = {
+    "omniid_tiny_sd15_omni.safetensors": dict(projection="none", token_dim=1280),
+    "omniid_tiny_sd15_plus_h94.safetensors": dict(
+        projection="plus", token_dim=768, projection_args=dict(dim=64, depth=1, heads=1, embedding_dim=1280,
+                                                               output_dim=768, ff_mult=2, num_queries=4)),
+    "omniid_tiny_sd15_faceid_plusv2_h94.safetensors": dict(
+        projection="faceid_plusv2", token_dim=768, projection_args=dict(
+            id_dim=512, hidden=64, output_dim=768, num_tokens=4, dim=768, depth=1, heads=12, embedding_dim=1280,
+            ff_mult=1)),
+    # made for another UNet: the fit check must name adapter, embeds and model
+    "omniid_tiny_other_unet.safetensors": dict(projection="none", token_dim=1280, layer_dims=(640, 640, 1280)),
+}
 
 
 def pack_test_models() -> Path:
@@ -172,7 +185,8 @@ def pack_test_models() -> Path:
     """
     import hashlib
 
-    key = hashlib.sha1(json.dumps(TEST_ENCODERS, sort_keys=True).encode()).hexdigest()[:10]
+    key = hashlib.sha1(json.dumps([TEST_ENCODERS, TEST_ADAPTERS, TINY_UNET_ATTN2_DIMS],
+                                  sort_keys=True).encode()).hexdigest()[:10]
     target = cache_dir() / "pack_models" / key
     if (target / "done").is_file():
         return target
@@ -186,6 +200,18 @@ def pack_test_models() -> Path:
         save_encoder(create_encoder(EncoderConfig(**config), seed=seed), str(staging / "omni_identity" / name),
                      extra={"note": "random weights for tests"})
     random_arcface_onnx(staging / "insightface" / TEST_ARCFACE_ONNX)
+    from omni_identity.guidance.adapter import AdapterConfig, create_adapter, h94_state_dict, save_adapter
+    from safetensors.torch import save_file
+    for seed, (name, spec) in enumerate(TEST_ADAPTERS.items()):
+        source = "omni_identity" if spec["projection"] == "none" else "h94"
+        spec = {"layer_dims": TINY_UNET_ATTN2_DIMS, **spec}
+        adapter = create_adapter(AdapterConfig(family="unet", source=source, **spec), seed=100 + seed)
+        path = staging / "ipadapter" / name
+        path.parent.mkdir(parents=True, exist_ok=True)
+        if source == "h94":
+            save_file(h94_state_dict(adapter), str(path))
+        else:
+            save_adapter(adapter, str(path), extra={"note": "random weights for tests"})
     (staging / "done").write_text("ok")
     shutil.rmtree(target, ignore_errors=True)
     target.parent.mkdir(parents=True, exist_ok=True)

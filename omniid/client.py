@@ -68,6 +68,13 @@ class RunResult:
     def outputs(self) -> dict:
         return self.history.get("outputs", {})
 
+    def cached_nodes(self) -> set[str]:
+        """Nodes whose outputs came from ComfyUI's cache instead of running."""
+        for kind, data in self.history.get("status", {}).get("messages", []):
+            if kind == "execution_cached":
+                return {str(n) for n in data.get("nodes", [])}
+        return set()
+
     def files(self) -> list[dict]:
         """Every file an output node reported: node, filename, subfolder, type."""
         found = []
@@ -124,6 +131,11 @@ class ComfyClient:
 
     def interrupt(self) -> None:
         self.post_json("/interrupt", {})
+
+    def free(self, unload_models: bool = True, reset_cache: bool = True, settle: float = 1.0) -> None:
+        """Ask ComfyUI to unload models and drop its cache of node outputs (applied between prompts)."""
+        self.post_json("/free", {"unload_models": unload_models, "free_memory": reset_cache})
+        time.sleep(settle)
 
     def queue_prompt(self, prompt: dict) -> str:
         status, body = self.post_json("/prompt", {"prompt": prompt, "client_id": self.client_id})

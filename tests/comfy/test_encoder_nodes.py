@@ -5,31 +5,10 @@ from safetensors import safe_open
 
 from omniid.assets import TEST_ARCFACE_ONNX
 from omniid.client import ExecutionFailed
+from omniid.graph import Graph
 
 CLIP = "omniid_random_clip_vit_h.safetensors"
 OMNI = "omniid_tiny_omni_id.safetensors"
-
-
-class Graph:
-    """A tiny builder for API prompts."""
-
-    def __init__(self):
-        self.nodes = {}
-
-    def add(self, class_type, **inputs):
-        node_id = str(len(self.nodes) + 1)
-        self.nodes[node_id] = {"class_type": class_type, "inputs": inputs}
-        return node_id
-
-    def out(self, node_id, index=0):
-        return [node_id, index]
-
-    def photos(self, *names):
-        """LoadImage each photo and batch them (all are 512 x 512, so nothing is resized)."""
-        batch = self.out(self.add("LoadImage", image=names[0]))
-        for name in names[1:]:
-            batch = self.out(self.add("ImageBatch", image1=batch, image2=self.out(self.add("LoadImage", image=name))))
-        return batch
 
 
 def shared(graph, arcface_model="none"):
@@ -125,7 +104,8 @@ def test_baselines(comfy, comfy_server):
     g.add("OmniIdentitySaveEmbeds", embeds=g.out(both), filename_prefix="base/arcface_clip")
     comfy.run(g.nodes, timeout=600)
     clip_t, _, _ = read_embeds(comfy_server, "base/clip")
-    assert set(clip_t) == {"clip"} and clip_t["clip"].shape == (3, 257, 1280)
+    assert set(clip_t) == {"clip", "clip_uncond"} and clip_t["clip"].shape == (3, 257, 1280)
+    assert clip_t["clip_uncond"].shape == (1, 257, 1280)
     arc_t, _, _ = read_embeds(comfy_server, "base/arcface")
     assert arc_t["arcface"].shape == (3, 512) and arc_t["tokens"].shape == (3 * 16, 1280)
     both_t, _, _ = read_embeds(comfy_server, "base/arcface_clip")

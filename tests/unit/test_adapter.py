@@ -7,7 +7,8 @@ from safetensors.torch import save_file
 
 from omni_identity.encoders.checkpoint import CheckpointError
 from omni_identity.encoders.embeds import IdentityEmbeds
-from omni_identity.guidance.adapter import AdapterConfig, create_adapter, load_adapter, save_adapter
+from omni_identity.guidance.adapter import (AdapterConfig, create_adapter, h94_state_dict, load_adapter,
+                                            save_adapter)
 from omni_identity.guidance.decoupled import COND, UNCOND
 from omni_identity.guidance.image_proj import PerceiverAttention, build_projection
 
@@ -53,6 +54,7 @@ def test_own_format_round_trip_and_tokens(tmp_path):
 
 
 def h94_state(adapter):
+    """The h94 layout spelled out independently of the library's exporter."""
     state = {f"image_proj.{k}": v for k, v in adapter.image_proj.state_dict().items()}
     for i, layer in enumerate(adapter.layers):
         state[f"ip_adapter.{2 * i + 1}.to_k_ip.weight"] = layer.to_k.weight.detach().clone()
@@ -66,7 +68,10 @@ def test_h94_layouts_are_recognised_and_reproduce_the_projection(tmp_path, kind)
                            projection_args=PROJECTION_ARGS[kind], source="h94")
     reference = create_adapter(config, seed=3)
     path = tmp_path / f"ip-adapter-{kind}.safetensors"
-    save_file({k: v.contiguous() for k, v in h94_state(reference).items()}, str(path))
+    spelled_out = h94_state(reference)
+    exported = h94_state_dict(reference)
+    assert exported.keys() == spelled_out.keys() and all(torch.equal(exported[k], spelled_out[k]) for k in exported)
+    save_file({k: v.contiguous() for k, v in spelled_out.items()}, str(path))
     loaded = load_adapter(str(path), "h94")
     assert loaded.config.projection == kind and loaded.config.source == "h94"
     assert loaded.config.projection_args == PROJECTION_ARGS[kind] and loaded.config.layer_dims == DIMS

@@ -1,0 +1,121 @@
+"""FLUX identity injection, in process: run with the Python that runs ComfyUI.
+
+    python tests/comfy/flux_inprocess.py --comfyui /opt/ComfyUI
+
+Builds ComfyUI's FLUX model (comfy.supported_models.Flux) with a small config and random
+weights, samples with ComfyUI's own sampler (CFG, so both branches run), and prints one
+JSON line of facts that tests/comfy/test_flux_adapter.py asserts.
+"""
+from __future__ import annotations
+
+import argparse
+import importlib.util
+import json
+import sys
+from pathlib import Path
+
+PACK_ROOT = Path(__file__).resolve().parents[2]
+FLUX_CONFIG = {"image_model": "flux", "in_channels": 16, "out_channels": 16, "vec_in_dim": 32, "context_in_dim": 48,
+               "hidden_size": 64, "mlp_ratio": 2.0, "num_heads": 4, "depth": 2, "depth_single_blocks": 2,
+               "axes_dim": [4, 6, 6], "theta": 10000, "patch_size": 2, "qkv_bias": True, "guidance_embed": False}
+
+
+def import_tooling():
+    spec = importlib.util.spec_from_file_location("omniid", PACK_ROOT / "omniid" / "__init__.py",
+                                                  submodule_search_locations=[str(PACK_ROOT / "omniid")])
+    module = importlib.util.module_from_spec(spec)
+    sys.modules["omniid"] = module
+    spec.loader.exec_module(module)
+    from omniid.pack import import_pack
+    import_pack()
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser()
+    parser.add_argument("--comfyui", required=True)
+    args = parser.parse_args()
+    sys.path.insert(0, str(Path(args.comfyui).resolve()))
+    sys.argv = sys.argv[:1]
+    import comfy.cli_args
+    comfy.cli_args.args.cpu = True
+    import torch
+    import comfy.model_patcher
+    import comfy.sample
+    import comfy.supported_models
+
+    import_tooling()
+    from omni_identity.encoders.embeds import IdentityEmbeds
+    from omni_identity.guidance.adapter import AdapterConfig, create_adapter
+    from omni_identity.guidance.decoupled import BlockWeights
+    from omni_identity.nodes.hosts import apply_identity, flux_layers
+
+    torch.manual_seed(0)
+    model_config = comfy.supported_models.Flux(dict(FLUX_CONFIG))
+    model_config.set_inference_dtype(torch.float32, None)
+    base = model_config.get_model({})
+    generator = torch.Generator().manual_seed(1)
+    with torch.no_grad():
+        for name, param in base.diffusion_model.named_parameters():
+            if param.ndim >= 2:
+                param.copy_(torch.randn(param.shape, generator=generator) * param[0].numel() ** -0.5)
+            else:
+                param.copy_(torch.ones_like(param) if "norm" in name or "scale" in name else torch.zeros_like(param))
+    cpu = torch.device("cpu")
+    model = comfy.model_patcher.ModelPatcher(base, load_device=cpu, offload_device=cpu)
+
+    layers = flux_layers(model)
+    adapter = create_adapter(AdapterConfig(family="flux", token_dim=16, layer_dims=tuple(l.inner_dim for l in layers)),
+                             seed=2, name="tiny_flux_adapter")
+    other = create_adapter(adapter.config, seed=3, name="second_flux_adapter")
+    with torch.no_grad():
+        for layer in (*adapter.layers, *other.layers):
+            layer.to_v.weight.mul_(20.0)          # a visible effect from random weights in few steps
+    embeds = IdentityEmbeds("omni_id", {"tokens": torch.randn(8, 16, generator=generator)}, {"num_images": 1})
+    tokens, tokens2 = adapter.identity_tokens(embeds), other.identity_tokens(embeds)
+    context = torch.randn(1, 7, 48, generator=generator)
+    pooled = torch.randn(1, 32, generator=generator)
+    positive = [[context, {"pooled_output": pooled}]]
+    negative = [[torch.zeros_like(context), {"pooled_output": torch.zeros_like(pooled)}]]
+    latent = torch.zeros(1, 16, 10, 14)
+    noise = torch.randn(latent.shape, generator=torch.Generator().manual_seed(4))
+
+    def run(m):
+        return comfy.sample.sample(m, noise, 3, 2.0, "euler", "simple", positive, negative, latent,
+                                   disable_pbar=True, seed=4)
+
+    def patched(weight=1.0, **options):
+        return apply_identity(model, adapter, tokens, weight, 0.0, 1.0, **options)
+
+    plain = run(model)
+    both = run(patched())
+    zero = run(patched(0.0))
+    double = run(patched(inject="double"))
+    single = run(patched(inject="single"))
+    masked_out = run(patched(mask=torch.zeros(1, 80, 112)))
+    no_blocks = run(patched(blocks=BlockWeights.parse("all=0")))
+    chained = run(apply_identity(patched(), other, tokens2, 1.0, 0.0, 1.0))
+    second_alone = run(apply_identity(model, other, tokens2, 1.0, 0.0, 1.0))
+    plain_after = run(model)
+
+    def differs(a, b):
+        return float((a - b).abs().max())
+
+    facts = {
+        "layers": [list(l.key) for l in layers],
+        "both_vs_plain": differs(both, plain),
+        "zero_equal": bool(torch.equal(zero, plain)),
+        "double_vs_plain": differs(double, plain),
+        "single_vs_plain": differs(single, plain),
+        "double_vs_single": differs(double, single),
+        "masked_out_equal": bool(torch.equal(masked_out, plain)),
+        "no_blocks_equal": bool(torch.equal(no_blocks, plain)),
+        "chained_vs_first": differs(chained, both),
+        "chained_vs_second": differs(chained, second_alone),
+        "plain_after_equal": bool(torch.equal(plain_after, plain)),
+        "finite": bool(torch.isfinite(both).all()),
+    }
+    print(json.dumps(facts))
+
+
+if __name__ == "__main__":
+    main()

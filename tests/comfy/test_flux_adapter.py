@@ -1,0 +1,36 @@
+"""FLUX identity injection through ComfyUI's dit patches, in process with a small FLUX config."""
+import json
+import subprocess
+from pathlib import Path
+
+import pytest
+
+from omniid.comfy_server import comfyui_python
+
+SCRIPT = Path(__file__).with_name("flux_inprocess.py")
+
+
+@pytest.fixture(scope="module")
+def facts(comfyui):
+    done = subprocess.run([comfyui_python(comfyui), str(SCRIPT), "--comfyui", str(comfyui)],
+                          capture_output=True, text=True, timeout=600)
+    assert done.returncode == 0, done.stderr[-4000:]
+    return json.loads(done.stdout.strip().splitlines()[-1])
+
+
+def test_every_double_and_single_block_is_a_layer(facts):
+    assert facts["layers"] == [["double_block", 0], ["double_block", 1], ["single_block", 0], ["single_block", 1]]
+
+
+def test_identity_changes_sampling_and_weight_zero_does_not(facts):
+    assert facts["finite"] and facts["both_vs_plain"] > 1e-3
+    assert facts["zero_equal"] and facts["masked_out_equal"] and facts["no_blocks_equal"]
+
+
+def test_mm_dit_only_dit_only_and_both(facts):
+    assert facts["double_vs_plain"] > 1e-3 and facts["single_vs_plain"] > 1e-3 and facts["double_vs_single"] > 1e-3
+
+
+def test_two_adapters_chain_and_the_model_stays_clean(facts):
+    assert facts["chained_vs_first"] > 1e-3 and facts["chained_vs_second"] > 1e-3
+    assert facts["plain_after_equal"]
