@@ -47,15 +47,11 @@ def test_serve_starts_comfyui_with_the_pack_and_stops_on_sigterm(comfyui, tmp_pa
     client = ComfyClient(f"http://127.0.0.1:{port}", timeout=5)
     try:
         deadline = time.monotonic() + 180
-        while True:
-            try:
-                if "OmniIdentityFaceCrop" in client.object_info():
-                    break
-            except ComfyClientError:
-                pass
+        while "is serving on" not in log_path.read_text():       # the CLI's own readiness line
             assert process.poll() is None, log_path.read_text()
             assert time.monotonic() < deadline, f"serve did not come up:\n{log_path.read_text()}"
             time.sleep(1)
+        assert "OmniIdentityFaceCrop" in client.object_info()
         assert (base / "models" / "omni_identity").is_dir()
         assert (base / "custom_nodes" / "ComfyUI-OmniIdentity").resolve() == PACK_ROOT
     finally:

@@ -1,4 +1,5 @@
-"""FLUX identity injection through ComfyUI's dit patches, in process with a small FLUX config."""
+"""In process with ComfyUI's model classes: FLUX injection through dit patches (small FLUX config)
+and the cross-attention layouts of the real SD1.5 and SDXL UNets."""
 import json
 import subprocess
 from pathlib import Path
@@ -7,7 +8,7 @@ import pytest
 
 from omniid.comfy_server import comfyui_python
 
-SCRIPT = Path(__file__).with_name("flux_inprocess.py")
+SCRIPT = Path(__file__).with_name("inprocess.py")
 
 
 @pytest.fixture(scope="module")
@@ -34,3 +35,12 @@ def test_mm_dit_only_dit_only_and_both(facts):
 def test_two_adapters_chain_and_the_model_stays_clean(facts):
     assert facts["chained_vs_first"] > 1e-3 and facts["chained_vs_second"] > 1e-3
     assert facts["plain_after_equal"]
+
+
+def test_real_unet_layouts_match_the_h94_numbering(facts):
+    """h94 SD1.5 checkpoints have ip_adapter.1 ... .31 (16 layers), SDXL ones .1 ... .139 (70), in
+    diffusers' order: down blocks, up blocks, middle."""
+    sd15, sdxl = facts["unet_layers"]["sd15"], facts["unet_layers"]["sdxl"]
+    assert sd15 == [320, 320, 640, 640, 1280, 1280, 1280, 1280, 1280, 640, 640, 640, 320, 320, 320, 1280]
+    assert len(sdxl) == 70
+    assert sdxl == [640] * 4 + [1280] * 20 + [1280] * 30 + [640] * 6 + [1280] * 10

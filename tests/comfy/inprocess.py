@@ -1,10 +1,13 @@
-"""FLUX identity injection, in process: run with the Python that runs ComfyUI.
+"""Checks that need ComfyUI's model classes in process: run with the Python that runs ComfyUI.
 
-    python tests/comfy/flux_inprocess.py --comfyui /opt/ComfyUI
+    python tests/comfy/inprocess.py --comfyui /opt/ComfyUI
 
-Builds ComfyUI's FLUX model (comfy.supported_models.Flux) with a small config and random
-weights, samples with ComfyUI's own sampler (CFG, so both branches run), and prints one
-JSON line of facts that tests/comfy/test_flux_adapter.py asserts.
+- FLUX: ComfyUI's FLUX model (comfy.supported_models.Flux) with a small config and random
+  weights, sampled with ComfyUI's own sampler (CFG, so both branches run), plain and with
+  identity adapters;
+- UNet layouts: the cross-attention layers the adapter host finds in the real SD1.5 and
+  SDXL UNets (built on the meta device), which h94 checkpoints number 1, 3, 5, ...
+Prints one JSON line of facts that tests/comfy/test_inprocess.py asserts.
 """
 from __future__ import annotations
 
@@ -18,6 +21,31 @@ PACK_ROOT = Path(__file__).resolve().parents[2]
 FLUX_CONFIG = {"image_model": "flux", "in_channels": 16, "out_channels": 16, "vec_in_dim": 32, "context_in_dim": 48,
                "hidden_size": 64, "mlp_ratio": 2.0, "num_heads": 4, "depth": 2, "depth_single_blocks": 2,
                "axes_dim": [4, 6, 6], "theta": 10000, "patch_size": 2, "qkv_bias": True, "guidance_embed": False}
+
+
+SD15_UNET = dict(image_size=32, in_channels=4, out_channels=4, model_channels=320, num_res_blocks=[2, 2, 2, 2],
+                 channel_mult=[1, 2, 4, 4], num_heads=8, use_spatial_transformer=True,
+                 transformer_depth=[1, 1, 1, 1, 1, 1, 0, 0], transformer_depth_output=[1, 1, 1, 1, 1, 1, 1, 1, 1, 0, 0, 0],
+                 transformer_depth_middle=1, context_dim=768, use_linear_in_transformer=False, legacy=False)
+SDXL_UNET = dict(image_size=32, in_channels=4, out_channels=4, model_channels=320, num_res_blocks=[2, 2, 2], channel_mult=[1, 2, 4],
+                 num_head_channels=64, use_spatial_transformer=True, transformer_depth=[0, 0, 2, 2, 10, 10],
+                 transformer_depth_output=[0, 0, 0, 2, 2, 2, 10, 10, 10], transformer_depth_middle=10,
+                 context_dim=2048, use_linear_in_transformer=True, legacy=False, adm_in_channels=2816,
+                 num_classes="sequential")
+
+
+class MetaUNet:
+    """A stand-in ModelPatcher holding a full-size UNet on the meta device (no memory used)."""
+
+    def __init__(self, config):
+        import torch
+        import comfy.ops
+        from comfy.ldm.modules.diffusionmodules.openaimodel import UNetModel
+        with torch.device("meta"):
+            self.unet = UNetModel(**config, operations=comfy.ops.disable_weight_init)
+
+    def get_model_object(self, name):
+        return self.unet
 
 
 def import_tooling():
@@ -47,7 +75,7 @@ def main() -> None:
     from omni_identity.encoders.embeds import IdentityEmbeds
     from omni_identity.guidance.adapter import AdapterConfig, create_adapter
     from omni_identity.guidance.decoupled import BlockWeights
-    from omni_identity.nodes.hosts import apply_identity, flux_layers
+    from omni_identity.nodes.hosts import apply_identity, flux_layers, unet_layers
 
     torch.manual_seed(0)
     model_config = comfy.supported_models.Flux(dict(FLUX_CONFIG))
@@ -113,6 +141,8 @@ def main() -> None:
         "chained_vs_second": differs(chained, second_alone),
         "plain_after_equal": bool(torch.equal(plain_after, plain)),
         "finite": bool(torch.isfinite(both).all()),
+        "unet_layers": {name: [l.inner_dim for l in unet_layers(MetaUNet(config))]
+                        for name, config in (("sd15", SD15_UNET), ("sdxl", SDXL_UNET))},
     }
     print(json.dumps(facts))
 
