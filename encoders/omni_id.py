@@ -259,12 +259,10 @@ def _masked_mean(values: torch.Tensor, counts: list[int]) -> torch.Tensor:
 
 
 def create_encoder(config: EncoderConfig, seed: Optional[int] = None) -> IdentityEncoder:
-    """A randomly initialised encoder (the starting point of training)."""
+    """A randomly initialised encoder (the starting point of training); ``seed`` leaves the
+    global random state as it was."""
     if seed is None:
         return IdentityEncoder(config)
-    state = torch.random.get_rng_state()
-    try:
+    with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)
         return IdentityEncoder(config)
-    finally:
-        torch.random.set_rng_state(state)

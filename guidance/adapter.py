@@ -215,13 +215,11 @@ def _assemble(config: AdapterConfig, tensors: dict, path: str, name: str) -> Ide
 
 def create_adapter(config: AdapterConfig, seed: Optional[int] = None, name: str = "") -> IdentityAdapter:
     """A randomly initialised adapter (training starts here; tests use it)."""
-    generator_state = torch.random.get_rng_state()
-    try:
-        if seed is not None:
-            torch.manual_seed(seed)
+    if seed is None:
         return IdentityAdapter(config, name).eval()
-    finally:
-        torch.random.set_rng_state(generator_state)
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        return IdentityAdapter(config, name).eval()
 
 
 def h94_state_dict(adapter: IdentityAdapter) -> dict[str, torch.Tensor]:
