@@ -20,6 +20,7 @@ from comfy.ldm.modules.attention import SpatialTransformer
 from ..guidance.adapter import AdapterFitError, IdentityAdapter
 from ..guidance.decoupled import (BlockWeights, DecoupledAttention, LayerInjection,
                                   add_identity_to_joint_attention)
+from ..guidance.infinite_id import STREAMS_KEY, STYLE_KEY, AdaINSettings, MixedSelfAttention, StreamCrossAttention
 
 FLUX_STATE = "omni_identity_flux"          # per model call: text length, latent size
 FLUX_BLOCK = "omni_identity_flux_block"    # per block: the injections to add
@@ -209,3 +210,74 @@ def _add_flux_injection(model, key: tuple, injection: LayerInjection) -> None:
     else:
         patch = FluxBlockPatch((injection,), previous=existing)
     model.set_model_patch_replace(patch, "dit", key[0], key[1])
+
+
+# -- Infinite-ID: two streams in one batched call ---------------------------------------
+def _duplicate(value, batch: int):
+    if torch.is_tensor(value) and value.ndim > 0 and value.shape[0] == batch:
+        return torch.cat([value, value])
+    if isinstance(value, dict):
+        return {k: _duplicate(v, batch) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return type(value)(_duplicate(v, batch) for v in value)
+    return value
+
+
+def run_two_streams(executor, x, *args, **kwargs):
+    """DIFFUSION_MODEL wrapper: [identity stream; text stream] in one call, identity half out.
+
+    Executor arguments after x: timesteps, context, y, control, transformer_options.
+    Every batch-sized input (timesteps, context, y, ControlNet residuals) is repeated;
+    transformer_options learn where the identity stream ends.
+    """
+    batch = x.shape[0]
+    args = list(args)
+    options = args[4] if len(args) > 4 else kwargs.get("transformer_options", {})
+    doubled = dict(options)
+    doubled[STREAMS_KEY] = batch
+    doubled["cond_or_uncond"] = list(options.get("cond_or_uncond") or []) * 2
+    args = [_duplicate(a, batch) for a in args[:4]] + [doubled] + args[5:]
+    if "transformer_options" in kwargs:
+        kwargs["transformer_options"] = doubled
+    kwargs = {k: (v if k == "transformer_options" else _duplicate(v, batch)) for k, v in kwargs.items()}
+    return executor(torch.cat([x, x]), *args, **kwargs)[:batch]
+
+
+def apply_mixed_attention(model, adapter: IdentityAdapter, tokens: dict, weight: float, start_at: float,
+                          end_at: float, mask: Optional[torch.Tensor] = None, blocks: BlockWeights = BlockWeights()):
+    """A clone running Infinite-ID's two streams: mixed self-attention and merged cross-attention."""
+    if is_flux(model):
+        raise ValueError("Mixed attention (Infinite-ID) works on UNet models (SD1.5, SDXL); this model is "
+                         f"{model_description(model)}")
+    layers = unet_layers(model)
+    check_fit(adapter, model, layers)
+    sigma_start, sigma_end = sigma_window(model, start_at, end_at)
+    patched = model.clone()
+    for index, layer in enumerate(layers):
+        layer_weight = weight * blocks.weight(layer.group, layer.number)
+        injections = []
+        if layer_weight != 0.0:
+            keys, values = adapter.layer_kv(index, tokens)
+            injections.append(LayerInjection(keys, values, layer_weight, sigma_start, sigma_end, mask))
+        attention = comfy_attention.optimized_attention
+        patched.set_model_attn1_replace(MixedSelfAttention(attention, base=_existing_patch(patched, "attn1", layer.key)),
+                                        *layer.key)
+        patched.set_model_attn2_replace(
+            StreamCrossAttention(attention, injections, base=_existing_patch(patched, "attn2", layer.key)), *layer.key)
+    patched.remove_wrappers_with_key(comfy.patcher_extension.WrappersMP.DIFFUSION_MODEL, STREAMS_KEY)
+    patched.add_wrapper_with_key(comfy.patcher_extension.WrappersMP.DIFFUSION_MODEL, STREAMS_KEY, run_two_streams)
+    return patched
+
+
+def has_two_streams(model) -> bool:
+    return bool(model.get_wrappers(comfy.patcher_extension.WrappersMP.DIFFUSION_MODEL, STREAMS_KEY))
+
+
+def set_adain(model, settings: AdaINSettings):
+    """A clone whose identity stream is AdaIN-aligned to the text stream with ``settings``."""
+    if not has_two_streams(model):
+        raise ValueError("AdaIN-mean aligns the identity stream to the text stream of Infinite-ID: connect this "
+                         "node after 'Mixed Attention (OmniIdentity)'")
+    patched = model.clone()
+    patched.model_options["transformer_options"][STYLE_KEY] = settings
+    return patched

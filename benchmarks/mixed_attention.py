@@ -1,0 +1,53 @@
+"""Infinite-ID mixed attention: sampling time and peak memory over plain sampling, same model, same run.
+
+ComfyUI's SD1.5 UNet (random weights) sampled with ComfyUI's sampler (euler, CFG) plain and
+with Mixed Attention + AdaIN-mean (identity and text streams in one batched call; the
+identity stream's self-attention also attends to the text stream's keys/values; a
+256-token identity adapter on every cross-attention layer). Two streams make 2.0 the
+floor; the goal is <= 2.05. Needs ComfyUI (re-runs itself with $COMFYUI_PATH's Python).
+
+    .venv/bin/python benchmarks/mixed_attention.py            # 512 x 512, 8 steps, 3 repeats
+    .venv/bin/python benchmarks/mixed_attention.py --quick    # 192 x 192, 2 steps, under a minute
+
+Last line: RESULT {json}.
+"""
+from __future__ import annotations
+
+import argparse
+
+import sd15_harness as harness
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--quick", action="store_true")
+    parser.add_argument("--size", type=int)
+    parser.add_argument("--steps", type=int)
+    parser.add_argument("--repeats", type=int)
+    args = parser.parse_args()
+    size = args.size or (192 if args.quick else 512)
+    steps = args.steps or (2 if args.quick else 8)
+    repeats = args.repeats or (2 if args.quick else 3)
+
+    torch = harness.setup_comfyui()
+    from omni_identity.encoders.embeds import IdentityEmbeds
+    from omni_identity.guidance.adapter import AdapterConfig, create_adapter
+    from omni_identity.guidance.infinite_id import AdaINSettings
+    from omni_identity.nodes.hosts import apply_mixed_attention, set_adain, unet_layers
+
+    model, sample, device = harness.build_sd15(torch, size)
+    layers = unet_layers(model)
+    adapter = create_adapter(AdapterConfig(family="unet", token_dim=1280, layer_dims=tuple(l.inner_dim for l in layers)),
+                             seed=1)
+    tokens = torch.randn(256, 1280, generator=torch.Generator().manual_seed(3))
+    embeds = IdentityEmbeds("omni_id", {"tokens": tokens}, {"num_images": 1})
+    two_streams = set_adain(apply_mixed_attention(model, adapter, adapter.identity_tokens(embeds), 1.0, 0.0, 1.0),
+                            AdaINSettings(1.0))
+    print(f"SD1.5 UNet ({len(layers)} transformer blocks), {size} x {size}, {steps} euler steps with CFG; "
+          f"plain vs Mixed Attention + AdaIN-mean; device {device}, {torch.get_num_threads()} threads", flush=True)
+    result = harness.compare(sample, model, two_streams, steps, repeats, device, names=("plain", "mixed"))
+    harness.report(result, 2.05, {"size": size, "steps": steps, "device": str(device), "quick": args.quick})
+
+
+if __name__ == "__main__":
+    main()

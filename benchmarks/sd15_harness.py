@@ -1,0 +1,143 @@
+"""Shared harness of the sampling benchmarks: ComfyUI's SD1.5 UNet with random weights,
+sampled with ComfyUI's own sampler, a baseline and a variant alternating in one run."""
+from __future__ import annotations
+
+import importlib.util
+import json
+import os
+import statistics
+import subprocess
+import sys
+import threading
+import time
+from pathlib import Path
+
+PACK_ROOT = Path(__file__).resolve().parent.parent
+SD15_UNET = {"use_checkpoint": False, "image_size": 32, "out_channels": 4, "use_spatial_transformer": True,
+             "legacy": False, "adm_in_channels": None, "in_channels": 4, "model_channels": 320,
+             "num_res_blocks": [2, 2, 2, 2], "transformer_depth": [1, 1, 1, 1, 1, 1, 0, 0],
+             "channel_mult": [1, 2, 4, 4], "transformer_depth_middle": 1, "use_linear_in_transformer": False,
+             "context_dim": 768, "num_heads": 8, "transformer_depth_output": [1, 1, 1, 1, 1, 1, 1, 1, 1, 0, 0, 0],
+             "use_temporal_attention": False, "use_temporal_resblock": False}
+
+
+def ensure_comfyui() -> Path:
+    """ComfyUI on sys.path, re-running this script with ComfyUI's Python when needed."""
+    spec = importlib.util.spec_from_file_location("omniid", PACK_ROOT / "omniid" / "__init__.py",
+                                                  submodule_search_locations=[str(PACK_ROOT / "omniid")])
+    module = importlib.util.module_from_spec(spec)
+    sys.modules["omniid"] = module
+    spec.loader.exec_module(module)
+    from omniid.comfy_server import comfyui_python, find_comfyui
+    comfyui = find_comfyui()
+    if comfyui is None:
+        sys.exit("ComfyUI not found: set COMFYUI_PATH")
+    python = comfyui_python(comfyui)
+    if os.path.realpath(sys.prefix) != os.path.realpath(
+            subprocess.run([python, "-c", "import sys; print(sys.prefix)"], capture_output=True, text=True).stdout.strip()):
+        os.execv(python, [python, *sys.argv])
+    sys.path.insert(0, str(comfyui))
+    return comfyui
+
+
+class PeakMemory:
+    """Peak memory while inside the block: CUDA allocator peak, or sampled process RSS."""
+
+    def __init__(self, device):
+        self.device, self.peak, self._stop = device, 0, threading.Event()
+
+    @staticmethod
+    def rss() -> int:
+        with open("/proc/self/statm") as handle:
+            return int(handle.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
+
+    def _watch(self):
+        while not self._stop.is_set():
+            self.peak = max(self.peak, self.rss())
+            time.sleep(0.002)
+
+    def __enter__(self):
+        import torch
+        if self.device.type == "cuda":
+            torch.cuda.synchronize()
+            torch.cuda.reset_peak_memory_stats()
+        else:
+            self.peak = self.rss()
+            self._thread = threading.Thread(target=self._watch, daemon=True)
+            self._thread.start()
+        return self
+
+    def __exit__(self, *exc):
+        import torch
+        if self.device.type == "cuda":
+            torch.cuda.synchronize()
+            self.peak = torch.cuda.max_memory_allocated()
+        else:
+            self._stop.set()
+            self._thread.join()
+
+
+
+def build_sd15(torch, size: int):
+    """(ModelPatcher of a random-weight SD1.5 UNet, sample(model) function, device)."""
+    import comfy.model_management as mm
+    import comfy.model_patcher
+    import comfy.sample
+    import comfy.supported_models
+    device = mm.get_torch_device()
+    config = comfy.supported_models.SD15(dict(SD15_UNET))
+    config.set_inference_dtype(torch.float16 if device.type == "cuda" else torch.float32, None)
+    base = config.get_model({})
+    generator = torch.Generator().manual_seed(0)
+    with torch.no_grad():
+        for param in base.diffusion_model.parameters():
+            param.normal_(0.0, 0.02, generator=generator)
+    model = comfy.model_patcher.ModelPatcher(base, load_device=device, offload_device=torch.device("cpu"))
+    positive = [[torch.randn(1, 77, 768, generator=generator), {}]]
+    negative = [[torch.randn(1, 77, 768, generator=generator), {}]]
+    latent = torch.zeros(1, 4, size // 8, size // 8)
+    noise = torch.randn(latent.shape, generator=torch.Generator().manual_seed(2))
+
+    def sample(m, steps):
+        return comfy.sample.sample(m, noise, steps, 5.0, "euler", "normal", positive, negative, latent,
+                                   disable_pbar=True, seed=2)
+
+    return model, sample, device
+
+
+def setup_comfyui():
+    """ComfyUI importable on the CPU (or its GPU), and the pack importable as omni_identity."""
+    ensure_comfyui()
+    sys.argv = sys.argv[:1]
+    import comfy.cli_args
+    import torch
+    if not torch.cuda.is_available():
+        comfy.cli_args.args.cpu = True
+    from omniid.pack import import_pack
+    import_pack()
+    return torch
+
+
+def compare(sample, baseline, variant, steps: int, repeats: int, device, names=("plain", "variant")) -> dict:
+    """Alternate baseline and variant sampling; median time ratio and peak memory ratio."""
+    sample(baseline, steps)                                    # warm-up: load weights, allocate
+    sample(variant, steps)
+    seconds = {name: [] for name in names}
+    peaks = {name: [] for name in names}
+    for r in range(repeats):
+        for name, m in zip(names, (baseline, variant)):
+            with PeakMemory(device) as memory:
+                start = time.perf_counter()
+                sample(m, steps)
+                seconds[name].append(time.perf_counter() - start)
+            peaks[name].append(memory.peak)
+            print(f"  {name:8s} run {r + 1}: {seconds[name][-1]:.2f} s, peak {memory.peak / 2**20:.0f} MiB", flush=True)
+    base, var = names
+    return {"ratio": statistics.median(seconds[var]) / statistics.median(seconds[base]),
+            "peak_mem_ratio": max(peaks[var]) / max(peaks[base]),
+            f"{base}_seconds": statistics.median(seconds[base]), f"{var}_seconds": statistics.median(seconds[var])}
+
+
+def report(result: dict, goal: float, extra: dict) -> None:
+    print(f"time ratio {result['ratio']:.3f} (goal <= {goal}), peak memory ratio {result['peak_mem_ratio']:.3f}")
+    print("RESULT " + json.dumps({k: round(v, 4) if isinstance(v, float) else v for k, v in {**result, **extra}.items()}))

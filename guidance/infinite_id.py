@@ -1,0 +1,148 @@
+"""Infinite-ID at inference (ECCV 2024): mixed attention, cross-attention merging, AdaIN-mean.
+
+Two streams denoise side by side in one batched model call: the identity stream (the
+model with the identity adapter) and the text stream (the base model with the prompt
+only), both on the current latent. Per layer:
+
+- mixed attention (self-attention of the identity stream):
+  Attn(q_id, [K_id; K_text], [V_id; V_text]) with K_text, V_text the text stream's
+  self-attention keys and values at the same layer and CFG branch;
+- cross-attention merging: the identity stream's text cross-attention output plus its
+  image (identity) cross-attention output;
+- AdaIN-mean: the identity stream's queries and keys take the per-channel mean over
+  tokens of the text stream's (not its variance), with a strength, in mixed attention
+  and in cross-attention. Plain AdaIN (mean and variance) is kept as an ablation.
+
+The batch holds the identity stream first and the text stream second; the host doubles
+the batch before the model and keeps the identity half of the output.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Callable, Optional, Sequence
+
+import torch
+
+from .decoupled import AttentionFn, LayerInjection
+
+ADAIN_MODES = ("adain_mean", "adain")
+STREAMS_KEY = "omni_identity_streams"      # transformer_options: rows of the identity stream
+STYLE_KEY = "omni_identity_adain"          # transformer_options: AdaIN settings
+
+
+@dataclass(frozen=True)
+class AdaINSettings:
+    strength: float = 0.0
+    mode: str = "adain_mean"
+
+    def __post_init__(self):
+        if self.mode not in ADAIN_MODES:
+            raise ValueError(f"AdaIN mode must be one of {ADAIN_MODES}, not {self.mode!r}")
+
+    @property
+    def active(self) -> bool:
+        return self.strength != 0.0
+
+
+def adain_mean(x: torch.Tensor, target: torch.Tensor, strength: float = 1.0) -> torch.Tensor:
+    """Move x's per-channel mean over tokens (dim 1) toward target's; the spread is untouched."""
+    shift = target.mean(dim=1, keepdim=True) - x.mean(dim=1, keepdim=True)
+    return x + strength * shift
+
+
+def adain(x: torch.Tensor, target: torch.Tensor, strength: float = 1.0, eps: float = 1e-5) -> torch.Tensor:
+    """Plain AdaIN over tokens: x takes target's per-channel mean and standard deviation."""
+    mu_x, mu_t = x.mean(dim=1, keepdim=True), target.mean(dim=1, keepdim=True)
+    std_x = x.var(dim=1, keepdim=True, unbiased=False).add(eps).sqrt()
+    std_t = target.var(dim=1, keepdim=True, unbiased=False).add(eps).sqrt()
+    styled = (x - mu_x) / std_x * std_t + mu_t
+    return x + strength * (styled - x)
+
+
+def align(x: torch.Tensor, target: torch.Tensor, settings: Optional[AdaINSettings]) -> torch.Tensor:
+    if settings is None or not settings.active:
+        return x
+    fn = adain_mean if settings.mode == "adain_mean" else adain
+    return fn(x, target, settings.strength)
+
+
+def mixed_attention(q_id, k_id, v_id, k_text, v_text, heads: int, attention: AttentionFn,
+                    q_text: Optional[torch.Tensor] = None, settings: Optional[AdaINSettings] = None,
+                    **attention_kwargs) -> torch.Tensor:
+    """Attn(q_id, [K_id; K_text], [V_id; V_text]); without the text stream, plain self-attention."""
+    if k_text is None:
+        return attention(q_id, k_id, v_id, heads, **attention_kwargs)
+    if settings is not None and settings.active and q_text is not None:
+        q_id, k_id = align(q_id, q_text, settings), align(k_id, k_text, settings)
+    return attention(q_id, torch.cat([k_id, k_text], dim=1), torch.cat([v_id, v_text], dim=1), heads,
+                     **attention_kwargs)
+
+
+def _streams(extra: dict, batch: int) -> Optional[int]:
+    rows = extra.get(STREAMS_KEY)
+    return rows if rows is not None and 0 < rows < batch and batch == 2 * rows else None
+
+
+class MixedSelfAttention:
+    """attn1 replacement: mixed attention for the identity half, plain for the text half."""
+
+    def __init__(self, attention: AttentionFn, base: Optional[Callable] = None):
+        self.attention = attention
+        self.base = base
+
+    def __deepcopy__(self, memo):
+        return MixedSelfAttention(self.attention, self.base)
+
+    def plain(self, q, k, v, extra):
+        if self.base is not None:
+            return self.base(q, k, v, extra)
+        return self.attention(q, k, v, extra["n_heads"], attn_precision=extra.get("attn_precision"),
+                              transformer_options=extra)
+
+    def __call__(self, q, k, v, extra: dict) -> torch.Tensor:
+        rows = _streams(extra, q.shape[0])
+        if rows is None:
+            return self.plain(q, k, v, extra)
+        text = self.plain(q[rows:], k[rows:], v[rows:], extra)
+        identity = mixed_attention(q[:rows], k[:rows], v[:rows], k[rows:], v[rows:], extra["n_heads"],
+                                   self.attention, q_text=q[rows:], settings=extra.get(STYLE_KEY),
+                                   attn_precision=extra.get("attn_precision"))
+        return torch.cat([identity, text])
+
+
+class StreamCrossAttention:
+    """attn2 replacement: text attention for both halves; the identity half also gets the
+    identity terms (cross-attention merging), its queries AdaIN-aligned to the text half's."""
+
+    def __init__(self, attention: AttentionFn, injections: Sequence[LayerInjection], base: Optional[Callable] = None):
+        self.attention = attention
+        self.injections = tuple(injections)
+        self.base = base
+
+    def __deepcopy__(self, memo):
+        return StreamCrossAttention(self.attention, self.injections, self.base)
+
+    def to(self, device):
+        return StreamCrossAttention(self.attention, [i.to(device) for i in self.injections], self.base)
+
+    def text_attention(self, q, k, v, extra):
+        if self.base is not None:
+            return self.base(q, k, v, extra)
+        return self.attention(q, k, v, extra["n_heads"], attn_precision=extra.get("attn_precision"),
+                              transformer_options=extra)
+
+    def __call__(self, q, k, v, extra: dict) -> torch.Tensor:
+        rows = _streams(extra, q.shape[0])
+        if rows is None:
+            return self.text_attention(q, k, v, extra)
+        q_id = align(q[:rows], q[rows:], extra.get(STYLE_KEY))
+        identity = self.text_attention(q_id, k[:rows], v[:rows], extra)
+        text = self.text_attention(q[rows:], k[rows:], v[rows:], extra)
+        shape = extra.get("original_shape")
+        latent_hw = tuple(shape[-2:]) if shape is not None and len(shape) >= 4 else None
+        branches = (extra.get("cond_or_uncond") or ())[: len(extra.get("cond_or_uncond") or ()) // 2]
+        for injection in self.injections:
+            if injection.active(extra.get("sigmas")):
+                identity = identity + injection.contribution(q_id, extra["n_heads"], self.attention, branches,
+                                                             latent_hw)
+        return torch.cat([identity, text])
