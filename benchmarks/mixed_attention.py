@@ -44,9 +44,9 @@ def main() -> None:
     two_streams = set_adain(apply_mixed_attention(model, adapter, adapter.identity_tokens(embeds), 1.0, 0.0, 1.0),
                             AdaINSettings(1.0))
     print(f"SD1.5 UNet ({len(layers)} transformer blocks), {size} x {size}, {steps} euler steps with CFG; "
-          f"plain vs Mixed Attention + AdaIN-mean; device {device}, {torch.get_num_threads()} threads", flush=True)
+          f"plain vs Mixed Attention + AdaIN-mean; device {device}, {torch.get_num_threads()} threads, {harness.attention_backend()}", flush=True)
     result = harness.compare(sample, model, two_streams, steps, repeats, device, names=("plain", "mixed"))
-    harness.report(result, 2.05, {"size": size, "steps": steps, "device": str(device), "quick": args.quick})
+    harness.report(result, 2.05, {"size": size, "steps": steps, "device": str(device), "attention": harness.attention_backend(), "quick": args.quick})
 
 
 if __name__ == "__main__":

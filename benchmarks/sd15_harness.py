@@ -78,6 +78,11 @@ class PeakMemory:
 
 
 
+def attention_backend() -> str:
+    import comfy.ldm.modules.attention as attention
+    return attention.optimized_attention.__name__
+
+
 def build_sd15(torch, size: int):
     """(ModelPatcher of a random-weight SD1.5 UNet, sample(model) function, device)."""
     import comfy.model_management as mm
@@ -113,6 +118,8 @@ def setup_comfyui():
     import torch
     if not torch.cuda.is_available():
         comfy.cli_args.args.cpu = True
+    # PyTorch's SDPA, as ComfyUI uses on GPUs (on the CPU it would pick its chunked sub-quadratic attention)
+    comfy.cli_args.args.use_pytorch_cross_attention = True
     from omniid.pack import import_pack
     import_pack()
     return torch

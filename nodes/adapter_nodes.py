@@ -37,6 +37,50 @@ class AdapterLoader(io.ComfyNode):
         return io.NodeOutput(load_adapter(path, adapter_name))
 
 
+def identity_inputs() -> list:
+    """The inputs every identity-injecting node shares (adapter, embeds, schedule, mask, blocks)."""
+    return [
+        IdentityAdapterType.Input("adapter", tooltip="From Identity Adapter Loader."),
+        IdentityEmbedsType.Input("embeds", tooltip="The identity, from an encode or load node."),
+        io.Float.Input("weight", default=1.0, min=-1.0, max=5.0, step=0.05,
+                       tooltip="Strength of the identity; 0 leaves the cross-attention outputs unchanged."),
+        io.Float.Input("start_at", default=0.0, min=0.0, max=1.0, step=0.01,
+                       tooltip="Fraction of the sampling schedule where the identity starts."),
+        io.Float.Input("end_at", default=1.0, min=0.0, max=1.0, step=0.01,
+                       tooltip="Fraction of the schedule where it stops."),
+        io.Mask.Input("attn_mask", optional=True,
+                      tooltip="Where the identity applies (image space, any size; resized to each layer)."),
+        io.String.Input("blocks", default="all=1", optional=True,
+                        tooltip="Per-block weights: 'selector=weight, ...' with selector all, input, middle, "
+                                "output (UNet), double, single (FLUX) or group.N, e.g. 'all=1, input=0'."),
+    ]
+
+
+def validate_identity_inputs(blocks=None, start_at=None, end_at=None) -> bool | str:
+    if blocks is not None:
+        try:
+            BlockWeights.parse(blocks)
+        except ValueError as exc:
+            return str(exc)
+    if start_at is not None and end_at is not None and start_at > end_at:
+        return f"start_at ({start_at}) must not be after end_at ({end_at})"
+    return True
+
+
+def inject(host_fn, model, adapter, embeds, weight, start_at, end_at, attn_mask, blocks, **options):
+    """Check the inputs, project the identity and run a host's injection on a clone of ``model``."""
+    if not isinstance(adapter, IdentityAdapter):
+        raise TypeError("adapter must come from 'Identity Adapter Loader (OmniIdentity)'")
+    mask = None if attn_mask is None else (attn_mask if attn_mask.ndim == 3 else attn_mask[None])
+    faceid_v2_scale = options.pop("faceid_v2_scale", 1.0)
+    try:
+        tokens = adapter.identity_tokens(embeds, faceid_v2_scale)
+        return host_fn(model, adapter, tokens, weight, start_at, end_at, mask=mask,
+                       blocks=BlockWeights.parse(blocks), **options)
+    except AdapterFitError as exc:
+        raise AdapterFitError(f"{exc}\n{fit_summary(adapter, embeds, model)}") from exc
+
+
 class ApplyAdapter(io.ComfyNode):
     @classmethod
     def define_schema(cls) -> io.Schema:
@@ -49,19 +93,7 @@ class ApplyAdapter(io.ComfyNode):
                          "patched copy; the input model is untouched. Chain several to combine identities."),
             inputs=[
                 io.Model.Input("model", tooltip="SD1.5, SDXL or FLUX model."),
-                IdentityAdapterType.Input("adapter", tooltip="From Identity Adapter Loader."),
-                IdentityEmbedsType.Input("embeds", tooltip="The identity, from an encode or load node."),
-                io.Float.Input("weight", default=1.0, min=-1.0, max=5.0, step=0.05,
-                               tooltip="Strength of the identity; 0 leaves the model's output exactly unchanged."),
-                io.Float.Input("start_at", default=0.0, min=0.0, max=1.0, step=0.01,
-                               tooltip="Fraction of the sampling schedule where the identity starts."),
-                io.Float.Input("end_at", default=1.0, min=0.0, max=1.0, step=0.01,
-                               tooltip="Fraction of the schedule where it stops."),
-                io.Mask.Input("attn_mask", optional=True,
-                              tooltip="Where the identity applies (image space, any size; resized to each layer)."),
-                io.String.Input("blocks", default="all=1", optional=True,
-                                tooltip="Per-block weights: 'selector=weight, ...' with selector all, input, middle, "
-                                        "output (UNet), double, single (FLUX) or group.N, e.g. 'all=1, input=0'."),
+                *identity_inputs(),
                 io.Combo.Input("flux_inject", options=list(INJECT_MODES), default="both", optional=True,
                                tooltip="FLUX only: inject into double (MM-DiT) blocks, single (DiT) blocks, or both."),
                 io.Float.Input("faceid_v2_scale", default=1.0, min=0.0, max=5.0, step=0.05, optional=True,
@@ -72,30 +104,14 @@ class ApplyAdapter(io.ComfyNode):
 
     @classmethod
     def validate_inputs(cls, flux_inject=None, blocks=None, start_at=None, end_at=None):
-        if blocks is not None:
-            try:
-                BlockWeights.parse(blocks)
-            except ValueError as exc:
-                return str(exc)
-        if start_at is not None and end_at is not None and start_at > end_at:
-            return f"start_at ({start_at}) must not be after end_at ({end_at})"
-        return check_combos(cls, flux_inject=flux_inject)
+        checked = validate_identity_inputs(blocks, start_at, end_at)
+        return checked if checked is not True else check_combos(cls, flux_inject=flux_inject)
 
     @classmethod
     def execute(cls, model, adapter, embeds, weight: float, start_at: float, end_at: float, attn_mask=None,
                 blocks: str = "all=1", flux_inject: str = "both", faceid_v2_scale: float = 1.0) -> io.NodeOutput:
-        if not isinstance(adapter, IdentityAdapter):
-            raise TypeError("adapter must come from 'Identity Adapter Loader (OmniIdentity)'")
-        mask = None
-        if attn_mask is not None:
-            mask = attn_mask if attn_mask.ndim == 3 else attn_mask[None]
-        try:
-            tokens = adapter.identity_tokens(embeds, faceid_v2_scale)
-            patched = apply_identity(model, adapter, tokens, weight, start_at, end_at, mask=mask,
-                                     blocks=BlockWeights.parse(blocks), inject=flux_inject)
-        except AdapterFitError as exc:
-            raise AdapterFitError(f"{exc}\n{fit_summary(adapter, embeds, model)}") from exc
-        return io.NodeOutput(patched)
+        return io.NodeOutput(inject(apply_identity, model, adapter, embeds, weight, start_at, end_at, attn_mask,
+                                    blocks, inject=flux_inject, faceid_v2_scale=faceid_v2_scale))
 
 
 NODES = [AdapterLoader, ApplyAdapter]

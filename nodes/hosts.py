@@ -18,9 +18,10 @@ import torch
 from comfy.ldm.modules.attention import SpatialTransformer
 
 from ..guidance.adapter import AdapterFitError, IdentityAdapter
-from ..guidance.decoupled import (BlockWeights, DecoupledAttention, LayerInjection,
+from ..guidance.decoupled import (COND, UNCOND, BlockWeights, DecoupledAttention, LayerInjection,
                                   add_identity_to_joint_attention)
-from ..guidance.infinite_id import STREAMS_KEY, STYLE_KEY, AdaINSettings, MixedSelfAttention, StreamCrossAttention
+from ..guidance.infinite_id import (STREAMS_KEY, STYLE_KEY, AdaINSettings, MixedSelfAttention,
+                                    StreamCrossAttention, StreamLayout)
 
 FLUX_STATE = "omni_identity_flux"          # per model call: text length, latent size
 FLUX_BLOCK = "omni_identity_flux_block"    # per block: the injections to add
@@ -213,34 +214,51 @@ def _add_flux_injection(model, key: tuple, injection: LayerInjection) -> None:
 
 
 # -- Infinite-ID: two streams in one batched call ---------------------------------------
-def _duplicate(value, batch: int):
+def _take(value, batch: int, index: torch.Tensor):
+    """``value`` with ``value[index]`` appended along the batch, for every batch-sized tensor inside."""
     if torch.is_tensor(value) and value.ndim > 0 and value.shape[0] == batch:
-        return torch.cat([value, value])
+        return torch.cat([value, value[index.to(value.device)]])
     if isinstance(value, dict):
-        return {k: _duplicate(v, batch) for k, v in value.items()}
+        return {k: _take(v, batch, index) for k, v in value.items()}
     if isinstance(value, (list, tuple)):
-        return type(value)(_duplicate(v, batch) for v in value)
+        return type(value)(_take(v, batch, index) for v in value)
     return value
 
 
-def run_two_streams(executor, x, *args, **kwargs):
-    """DIFFUSION_MODEL wrapper: [identity stream; text stream] in one call, identity half out.
+class TwoStreams:
+    """DIFFUSION_MODEL wrapper: the identity stream's rows plus the text stream's rows in one
+    call; the identity rows' output is returned.
 
-    Executor arguments after x: timesteps, context, y, control, transformer_options.
-    Every batch-sized input (timesteps, context, y, ControlNet residuals) is repeated;
-    transformer_options learn where the identity stream ends.
+    The text stream repeats every row (``text_uncond``), or only the conditional rows when the
+    identity's unconditional branch equals the text stream's (zero unconditional tokens).
+    Executor arguments after x: timesteps, context, y, control, transformer_options; every
+    batch-sized input (timesteps, context, y, ControlNet residuals) gets the text rows too.
     """
-    batch = x.shape[0]
-    args = list(args)
-    options = args[4] if len(args) > 4 else kwargs.get("transformer_options", {})
-    doubled = dict(options)
-    doubled[STREAMS_KEY] = batch
-    doubled["cond_or_uncond"] = list(options.get("cond_or_uncond") or []) * 2
-    args = [_duplicate(a, batch) for a in args[:4]] + [doubled] + args[5:]
-    if "transformer_options" in kwargs:
-        kwargs["transformer_options"] = doubled
-    kwargs = {k: (v if k == "transformer_options" else _duplicate(v, batch)) for k, v in kwargs.items()}
-    return executor(torch.cat([x, x]), *args, **kwargs)[:batch]
+
+    def __init__(self, text_uncond: bool):
+        self.text_uncond = text_uncond
+
+    def text_rows(self, batch: int, cond_or_uncond: list) -> list[int]:
+        branches = cond_or_uncond or [COND]
+        chunk = batch // len(branches)
+        return [c * chunk + i for c, branch in enumerate(branches) for i in range(chunk)
+                if self.text_uncond or branch != UNCOND]
+
+    def __call__(self, executor, x, *args, **kwargs):
+        batch = x.shape[0]
+        args = list(args)
+        positional = len(args) > 4
+        options = args[4] if positional else kwargs.get("transformer_options", {})
+        rows = self.text_rows(batch, list(options.get("cond_or_uncond") or []))
+        index = torch.tensor(rows, dtype=torch.long)
+        options = {**options, STREAMS_KEY: StreamLayout(batch, tuple(rows))}
+        if positional:
+            args = [_take(a, batch, index) for a in args[:4]] + [options] + args[5:]
+        else:
+            args = [_take(a, batch, index) for a in args]
+            kwargs["transformer_options"] = options
+        kwargs = {k: (v if k == "transformer_options" else _take(v, batch, index)) for k, v in kwargs.items()}
+        return executor(_take(x, batch, index), *args, **kwargs)[:batch]
 
 
 def apply_mixed_attention(model, adapter: IdentityAdapter, tokens: dict, weight: float, start_at: float,
@@ -264,8 +282,11 @@ def apply_mixed_attention(model, adapter: IdentityAdapter, tokens: dict, weight:
                                         *layer.key)
         patched.set_model_attn2_replace(
             StreamCrossAttention(attention, injections, base=_existing_patch(patched, "attn2", layer.key)), *layer.key)
+    # zero unconditional identity tokens: that branch of the identity stream is the text stream's
+    text_uncond = bool(tokens[UNCOND].abs().max() > 0)
     patched.remove_wrappers_with_key(comfy.patcher_extension.WrappersMP.DIFFUSION_MODEL, STREAMS_KEY)
-    patched.add_wrapper_with_key(comfy.patcher_extension.WrappersMP.DIFFUSION_MODEL, STREAMS_KEY, run_two_streams)
+    patched.add_wrapper_with_key(comfy.patcher_extension.WrappersMP.DIFFUSION_MODEL, STREAMS_KEY,
+                                 TwoStreams(text_uncond))
     return patched
 
 

@@ -3,11 +3,10 @@ from __future__ import annotations
 
 from comfy_api.latest import io
 
-from ..guidance.adapter import AdapterFitError, IdentityAdapter
-from ..guidance.decoupled import BlockWeights
 from ..guidance.infinite_id import ADAIN_MODES, AdaINSettings
-from .common import CATEGORY, IdentityAdapterType, IdentityEmbedsType, check_combos
-from .hosts import apply_mixed_attention, fit_summary, set_adain
+from .adapter_nodes import identity_inputs, inject, validate_identity_inputs
+from .common import CATEGORY, check_combos
+from .hosts import apply_mixed_attention, set_adain
 
 
 class MixedAttention(io.ComfyNode):
@@ -25,43 +24,20 @@ class MixedAttention(io.ComfyNode):
                 "added (merging). About twice the cost of plain sampling. SD1.5 and SDXL."),
             inputs=[
                 io.Model.Input("model", tooltip="SD1.5 or SDXL model (Infinite-ID is built on SDXL)."),
-                IdentityAdapterType.Input("adapter", tooltip="Identity adapter (ideally trained with text "
-                                                            "cross-attention off, as Infinite-ID)."),
-                IdentityEmbedsType.Input("embeds", tooltip="The identity."),
-                io.Float.Input("weight", default=1.0, min=-1.0, max=5.0, step=0.05,
-                               tooltip="Strength of the identity cross-attention."),
-                io.Float.Input("start_at", default=0.0, min=0.0, max=1.0, step=0.01,
-                               tooltip="Fraction of the schedule where the identity starts."),
-                io.Float.Input("end_at", default=1.0, min=0.0, max=1.0, step=0.01,
-                               tooltip="Fraction of the schedule where the identity stops."),
-                io.Mask.Input("attn_mask", optional=True, tooltip="Where the identity applies (image space)."),
-                io.String.Input("blocks", default="all=1", optional=True,
-                                tooltip="Per-block identity weights, as in Apply Identity Adapter."),
+                *identity_inputs(),
             ],
             outputs=[io.Model.Output(display_name="model", tooltip="The model running both streams.")],
         )
 
     @classmethod
-    def validate_inputs(cls, blocks=None):
-        if blocks is not None:
-            try:
-                BlockWeights.parse(blocks)
-            except ValueError as exc:
-                return str(exc)
-        return True
+    def validate_inputs(cls, blocks=None, start_at=None, end_at=None):
+        return validate_identity_inputs(blocks, start_at, end_at)
 
     @classmethod
     def execute(cls, model, adapter, embeds, weight: float, start_at: float, end_at: float, attn_mask=None,
                 blocks: str = "all=1") -> io.NodeOutput:
-        if not isinstance(adapter, IdentityAdapter):
-            raise TypeError("adapter must come from 'Identity Adapter Loader (OmniIdentity)'")
-        mask = None if attn_mask is None else (attn_mask if attn_mask.ndim == 3 else attn_mask[None])
-        try:
-            patched = apply_mixed_attention(model, adapter, adapter.identity_tokens(embeds), weight, start_at,
-                                            end_at, mask=mask, blocks=BlockWeights.parse(blocks))
-        except AdapterFitError as exc:
-            raise AdapterFitError(f"{exc}\n{fit_summary(adapter, embeds, model)}") from exc
-        return io.NodeOutput(patched)
+        return io.NodeOutput(inject(apply_mixed_attention, model, adapter, embeds, weight, start_at, end_at,
+                                    attn_mask, blocks))
 
 
 class AdaINMean(io.ComfyNode):

@@ -7,6 +7,9 @@
   identity adapters;
 - UNet layouts: the cross-attention layers the adapter host finds in the real SD1.5 and
   SDXL UNets (built on the meta device), which h94 checkpoints number 1, 3, 5, ...
+- Infinite-ID's two streams on a small SD1.5-layout UNet: with zero unconditional identity
+  tokens, the reduced batch (text stream on the conditional rows only) samples the same
+  latents as the full one.
 Prints one JSON line of facts that tests/comfy/test_inprocess.py asserts.
 """
 from __future__ import annotations
@@ -34,6 +37,13 @@ SDXL_UNET = dict(image_size=32, in_channels=4, out_channels=4, model_channels=32
                  num_classes="sequential")
 
 
+SMALL_SD15_UNET = dict(image_size=32, in_channels=4, out_channels=4, model_channels=320, num_res_blocks=[1],
+                       channel_mult=[1], num_heads=8, use_spatial_transformer=True, transformer_depth=[1],
+                       transformer_depth_output=[1, 1], transformer_depth_middle=1, context_dim=768,
+                       use_linear_in_transformer=False, legacy=False, adm_in_channels=None,
+                       use_temporal_attention=False, use_temporal_resblock=False, use_checkpoint=False)
+
+
 class MetaUNet:
     """A stand-in ModelPatcher holding a full-size UNet on the meta device (no memory used)."""
 
@@ -46,6 +56,43 @@ class MetaUNet:
 
     def get_model_object(self, name):
         return self.unet
+
+
+def two_stream_facts(torch, comfy, apply_mixed_attention, unet_layers, TwoStreams, streams_key, create_adapter,
+                     AdapterConfig, IdentityEmbeds) -> dict:
+    import comfy.model_patcher
+    import comfy.patcher_extension
+    import comfy.sample
+    import comfy.supported_models
+    config = comfy.supported_models.SD15(dict(SMALL_SD15_UNET))
+    config.set_inference_dtype(torch.float32, None)
+    base = config.get_model({})
+    generator = torch.Generator().manual_seed(5)
+    with torch.no_grad():
+        for param in base.diffusion_model.parameters():
+            param.copy_(torch.randn(param.shape, generator=generator) * 0.05)
+    cpu = torch.device("cpu")
+    model = comfy.model_patcher.ModelPatcher(base, load_device=cpu, offload_device=cpu)
+    layers = unet_layers(model)
+    adapter = create_adapter(AdapterConfig(family="unet", token_dim=32, layer_dims=tuple(l.inner_dim for l in layers)),
+                             seed=6)
+    embeds = IdentityEmbeds("omni_id", {"tokens": torch.randn(6, 32, generator=generator)}, {"num_images": 1})
+    reduced = apply_mixed_attention(model, adapter, adapter.identity_tokens(embeds), 1.0, 0.0, 1.0)
+    full = reduced.clone()
+    full.remove_wrappers_with_key(comfy.patcher_extension.WrappersMP.DIFFUSION_MODEL, streams_key)
+    full.add_wrapper_with_key(comfy.patcher_extension.WrappersMP.DIFFUSION_MODEL, streams_key, TwoStreams(True))
+    positive = [[torch.randn(1, 5, 768, generator=generator), {}]]
+    negative = [[torch.randn(1, 5, 768, generator=generator), {}]]
+    latent = torch.zeros(2, 4, 8, 8)
+    noise = torch.randn(latent.shape, generator=torch.Generator().manual_seed(7))
+
+    def run(m):
+        return comfy.sample.sample(m, noise, 3, 4.0, "euler", "normal", positive, negative, latent,
+                                   disable_pbar=True, seed=7)
+
+    plain, a, b = run(model), run(reduced), run(full)
+    return {"reduced_vs_full": float((a - b).abs().max()), "mixed_vs_plain": float((a - plain).abs().max()),
+            "scale": float(plain.abs().max())}
 
 
 def import_tooling():
@@ -67,6 +114,7 @@ def main() -> None:
     import comfy.cli_args
     comfy.cli_args.args.cpu = True
     import torch
+    import comfy
     import comfy.model_patcher
     import comfy.sample
     import comfy.supported_models
@@ -75,7 +123,8 @@ def main() -> None:
     from omni_identity.encoders.embeds import IdentityEmbeds
     from omni_identity.guidance.adapter import AdapterConfig, create_adapter
     from omni_identity.guidance.decoupled import BlockWeights
-    from omni_identity.nodes.hosts import apply_identity, flux_layers, unet_layers
+    from omni_identity.nodes.hosts import (STREAMS_KEY, TwoStreams, apply_identity, apply_mixed_attention,
+                                           flux_layers, unet_layers)
 
     torch.manual_seed(0)
     model_config = comfy.supported_models.Flux(dict(FLUX_CONFIG))
@@ -143,6 +192,8 @@ def main() -> None:
         "finite": bool(torch.isfinite(both).all()),
         "unet_layers": {name: [l.inner_dim for l in unet_layers(MetaUNet(config))]
                         for name, config in (("sd15", SD15_UNET), ("sdxl", SDXL_UNET))},
+        "two_streams": two_stream_facts(torch, comfy, apply_mixed_attention, unet_layers, TwoStreams, STREAMS_KEY,
+                                        create_adapter, AdapterConfig, IdentityEmbeds),
     }
     print(json.dumps(facts))
 

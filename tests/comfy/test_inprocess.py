@@ -1,5 +1,5 @@
-"""In process with ComfyUI's model classes: FLUX injection through dit patches (small FLUX config)
-and the cross-attention layouts of the real SD1.5 and SDXL UNets."""
+"""In process with ComfyUI's model classes: FLUX injection through dit patches (small FLUX config),
+the cross-attention layouts of the real SD1.5 and SDXL UNets, and Infinite-ID's reduced batch."""
 import json
 import subprocess
 from pathlib import Path
@@ -44,3 +44,9 @@ def test_real_unet_layouts_match_the_h94_numbering(facts):
     assert sd15 == [320, 320, 640, 640, 1280, 1280, 1280, 1280, 1280, 640, 640, 640, 320, 320, 320, 1280]
     assert len(sdxl) == 70
     assert sdxl == [640] * 4 + [1280] * 20 + [1280] * 30 + [640] * 6 + [1280] * 10
+
+
+def test_two_streams_reduced_batch_samples_like_the_full_one(facts):
+    two = facts["two_streams"]
+    assert two["mixed_vs_plain"] > 1e-3                       # mixed attention does something
+    assert two["reduced_vs_full"] <= 1e-4 * max(1.0, two["scale"])

@@ -6,7 +6,8 @@ import torch
 
 from omni_identity.guidance.decoupled import COND, UNCOND, LayerInjection, sdpa_attention
 from omni_identity.guidance.infinite_id import (STREAMS_KEY, STYLE_KEY, AdaINSettings, MixedSelfAttention,
-                                                StreamCrossAttention, adain, adain_mean, mixed_attention)
+                                                StreamCrossAttention, StreamLayout, adain, adain_mean,
+                                                mixed_attention)
 
 HEADS, DIM = 2, 16
 
@@ -59,11 +60,12 @@ def test_plain_adain_also_takes_the_variance():
     assert (styled.var(1) - x.var(1)).abs().max() > 1.0           # the spread of x is gone
 
 
-def extra(rows=None, settings=None, cond_or_uncond=(1, 0)):
-    options = {"n_heads": HEADS, "cond_or_uncond": list(cond_or_uncond) * (2 if rows else 1),
-               "sigmas": torch.tensor([3.0])}
+def extra(rows=None, settings=None, cond_or_uncond=(1, 0), text_rows=None):
+    """Options of a two-stream call: ``rows`` identity rows, each with a text row unless
+    ``text_rows`` names which have one."""
+    options = {"n_heads": HEADS, "cond_or_uncond": list(cond_or_uncond), "sigmas": torch.tensor([3.0])}
     if rows:
-        options[STREAMS_KEY] = rows
+        options[STREAMS_KEY] = StreamLayout(rows, tuple(range(rows)) if text_rows is None else tuple(text_rows))
     if settings:
         options[STYLE_KEY] = settings
     return options
@@ -105,3 +107,24 @@ def test_settings_are_checked():
     with pytest.raises(ValueError, match="AdaIN mode"):
         AdaINSettings(1.0, "whitening")
     assert not AdaINSettings(0.0).active
+
+
+def test_identity_rows_without_a_text_partner_use_their_own_self_attention():
+    """Layout [id_uncond, id_cond, text_cond]: the unconditional identity row is plain."""
+    q, k, v = rand(3, 10, DIM, seed=24), rand(3, 10, DIM, seed=25), rand(3, 10, DIM, seed=26)
+    out = MixedSelfAttention(sdpa_attention)(q, k, v, extra(rows=2, text_rows=[1]))
+    assert torch.equal(out[0:1], sdpa_attention(q[0:1], k[0:1], v[0:1], HEADS))
+    assert torch.equal(out[2:], sdpa_attention(q[2:], k[2:], v[2:], HEADS))
+    expected = ref_attention(q[1:2], torch.cat([k[1:2], k[2:]], 1), torch.cat([v[1:2], v[2:]], 1), HEADS)
+    torch.testing.assert_close(out[1:2].double(), expected, atol=1e-5, rtol=1e-5)
+
+
+def test_dropping_a_text_row_identical_to_its_identity_row_changes_nothing():
+    """Mixing attention with an identical copy of itself is plain attention: the reason the text
+    stream can skip the unconditional branch when the identity's unconditional tokens are zero."""
+    q, k, v = rand(2, 10, DIM, seed=27), rand(2, 10, DIM, seed=28), rand(2, 10, DIM, seed=29)
+    both = MixedSelfAttention(sdpa_attention)(torch.cat([q, q]), torch.cat([k, k]), torch.cat([v, v]),
+                                              extra(rows=2))
+    reduced = MixedSelfAttention(sdpa_attention)(torch.cat([q, q[1:]]), torch.cat([k, k[1:]]),
+                                                 torch.cat([v, v[1:]]), extra(rows=2, text_rows=[1]))
+    torch.testing.assert_close(reduced[:2], both[:2], atol=1e-5, rtol=1e-5)
