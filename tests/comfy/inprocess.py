@@ -10,6 +10,9 @@
 - Infinite-ID's two streams on a small SD1.5-layout UNet: with zero unconditional identity
   tokens, the reduced batch (text stream on the conditional rows only) samples the same
   latents as the full one.
+- RB-Guidance's guider on that UNet: p = 0 reproduces ComfyUI's CFGGuider bit-exactly; with
+  p > 0 the guided steps are exactly those with t <= u T, and the reference features are
+  computed once per sampling run.
 Prints one JSON line of facts that tests/comfy/test_inprocess.py asserts.
 """
 from __future__ import annotations
@@ -56,6 +59,57 @@ class MetaUNet:
 
     def get_model_object(self, name):
         return self.unet
+
+
+def small_sd15(torch, seed: int):
+    import comfy.model_patcher
+    import comfy.supported_models
+    config = comfy.supported_models.SD15(dict(SMALL_SD15_UNET))
+    config.set_inference_dtype(torch.float32, None)
+    base = config.get_model({})
+    generator = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for param in base.diffusion_model.parameters():
+            param.copy_(torch.randn(param.shape, generator=generator) * 0.05)
+    cpu = torch.device("cpu")
+    return comfy.model_patcher.ModelPatcher(base, load_device=cpu, offload_device=cpu), generator
+
+
+def rb_facts(torch) -> dict:
+    import comfy.samplers
+    from omni_identity.guidance.rb_guidance import RBSettings
+    from omni_identity.nodes.rb_guidance_nodes import RBGuider, gradient_ready
+    model, generator = small_sd15(torch, 8)
+    positive = [[torch.randn(1, 5, 768, generator=generator), {}]]
+    negative = [[torch.randn(1, 5, 768, generator=generator), {}]]
+    latent = torch.zeros(1, 4, 8, 8)
+    noise = torch.randn(latent.shape, generator=torch.Generator().manual_seed(9))
+    reference = torch.randn(1, 4, 8, 8, generator=generator)
+    sampling = model.get_model_object("model_sampling")
+    sigmas = comfy.samplers.calculate_sigmas(sampling, "normal", 6)
+    sampler = comfy.samplers.sampler_object("euler")
+
+    def run(guider):
+        guider.set_conds(positive, negative)
+        guider.set_cfg(5.0)
+        return guider.sample(noise, latent, sampler, sigmas, disable_pbar=True, seed=9)
+
+    def rb(strength):
+        return RBGuider(gradient_ready(model), RBSettings(strength=strength), reference, None, None,
+                        feature_block=1, subject_token=2, seed=0)
+
+    plain = run(comfy.samplers.CFGGuider(model))
+    off = run(rb(0.0))
+    guider = rb(8.5)
+    guided = run(guider)
+    passes_after_first, steps_after_first = guider.reference_passes, guider.guided_steps
+    run(guider)
+    expected_steps = sum(1 for s in sigmas[:-1] if float(sampling.timestep(s)) <= 600.0)
+    return {"p0_equal": bool(torch.equal(off, plain)), "guided_vs_plain": float((guided - plain).abs().max()),
+            "finite": bool(torch.isfinite(guided).all()), "reference_passes": [passes_after_first,
+                                                                               guider.reference_passes],
+            "guided_steps": steps_after_first, "expected_steps": expected_steps, "steps": len(sigmas) - 1,
+            "score": float(guider.last_score.mean()) if guider.last_score is not None else None}
 
 
 def two_stream_facts(torch, comfy, apply_mixed_attention, unet_layers, TwoStreams, streams_key, create_adapter,
@@ -194,6 +248,7 @@ def main() -> None:
                         for name, config in (("sd15", SD15_UNET), ("sdxl", SDXL_UNET))},
         "two_streams": two_stream_facts(torch, comfy, apply_mixed_attention, unet_layers, TwoStreams, STREAMS_KEY,
                                         create_adapter, AdapterConfig, IdentityEmbeds),
+        "rb_guidance": rb_facts(torch),
     }
     print(json.dumps(facts))
 

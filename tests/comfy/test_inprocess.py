@@ -1,5 +1,6 @@
 """In process with ComfyUI's model classes: FLUX injection through dit patches (small FLUX config),
-the cross-attention layouts of the real SD1.5 and SDXL UNets, and Infinite-ID's reduced batch."""
+the cross-attention layouts of the real SD1.5 and SDXL UNets, Infinite-ID's reduced batch, and
+RB-Guidance's guider against ComfyUI's CFGGuider."""
 import json
 import subprocess
 from pathlib import Path
@@ -50,3 +51,14 @@ def test_two_streams_reduced_batch_samples_like_the_full_one(facts):
     two = facts["two_streams"]
     assert two["mixed_vs_plain"] > 1e-3                       # mixed attention does something
     assert two["reduced_vs_full"] <= 1e-4 * max(1.0, two["scale"])
+
+
+def test_rb_guidance_off_is_cfg_exactly(facts):
+    assert facts["rb_guidance"]["p0_equal"]
+
+
+def test_rb_guidance_guides_only_late_steps_with_one_reference_pass_per_run(facts):
+    rb = facts["rb_guidance"]
+    assert rb["finite"] and rb["guided_vs_plain"] > 0
+    assert 0 < rb["guided_steps"] == rb["expected_steps"] < rb["steps"]
+    assert rb["reference_passes"] == [1, 2]

@@ -1,0 +1,65 @@
+"""RB-Guidance in a real ComfyUI: a GUIDER for SamplerCustomAdvanced on the tiny SD1.5 checkpoint."""
+import time
+
+import numpy as np
+import pytest
+
+from omniid.client import ExecutionFailed
+from omniid.graph import Graph
+from omniid.testing import images_of
+
+
+def guided_graph(steps=6, strength=8.5, prefix="rb/image", size=64, face_analysis=True):
+    g = Graph()
+    ckpt = g.checkpoint()
+    pos = g.add("CLIPTextEncode", clip=g.out(ckpt, 1), text="a photo of a man")
+    neg = g.add("CLIPTextEncode", clip=g.out(ckpt, 1), text="blurry")
+    options = {}
+    if face_analysis:
+        options["face_analysis"] = g.out(g.add("OmniIdentityFaceAnalysisLoader", backend="dlib", provider="CPU",
+                                               det_size=640))
+    guider = g.add("OmniIdentityRBGuidance", model=g.out(ckpt, 0), positive=g.out(pos), negative=g.out(neg), cfg=5.0,
+                   reference=g.out(g.add("LoadImage", image="id_1.png")), vae=g.out(ckpt, 2), strength=strength,
+                   start_fraction=0.6, t0=671, feature_block=1, subject_token=5, **options)
+    sampler = g.add("SamplerCustomAdvanced",
+                    noise=g.out(g.add("RandomNoise", noise_seed=3)), guider=g.out(guider, 0),
+                    sampler=g.out(g.add("KSamplerSelect", sampler_name="euler")),
+                    sigmas=g.out(g.add("BasicScheduler", model=g.out(ckpt, 0), scheduler="normal", steps=steps,
+                                       denoise=1.0)),
+                    latent_image=g.out(g.add("EmptyLatentImage", width=size, height=size, batch_size=1)))
+    decode = g.add("VAEDecode", samples=g.out(sampler, 0), vae=g.out(ckpt, 2))
+    save = g.add("SaveImage", images=g.out(decode), filename_prefix=prefix)
+    preview = g.add("SaveImage", images=g.out(guider, 1), filename_prefix=prefix + "_mask")
+    return g, save, preview
+
+
+def test_guider_samples_and_previews_the_reference_mask(comfy):
+    g, save, preview = guided_graph()
+    result = comfy.run(g.nodes, timeout=600)
+    image = images_of(comfy, result, save)[0]
+    assert image.shape == (64, 64, 3)
+    mask_preview = images_of(comfy, result, preview)[0].astype(int)
+    assert mask_preview.shape == (512, 512, 3)
+    reddish = (mask_preview[..., 0] - mask_preview[..., 1]) > 60
+    assert 0.05 < reddish.mean() < 0.6                                  # the face is tinted, not the whole photo
+    off, off_save, _ = guided_graph(strength=0.0, prefix="rb/off")
+    plain = images_of(comfy, comfy.run(off.nodes, timeout=600), off_save)[0]
+    assert np.abs(plain.astype(int) - image).max() > 0                   # the guidance changed the image
+
+
+def test_cancel_mid_run_stops_cleanly_and_the_next_prompt_runs(comfy):
+    g, _, _ = guided_graph(steps=400, prefix="rb/cancelled", face_analysis=False)
+    prompt_id = comfy.queue_prompt(g.nodes)
+    deadline = time.monotonic() + 120
+    while time.monotonic() < deadline:
+        running = comfy.queue_state().get("queue_running", [])
+        if running and running[0][1] == prompt_id:
+            break
+        time.sleep(0.2)
+    time.sleep(3.0)                                                      # well inside the sampling loop
+    comfy.interrupt()
+    with pytest.raises(ExecutionFailed) as failure:
+        comfy.wait(prompt_id, timeout=300)
+    assert failure.value.interrupted
+    g2, save, _ = guided_graph(steps=3, prefix="rb/after_cancel", face_analysis=False)
+    assert images_of(comfy, comfy.run(g2.nodes, timeout=600), save)[0].shape == (64, 64, 3)

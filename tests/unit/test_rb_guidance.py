@@ -1,0 +1,99 @@
+"""RB-Guidance math: masks, matching, energy gradient (against finite differences), masking."""
+import pytest
+import torch
+import torch.nn.functional as F
+
+from omni_identity.guidance.rb_guidance import (RBSettings, apply_guidance, energy, guidance_gradient,
+                                                mask_to_latent, match_score, normalize, refine_mask)
+
+
+def features_net(seed=0):
+    """A small deterministic conv net: latent (B, 4, 8, 8) -> features (B, 16 positions, 6 channels)."""
+    g = torch.Generator().manual_seed(seed)
+    w1 = torch.randn(8, 4, 3, 3, generator=g, dtype=torch.float64) * 0.3
+    w2 = torch.randn(6, 8, 3, 3, generator=g, dtype=torch.float64) * 0.3
+
+    def run(x):
+        h = torch.tanh(F.conv2d(x, w1, padding=1))
+        h = F.conv2d(h, w2, padding=1, stride=2)                      # (B, 6, 4, 4)
+        return h.flatten(2).transpose(1, 2)
+
+    return run
+
+
+def test_energy_gradient_matches_finite_differences():
+    net = features_net()
+    g = torch.Generator().manual_seed(1)
+    x = torch.randn(2, 4, 8, 8, generator=g, dtype=torch.float64)
+    gen_mask = torch.zeros(2, 16, dtype=torch.bool)
+    gen_mask[:, 5:11] = True
+    ref = torch.randn(9, 6, generator=g, dtype=torch.float64)
+    ref_mask = torch.ones(9, dtype=torch.bool)
+    ref_mask[0] = False
+
+    def total_energy(z):
+        return energy(match_score(ref, ref_mask, net(z), gen_mask), 8.5).sum()
+
+    grad, score, _ = guidance_gradient(x, lambda z: (net(z), gen_mask), ref, ref_mask, 8.5)
+    assert grad.shape == x.shape and torch.isfinite(score).all()
+    h = 1e-6
+    for flat in torch.randperm(x.numel(), generator=g)[:12]:
+        step = torch.zeros_like(x).view(-1)
+        step[flat] = h
+        step = step.view_as(x)
+        numeric = (total_energy(x + step) - total_energy(x - step)) / (2 * h)
+        assert float(grad.view(-1)[flat]) == pytest.approx(float(numeric), rel=1e-4, abs=1e-8)
+
+
+def test_background_gradients_are_zero():
+    net = features_net(2)
+    x = torch.randn(1, 4, 8, 8, dtype=torch.float64)
+    gen_mask = torch.zeros(1, 16, dtype=torch.bool)
+    gen_mask[0, [5, 6, 9, 10]] = True                                  # a 2 x 2 block of the 4 x 4 grid
+    ref = torch.randn(5, 6, dtype=torch.float64)
+    grad, _, _ = guidance_gradient(x, lambda z: (net(z), gen_mask), ref, torch.ones(5, dtype=torch.bool), 8.5,
+                                   latent_mask=lambda m: mask_to_latent(m, (4, 4), (8, 8)))
+    latent = mask_to_latent(gen_mask, (4, 4), (8, 8))
+    assert (grad * (1 - latent)).abs().max() == 0
+    assert (grad * latent).abs().max() > 0
+
+
+def test_match_score_by_hand():
+    ref = torch.tensor([[1.0, 0.0], [0.0, 1.0]])
+    gen = torch.tensor([[[2.0, 0.0], [0.0, 3.0], [-1.0, 0.0]]])
+    everywhere = torch.ones(1, 3, dtype=torch.bool)
+    assert match_score(ref, torch.ones(2, dtype=torch.bool), gen, everywhere).item() == pytest.approx(1.0)
+    only_third = torch.tensor([[False, False, True]])
+    assert match_score(ref, torch.ones(2, dtype=torch.bool), gen, only_third).item() == pytest.approx(-0.5)
+    nothing = torch.zeros(1, 3, dtype=torch.bool)
+    assert match_score(ref, torch.ones(2, dtype=torch.bool), gen, nothing).item() == 0.0
+    with pytest.raises(ValueError, match="reference mask is empty"):
+        match_score(ref, torch.zeros(2, dtype=torch.bool), gen, everywhere)
+
+
+def test_mask_refinement_by_hand():
+    cross = torch.tensor([[0.0, 1.0, 2.0, 4.0]])
+    identity = torch.eye(4)[None]
+    soft, binary = refine_mask(cross, identity, iterations=1, alpha=2.0, threshold=0.5)
+    expected = normalize(normalize(cross) ** 2)
+    torch.testing.assert_close(soft, expected)
+    assert binary.tolist() == [[False, False, False, True]]
+    spread = torch.full((1, 4, 4), 0.25)                             # every token attends everywhere
+    soft, _ = refine_mask(cross, spread, iterations=3)
+    assert torch.allclose(soft, torch.zeros_like(soft))             # a flat map normalises to 0 (no face)
+
+
+def test_guidance_window_and_strength():
+    settings = RBSettings()
+    assert (settings.strength, settings.start_fraction, settings.t0) == (8.5, 0.6, 671)
+    assert settings.active(600.0) and settings.active(10.0) and not settings.active(600.5)
+    assert not RBSettings(strength=0.0).active(100.0)
+    with pytest.raises(ValueError):
+        RBSettings(t0=1000)
+
+
+def test_guidance_moves_x0_against_the_gradient():
+    denoised = torch.zeros(1, 4, 2, 2)
+    grad = torch.ones(1, 4, 2, 2)
+    out = apply_guidance(denoised, torch.tensor([2.0]), grad)
+    assert torch.equal(out, torch.full_like(denoised, -2.0))
