@@ -45,7 +45,8 @@ def main() -> None:
     patched = apply_identity(model, adapter, adapter.identity_tokens(embeds), 1.0, 0.0, 1.0)
     print(f"SD1.5 UNet ({len(layers)} cross-attention layers), {size} x {size}, {steps} euler steps with CFG, "
           f"{args.identity_tokens} identity tokens; device {device}, {torch.get_num_threads()} threads, {harness.attention_backend()}", flush=True)
-    result = harness.compare(sample, model, patched, steps, repeats, device, names=("plain", "adapter"))
+    result = harness.compare(lambda: sample(model, steps), lambda: sample(patched, steps), repeats,
+                             device, names=("plain", "adapter"))
     harness.report(result, 1.10, {"size": size, "steps": steps, "identity_tokens": args.identity_tokens,
                                   "device": str(device), "attention": harness.attention_backend(), "quick": args.quick})
 

@@ -45,7 +45,8 @@ def main() -> None:
                             AdaINSettings(1.0))
     print(f"SD1.5 UNet ({len(layers)} transformer blocks), {size} x {size}, {steps} euler steps with CFG; "
           f"plain vs Mixed Attention + AdaIN-mean; device {device}, {torch.get_num_threads()} threads, {harness.attention_backend()}", flush=True)
-    result = harness.compare(sample, model, two_streams, steps, repeats, device, names=("plain", "mixed"))
+    result = harness.compare(lambda: sample(model, steps), lambda: sample(two_streams, steps), repeats,
+                             device, names=("plain", "mixed"))
     harness.report(result, 2.05, {"size": size, "steps": steps, "device": str(device), "attention": harness.attention_backend(), "quick": args.quick})
 
 

@@ -107,6 +107,7 @@ def build_sd15(torch, size: int):
         return comfy.sample.sample(m, noise, steps, 5.0, "euler", "normal", positive, negative, latent,
                                    disable_pbar=True, seed=2)
 
+    sample.inputs = {"positive": positive, "negative": negative, "latent": latent, "noise": noise}
     return model, sample, device
 
 
@@ -125,17 +126,17 @@ def setup_comfyui():
     return torch
 
 
-def compare(sample, baseline, variant, steps: int, repeats: int, device, names=("plain", "variant")) -> dict:
-    """Alternate baseline and variant sampling; median time ratio and peak memory ratio."""
-    sample(baseline, steps)                                    # warm-up: load weights, allocate
-    sample(variant, steps)
+def compare(baseline, variant, repeats: int, device, names=("plain", "variant")) -> dict:
+    """Alternate two zero-argument sampling runs; median time ratio and peak memory ratio."""
+    baseline()                                                 # warm-up: load weights, allocate
+    variant()
     seconds = {name: [] for name in names}
     peaks = {name: [] for name in names}
     for r in range(repeats):
-        for name, m in zip(names, (baseline, variant)):
+        for name, run in zip(names, (baseline, variant)):
             with PeakMemory(device) as memory:
                 start = time.perf_counter()
-                sample(m, steps)
+                run()
                 seconds[name].append(time.perf_counter() - start)
             peaks[name].append(memory.peak)
             print(f"  {name:8s} run {r + 1}: {seconds[name][-1]:.2f} s, peak {memory.peak / 2**20:.0f} MiB", flush=True)

@@ -35,17 +35,26 @@ class StopForward(Exception):
 
 
 class FeatureCapture:
-    """output_block_patch: keep the input of output block ``block`` and stop the forward."""
+    """output_block_patch: keep the input of output block ``block`` (the DIFT features).
 
-    def __init__(self, block: int):
+    ``stop``: end the forward there (nothing after it is needed). Otherwise the forward goes
+    on detached from the graph, so only the path to the features is kept for the backward.
+    """
+
+    def __init__(self, block: int, stop: bool):
         self.block = block
+        self.stop = stop
         self.features: Optional[torch.Tensor] = None
 
     def __call__(self, h, hsp, transformer_options):
-        if tuple(transformer_options.get("block", ()))[:2] == ("output", self.block):
+        kind, index = tuple(transformer_options.get("block", ("", -1)))[:2]
+        if kind != "output" or index < self.block:
+            return h, hsp
+        if index == self.block:
             self.features = h
-            raise StopForward
-        return h, hsp
+            if self.stop:
+                raise StopForward
+        return h.detach(), hsp.detach()
 
 
 class AttentionCapture:
@@ -131,19 +140,21 @@ class RBGuider(comfy.samplers.CFGGuider):
         return super().inner_sample(*args, **kwargs)
 
     # -- one UNet pass with captures ---------------------------------------------------------
-    def _run(self, x: torch.Tensor, sigma: torch.Tensor, model_options: dict):
+    def _run(self, x: torch.Tensor, sigma: torch.Tensor, model_options: dict, cond, stop: bool):
+        """(prediction or None when stopped, features (B, C, h, w), attention maps)."""
         target = math.prod(_grid(tuple(x.shape[-2:]), ATTENTION_FACTOR))
         options = dict(model_options)
         transformer = dict(options.get("transformer_options", {}))
         patches = dict(transformer.get("patches", {}))
-        features = FeatureCapture(self.feature_block)
+        features = FeatureCapture(self.feature_block, stop)
         attention = AttentionCapture(self.subject_token, transformer.get("optimized_attention_override"))
         patches["output_block_patch"] = list(patches.get("output_block_patch", [])) + [features]
         transformer["patches"] = patches
         transformer["optimized_attention_override"] = attention
         options["transformer_options"] = transformer
+        prediction = None
         try:
-            comfy.samplers.calc_cond_batch(self.inner_model, [self.conds["positive"]], x, sigma, options)
+            prediction = comfy.samplers.calc_cond_batch(self.inner_model, [cond], x, sigma, options)[0]
         except StopForward:
             pass
         if features.features is None:
@@ -151,7 +162,7 @@ class RBGuider(comfy.samplers.CFGGuider):
         feats = features.features[: x.shape[0]]
         tokens, cross, self_maps = attention.maps(x.shape[0], target)
         grid = token_grid(tokens, *x.shape[-2:]) if tokens else None
-        return feats, (grid, cross, self_maps)
+        return prediction, feats, (grid, cross, self_maps)
 
     def _reference(self, model_options: dict, like: torch.Tensor):
         sampling = self.inner_model.model_sampling
@@ -159,7 +170,8 @@ class RBGuider(comfy.samplers.CFGGuider):
         sigma0 = sampling.sigma(torch.tensor([float(self.settings.t0)], device=like.device)).to(like.dtype)
         noise = torch.randn(z.shape, generator=torch.Generator().manual_seed(self.seed)).to(z)
         with torch.no_grad():
-            feats, _ = self._run(z + sigma0.reshape(-1, 1, 1, 1) * noise, sigma0, model_options)
+            _, feats, _ = self._run(z + sigma0.reshape(-1, 1, 1, 1) * noise, sigma0, model_options,
+                                    self.conds["positive"], stop=True)
         grid = tuple(feats.shape[-2:])
         flat = feats[0].flatten(1).transpose(0, 1)                                        # (Nr, C)
         if self.reference_mask_image is not None:
@@ -190,29 +202,46 @@ class RBGuider(comfy.samplers.CFGGuider):
 
     # -- the guidance ------------------------------------------------------------------------
     def predict_noise(self, x, timestep, model_options={}, seed=None):
-        denoised = super().predict_noise(x, timestep, model_options, seed)
         sampling = self.inner_model.model_sampling
         t = float(sampling.timestep(timestep).reshape(-1)[0])
         if not self.settings.active(t):
-            return denoised
+            return super().predict_noise(x, timestep, model_options, seed)
         comfy.model_management.throw_exception_if_processing_interrupted()
+        return self._guided(x, timestep, model_options)
+
+    def _guided(self, x, timestep, model_options):
+        """CFG whose conditional pass is the tracked one, plus the energy gradient.
+
+        Mirrors ComfyUI's sampling_function (pre-CFG hooks, cfg_function with its post-CFG
+        hooks), with the conditional branch evaluated once, with the graph to the features.
+        """
+        cond, uncond = self.conds.get("positive"), self.conds.get("negative")
+        latent_hw = tuple(x.shape[-2:])
         with torch.inference_mode(False):
             x_tracked, sigma = x.clone(), timestep.clone()
             if self.reference is None:
                 self.reference = self._reference(model_options, x_tracked)
             ref_feats, ref_mask = self.reference
-            latent_hw = tuple(x.shape[-2:])
             state = {}
 
             def features_fn(z):
-                feats, attention = self._run(z, sigma, model_options)
-                mask = self._generation_mask(feats, attention, ref_feats, ref_mask)
-                state["grid"] = tuple(feats.shape[-2:])
-                return feats.flatten(2).transpose(1, 2), mask
+                prediction, feats, attention = self._run(z, sigma, model_options, cond, stop=False)
+                state["cond"], state["grid"] = prediction.detach(), tuple(feats.shape[-2:])
+                return feats.flatten(2).transpose(1, 2), self._generation_mask(feats, attention, ref_feats, ref_mask)
 
             grad, score, _ = guidance_gradient(
                 x_tracked, features_fn, ref_feats, ref_mask, self.settings.strength,
                 latent_mask=lambda m: mask_to_latent(m, state["grid"], latent_hw))
+        cfg1 = math.isclose(self.cfg, 1.0) and not model_options.get("disable_cfg1_optimization", False)
+        uncond_ = None if cfg1 else uncond
+        uncond_pred = (comfy.samplers.calc_cond_batch(self.inner_model, [uncond_], x, timestep, model_options)[0]
+                       if uncond_ is not None else None)
+        out = [state["cond"].to(x.dtype), uncond_pred]
+        for fn in model_options.get("sampler_pre_cfg_function", []):
+            out = fn({"conds": [cond, uncond_], "conds_out": out, "cond_scale": self.cfg, "timestep": timestep,
+                      "input": x, "sigma": timestep, "model": self.inner_model, "model_options": model_options})
+        denoised = comfy.samplers.cfg_function(self.inner_model, out[0], out[1], self.cfg, x, timestep,
+                                               model_options=model_options, cond=cond, uncond=uncond_)
         self.guided_steps += 1
         self.last_score = score
         return apply_guidance(denoised, timestep, grad.to(denoised.device))
