@@ -97,3 +97,28 @@ def test_guidance_moves_x0_against_the_gradient():
     grad = torch.ones(1, 4, 2, 2)
     out = apply_guidance(denoised, torch.tensor([2.0]), grad)
     assert torch.equal(out, torch.full_like(denoised, -2.0))
+
+
+def test_pivot_encoder_binds_the_face_to_the_class_word(tmp_path):
+    from omni_identity.encoders.checkpoint import CheckpointError
+    from omni_identity.encoders.pivot import PivotConfig, PivotIDEncoder, load_pivot, save_pivot
+    torch.manual_seed(0)
+    pivot = PivotIDEncoder(PivotConfig(image_dim=12, text_dim=8)).eval()
+    cond = torch.randn(2, 6, 8)
+    face = torch.randn(1, 12)
+    with torch.no_grad():
+        out = pivot.apply(cond, 3, face)
+        expected = torch.cat([cond[:, 3], face.expand(2, -1)], -1) @ pivot.fuse.weight.T + pivot.fuse.bias
+    torch.testing.assert_close(out[:, 3], expected)
+    assert torch.equal(out[:, :3], cond[:, :3]) and torch.equal(out[:, 4:], cond[:, 4:])
+    path = tmp_path / "pivot.safetensors"
+    save_pivot(pivot, str(path))
+    loaded = load_pivot(str(path))
+    assert loaded.config == pivot.config and torch.equal(loaded.fuse.weight, pivot.fuse.weight)
+    with pytest.raises(ValueError, match="made for 8"):
+        pivot.apply(torch.randn(1, 6, 16), 1, face)
+    with pytest.raises(ValueError, match="outside"):
+        pivot.apply(cond, 9, face)
+    path.write_bytes(path.read_bytes()[:50])
+    with pytest.raises(CheckpointError, match="pivot.safetensors"):
+        load_pivot(str(path))
