@@ -13,21 +13,13 @@ Last line: RESULT {json}.
 """
 from __future__ import annotations
 
-import argparse
-
 import sd15_harness as harness
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--quick", action="store_true")
-    parser.add_argument("--size", type=int)
-    parser.add_argument("--steps", type=int)
-    parser.add_argument("--repeats", type=int)
-    args = parser.parse_args()
-    size = args.size or (192 if args.quick else 512)
-    steps = args.steps or (2 if args.quick else 8)
-    repeats = args.repeats or (2 if args.quick else 3)
+    args = harness.parse_args(__doc__.splitlines()[0], quick=(192, 2, 2), full=(512, 8, 3),
+                              add_arguments=None)
+    size, steps, repeats = args.size, args.steps, args.repeats
 
     torch = harness.setup_comfyui()
     from omni_identity.encoders.embeds import IdentityEmbeds

@@ -146,6 +146,23 @@ def compare(baseline, variant, repeats: int, device, names=("plain", "variant"))
             f"{base}_seconds": statistics.median(seconds[base]), f"{var}_seconds": statistics.median(seconds[var])}
 
 
+def parse_args(description: str, quick: tuple[int, int, int], full: tuple[int, int, int], add_arguments=None):
+    """--quick/--size/--steps/--repeats, resolved from (size, steps, repeats) defaults."""
+    import argparse
+    parser = argparse.ArgumentParser(description=description)
+    parser.add_argument("--quick", action="store_true", help="the small, under-a-minute setting")
+    parser.add_argument("--size", type=int)
+    parser.add_argument("--steps", type=int)
+    parser.add_argument("--repeats", type=int)
+    if add_arguments is not None:
+        add_arguments(parser)
+    args = parser.parse_args()
+    defaults = quick if args.quick else full
+    args.size, args.steps, args.repeats = (given or default for given, default in
+                                           zip((args.size, args.steps, args.repeats), defaults))
+    return args
+
+
 def report(result: dict, goal: float, extra: dict) -> None:
     print(f"time ratio {result['ratio']:.3f} (goal <= {goal}), peak memory ratio {result['peak_mem_ratio']:.3f}")
     print("RESULT " + json.dumps({k: round(v, 4) if isinstance(v, float) else v for k, v in {**result, **extra}.items()}))

@@ -153,18 +153,32 @@ class LayerInjection:
         return out * self.weight
 
 
-class DecoupledAttention:
-    """A cross-attention replacement: the text attention plus every stacked identity term.
+class ReplacePatch:
+    """Base of the pack's attention replace patches.
 
-    ``base`` computes the text attention: the host's attention function, or a replace
-    patch another pack installed before us (kept, so both apply).
+    ``attention`` is the host's attention function; ``base`` a replace patch another pack
+    installed at the same layer before us, kept underneath so both apply.
     """
+
+    def __init__(self, attention: AttentionFn, base: Optional[Callable] = None):
+        self.attention = attention
+        self.base = base
+
+    def base_attention(self, q, k, v, extra: dict) -> torch.Tensor:
+        """What this layer computes without us: the earlier patch, or plain attention."""
+        if self.base is not None:
+            return self.base(q, k, v, extra)
+        return self.attention(q, k, v, extra["n_heads"], attn_precision=extra.get("attn_precision"),
+                              transformer_options=extra)
+
+
+class DecoupledAttention(ReplacePatch):
+    """A cross-attention replacement: the text attention plus every stacked identity term."""
 
     def __init__(self, attention: AttentionFn, injections: Sequence[LayerInjection] = (),
                  base: Optional[Callable] = None):
-        self.attention = attention
+        super().__init__(attention, base)
         self.injections = tuple(injections)
-        self.base = base
 
     def with_injection(self, injection: LayerInjection) -> "DecoupledAttention":
         return DecoupledAttention(self.attention, (*self.injections, injection), self.base)
@@ -177,14 +191,8 @@ class DecoupledAttention:
         base = self.base.to(device) if hasattr(self.base, "to") else self.base
         return DecoupledAttention(self.attention, [i.to(device) for i in self.injections], base)
 
-    def text_attention(self, q, k, v, extra: dict) -> torch.Tensor:
-        if self.base is not None:
-            return self.base(q, k, v, extra)
-        return self.attention(q, k, v, extra["n_heads"], attn_precision=extra.get("attn_precision"),
-                              transformer_options=extra)
-
     def __call__(self, q, k, v, extra: dict) -> torch.Tensor:
-        out = self.text_attention(q, k, v, extra)
+        out = self.base_attention(q, k, v, extra)
         sigmas = extra.get("sigmas")
         shape = extra.get("original_shape")
         latent_hw = tuple(shape[-2:]) if shape is not None and len(shape) >= 4 else None

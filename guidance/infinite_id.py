@@ -28,7 +28,7 @@ from typing import Callable, Optional, Sequence
 
 import torch
 
-from .decoupled import AttentionFn, LayerInjection
+from .decoupled import AttentionFn, LayerInjection, ReplacePatch
 
 ADAIN_MODES = ("adain_mean", "adain")
 STREAMS_KEY = "omni_identity_streams"      # transformer_options: rows of the identity stream
@@ -115,44 +115,33 @@ def _merge(paired_out, alone_out, paired, alone, identity: int) -> torch.Tensor:
     return out
 
 
-class MixedSelfAttention:
-    """attn1 replacement: mixed attention for the identity half, plain for the text half."""
-
-    def __init__(self, attention: AttentionFn, base: Optional[Callable] = None):
-        self.attention = attention
-        self.base = base
+class MixedSelfAttention(ReplacePatch):
+    """attn1 replacement: mixed attention for the identity rows, plain for the text rows."""
 
     def __deepcopy__(self, memo):
         return MixedSelfAttention(self.attention, self.base)
 
-    def plain(self, q, k, v, extra):
-        if self.base is not None:
-            return self.base(q, k, v, extra)
-        return self.attention(q, k, v, extra["n_heads"], attn_precision=extra.get("attn_precision"),
-                              transformer_options=extra)
-
     def __call__(self, q, k, v, extra: dict) -> torch.Tensor:
         layout = _layout(extra, q.shape[0])
         if layout is None or not layout.text_rows:
-            return self.plain(q, k, v, extra)
+            return self.base_attention(q, k, v, extra)
         q_p, q_a, q_t, paired, alone = _split(q, layout)
         k_p, k_a, k_t, _, _ = _split(k, layout)
         v_p, v_a, v_t, _, _ = _split(v, layout)
-        text = self.plain(q_t, k_t, v_t, extra)
+        text = self.base_attention(q_t, k_t, v_t, extra)
         mixed = mixed_attention(q_p, k_p, v_p, k_t, v_t, extra["n_heads"], self.attention, q_text=q_t,
                                 settings=extra.get(STYLE_KEY), attn_precision=extra.get("attn_precision"))
-        own = self.plain(q_a, k_a, v_a, extra) if alone else None
+        own = self.base_attention(q_a, k_a, v_a, extra) if alone else None
         return torch.cat([_merge(mixed, own, paired, alone, layout.identity), text])
 
 
-class StreamCrossAttention:
-    """attn2 replacement: text attention for both halves; the identity half also gets the
-    identity terms (cross-attention merging), its queries AdaIN-aligned to the text half's."""
+class StreamCrossAttention(ReplacePatch):
+    """attn2 replacement: text attention for both streams; the identity rows also get the
+    identity terms (cross-attention merging), their queries AdaIN-aligned to the text rows'."""
 
     def __init__(self, attention: AttentionFn, injections: Sequence[LayerInjection], base: Optional[Callable] = None):
-        self.attention = attention
+        super().__init__(attention, base)
         self.injections = tuple(injections)
-        self.base = base
 
     def __deepcopy__(self, memo):
         return StreamCrossAttention(self.attention, self.injections, self.base)
@@ -160,23 +149,17 @@ class StreamCrossAttention:
     def to(self, device):
         return StreamCrossAttention(self.attention, [i.to(device) for i in self.injections], self.base)
 
-    def text_attention(self, q, k, v, extra):
-        if self.base is not None:
-            return self.base(q, k, v, extra)
-        return self.attention(q, k, v, extra["n_heads"], attn_precision=extra.get("attn_precision"),
-                              transformer_options=extra)
-
     def __call__(self, q, k, v, extra: dict) -> torch.Tensor:
         layout = _layout(extra, q.shape[0])
         if layout is None:
-            return self.text_attention(q, k, v, extra)
+            return self.base_attention(q, k, v, extra)
         paired = list(layout.text_rows)
         q_id = q[:layout.identity]
         settings = extra.get(STYLE_KEY)
         if paired and settings is not None and settings.active:
             q_id = q_id.clone()
             q_id[paired] = align(q_id[paired], q[layout.identity:], settings)
-        identity = self.text_attention(q_id, k[:layout.identity], v[:layout.identity], extra)
+        identity = self.base_attention(q_id, k[:layout.identity], v[:layout.identity], extra)
         shape = extra.get("original_shape")
         latent_hw = tuple(shape[-2:]) if shape is not None and len(shape) >= 4 else None
         branches = list(extra.get("cond_or_uncond") or ())
@@ -186,5 +169,5 @@ class StreamCrossAttention:
                                                              latent_hw)
         if not paired:
             return identity
-        text = self.text_attention(q[layout.identity:], k[layout.identity:], v[layout.identity:], extra)
+        text = self.base_attention(q[layout.identity:], k[layout.identity:], v[layout.identity:], extra)
         return torch.cat([identity, text])

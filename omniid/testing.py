@@ -49,3 +49,22 @@ def images_of(client: ComfyClient, result: RunResult, node_id: str) -> list[np.n
     from PIL import Image
     return [np.asarray(Image.open(io.BytesIO(client.view(f))).convert("RGB"))
             for f in result.files() if f["node"] == node_id]
+
+
+def reference_attention(q, k, v, heads: int):
+    """Multi-head attention written out in float64, per head: softmax(q k^T / sqrt(d)) v.
+
+    (B, N, heads * d) inputs; the independent reference the attention patches are tested against.
+    """
+    import math
+
+    import torch
+    b, n, inner = q.shape
+    d = inner // heads
+    out = torch.empty(b, n, inner, dtype=torch.float64)
+    for i in range(b):
+        for h in range(heads):
+            sl = slice(h * d, (h + 1) * d)
+            weights = torch.softmax(q[i, :, sl].double() @ k[i, :, sl].double().T / math.sqrt(d), -1)
+            out[i, :, sl] = weights @ v[i, :, sl].double()
+    return out

@@ -1,28 +1,14 @@
 """Decoupled identity attention: the patch math against an independent reference."""
 import copy
-import math
-
 import pytest
 import torch
 
 from omni_identity.guidance.decoupled import (COND, UNCOND, BlockWeights, DecoupledAttention, LayerInjection,
                                               add_identity_to_joint_attention, mask_for_layer, sdpa_attention,
                                               token_grid)
+from omniid.testing import reference_attention as ref_attention
 
 HEADS, DIM = 4, 32
-
-
-def ref_attention(q, k, v, heads):
-    """softmax(q k^T / sqrt(d)) v per head, written out."""
-    b, n, inner = q.shape
-    d = inner // heads
-    out = torch.empty(b, n, inner, dtype=torch.float64)
-    for i in range(b):
-        for h in range(heads):
-            sl = slice(h * d, (h + 1) * d)
-            scores = q[i, :, sl].double() @ k[i, :, sl].double().T / math.sqrt(d)
-            out[i, :, sl] = torch.softmax(scores, -1) @ v[i, :, sl].double()
-    return out
 
 
 def make(seed=0, tokens=6, batch=2, length=12, ctx=5):

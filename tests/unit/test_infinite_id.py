@@ -1,6 +1,4 @@
 """Infinite-ID: mixed attention, cross-attention merging and AdaIN-mean against references."""
-import math
-
 import pytest
 import torch
 
@@ -8,20 +6,9 @@ from omni_identity.guidance.decoupled import COND, UNCOND, LayerInjection, sdpa_
 from omni_identity.guidance.infinite_id import (STREAMS_KEY, STYLE_KEY, AdaINSettings, MixedSelfAttention,
                                                 StreamCrossAttention, StreamLayout, adain, adain_mean,
                                                 mixed_attention)
+from omniid.testing import reference_attention as ref_attention
 
 HEADS, DIM = 2, 16
-
-
-def ref_attention(q, k, v, heads):
-    b, n, inner = q.shape
-    d = inner // heads
-    out = torch.empty(b, n, inner, dtype=torch.float64)
-    for i in range(b):
-        for h in range(heads):
-            sl = slice(h * d, (h + 1) * d)
-            weights = torch.softmax(q[i, :, sl].double() @ k[i, :, sl].double().T / math.sqrt(d), -1)
-            out[i, :, sl] = weights @ v[i, :, sl].double()
-    return out
 
 
 def rand(*shape, seed=0):
