@@ -1,5 +1,6 @@
 """Decoupled identity attention: the patch math against an independent reference."""
 import copy
+
 import pytest
 import torch
 
