@@ -99,3 +99,32 @@ class TokenCache:
         while len(self._items) > self.capacity:
             self._items.popitem(last=False)
         return torch.stack(result), len(missing)
+
+
+class OpenCLIPScorer:
+    """Projected image and text embeddings of an open_clip model, for CLIP-T and CLIP-I."""
+
+    def __init__(self, model, tokenizer, device: str | torch.device = "cpu"):
+        self.model = model.eval().to(device)
+        self.tokenizer = tokenizer
+        self.device = torch.device(device)
+        cfg = getattr(model.visual, "preprocess_cfg", {}) or {}
+        self.mean = tuple(cfg.get("mean", OPENAI_MEAN))
+        self.std = tuple(cfg.get("std", OPENAI_STD))
+        size = getattr(model.visual, "image_size", 224)
+        self.size = size[0] if isinstance(size, (tuple, list)) else int(size)
+
+    @classmethod
+    def load(cls, model_name: str, checkpoint: Optional[str] = None, device="cpu") -> "OpenCLIPScorer":
+        import open_clip
+        model = open_clip.create_model(model_name, pretrained=checkpoint, device=device)
+        return cls(model, open_clip.get_tokenizer(model_name), device)
+
+    @torch.no_grad()
+    def image_embeds(self, images: torch.Tensor) -> torch.Tensor:
+        x = clip_preprocess(images.to(self.device), self.size, self.mean, self.std)
+        return self.model.encode_image(x).float().cpu()
+
+    @torch.no_grad()
+    def text_embeds(self, texts: list[str]) -> torch.Tensor:
+        return self.model.encode_text(self.tokenizer(texts).to(self.device)).float().cpu()

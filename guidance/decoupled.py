@@ -118,10 +118,15 @@ class LayerInjection:
         return self.sigma_end <= sigma <= self.sigma_start
 
     def kv(self, branch: int, like: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        key = (branch, like.device, like.dtype)
+        # Outside inference mode (a guider's tracked pass) autograd may save K/V for the
+        # backward, which inference tensors (made while a ComfyUI graph ran) cannot be.
+        tracked = not torch.is_inference_mode_enabled()
+        key = (branch, like.device, like.dtype, tracked)
         if key not in self._cast:
-            self._cast[key] = (self.keys[branch].to(like.device, like.dtype),
-                               self.values[branch].to(like.device, like.dtype))
+            pair = (self.keys[branch].to(like.device, like.dtype), self.values[branch].to(like.device, like.dtype))
+            if tracked:
+                pair = tuple(t.clone() if t.is_inference() else t for t in pair)
+            self._cast[key] = pair
         return self._cast[key]
 
     def to(self, device) -> "LayerInjection":

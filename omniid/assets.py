@@ -172,6 +172,9 @@ TEST_ADAPTERS = {
         projection="faceid_plusv2", token_dim=768, projection_args=dict(
             id_dim=512, hidden=64, output_dim=768, num_tokens=4, dim=768, depth=1, heads=12, embedding_dim=1280,
             ff_mult=1)),
+    # the baselines' own adapters (they read the baseline encoders' projected tokens)
+    "omniid_tiny_sd15_arcface.safetensors": dict(projection="none", token_dim=1280, embeds_kind="arcface"),
+    "omniid_tiny_sd15_arcface_clip.safetensors": dict(projection="none", token_dim=1280, embeds_kind="arcface_clip"),
     # made for another UNet: the fit check must name adapter, embeds and model
     "omniid_tiny_other_unet.safetensors": dict(projection="none", token_dim=1280, layer_dims=(640, 640, 1280)),
 }

@@ -63,3 +63,27 @@ def test_cancel_mid_run_stops_cleanly_and_the_next_prompt_runs(comfy):
     assert failure.value.interrupted
     g2, save, _ = guided_graph(steps=3, prefix="rb/after_cancel", face_analysis=False)
     assert images_of(comfy, comfy.run(g2.nodes, timeout=600), save)[0].shape == (64, 64, 3)
+
+
+def test_guidance_on_a_model_with_an_identity_adapter(comfy, comfy_server):
+    """The tracked pass runs through the adapter's patches, whose K/V were made in inference mode."""
+    import shutil
+    g = Graph()
+    embeds = g.add("OmniIdentityEncode",
+                   encoder=g.out(g.add("OmniIdentityEncoderLoader", encoder_name="omniid_tiny_omni_id.safetensors")),
+                   clip_vision=g.out(g.add("CLIPVisionLoader", clip_name="omniid_random_clip_vit_h.safetensors")),
+                   images=g.photos("id_1.png"))
+    g.add("OmniIdentitySaveEmbeds", embeds=g.out(embeds), filename_prefix="rb/omni")
+    comfy.run(g.nodes, timeout=600)
+    source = sorted((comfy_server.base_directory / "output" / "rb").glob("omni_0*.safetensors"))[-1]
+    shutil.copy(source, comfy_server.base_directory / "input" / "rb_omni.safetensors")
+
+    g, save, _ = guided_graph(steps=4, prefix="rb/with_adapter", face_analysis=False)
+    guider = next(n for n, node in g.nodes.items() if node["class_type"] == "OmniIdentityRBGuidance")
+    ckpt = next(n for n, node in g.nodes.items() if node["class_type"] == "CheckpointLoaderSimple")
+    patched = g.add("OmniIdentityApplyAdapter", model=g.out(ckpt, 0),
+                    adapter=g.out(g.add("OmniIdentityAdapterLoader", adapter_name="omniid_tiny_sd15_omni.safetensors")),
+                    embeds=g.out(g.add("OmniIdentityLoadEmbeds", embeds_file="rb_omni.safetensors")),
+                    weight=1.0, start_at=0.0, end_at=1.0)
+    g.nodes[guider]["inputs"]["model"] = g.out(patched)
+    assert images_of(comfy, comfy.run(g.nodes, timeout=600), save)[0].shape == (64, 64, 3)
