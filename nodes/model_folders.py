@@ -14,7 +14,7 @@ MODEL_FOLDERS: dict[str, set[str]] = {
     "omni_identity": {".safetensors"},
     "ipadapter": {".safetensors", ".bin"},
     "insightface": set(),
-    "flame": {".pkl", ".npz"},
+    "flame": {".pkl", ".npz", ".npy"},
 }
 
 

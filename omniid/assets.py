@@ -161,6 +161,7 @@ TEST_ENCODERS = {
     "omniid_tiny_arcface_clip.safetensors": dict(architecture="arcface_clip", num_queries=16, id_hidden=64,
                                                  cross_depth=1, self_depth=1, mlp_ratio=1.0),
 }
+SYNTHETIC_FLAME_VERSION = 2     # omniid/flame_fixture.py's files; bump when they change
 TEST_ARCFACE_ONNX = "models/omniid_test/random_arcface.onnx"   # under models/insightface/
 TINY_UNET_ATTN2_DIMS = (320, 320, 320, 320)   # tests/comfy/tiny_models.py's UNet: input 1, output 0-1, middle
 TEST_ADAPTERS = {
@@ -188,7 +189,7 @@ def pack_test_models() -> Path:
     """
     import hashlib
 
-    key = hashlib.sha1(json.dumps([TEST_ENCODERS, TEST_ADAPTERS, TINY_UNET_ATTN2_DIMS],
+    key = hashlib.sha1(json.dumps([TEST_ENCODERS, TEST_ADAPTERS, TINY_UNET_ATTN2_DIMS, SYNTHETIC_FLAME_VERSION],
                                   sort_keys=True).encode()).hexdigest()[:10]
     target = cache_dir() / "pack_models" / key
     if (target / "done").is_file():
@@ -215,6 +216,8 @@ def pack_test_models() -> Path:
             save_file(h94_state_dict(adapter), str(path))
         else:
             save_adapter(adapter, str(path), extra={"note": "random weights for tests"})
+    from .flame_fixture import write_synthetic_flame
+    write_synthetic_flame(staging / "flame")
     (staging / "done").write_text("ok")
     shutil.rmtree(target, ignore_errors=True)
     target.parent.mkdir(parents=True, exist_ok=True)
