@@ -189,12 +189,17 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument("--output", default="omniid-output", help="folder for the outputs (a subfolder per prompt)")
     run.add_argument("--timeout", type=float, default=3600.0, help="seconds to wait for the prompt")
     run.add_argument("--quiet", action="store_true", help="no progress on stderr")
+    from .train_cli import add_parser
+    add_parser(sub)
     return parser
 
 
 def main(argv: Optional[list[str]] = None) -> int:
     args = build_parser().parse_args(argv)
     try:
+        if args.command == "train":
+            from .train_cli import cmd_train
+            return cmd_train(args)
         return cmd_serve(args) if args.command == "serve" else cmd_run(args)
     except UsageError as exc:
         print(f"error: {exc}", file=sys.stderr)

@@ -68,3 +68,24 @@ def reference_attention(q, k, v, heads: int):
             weights = torch.softmax(q[i, :, sl].double() @ k[i, :, sl].double().T / math.sqrt(d), -1)
             out[i, :, sl] = weights @ v[i, :, sl].double()
     return out
+
+
+def tiny_clip_tokens(width: int = 64, seed: int = 0):
+    """A fixed random stand-in for CLIP's penultimate tokens: (B, 3, 224, 224) -> (B, 50, width).
+
+    A 32 x 32 patch convolution plus a class token (the patch mean): CLIP's interface in
+    miniature, for training tests and CPU experiments."""
+    import torch
+
+    generator = torch.Generator().manual_seed(seed)
+    weight = torch.randn(width, 3, 32, 32, generator=generator) * (3 * 32 * 32) ** -0.5
+    bias = torch.randn(width, generator=generator) * 0.1
+
+    def tokens(images):
+        import torch.nn.functional as F
+        if images.shape[-1] != 224:
+            images = F.interpolate(images, size=(224, 224), mode="bilinear", align_corners=False)
+        patches = F.conv2d(images * 2 - 1, weight, bias, stride=32).flatten(2).transpose(1, 2)
+        return torch.cat([patches.mean(1, keepdim=True), patches], 1)
+
+    return tokens

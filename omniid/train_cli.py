@@ -1,0 +1,95 @@
+"""``python -m omniid train``: stage-1 (MTD) training outside ComfyUI, single process or torchrun.
+
+    python -m omniid train --data DIR --clip open_clip:ViT-H-14:CLIP.bin --out encoder.safetensors
+    torchrun --nproc_per_node 8 -m omniid train ...   (DDP; the global batch is batch x accum x processes)
+
+The encoder file it writes is what OmniIdentityEncoderLoader reads. ``--clip testing-tiny``
+is a small fixed random tokenizer for tests and CPU experiments.
+"""
+from __future__ import annotations
+
+import json
+import os
+import sys
+
+
+def add_parser(sub) -> None:
+    p = sub.add_parser("train", help="train the Omni-ID encoder with the masked transformer decoder (stage 1)")
+    p.add_argument("--data", required=True, help="dataset folder: one sub-folder of photos per identity")
+    p.add_argument("--clip", required=True,
+                   help="the frozen feature extractor: open_clip:MODEL[:CHECKPOINT] (ViT-H-14 in the paper) "
+                        "or testing-tiny")
+    p.add_argument("--out", required=True, help="encoder .safetensors written at the end")
+    p.add_argument("--checkpoint", help="training checkpoint (resumed when it exists)")
+    p.add_argument("--encoder-config", default="{}", help="JSON overrides of the encoder config")
+    p.add_argument("--decoder-config", default="{}", help="JSON overrides of the MTD config")
+    p.add_argument("--steps", type=int, default=1000)
+    p.add_argument("--batch", type=int, default=8, help="identities per process per micro-batch")
+    p.add_argument("--grad-accum", type=int, default=1)
+    p.add_argument("--lr", type=float, default=1e-4)
+    p.add_argument("--precision", choices=("fp32", "bf16"), default="fp32")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--save-every", type=int, default=100)
+    p.add_argument("--sampler", choices=("few_to_many", "eight_to_eight", "one_to_one"), default="few_to_many")
+    p.add_argument("--inputs", default="1-3", help="range of input photos per identity, e.g. 1-3")
+    p.add_argument("--targets", type=int, default=8)
+    p.add_argument("--threads", type=int, default=0, help="torch CPU threads (0: torch's default)")
+
+
+def token_source(spec: str, clip_dim: int):
+    if spec == "testing-tiny":
+        from .testing import tiny_clip_tokens
+        return tiny_clip_tokens(clip_dim)
+    if spec.startswith("open_clip:"):
+        from omni_identity.encoders.clip_features import OpenCLIPTokens
+        _, name, *checkpoint = spec.split(":", 2)
+        return OpenCLIPTokens.load(name, checkpoint=checkpoint[0] if checkpoint else None)
+    raise SystemExit(f"error: --clip must be open_clip:MODEL[:CHECKPOINT] or testing-tiny, not {spec!r}")
+
+
+def cmd_train(args) -> int:
+    import torch
+    import torch.distributed as dist
+
+    from .pack import import_pack
+    import_pack()
+    from omni_identity.encoders.checkpoint import save_encoder
+    from omni_identity.encoders.omni_id import EncoderConfig, create_encoder
+    from omni_identity.training.dataset import IdentityDataset, SamplerConfig
+    from omni_identity.training.mtd import MTDConfig
+    from omni_identity.training.run import train_mtd
+    from omni_identity.training.trainer import TrainConfig
+
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    torch.use_deterministic_algorithms(True)
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    if world > 1:
+        dist.init_process_group("gloo")
+    rank = dist.get_rank() if dist.is_initialized() else 0
+    try:
+        encoder_config = EncoderConfig(**json.loads(args.encoder_config))
+        low, _, high = args.inputs.partition("-")
+        sampler = SamplerConfig(args.sampler, int(low), int(high or low), args.targets)
+        train = TrainConfig(steps=args.steps, batch=args.batch, grad_accum=args.grad_accum, lr=args.lr,
+                            precision=args.precision, seed=args.seed, save_every=args.save_every)
+        mtd = MTDConfig(**json.loads(args.decoder_config))
+        dataset = IdentityDataset(args.data)
+        if rank == 0:
+            print(dataset.describe(), file=sys.stderr)
+        encoder = create_encoder(encoder_config, seed=args.seed)
+
+        def report(step, loss):
+            if rank == 0:
+                print(f"step {step}/{args.steps} loss {loss:.5f}", file=sys.stderr, flush=True)
+
+        trainer = train_mtd(dataset, encoder, token_source(args.clip, encoder_config.clip_dim), mtd, train, sampler,
+                            checkpoint_path=args.checkpoint, on_step=report)
+        if rank == 0:
+            save_encoder(encoder, args.out, extra={"trained": {"stage": "mtd", "steps": trainer.step,
+                                                              "final_loss": trainer.losses[-1]}})
+            print(args.out)
+    finally:
+        if dist.is_initialized():
+            dist.destroy_process_group()
+    return 0

@@ -1,0 +1,146 @@
+"""Stage-1 training: sampler, masking, MTD, resume after SIGKILL, DDP equivalence."""
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from omni_identity.encoders.omni_id import EncoderConfig, create_encoder
+from omni_identity.training.dataset import DatasetError, FewToManySampler, IdentityDataset, SamplerConfig
+from omni_identity.training.mtd import (MTDConfig, create_decoder, masked_count, patchify, random_mask,
+                                        unpatchify)
+from omni_identity.training.run import train_mtd
+from omni_identity.training.trainer import TrainConfig
+from omniid.synthetic_faces import write_identity_dataset
+from omniid.testing import tiny_clip_tokens
+
+ROOT = Path(__file__).resolve().parents[2]
+ENCODER = {"clip_dim": 64, "tokens_per_image": 50, "dim": 64, "num_queries": 16, "num_heads": 4,
+           "cross_depth": 1, "self_depth": 1, "mlp_ratio": 2.0}
+DECODER = {"image_size": 56, "patch": 14, "dim": 64, "num_heads": 4, "cross_depth": 2, "self_depth": 1,
+           "mlp_ratio": 2.0}
+
+
+@pytest.fixture(scope="module")
+def dataset_dir(tmp_path_factory):
+    root = write_identity_dataset(tmp_path_factory.mktemp("identities"), identities=6, photos=8, size=56)
+    (root / "too_few").mkdir()
+    return root
+
+
+def test_dataset_lists_identities_and_refuses_empty_folders(dataset_dir, tmp_path):
+    dataset = IdentityDataset(dataset_dir)
+    assert len(dataset) == 6 and dataset.left_out == ["too_few"]
+    assert "6 identities, 48 photos (8-8 per identity)" in dataset.describe()
+    with pytest.raises(DatasetError, match="no identity folder with at least 2 photos"):
+        IdentityDataset(tmp_path)
+
+
+def test_few_to_many_sampler_counts_and_ranges(dataset_dir):
+    dataset = IdentityDataset(dataset_dir)
+    sampler = FewToManySampler(dataset, SamplerConfig("few_to_many", 1, 3, 8), seed=3)
+    seen = set()
+    for step in range(60):
+        batch = sampler.sample(step, 4)
+        assert len({s.identity for s in batch}) == 4                      # distinct identities in a batch
+        for s in batch:
+            assert 1 <= len(s.inputs) <= 3 and len(s.targets) == 8 and set(s.inputs) <= set(s.targets)
+            seen.add(len(s.inputs))
+    assert seen == {1, 2, 3}
+    assert [vars(s) for s in sampler.sample(7, 5)] == [vars(s) for s in sampler.sample(7, 5)]
+    two_to_four = FewToManySampler(dataset, SamplerConfig("few_to_many", 2, 4, 5), seed=0).sample(0, 30)
+    assert {len(s.inputs) for s in two_to_four} == {2, 3, 4} and {len(s.targets) for s in two_to_four} == {5}
+    for s in FewToManySampler(dataset, SamplerConfig("eight_to_eight"), seed=0).sample(0, 6):
+        assert s.inputs == s.targets and len(s.targets) == 8
+    for s in FewToManySampler(dataset, SamplerConfig("one_to_one"), seed=0).sample(0, 6):
+        assert len(s.inputs) == 1 and s.inputs == s.targets
+    with pytest.raises(ValueError, match="inputs range 3-1"):
+        SamplerConfig("few_to_many", 3, 1)
+
+
+@pytest.mark.parametrize("ratio", [0.95, 0.85, 0.99])
+def test_exactly_the_configured_share_of_patches_is_masked(ratio):
+    generators = [torch.Generator().manual_seed(i) for i in range(5)]
+    mask = random_mask(5, 400, ratio, generators)
+    assert mask.sum(1).tolist() == [round(400 * ratio)] * 5
+    assert MTDConfig().patches == 1024 and masked_count(1024, 0.95) == 973          # 448 px, 14 px patches
+    assert not torch.equal(mask[0], mask[1])
+
+
+def test_patchify_round_trips_and_the_decoder_has_the_paper_shape():
+    images = torch.rand(2, 3, 56, 56)
+    patches = patchify(images, 14)
+    assert patches.shape == (2, 16, 14 * 14 * 3)
+    assert torch.equal(unpatchify(patches, 14, 56), images)
+    paper = MTDConfig()
+    assert (paper.cross_depth, paper.self_depth, paper.patch, paper.mask_ratio) == (6, 2, 14, 0.95)
+    decoder = create_decoder(MTDConfig(**DECODER, id_dim=64), seed=0)
+    out = decoder(patches, torch.randn(2, 16, 64), random_mask(2, 16, 0.95, [torch.Generator()] * 2))
+    assert out.shape == patches.shape
+
+
+def test_mtd_training_lowers_the_loss(dataset_dir):
+    torch.manual_seed(0)
+    encoder = create_encoder(EncoderConfig(**ENCODER), seed=0)
+    trainer = train_mtd(IdentityDataset(dataset_dir), encoder, tiny_clip_tokens(64), MTDConfig(**DECODER),
+                        TrainConfig(steps=30, batch=3, lr=1e-3, save_every=0), SamplerConfig())
+    losses = trainer.losses
+    assert len(losses) == 30 and sum(losses[-5:]) / 5 < 0.8 * sum(losses[:5]) / 5
+
+
+def train_command(data, out, checkpoint, steps, batch=2, extra=()):
+    return [sys.executable, "-m", "omniid", "train", "--data", str(data), "--clip", "testing-tiny",
+            "--out", str(out), "--checkpoint", str(checkpoint), "--steps", str(steps), "--batch", str(batch),
+            "--lr", "1e-3", "--save-every", "1", "--threads", "1", "--encoder-config", json.dumps(ENCODER),
+            "--decoder-config", json.dumps(DECODER), *extra]
+
+
+def run(cmd, **kwargs):
+    done = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=600, **kwargs)
+    assert done.returncode == 0, done.stderr[-3000:]
+    return done
+
+
+def test_a_run_killed_with_sigkill_resumes_to_the_same_weights(dataset_dir, tmp_path):
+    steps = 8
+    run(train_command(dataset_dir, tmp_path / "straight.safetensors", tmp_path / "straight.pt", steps))
+    checkpoint = tmp_path / "killed.pt"
+    process = subprocess.Popen(train_command(dataset_dir, tmp_path / "resumed.safetensors", checkpoint, steps),
+                               cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    deadline = time.time() + 300
+    killed_at = None
+    while time.time() < deadline and process.poll() is None:
+        if checkpoint.exists():
+            step = torch.load(checkpoint, weights_only=True)["step"]
+            if step >= 3:
+                process.send_signal(signal.SIGKILL)
+                killed_at = step
+                break
+        time.sleep(0.05)
+    process.wait()
+    assert killed_at is not None and killed_at < steps, "the run ended before it could be killed"
+    assert not (tmp_path / "resumed.safetensors").exists()
+    run(train_command(dataset_dir, tmp_path / "resumed.safetensors", checkpoint, steps))
+    straight, resumed = (load_file(tmp_path / f"{n}.safetensors") for n in ("straight", "resumed"))
+    assert straight.keys() == resumed.keys()
+    for key in straight:
+        assert torch.equal(straight[key], resumed[key]), key
+
+
+def test_two_torchrun_processes_match_one_with_the_same_global_batch(dataset_dir, tmp_path):
+    steps = 4
+    run(train_command(dataset_dir, tmp_path / "one.safetensors", tmp_path / "one.pt", steps, batch=2))
+    torchrun = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2"]
+    command = train_command(dataset_dir, tmp_path / "two.safetensors", tmp_path / "two.pt", steps, batch=1)
+    run(torchrun + command[1:], env={**os.environ, "OMP_NUM_THREADS": "1"})
+    one, two = (load_file(tmp_path / f"{n}.safetensors") for n in ("one", "two"))
+    for key in one:
+        torch.testing.assert_close(one[key], two[key], atol=2e-5, rtol=1e-4)
+    assert any(not torch.equal(one[k], create_encoder(EncoderConfig(**ENCODER), seed=0).state_dict()[k])
+               for k in one)                                                    # it did train
