@@ -7,6 +7,7 @@ import sys
 import time
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 from safetensors.torch import load_file
@@ -144,3 +145,102 @@ def test_two_torchrun_processes_match_one_with_the_same_global_batch(dataset_dir
         torch.testing.assert_close(one[key], two[key], atol=2e-5, rtol=1e-4)
     assert any(not torch.equal(one[k], create_encoder(EncoderConfig(**ENCODER), seed=0).state_dict()[k])
                for k in one)                                                    # it did train
+
+
+class TinyHost:
+    """A small epsilon-prediction denoiser with cross-attention layers, standing in for a base model."""
+    image_size = 32
+
+    def __init__(self, layers=(32, 32), seed=0):
+        g = torch.Generator().manual_seed(seed)
+        self.layers = layers
+        self.text = torch.randn(4, 32, generator=g)
+        self.w_in = [torch.randn(3, d, generator=g) * 0.5 for d in layers]
+        self.w_text = [(torch.randn(32, d, generator=g) * 0.2, torch.randn(32, d, generator=g) * 0.2) for d in layers]
+        self.w_out = [torch.randn(d, 3, generator=g) * 0.2 for d in layers]
+        self.text_calls = []
+
+    def encode(self, images):
+        return torch.nn.functional.avg_pool2d(images * 2 - 1, 4)            # (B, 3, 8, 8)
+
+    def sigma_at(self, u):
+        return 0.05 + 2.0 * (1 - u)
+
+    def noise(self, x0, sigma, eps):
+        return x0 + sigma.reshape(-1, 1, 1, 1) * eps
+
+    def denoise(self, x_t, sigma, identity_kv, text_attention):
+        self.text_calls.append(text_attention)
+        b = x_t.shape[0]
+        h = (x_t / (1 + sigma.reshape(-1, 1, 1, 1) ** 2).sqrt()).flatten(2).transpose(1, 2)   # (B, 64, 3)
+        eps = torch.zeros_like(h)
+        for i, (k_id, v_id) in enumerate(identity_kv):
+            q = h @ self.w_in[i]
+            out = torch.nn.functional.scaled_dot_product_attention(q, k_id, v_id)
+            if text_attention:
+                k_t, v_t = (self.text @ w for w in self.w_text[i])
+                out = out + torch.nn.functional.scaled_dot_product_attention(q, k_t.expand(b, -1, -1),
+                                                                             v_t.expand(b, -1, -1))
+            eps = eps + out @ self.w_out[i]
+        eps = eps.transpose(1, 2).reshape(x_t.shape)
+        return x_t - sigma.reshape(-1, 1, 1, 1) * eps
+
+
+@pytest.mark.parametrize("mode", ["omni_id", "identity_enhanced"])
+def test_flow_matching_stage_trains_encoder_and_projections(dataset_dir, mode):
+    from omni_identity.guidance.adapter import AdapterConfig, create_adapter
+    from omni_identity.training.dataset import FewToManySampler
+    from omni_identity.training.flow_matching import FlowMatchingObjective
+    from omni_identity.training.trainer import Trainer
+    encoder = create_encoder(EncoderConfig(**ENCODER), seed=0)
+    adapter = create_adapter(AdapterConfig(family="unet", token_dim=64, layer_dims=(32, 32)), seed=1)
+    before = {k: v.clone() for k, v in {**encoder.state_dict(), **adapter.state_dict()}.items()}
+    host = TinyHost()
+    sampler = FewToManySampler(IdentityDataset(dataset_dir), SamplerConfig(targets=4), seed=0)
+    trainer = Trainer(FlowMatchingObjective(encoder, adapter, host, sampler, tiny_clip_tokens(64), mode=mode),
+                      TrainConfig(steps=25, batch=2, lr=3e-3, save_every=0))
+    losses = trainer.run()
+    assert sum(losses[-5:]) < sum(losses[:5])
+    assert set(host.text_calls) == {mode == "omni_id"}
+    after = {**encoder.state_dict(), **adapter.state_dict()}
+    assert not torch.equal(before["queries"], after["queries"])
+    assert not torch.equal(before["layers.0.to_k.weight"], after["layers.0.to_k.weight"])
+
+
+
+def test_pose_selection_takes_distinct_clusters_far_apart():
+    from omni_identity.training.build_dataset import BuildSettings, FaceEntry, choose_by_pose
+    rng = np.random.default_rng(0)
+    entries = [FaceEntry(i, None, np.zeros(4), np.array([*rng.uniform(-60, 60, 2), 0.0]), quality=float(rng.uniform()))
+               for i in range(200)]
+    chosen = choose_by_pose(entries, BuildSettings())
+    assert len(chosen) == 8
+    poses = np.stack([c.pose[:2] for c in chosen])
+    gaps = np.linalg.norm(poses[:, None] - poses[None], axis=-1) + np.eye(8) * 1e9
+    assert gaps.min() > 15.0
+
+
+def test_dataset_builder_groups_people_and_writes_their_crops(photos, tmp_path):
+    from omniid.assets import identity_photo_set
+    identity_photos = identity_photo_set()
+    from omni_identity.encoders.face import create_analyzer
+    from omni_identity.training.build_dataset import BuildSettings, build_dataset
+    from PIL import Image
+
+    from omni_identity.training.dataset import load_image
+    from omniid.assets import load_photo
+    size = 384
+    batch = [load_image(identity_photos[f"id_{i}.png"], size).permute(1, 2, 0) for i in range(1, 8)]
+    biden = load_photo(photos / "biden.jpg")
+    biden = np.asarray(Image.fromarray(biden[:biden.shape[1]]).resize((size, size)))     # the top square: the face
+    batch += [torch.from_numpy(biden.copy()).float() / 255, torch.zeros(size, size, 3)]
+    settings = BuildSettings(photos_per_identity=3, min_pose_difference=0.5, crop_size=112)
+    report = build_dataset(torch.stack(batch), create_analyzer("dlib"), tmp_path, settings)
+    assert report.images_without_face == [8]
+    assert len(report.identities) == 1 and report.identities[0]["faces"] == 7
+    assert report.identities[0]["after_quality_filter"] == 6                     # 20% dropped
+    assert set(report.identities[0]["images"]) <= set(range(7))
+    assert report.left_out[0]["faces"] == 1 and "only 1 faces" in report.left_out[0]["reason"]   # Biden alone
+    written = sorted((tmp_path / "identity_0000").glob("*.png"))
+    assert len(written) == 3
+    assert len(IdentityDataset(tmp_path)) == 1

@@ -1,0 +1,112 @@
+"""Stage 2: the identity adapter on a frozen base model, trained with the model's own denoising loss.
+
+Appendix A.2: the encoder and the per-layer K/V projections of the decoupled attention
+are trained, the base model stays frozen. The loss is written once for any model
+parameterisation: with x_t the model's noising of x0 at sigma and D(x_t) its denoised
+prediction, loss = |(x_t - D(x_t)) / sigma - (x_t - x0) / sigma|^2. For a flow model
+(FLUX: x_t = (1 - sigma) x0 + sigma eps) the target (x_t - x0) / sigma is eps - x0, the
+flow-matching velocity; for an epsilon model (SD1.5) it is eps. Modes:
+
+- ``omni_id``: text and identity attention, as the paper trains Omni-ID's adapter;
+- ``identity_enhanced``: Infinite-ID's identity-enhanced training, text cross-attention
+  off so the identity branch alone must explain the image.
+
+The base model enters through a ``DenoiserHost`` (ComfyUI's model in the nodes, a small
+torch model in the tests): it encodes images to latents, noises them, and denoises with
+given identity keys/values per layer.
+"""
+from __future__ import annotations
+
+from typing import Protocol
+
+import torch
+import torch.nn as nn
+
+from .mtd import ImageCache
+from .trainer import sample_seed
+
+FM_MODES = ("omni_id", "identity_enhanced")
+
+
+class DenoiserHost(Protocol):
+    image_size: int
+
+    def encode(self, images: torch.Tensor) -> torch.Tensor:
+        """(B, 3, H, W) in [0, 1] -> the model's latents x0 (no gradient)."""
+
+    def sigma_at(self, u: torch.Tensor) -> torch.Tensor:
+        """u in (0, 1) -> noise levels covering the model's schedule."""
+
+    def noise(self, x0: torch.Tensor, sigma: torch.Tensor, eps: torch.Tensor) -> torch.Tensor: ...
+
+    def denoise(self, x_t: torch.Tensor, sigma: torch.Tensor, identity_kv: list[tuple[torch.Tensor, torch.Tensor]],
+                text_attention: bool) -> torch.Tensor:
+        """D(x_t): the denoised prediction with the identity's (B, L, inner) K/V at every layer."""
+
+
+class AdapterTraining(nn.Module):
+    """The trainable part of stage 2: the encoder and the adapter's per-layer projections."""
+
+    def __init__(self, encoder: nn.Module, adapter: nn.Module):
+        super().__init__()
+        self.encoder, self.adapter = encoder, adapter
+
+    def forward(self, clip_tokens, counts):
+        identity = self.encoder(clip_tokens, counts=counts)            # (B, L, D)
+        return [(layer.to_k(identity), layer.to_v(identity)) for layer in self.adapter.layers]
+
+
+class FlowMatchingObjective:
+    def __init__(self, encoder, adapter, host: DenoiserHost, sampler, token_fn, seed: int = 0,
+                 mode: str = "omni_id", clip_size: int = 224):
+        if mode not in FM_MODES:
+            raise ValueError(f"mode must be one of {FM_MODES}, not {mode!r}")
+        if adapter.config.projection != "none":
+            raise ValueError("stage 2 trains the pack's own adapters (identity tokens straight into K/V); "
+                             f"this adapter has a '{adapter.config.projection}' image projection")
+        if adapter.config.token_dim != encoder.config.dim:
+            raise ValueError(f"the adapter reads tokens of width {adapter.config.token_dim}, the encoder makes "
+                             f"{encoder.config.dim}")
+        self.module = AdapterTraining(encoder, adapter)
+        self.host, self.sampler, self.seed, self.mode = host, sampler, seed, mode
+        self.cache = ImageCache(token_fn, clip_size)
+        self.latents: dict[str, torch.Tensor] = {}
+
+    def draw(self, step: int, count: int) -> list:
+        return self.sampler.sample(step, count)
+
+    def _latent(self, path) -> torch.Tensor:
+        key = str(path)
+        if key not in self.latents:
+            with torch.no_grad():
+                self.latents[key] = self.host.encode(self.cache.image(path, self.host.image_size)[None])[0]
+        return self.latents[key]
+
+    def loss(self, model, samples, step: int, first_index: int) -> torch.Tensor:
+        identities = self.sampler.dataset.identities
+        counts = [len(s.inputs) for s in samples]
+        most = max(counts)
+        rows = []
+        for s in samples:
+            tokens = self.cache.clip_tokens([identities[s.identity].images[i] for i in s.inputs])
+            rows.append(torch.cat([tokens, tokens.new_zeros(most - len(tokens), *tokens.shape[1:])]))
+        layer_kv = model(torch.stack(rows), counts)                     # per layer (B, L, inner) pairs
+        x0, owners, u, eps = [], [], [], []
+        for row, s in enumerate(samples):
+            for j, index in enumerate(s.targets):
+                latent = self._latent(identities[s.identity].images[index])
+                g = torch.Generator().manual_seed(sample_seed(self.seed, step, first_index + row, j))
+                x0.append(latent)
+                owners.append(row)
+                u.append(torch.rand((), generator=g) * 0.998 + 0.001)
+                eps.append(torch.randn(latent.shape, generator=g))
+        x0, eps = torch.stack(x0), torch.stack(eps)
+        sigma = self.host.sigma_at(torch.stack(u))
+        x_t = self.host.noise(x0, sigma, eps)
+        index = torch.tensor(owners)
+        kv = [(k[index], v[index]) for k, v in layer_kv]
+        denoised = self.host.denoise(x_t, sigma, kv, text_attention=self.mode != "identity_enhanced")
+        scale = sigma.reshape(-1, *([1] * (x0.dim() - 1)))
+        per_target = (((denoised.float() - x0) / scale) ** 2).flatten(1).mean(1)
+        per_sample = torch.zeros(len(samples)).index_add(0, index, per_target)
+        return (per_sample / torch.bincount(index, minlength=len(samples)).float()).sum()
