@@ -3,7 +3,8 @@ from __future__ import annotations
 
 from comfy_api.latest import ComfyExtension, io
 
-from . import adapter_nodes, encoder_nodes, flame_nodes, infinite_id_nodes, metrics_nodes, rb_guidance_nodes
+from . import (adapter_nodes, encoder_nodes, flame_nodes, infinite_id_nodes, metrics_nodes, rb_guidance_nodes,
+               training_nodes)
 from .face_nodes import FaceAnalysisLoader, FaceCrop
 from .model_folders import register_model_folders
 
@@ -18,6 +19,7 @@ NODES: list[type[io.ComfyNode]] = [
     *rb_guidance_nodes.NODES,
     *metrics_nodes.NODES,
     *flame_nodes.NODES,
+    *training_nodes.NODES,
 ]
 
 

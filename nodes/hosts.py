@@ -302,3 +302,23 @@ def set_adain(model, settings: AdaINSettings):
     patched = model.clone()
     patched.model_options["transformer_options"][STYLE_KEY] = settings
     return patched
+
+
+def gradient_ready(model):
+    """A clone whose every diffusion-model layer uses a fresh copy of its weights.
+
+    ComfyUI runs nodes in inference mode, so the loaded weights are inference tensors that
+    autograd cannot save; with a weight function set, ComfyUI casts a copy per call, and a
+    copy made outside inference mode is an ordinary tensor. Gradients then flow through
+    the frozen model to its inputs and to patches (RB-Guidance, adapter training)."""
+    patched = model.clone()
+    for key in model.model_state_dict():
+        if key.startswith("diffusion_model.") and key.endswith((".weight", ".bias")):
+            patched.add_weight_wrapper(key, _fresh_copy)
+    return patched
+
+
+def _fresh_copy(weight):
+    # ComfyUI's cast copies a weight as soon as a weight function is set; the copy made
+    # outside inference mode is an ordinary tensor autograd can save.
+    return weight

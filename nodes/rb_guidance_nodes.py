@@ -26,6 +26,7 @@ from ..guidance.decoupled import token_grid
 from ..guidance.rb_guidance import (RBSettings, apply_guidance, guidance_gradient, mask_to_latent, normalize,
                                     refine_mask)
 from .common import CATEGORY, LOG
+from .hosts import gradient_ready
 
 ATTENTION_FACTOR = 4      # attention maps at latent / 4: the paper's 16 x 16 for SD1.5 at 512 px
 
@@ -245,21 +246,6 @@ class RBGuider(comfy.samplers.CFGGuider):
         self.guided_steps += 1
         self.last_score = score
         return apply_guidance(denoised, timestep, grad.to(denoised.device))
-
-
-def gradient_ready(model):
-    """A clone whose every diffusion-model layer uses a fresh copy of its weights (see above)."""
-    patched = model.clone()
-    for key in model.model_state_dict():
-        if key.startswith("diffusion_model.") and key.endswith((".weight", ".bias")):
-            patched.add_weight_wrapper(key, _fresh_copy)
-    return patched
-
-
-def _fresh_copy(weight):
-    # ComfyUI's cast copies a weight as soon as a weight function is set; the copy made
-    # outside inference mode is an ordinary tensor autograd can save.
-    return weight
 
 
 def reference_face_mask(image: torch.Tensor, face_analysis) -> torch.Tensor:

@@ -54,3 +54,34 @@ def score_lines(similarity: Optional[float], same: Optional[bool], clip_i: Optio
     if clip_t is not None:
         lines.append(f"CLIP-T {clip_t:.3f}")
     return lines
+
+
+def loss_plot(losses: Sequence[float], title: str, width: int = 640, height: int = 360) -> torch.Tensor:
+    """A line chart of the loss per step (and its running mean) as an IMAGE (1, H, W, 3)."""
+    canvas = Image.new("RGB", (width, height), (24, 26, 32))
+    draw = ImageDraw.Draw(canvas)
+    font = ImageFont.load_default()
+    left, right, top, bottom = 56, width - 12, 28, height - 28
+    draw.text((8, 6), title, fill=(255, 255, 255), font=font)
+    values = np.asarray(list(losses), dtype=np.float64)
+    if len(values) == 0:
+        draw.text((left, top + 10), "no steps yet", fill=(200, 200, 200), font=font)
+    else:
+        low, high = float(values.min()), float(values.max())
+        span = high - low or 1.0
+        def xy(i, v):
+            x = left + (right - left) * (i / max(len(values) - 1, 1))
+            return x, bottom - (bottom - top) * (v - low) / span
+        draw.rectangle((left, top, right, bottom), outline=(90, 90, 100))
+        for frac in (0.0, 0.5, 1.0):
+            y = bottom - (bottom - top) * frac
+            draw.text((4, y - 6), f"{low + span * frac:.4g}", fill=(170, 170, 180), font=font)
+        draw.line([xy(i, v) for i, v in enumerate(values)], fill=(120, 160, 255), width=1)
+        window = max(1, len(values) // 20)
+        smooth = np.convolve(values, np.ones(window) / window, mode="valid")
+        if len(smooth) > 1:
+            draw.line([xy(i + window - 1, v) for i, v in enumerate(smooth)], fill=(255, 190, 80), width=2)
+        draw.text((left, bottom + 8), f"step 1 .. {len(values)}   last {values[-1]:.5g}   "
+                                      f"mean of last {window}: {values[-window:].mean():.5g}",
+                  fill=(200, 200, 200), font=font)
+    return torch.from_numpy(np.asarray(canvas).copy()).float().div(255.0)[None]

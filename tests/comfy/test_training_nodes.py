@@ -1,0 +1,105 @@
+"""The headless training workflow in a real ComfyUI: both stages on a tiny dataset, files the loaders read."""
+import json
+import shutil
+
+import pytest
+import torch
+
+from omniid.client import ExecutionFailed, PromptRejected
+from omniid.graph import Graph
+from omniid.testing import images_of, load_workflow
+
+TINY = ("CLIP vision.clip_name=omniid_random_clip_vit_h.safetensors",
+        "Base model.ckpt_name=omniid_tiny_sd15.safetensors",
+        "Stage 1: MTD.encoder_size=tiny (1 cross + 1 self, 128 wide, 16 queries)",
+        "Stage 1: MTD.decoder_size=tiny (1 cross + 1 self, 64 wide)",
+        "Stage 1: MTD.image_size=56", "Stage 1: MTD.steps=3", "Stage 1: MTD.batch=2", "Stage 1: MTD.targets=3",
+        "Stage 1: MTD.precision=fp32", "Stage 1: MTD.save_every=1",
+        "Stage 2: flow matching.image_size=64", "Stage 2: flow matching.steps=2", "Stage 2: flow matching.batch=2",
+        "Stage 2: flow matching.targets=2", "Stage 2: flow matching.precision=fp32")
+
+
+@pytest.fixture(scope="module")
+def tiny_people(comfy_server, input_photos):
+    """input/tiny_people: two identities made from the test photos."""
+    root = comfy_server.base_directory / "input" / "tiny_people"
+    for person, names in (("obama", [f"id_{i}.png" for i in range(1, 8)]), ("mirrored", ["id_5.png", "id_6.png"])):
+        (root / person).mkdir(parents=True, exist_ok=True)
+        for name in names:
+            shutil.copy(input_photos[name], root / person / name)
+    return "input/tiny_people"
+
+
+def test_headless_training_writes_files_the_loaders_read(comfy, comfy_server, tiny_people):
+    prompt = load_workflow("api/train_omni_id.json", f"Dataset.folder={tiny_people}", "Stage 1: MTD.run_name=t1",
+                           "Stage 2: flow matching.run_name=t1", *TINY)
+    result = comfy.run(prompt, timeout=1200)
+    saved = {node: result.outputs[node]["text"][0] for node in ("4", "9", "10")}
+    assert saved["4"].startswith("saved models/omni_identity/trained/omni_id_mtd_")
+    assert saved["10"].startswith("saved models/ipadapter/trained/omni_id_sd15_")
+    assert images_of(comfy, result, "5")[0].shape[:2] == (360, 640)
+    encoder_name = saved["9"].removeprefix("saved models/omni_identity/")
+    adapter_name = saved["10"].removeprefix("saved models/ipadapter/")
+    # both stages changed the weights they train
+    from omni_identity.encoders.checkpoint import load_encoder
+    from omni_identity.guidance.adapter import create_adapter, load_adapter
+    models = comfy_server.base_directory / "models"
+    stage1 = load_encoder(str(models / "omni_identity" / saved["4"].removeprefix("saved models/omni_identity/")))
+    stage2 = load_encoder(str(models / "omni_identity" / encoder_name))
+    assert stage1.config == stage2.config
+    assert any(not torch.equal(a, b) for a, b in zip(stage1.state_dict().values(), stage2.state_dict().values()))
+    trained = load_adapter(str(models / "ipadapter" / adapter_name))
+    start = create_adapter(trained.config, seed=0)
+    assert trained.config.layer_dims == (320, 320, 320, 320) and trained.config.token_dim == 128
+    assert all(not torch.equal(a, b) for a, b in zip(trained.state_dict().values(), start.state_dict().values()))
+
+    # the next prompt loads both and generates with them
+    g = Graph()
+    encoder = g.out(g.add("OmniIdentityEncoderLoader", encoder_name=encoder_name))
+    clip = g.out(g.add("CLIPVisionLoader", clip_name="omniid_random_clip_vit_h.safetensors"))
+    embeds = g.out(g.add("OmniIdentityEncode", encoder=encoder, clip_vision=clip, images=g.photos("id_3.png")))
+    ckpt = g.checkpoint()
+    adapter = g.out(g.add("OmniIdentityAdapterLoader", adapter_name=adapter_name))
+    model = g.out(g.add("OmniIdentityApplyAdapter", model=g.out(ckpt, 0), adapter=adapter, embeds=embeds,
+                        weight=1.0, start_at=0.0, end_at=1.0))
+    ids = g.sd_sampling(model=model, ckpt=ckpt, steps=2)
+    result = comfy.run(g.nodes, timeout=600)
+    assert len(images_of(comfy, result, ids["save"])) == 1
+
+
+def test_training_resumes_from_its_checkpoint_and_bad_datasets_are_refused(comfy, comfy_server, tiny_people):
+    def mtd_graph(steps):
+        g = Graph()
+        dataset = g.out(g.add("OmniIdentityDataset", folder=tiny_people, min_photos=2))
+        clip = g.out(g.add("CLIPVisionLoader", clip_name="omniid_random_clip_vit_h.safetensors"))
+        node = g.add("OmniIdentityTrainEncoderMTD", dataset=dataset, clip_vision=clip,
+                     encoder_size="tiny (1 cross + 1 self, 128 wide, 16 queries)",
+                     decoder_size="tiny (1 cross + 1 self, 64 wide)", image_size=28, mask_ratio=0.95,
+                     sampler="few_to_many", steps=steps, lr=1e-3, batch=1, grad_accum=1, inputs_min=1, inputs_max=2,
+                     targets=2, precision="fp32", seed=3, run_name="resume_me", resume=True, save_every=1)
+        g.add("SaveImage", images=g.out(node, 1), filename_prefix="resume_plot")
+        return g.nodes
+
+    comfy.run(mtd_graph(2), timeout=600)
+    checkpoint = comfy_server.base_directory / "output" / "omni_identity_training" / "resume_me.mtd.pt"
+    assert checkpoint.is_file()
+    assert torch.load(checkpoint, weights_only=True)["step"] == 2
+    comfy.run(mtd_graph(4), timeout=600)
+    state = torch.load(checkpoint, weights_only=True)
+    assert state["step"] == 4 and len(state["losses"]) == 4            # continued, not restarted
+
+    with pytest.raises(PromptRejected) as rejected:
+        comfy.queue_prompt({"1": {"class_type": "OmniIdentityDataset",
+                                  "inputs": {"folder": "input/nowhere", "min_photos": 2}},
+                            "2": {"class_type": "PreviewAny", "inputs": {"source": ["1", 0]}}})
+    assert "dataset folder 'input/nowhere' not found" in str(rejected.value)
+    g = Graph()
+    faces = g.out(g.add("OmniIdentityFaceAnalysisLoader", backend="dlib", provider="CPU", det_size=640))
+    built = g.add("OmniIdentityBuildDataset", images=g.photos("id_1.png", "no_face.png"), face_analysis=faces,
+                  name="too_small", photos_per_identity=8, pose_clusters=16, min_pose_difference=15.0,
+                  drop_fraction=0.2, similarity_threshold=-1.0, crop_size=112)
+    g.add("PreviewAny", source=g.out(built, 1))
+    with pytest.raises(ExecutionFailed) as failed:
+        comfy.run(g.nodes, timeout=300)
+    message = failed.value.error["exception_message"]
+    assert "no identity had 8 faces with distinct poses" in message and json.dumps("images_without_face") in message
