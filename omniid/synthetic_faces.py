@@ -1,11 +1,12 @@
 """Procedural identities for training tests and the few-to-many miniature.
 
 An identity is a set of fixed traits (skin, hair and eye colours, face width and
-height, eye spacing and size, nose length, mouth width, a cheek mark); a photo of it
+height, eye spacing and size, nose length, mouth width, a colour on each cheek); a photo of it
 adds a pose (yaw, pitch) and an expression (smile, mouth opening, eye closure) and a
-background. Pose moves and foreshortens the features, expression reshapes the mouth
-and eyes: no single photo shows every trait undistorted, so more photos pin the
-identity down better, which is what the few-to-many claim is about.
+background. Pose moves and foreshortens the features, and a cheek's colour shows only
+when the head turns that cheek toward the camera (a photo shows one cheek at most);
+expression reshapes the mouth and eyes. No single photo shows every trait, so more
+photos pin the identity down better, which is what the few-to-many claim is about.
 """
 from __future__ import annotations
 
@@ -19,7 +20,7 @@ def identity_traits(rng: np.random.Generator) -> dict:
         "skin": rng.uniform(0.35, 0.95, 3), "hair": rng.uniform(0.0, 0.8, 3), "eyes": rng.uniform(0.0, 0.7, 3),
         "face_w": rng.uniform(0.28, 0.38), "face_h": rng.uniform(0.36, 0.46), "eye_gap": rng.uniform(0.09, 0.16),
         "eye_size": rng.uniform(0.025, 0.05), "nose": rng.uniform(0.05, 0.12), "mouth_w": rng.uniform(0.07, 0.14),
-        "hair_h": rng.uniform(0.05, 0.2), "mark": rng.uniform(-1, 1, 2), "mark_colour": rng.uniform(0, 1, 3),
+        "hair_h": rng.uniform(0.05, 0.2), "cheek_left": rng.uniform(0, 1, 3), "cheek_right": rng.uniform(0, 1, 3),
     }
 
 
@@ -51,15 +52,18 @@ def render(traits: dict, size: int, yaw: float, pitch: float, smile: float, mout
     curve = ys - my + smile * 0.8 * ((xs - shift_x) ** 2) / max(mouth_w, 1e-3) - smile * 0.02
     mouth = (np.abs(xs - shift_x) < mouth_w) & (np.abs(curve) < 0.01 + 0.05 * mouth_open)
     image[mouth] = np.array([0.55, 0.1, 0.15])
-    mark = ellipse(t["mark"][0] * fw * 0.5 + shift_x, 0.05 + t["mark"][1] * fh * 0.3 + shift_y, 0.025, 0.025) & face
-    image[mark] = t["mark_colour"]
+    # each cheek has its own colour, seen only when the head turns to show that side
+    for side, colour in ((-1, t["cheek_left"]), (1, t["cheek_right"])):
+        if side * yaw < -0.2:
+            cheek = ellipse(side * fw * 0.5 + shift_x * 1.5, 0.06 + shift_y, 0.09 * (0.5 + abs(yaw)), 0.11) & face
+            image[cheek] = colour
     return image
 
 
 def random_photo(traits: dict, rng: np.random.Generator, size: int) -> np.ndarray:
     return render(traits, size, yaw=rng.uniform(-1, 1), pitch=rng.uniform(-0.8, 0.8), smile=rng.uniform(0, 1),
                   mouth_open=rng.uniform(0, 1) ** 2, eye_closure=rng.uniform(0, 0.7) ** 2,
-                  background=rng.uniform(0.0, 1.0, 3))
+                  background=rng.uniform(0.35, 0.65) + rng.uniform(-0.05, 0.05, 3))
 
 
 def write_identity_dataset(root: Path, identities: int, photos: int = 8, size: int = 64, seed: int = 0) -> Path:
