@@ -20,17 +20,20 @@ from comfy_api.latest import io, ui
 
 from ..encoders.checkpoint import save_encoder
 from ..encoders.omni_id import EncoderConfig, create_encoder
+from ..encoders.pivot import PivotConfig, PivotIDEncoder, load_pivot, save_pivot
 from ..guidance.adapter import AdapterConfig, create_adapter, save_adapter
 from ..training.build_dataset import BuildSettings, build_dataset
 from ..training.dataset import FewToManySampler, IdentityDataset, SamplerConfig
 from ..training.flow_matching import FM_MODES, FlowMatchingObjective
 from ..training.mtd import MTDConfig
+from ..training.pivot import ETA, PivotObjective
 from ..training.report import loss_plot
 from ..training.run import train_mtd
 from ..training.trainer import PRECISIONS, TrainConfig, Trainer, TrainingCancelled
 from .common import CATEGORY, LOG, IdentityAdapterType, OmniIdEncoderType, check_combos, progress
 from .encoder_nodes import LoadedEncoder
 from .hosts import host_layers, is_flux
+from .model_folders import model_files
 from .training_host import ComfyDenoiserHost
 
 IdentityDatasetType = io.Custom("IDENTITY_DATASET")
@@ -409,4 +412,169 @@ class SaveAdapter(io.ComfyNode):
         return io.NodeOutput(name, ui=ui.PreviewText(f"saved models/ipadapter/{name}"))
 
 
-NODES = [Dataset, BuildDataset, TrainEncoderMTD, TrainFlowMatching, SaveEncoder, SaveAdapter]
+PivotEncoderType = io.Custom("PIVOT_ENCODER")
+
+
+def _image_embed_fn(clip_vision):
+    def embed(images):                # (B, 3, 224, 224) -> (B, D) projected image embeddings, frozen
+        with torch.no_grad():
+            out = clip_vision.encode_image(images.permute(0, 2, 3, 1), crop=False)["image_embeds"]
+        return out.float().cpu()
+    return embed
+
+
+def _face_mask_fn(face_analysis):
+    from .rb_guidance_nodes import reference_face_mask
+    warned = []
+
+    def mask(image):                  # (3, H, W) -> (H, W)
+        try:
+            return reference_face_mask(image.permute(1, 2, 0)[None], face_analysis)[0]
+        except ValueError:
+            if not warned:
+                LOG.warning("TrainPivotEncoder: a target without a detectable face gets no localisation target")
+                warned.append(True)
+            return torch.ones(image.shape[1:])
+    return mask
+
+
+class TrainPivotEncoder(io.ComfyNode):
+    @classmethod
+    def define_schema(cls) -> io.Schema:
+        return io.Schema(
+            node_id="OmniIdentityTrainPivotEncoder",
+            display_name="Train Pivot ID Encoder (OmniIdentity)",
+            category=f"{CATEGORY}/training",
+            description=("OmniPortrait's pivot encoder on a frozen UNet (stage 2's pivot mode): the reference face's "
+                         "CLIP image embedding and the class word's text embedding are fused into e_mix, which "
+                         "replaces the class word; loss = the model's denoising loss + eta x the face-localisation "
+                         "loss (e_mix's cross-attention map against the target's face mask, eta = 2e-3). One photo of "
+                         "each person is the reference, the others are targets."),
+            inputs=[
+                io.Model.Input("model", tooltip="The frozen base model (SD1.5 or SDXL)."),
+                io.Vae.Input("vae"),
+                io.ClipVision.Input("clip_vision", tooltip="OpenCLIP ViT-L/14 in the paper (its projected embedding)."),
+                IdentityDatasetType.Input("dataset"),
+                io.FaceAnalysis.Input("face_analysis", tooltip="Makes the targets' face masks."),
+                io.Conditioning.Input("positive", tooltip="The training prompt, e.g. 'a photo of a person'."),
+                io.Int.Input("class_token", default=5, min=1, max=76,
+                             tooltip="Position of the class word in the prompt's tokens (1 = first word after the "
+                                     "start token): 'a photo of a person' -> 'person' is 5."),
+                PivotEncoderType.Input("pivot_encoder", optional=True, tooltip="A pivot encoder to continue from."),
+                io.Float.Input("eta", default=ETA, min=0.0, max=10.0, step=1e-4, tooltip="Weight of L_loc."),
+                io.Int.Input("image_size", default=512, min=64, max=2048, step=64),
+                io.Int.Input("steps", default=1000, min=1, max=10_000_000),
+                io.Float.Input("lr", default=2e-5, min=1e-7, max=1.0, step=1e-6, tooltip="AdamW (paper: 2e-5)."),
+                io.Int.Input("batch", default=4, min=1, max=1024),
+                io.Int.Input("targets", default=8, min=1, max=64),
+                io.Int.Input("seed", default=0, min=0, max=2**31 - 1),
+                io.String.Input("run_name", default="pivot_run"),
+                io.Boolean.Input("resume", default=True),
+                io.Int.Input("save_every", default=100, min=0, max=1_000_000),
+            ],
+            outputs=[PivotEncoderType.Output(display_name="pivot_encoder"), io.Image.Output(display_name="loss_plot")],
+        )
+
+    @classmethod
+    def execute(cls, model, vae, clip_vision, dataset, face_analysis, positive, class_token: int, eta: float,
+                image_size: int, steps: int, lr: float, batch: int, targets: int, seed: int, run_name: str,
+                resume: bool, save_every: int, pivot_encoder=None) -> io.NodeOutput:
+        if is_flux(model):
+            raise ValueError("the pivot encoder replaces a word of a CLIP text conditioning: use an SD1.5 or SDXL model")
+        host = ComfyDenoiserHost(model, vae, positive, image_size)
+        text = positive[0][0]
+        embed_fn = _image_embed_fn(clip_vision)
+        with torch.inference_mode(False), torch.enable_grad():
+            image_dim = embed_fn(torch.zeros(1, 3, 224, 224)).shape[-1]
+            config = PivotConfig(image_dim=image_dim, text_dim=text.shape[-1])
+            if pivot_encoder is not None:
+                if pivot_encoder.config != config:
+                    raise ValueError(f"the pivot encoder ({pivot_encoder.config}) does not fit this CLIP and model "
+                                     f"({config})")
+                pivot = _trainable_copy(lambda: PivotIDEncoder(config), pivot_encoder.state_dict())
+            else:
+                torch.manual_seed(seed)
+                pivot = PivotIDEncoder(config)
+            sampler = FewToManySampler(dataset, SamplerConfig("few_to_many", 1, 1, targets), seed)
+            objective = PivotObjective(pivot, host, sampler, embed_fn, _face_mask_fn(face_analysis), text,
+                                       class_token, seed=seed, eta=eta)
+            trainer = Trainer(objective, TrainConfig(steps=steps, batch=batch, lr=lr, seed=seed, save_every=save_every),
+                              _run_path(run_name, "pivot"))
+            if resume:
+                trainer.resume()
+            on_step, stop = _progress_and_cancel(steps)
+            try:
+                trainer.run(on_step=on_step, should_stop=stop)
+            except TrainingCancelled:
+                mm.throw_exception_if_processing_interrupted()
+                raise
+        plot = loss_plot(trainer.losses, f"Pivot ID encoder (L_diff + {eta:g} L_loc) - {run_name}")
+        return io.NodeOutput(pivot.eval(), plot)
+
+
+class SavePivotEncoder(io.ComfyNode):
+    @classmethod
+    def define_schema(cls) -> io.Schema:
+        return io.Schema(
+            node_id="OmniIdentitySavePivotEncoder",
+            display_name="Save Pivot Encoder (OmniIdentity)",
+            category=f"{CATEGORY}/training",
+            description="Writes a pivot encoder to models/omni_identity/<prefix>_NNNNN.safetensors for Apply Pivot.",
+            inputs=[PivotEncoderType.Input("pivot_encoder"),
+                    io.String.Input("filename_prefix", default="trained/pivot")],
+            outputs=[io.String.Output(display_name="pivot_name")],
+            is_output_node=True,
+        )
+
+    @classmethod
+    def execute(cls, pivot_encoder, filename_prefix: str) -> io.NodeOutput:
+        folder = folder_paths.get_folder_paths("omni_identity")[0]
+        path = _next_free(folder, filename_prefix)
+        save_pivot(pivot_encoder, path)
+        name = os.path.relpath(path, folder).replace(os.sep, "/")
+        return io.NodeOutput(name, ui=ui.PreviewText(f"saved models/omni_identity/{name}"))
+
+
+class ApplyPivot(io.ComfyNode):
+    @classmethod
+    def define_schema(cls) -> io.Schema:
+        return io.Schema(
+            node_id="OmniIdentityApplyPivot",
+            display_name="Apply Pivot ID (OmniIdentity)",
+            category=f"{CATEGORY}/guidance",
+            description=("OmniPortrait's identity pivot: replaces the class word of a conditioning by e_mix, fused "
+                         "from its text embedding and the reference face's CLIP image embedding by a trained pivot "
+                         "encoder. Feed the result to RB-Guidance with subject_token = class_token."),
+            inputs=[
+                io.Conditioning.Input("conditioning"),
+                io.Combo.Input("pivot_name", options=model_files("omni_identity"),
+                               tooltip="A pivot encoder file in models/omni_identity."),
+                io.ClipVision.Input("clip_vision", tooltip="The CLIP vision model the pivot encoder was trained with."),
+                io.Image.Input("reference", tooltip="A face crop of the person (e.g. from Face Crop)."),
+                io.Int.Input("class_token", default=5, min=1, max=76,
+                             tooltip="Position of the class word in the prompt's tokens."),
+            ],
+            outputs=[io.Conditioning.Output(display_name="conditioning")],
+        )
+
+    @classmethod
+    def validate_inputs(cls, pivot_name=None):
+        return check_combos(cls, pivot_name=pivot_name)
+
+    @classmethod
+    def execute(cls, conditioning, pivot_name: str, clip_vision, reference, class_token: int) -> io.NodeOutput:
+        pivot = load_pivot(folder_paths.get_full_path_or_raise("omni_identity", pivot_name))
+        image = clip_vision.encode_image(reference[:1, ..., :3], crop=True)["image_embeds"].float().cpu()
+        if image.shape[-1] != pivot.config.image_dim:
+            raise ValueError(f"the CLIP vision model gives {image.shape[-1]}-d embeddings; {pivot_name} was trained "
+                             f"on {pivot.config.image_dim}-d ones")
+        out = []
+        with torch.inference_mode(False):
+            for tensor, extra in conditioning:
+                mixed = pivot.apply(tensor.float().cpu().clone(), class_token, image).to(tensor)
+                out.append([mixed, dict(extra)])
+        return io.NodeOutput(out)
+
+
+NODES = [Dataset, BuildDataset, TrainEncoderMTD, TrainFlowMatching, SaveEncoder, SaveAdapter, TrainPivotEncoder,
+         SavePivotEncoder, ApplyPivot]

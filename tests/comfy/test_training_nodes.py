@@ -103,3 +103,35 @@ def test_training_resumes_from_its_checkpoint_and_bad_datasets_are_refused(comfy
         comfy.run(g.nodes, timeout=300)
     message = failed.value.error["exception_message"]
     assert "no identity had 8 faces with distinct poses" in message and json.dumps("images_without_face") in message
+
+
+def test_pivot_encoder_trains_with_localisation_and_conditions_generation(comfy, comfy_server, tiny_people):
+    g = Graph()
+    ckpt = g.checkpoint()
+    clip = g.out(g.add("CLIPVisionLoader", clip_name="omniid_random_clip_vit_h.safetensors"))
+    faces = g.out(g.add("OmniIdentityFaceAnalysisLoader", backend="dlib", provider="CPU", det_size=640))
+    dataset = g.out(g.add("OmniIdentityDataset", folder=tiny_people, min_photos=2))
+    positive = g.out(g.add("CLIPTextEncode", clip=g.out(ckpt, 1), text="a photo of a person"))
+    trained = g.add("OmniIdentityTrainPivotEncoder", model=g.out(ckpt, 0), vae=g.out(ckpt, 2), clip_vision=clip,
+                    dataset=dataset, face_analysis=faces, positive=positive, class_token=5, eta=0.002,
+                    image_size=64, steps=2, lr=1e-3, batch=1, targets=2, seed=0, run_name="pivot_test",
+                    resume=False, save_every=0)
+    saved = g.add("OmniIdentitySavePivotEncoder", pivot_encoder=g.out(trained), filename_prefix="trained/pivot")
+    g.add("SaveImage", images=g.out(trained, 1), filename_prefix="pivot_loss")
+    result = comfy.run(g.nodes, timeout=900)
+    name = result.outputs[saved]["text"][0].removeprefix("saved models/omni_identity/")
+    from omni_identity.encoders.pivot import load_pivot
+    pivot = load_pivot(str(comfy_server.base_directory / "models" / "omni_identity" / name))
+    assert (pivot.config.image_dim, pivot.config.text_dim) == (1024, 768)
+
+    g = Graph()
+    ckpt = g.checkpoint()
+    clip = g.out(g.add("CLIPVisionLoader", clip_name="omniid_random_clip_vit_h.safetensors"))
+    ids = g.sd_sampling(ckpt=ckpt, steps=2)
+    pivoted = g.add("OmniIdentityApplyPivot", conditioning=g.out(ids["positive"]), pivot_name=name, clip_vision=clip,
+                    reference=g.photos("id_2.png"), class_token=5)
+    g.nodes[ids["sampler"]]["inputs"]["positive"] = g.out(pivoted)
+    plain = g.sd_sampling(ckpt=ckpt, steps=2, prefix="plain")
+    result = comfy.run(g.nodes, timeout=600)
+    with_pivot, without = images_of(comfy, result, ids["save"])[0], images_of(comfy, result, plain["save"])[0]
+    assert with_pivot.shape == without.shape and (with_pivot != without).any()

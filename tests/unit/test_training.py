@@ -244,3 +244,58 @@ def test_dataset_builder_groups_people_and_writes_their_crops(photos, tmp_path):
     written = sorted((tmp_path / "identity_0000").glob("*.png"))
     assert len(written) == 3
     assert len(IdentityDataset(tmp_path)) == 1
+
+
+class TinyPivotHost(TinyHost):
+    """TinyHost whose text tokens come from the given conditioning; reports one token's attention map."""
+
+    def denoise_conditioned(self, x_t, sigma, conditioning, token):
+        b = x_t.shape[0]
+        h = (x_t / (1 + sigma.reshape(-1, 1, 1, 1) ** 2).sqrt()).flatten(2).transpose(1, 2)
+        eps, maps = torch.zeros_like(h), []
+        for i in range(len(self.layers)):
+            q = h @ self.w_in[i]
+            k, v = (conditioning @ w for w in self.w_text[i])
+            probs = torch.softmax(q @ k.transpose(1, 2) / q.shape[-1] ** 0.5, -1)
+            maps.append(probs[..., token])
+            eps = eps + (probs @ v) @ self.w_out[i]
+        eps = eps.transpose(1, 2).reshape(x_t.shape)
+        return x_t - sigma.reshape(-1, 1, 1, 1) * eps, torch.stack(maps).mean(0), (8, 8)
+
+
+def test_localisation_loss_is_zero_where_attention_is_the_mask_and_grows_off_it():
+    from omni_identity.training.pivot import localisation_loss
+    mask = torch.zeros(1, 32, 32)
+    mask[:, 8:24, 8:24] = 1
+    on_face = torch.nn.functional.interpolate(mask[:, None], size=(8, 8), mode="area")[:, 0].flatten(1) * 0.3
+    off_face = torch.roll(on_face.reshape(1, 8, 8), 4, dims=2).flatten(1)
+    assert localisation_loss(on_face, mask, (8, 8)).item() < 1e-12      # scaled by its maximum
+    assert localisation_loss(off_face, mask, (8, 8)).item() > 0.2
+
+
+def test_pivot_training_learns_e_mix_and_localises_it(dataset_dir):
+    from omni_identity.encoders.pivot import PivotConfig, PivotIDEncoder
+    from omni_identity.training.dataset import FewToManySampler
+    from omni_identity.training.pivot import PivotObjective
+    from omni_identity.training.trainer import Trainer
+    torch.manual_seed(0)
+    pivot = PivotIDEncoder(PivotConfig(image_dim=16, text_dim=32))
+    before = pivot.fuse.weight.detach().clone()
+    host = TinyPivotHost()
+    embed = lambda images: tiny_clip_tokens(16)(images).mean(1)                          # (B, 16) per photo
+
+    def face_mask(image):                                     # the synthetic face: an ellipse in the middle
+        ys, xs = torch.meshgrid(torch.linspace(-1, 1, image.shape[1]), torch.linspace(-1, 1, image.shape[2]),
+                                indexing="ij")
+        return ((xs / 0.6) ** 2 + (ys / 0.8) ** 2 <= 1).float()
+
+    sampler = FewToManySampler(IdentityDataset(dataset_dir), SamplerConfig("few_to_many", 1, 1, 3), seed=0)
+    objective = PivotObjective(pivot, host, sampler, embed, face_mask, torch.randn(1, 6, 32), class_token=3,
+                               eta=1.0)
+    trainer = Trainer(objective, TrainConfig(steps=40, batch=2, lr=1e-2, save_every=0))
+    first = None
+    for _ in range(40):
+        trainer.train_step()
+        first = first or objective.last_parts
+    assert objective.last_parts[1] < first[1]                          # the map moved toward the face
+    assert not torch.equal(before, pivot.fuse.weight)
