@@ -40,3 +40,10 @@ def check_combos(node_cls, **values) -> bool | str:
     problems = [f"{name}: {value!r} is not one of {options[name]}" for name, value in values.items()
                 if value is not None and name in options and value not in options[name]]
     return "; ".join(problems) if problems else True
+
+
+def check_face_analysis(face_analysis) -> None:
+    """Refuse another pack's FACE_ANALYSIS object with a message that says what to connect."""
+    if not callable(getattr(face_analysis, "detect", None)):
+        raise TypeError("face_analysis must come from 'Face Analysis Loader (OmniIdentity)'; the connected "
+                        f"{type(face_analysis).__name__} object is another pack's analyser.")

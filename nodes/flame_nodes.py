@@ -12,7 +12,7 @@ from ..encoders.flame import (FlameFitError, FlameModel, fit_flame, frame_face, 
                               render_conditions, repose, single_template, templates_from_params)
 from ..encoders.flame.photos import photo_conditions, photo_landmarks
 from ..encoders.flame.render import draw_points
-from .common import CATEGORY, LOG, check_combos, progress
+from .common import CATEGORY, LOG, check_combos, check_face_analysis, progress
 from .model_folders import model_files
 
 FlameModelType = io.Custom("FLAME_MODEL")
@@ -57,7 +57,7 @@ class FlameLoader(io.ComfyNode):
                 io.Int.Input("expression_components", default=50, min=0, max=100,
                              tooltip="Leading expression components fitted (DECA uses 50)."),
             ],
-            outputs=[FlameModelType.Output(display_name="flame_model")],
+            outputs=[FlameModelType.Output(display_name="flame_model", tooltip="The FLAME model with its landmark embedding.")],
         )
 
     @classmethod
@@ -112,7 +112,7 @@ class FlameFit(io.ComfyNode):
                          "(scaled-orthographic camera, Levenberg-Marquardt). More photos from different angles pin "
                          "the shape down better. Photos without a face are skipped."),
             inputs=[
-                FlameModelType.Input("flame_model"),
+                FlameModelType.Input("flame_model", tooltip="From FLAME Loader (OmniIdentity)."),
                 io.Image.Input("images", tooltip="Photos of one person (a batch)."),
                 io.FaceAnalysis.Input("face_analysis", tooltip="From Face Analysis Loader (OmniIdentity); needs "
                                                                "68 landmarks (dlib, or insightface with 1k3d68)."),
@@ -136,8 +136,7 @@ class FlameFit(io.ComfyNode):
     def execute(cls, flame_model, images, face_analysis, shape_prior: float, expression_prior: float,
                 iterations: int) -> io.NodeOutput:
         model = _check_model(flame_model)
-        if not callable(getattr(face_analysis, "detect", None)):
-            raise TypeError("face_analysis must come from 'Face Analysis Loader (OmniIdentity)'")
+        check_face_analysis(face_analysis)
         step = progress(len(images) + 1)
         found = photo_landmarks(images, face_analysis)
         step()
@@ -180,12 +179,14 @@ class FlameLandmarks(io.ComfyNode):
                          "3x3 grid (neutral, smile, jaw open x yaw -30/0/+30), one pose from the sliders, the poses "
                          "and expressions of driving photos, or the identity's own fitted photos."),
             inputs=[
-                FlameModelType.Input("flame_model"),
+                FlameModelType.Input("flame_model", tooltip="From FLAME Loader (OmniIdentity): the model the identity was fitted with."),
                 FlameParamsType.Input("flame_params", tooltip="The identity, from FLAME Fit."),
                 io.Combo.Input("templates", options=list(TEMPLATE_MODES), default="grid 3x3",
                                tooltip="Which poses and expressions to draw."),
-                io.Int.Input("width", default=512, min=64, max=4096, step=8),
-                io.Int.Input("height", default=512, min=64, max=4096, step=8),
+                io.Int.Input("width", default=512, min=64, max=4096, step=8,
+                             tooltip="Condition image width: the generation's width."),
+                io.Int.Input("height", default=512, min=64, max=4096, step=8,
+                             tooltip="Condition image height: the generation's height."),
                 io.Float.Input("face_size", default=0.55, min=0.05, max=1.5, step=0.01,
                                tooltip="The neutral frontal face's larger extent as a fraction of the shorter side."),
                 io.Boolean.Input("recenter", default=True,
@@ -267,13 +268,12 @@ class FaceLandmarks(io.ComfyNode):
                 io.Int.Input("point_radius", default=0, min=0, max=32,
                              tooltip="Radius of the dots in pixels; 0 = OpenPose's 3 px per 512 px."),
             ],
-            outputs=[io.Image.Output(display_name="conditions")],
+            outputs=[io.Image.Output(display_name="conditions", tooltip="One landmark image per photo, for ControlNetApplyAdvanced.")],
         )
 
     @classmethod
     def execute(cls, images, face_analysis, point_radius: int) -> io.NodeOutput:
-        if not callable(getattr(face_analysis, "detect", None)):
-            raise TypeError("face_analysis must come from 'Face Analysis Loader (OmniIdentity)'")
+        check_face_analysis(face_analysis)
         conditions, faceless = photo_conditions(images, face_analysis, radius=point_radius or None)
         if faceless:
             LOG.warning("FaceLandmarks: no face with 68 landmarks in image(s) %s; their conditions are black",

@@ -30,7 +30,8 @@ from ..training.pivot import ETA, PivotObjective
 from ..training.report import loss_plot
 from ..training.run import train_mtd
 from ..training.trainer import PRECISIONS, TrainConfig, Trainer, TrainingCancelled
-from .common import CATEGORY, LOG, IdentityAdapterType, OmniIdEncoderType, check_combos, progress
+from .common import (CATEGORY, LOG, IdentityAdapterType, OmniIdEncoderType, check_combos, check_face_analysis,
+                     progress)
 from .encoder_nodes import LoadedEncoder
 from .hosts import host_layers, is_flux
 from .model_folders import model_files
@@ -113,7 +114,7 @@ class Dataset(io.ComfyNode):
             inputs=[io.Combo.Input("folder", options=options, tooltip="input/<name> or output/omni_identity_datasets/<name>."),
                     io.Int.Input("min_photos", default=2, min=1, max=64,
                                  tooltip="Identities with fewer photos are left out.")],
-            outputs=[IdentityDatasetType.Output(display_name="dataset")],
+            outputs=[IdentityDatasetType.Output(display_name="dataset", tooltip="The identities found in the folder.")],
         )
 
     @classmethod
@@ -152,8 +153,9 @@ class BuildDataset(io.ComfyNode):
                 io.Image.Input("images", tooltip="Photos or video frames (a batch), of one or several people."),
                 io.FaceAnalysis.Input("face_analysis", tooltip="From Face Analysis Loader (OmniIdentity)."),
                 io.String.Input("name", default="my_dataset", tooltip="Dataset folder name."),
-                io.Int.Input("photos_per_identity", default=8, min=1, max=64),
-                io.Int.Input("pose_clusters", default=16, min=1, max=64),
+                io.Int.Input("photos_per_identity", default=8, min=1, max=64,
+                             tooltip="Faces kept per person (8 in the paper); people with fewer are left out."),
+                io.Int.Input("pose_clusters", default=16, min=1, max=64, tooltip="k of the k-means over head poses."),
                 io.Float.Input("min_pose_difference", default=15.0, min=0.0, max=90.0, step=0.5,
                                tooltip="Degrees of head pose (yaw, pitch) between any two chosen faces."),
                 io.Float.Input("drop_fraction", default=0.2, min=0.0, max=0.9, step=0.05,
@@ -161,9 +163,10 @@ class BuildDataset(io.ComfyNode):
                 io.Float.Input("similarity_threshold", default=-1.0, min=-1.0, max=1.0, step=0.01,
                                tooltip="Same-person threshold on descriptor similarity; -1 uses the backend's "
                                        "(dlib 0.4, ArcFace 0.35)."),
-                io.Int.Input("crop_size", default=448, min=64, max=2048, step=8),
+                io.Int.Input("crop_size", default=448, min=64, max=2048, step=8,
+                             tooltip="Side of the aligned crops written (448 for the MTD stage)."),
             ],
-            outputs=[IdentityDatasetType.Output(display_name="dataset"),
+            outputs=[IdentityDatasetType.Output(display_name="dataset", tooltip="The dataset just written."),
                      io.String.Output(display_name="report", tooltip="What was kept and left out, as JSON.")],
         )
 
@@ -171,8 +174,7 @@ class BuildDataset(io.ComfyNode):
     def execute(cls, images, face_analysis, name: str, photos_per_identity: int, pose_clusters: int,
                 min_pose_difference: float, drop_fraction: float, similarity_threshold: float,
                 crop_size: int) -> io.NodeOutput:
-        if not callable(getattr(face_analysis, "detect", None)):
-            raise TypeError("face_analysis must come from 'Face Analysis Loader (OmniIdentity)'")
+        check_face_analysis(face_analysis)
         name = _safe_name(name, "dataset name")
         out = os.path.join(folder_paths.get_output_directory(), DATASETS_SUBFOLDER, name)
         if os.path.isdir(out) and os.listdir(out):
@@ -190,15 +192,16 @@ class BuildDataset(io.ComfyNode):
 
 def _common_training_inputs(steps_default: int) -> list:
     return [
-        io.Int.Input("steps", default=steps_default, min=1, max=10_000_000),
+        io.Int.Input("steps", default=steps_default, min=1, max=10_000_000, tooltip="Optimizer updates in all (a resumed run continues up to this)."),
         io.Float.Input("lr", default=1e-4, min=1e-7, max=1.0, step=1e-5, tooltip="AdamW, constant (paper: 1e-4)."),
         io.Int.Input("batch", default=8, min=1, max=1024, tooltip="Identities per step."),
         io.Int.Input("grad_accum", default=1, min=1, max=1024, tooltip="Steps of gradient accumulation per update."),
-        io.Int.Input("inputs_min", default=1, min=1, max=64),
-        io.Int.Input("inputs_max", default=3, min=1, max=64),
-        io.Int.Input("targets", default=8, min=1, max=64),
-        io.Combo.Input("precision", options=list(PRECISIONS), default="fp32"),
-        io.Int.Input("seed", default=0, min=0, max=2**31 - 1),
+        io.Int.Input("inputs_min", default=1, min=1, max=64, tooltip="Fewest input photos per identity (paper: 1)."),
+        io.Int.Input("inputs_max", default=3, min=1, max=64, tooltip="Most input photos per identity (paper: 3)."),
+        io.Int.Input("targets", default=8, min=1, max=64, tooltip="Target photos per identity (paper: all 8)."),
+        io.Combo.Input("precision", options=list(PRECISIONS), default="fp32",
+                       tooltip="bf16 autocast saves memory on GPUs that have it; fp32 everywhere else."),
+        io.Int.Input("seed", default=0, min=0, max=2**31 - 1, tooltip="Seeds initialisation, sampling, masks and noise."),
         io.String.Input("run_name", default="omni_id_run",
                         tooltip="Checkpoint name in output/omni_identity_training/; the same name resumes."),
         io.Boolean.Input("resume", default=True, tooltip="Continue from the run's checkpoint when there is one."),
@@ -228,13 +231,14 @@ class TrainEncoderMTD(io.ComfyNode):
                          "5% of their patches (95% masked, L1). CLIP stays frozen; the encoder and decoder train "
                          "with AdamW at a constant rate. Cancel keeps a checkpoint that resumes."),
             inputs=[
-                IdentityDatasetType.Input("dataset"),
+                IdentityDatasetType.Input("dataset", tooltip="From Identity Dataset or Build Identity Dataset."),
                 io.ClipVision.Input("clip_vision", tooltip="CLIP-H (the encoder's input features)."),
                 OmniIdEncoderType.Input("encoder", optional=True,
                                         tooltip="An omni_id encoder to continue from; without it a new one starts."),
                 io.Combo.Input("encoder_size", options=list(ENCODER_SIZES), default=list(ENCODER_SIZES)[0],
                                tooltip="Architecture of a new encoder (ignored when an encoder is connected)."),
-                io.Combo.Input("decoder_size", options=list(DECODER_SIZES), default=list(DECODER_SIZES)[0]),
+                io.Combo.Input("decoder_size", options=list(DECODER_SIZES), default=list(DECODER_SIZES)[0],
+                               tooltip="The masked transformer decoder (paper: 6 cross + 2 self-attention blocks)."),
                 io.Int.Input("image_size", default=448, min=28, max=1024, step=14,
                              tooltip="Target resolution (paper: 448), a multiple of the 14 px patch."),
                 io.Float.Input("mask_ratio", default=0.95, min=0.0, max=0.99, step=0.01,
@@ -243,8 +247,8 @@ class TrainEncoderMTD(io.ComfyNode):
                                default="few_to_many", tooltip="The paper's sampling and its ablations."),
                 *_common_training_inputs(1000),
             ],
-            outputs=[OmniIdEncoderType.Output(display_name="encoder"),
-                     io.Image.Output(display_name="loss_plot")],
+            outputs=[OmniIdEncoderType.Output(display_name="encoder", tooltip="The trained encoder (save it with Save Encoder)."),
+                     io.Image.Output(display_name="loss_plot", tooltip="Loss per step and its running mean.")],
         )
 
     @classmethod
@@ -299,20 +303,21 @@ class TrainFlowMatching(io.ComfyNode):
                          "Infinite-ID's identity-enhanced training: text cross-attention off (UNet models)."),
             inputs=[
                 io.Model.Input("model", tooltip="The frozen base model (SD1.5, SDXL or FLUX)."),
-                io.Vae.Input("vae"),
-                io.ClipVision.Input("clip_vision"),
+                io.Vae.Input("vae", tooltip="The base model's VAE (targets are encoded once)."),
+                io.ClipVision.Input("clip_vision", tooltip="CLIP-H, as for Encode."),
                 OmniIdEncoderType.Input("encoder", tooltip="The omni_id encoder to train (e.g. from the MTD stage)."),
-                IdentityDatasetType.Input("dataset"),
+                IdentityDatasetType.Input("dataset", tooltip="From Identity Dataset or Build Identity Dataset."),
                 io.Conditioning.Input("positive", tooltip="Text conditioning for the targets, e.g. 'a photo of a person'."),
                 IdentityAdapterType.Input("adapter", optional=True,
                                           tooltip="This pack's adapter to continue from; without it a new one starts."),
-                io.Combo.Input("mode", options=list(FM_MODES), default="omni_id"),
+                io.Combo.Input("mode", options=list(FM_MODES), default="omni_id",
+                               tooltip="omni_id: text + identity attention; identity_enhanced: text cross-attention off."),
                 io.Int.Input("image_size", default=512, min=64, max=2048, step=64, tooltip="Target resolution."),
                 *_common_training_inputs(1000),
             ],
-            outputs=[OmniIdEncoderType.Output(display_name="encoder"),
-                     IdentityAdapterType.Output(display_name="adapter"),
-                     io.Image.Output(display_name="loss_plot")],
+            outputs=[OmniIdEncoderType.Output(display_name="encoder", tooltip="The encoder after stage 2."),
+                     IdentityAdapterType.Output(display_name="adapter", tooltip="The trained adapter (Save Adapter)."),
+                     io.Image.Output(display_name="loss_plot", tooltip="Loss per step and its running mean.")],
         )
 
     @classmethod
@@ -364,6 +369,15 @@ def _next_free(folder: str, prefix: str) -> str:
     return f"{base}_{counter:05d}.safetensors"
 
 
+def _save_into(folder_name: str, filename_prefix: str, write) -> io.NodeOutput:
+    """Write a file under models/<folder_name>/<prefix>_NNNNN.safetensors; output its name for the loaders."""
+    folder = folder_paths.get_folder_paths(folder_name)[0]
+    path = _next_free(folder, filename_prefix)
+    write(path)
+    name = os.path.relpath(path, folder).replace(os.sep, "/")
+    return io.NodeOutput(name, ui=ui.PreviewText(f"saved models/{folder_name}/{name}"))
+
+
 class SaveEncoder(io.ComfyNode):
     @classmethod
     def define_schema(cls) -> io.Schema:
@@ -373,19 +387,17 @@ class SaveEncoder(io.ComfyNode):
             category=f"{CATEGORY}/training",
             description="Writes an encoder to models/omni_identity/<prefix>_NNNNN.safetensors (config in the "
                         "metadata), where Identity Encoder Loader lists it.",
-            inputs=[OmniIdEncoderType.Input("encoder"),
-                    io.String.Input("filename_prefix", default="trained/omni_id")],
+            inputs=[OmniIdEncoderType.Input("encoder", tooltip="A trained encoder."),
+                    io.String.Input("filename_prefix", default="trained/omni_id",
+                                    tooltip="Path under models/omni_identity; a counter is added.")],
             outputs=[io.String.Output(display_name="encoder_name", tooltip="The name the loader lists it under.")],
             is_output_node=True,
         )
 
     @classmethod
     def execute(cls, encoder, filename_prefix: str) -> io.NodeOutput:
-        folder = folder_paths.get_folder_paths("omni_identity")[0]
-        path = _next_free(folder, filename_prefix)
-        save_encoder(encoder.model.float(), path, extra={"saved_by": "OmniIdentitySaveEncoder"})
-        name = os.path.relpath(path, folder).replace(os.sep, "/")
-        return io.NodeOutput(name, ui=ui.PreviewText(f"saved models/omni_identity/{name}"))
+        return _save_into("omni_identity", filename_prefix, lambda path: save_encoder(
+            encoder.model.float(), path, extra={"saved_by": "OmniIdentitySaveEncoder"}))
 
 
 class SaveAdapter(io.ComfyNode):
@@ -397,19 +409,17 @@ class SaveAdapter(io.ComfyNode):
             category=f"{CATEGORY}/training",
             description="Writes an identity adapter to models/ipadapter/<prefix>_NNNNN.safetensors, where Identity "
                         "Adapter Loader lists it.",
-            inputs=[IdentityAdapterType.Input("adapter"),
-                    io.String.Input("filename_prefix", default="trained/omni_id_adapter")],
-            outputs=[io.String.Output(display_name="adapter_name")],
+            inputs=[IdentityAdapterType.Input("adapter", tooltip="A trained adapter."),
+                    io.String.Input("filename_prefix", default="trained/omni_id_adapter",
+                                    tooltip="Path under models/ipadapter; a counter is added.")],
+            outputs=[io.String.Output(display_name="adapter_name", tooltip="The name the loader lists it under.")],
             is_output_node=True,
         )
 
     @classmethod
     def execute(cls, adapter, filename_prefix: str) -> io.NodeOutput:
-        folder = folder_paths.get_folder_paths("ipadapter")[0]
-        path = _next_free(folder, filename_prefix)
-        save_adapter(adapter.float(), path, extra={"saved_by": "OmniIdentitySaveAdapter"})
-        name = os.path.relpath(path, folder).replace(os.sep, "/")
-        return io.NodeOutput(name, ui=ui.PreviewText(f"saved models/ipadapter/{name}"))
+        return _save_into("ipadapter", filename_prefix, lambda path: save_adapter(
+            adapter.float(), path, extra={"saved_by": "OmniIdentitySaveAdapter"}))
 
 
 PivotEncoderType = io.Custom("PIVOT_ENCODER")
@@ -452,9 +462,9 @@ class TrainPivotEncoder(io.ComfyNode):
                          "each person is the reference, the others are targets."),
             inputs=[
                 io.Model.Input("model", tooltip="The frozen base model (SD1.5 or SDXL)."),
-                io.Vae.Input("vae"),
+                io.Vae.Input("vae", tooltip="The base model's VAE."),
                 io.ClipVision.Input("clip_vision", tooltip="OpenCLIP ViT-L/14 in the paper (its projected embedding)."),
-                IdentityDatasetType.Input("dataset"),
+                IdentityDatasetType.Input("dataset", tooltip="From Identity Dataset or Build Identity Dataset."),
                 io.FaceAnalysis.Input("face_analysis", tooltip="Makes the targets' face masks."),
                 io.Conditioning.Input("positive", tooltip="The training prompt, e.g. 'a photo of a person'."),
                 io.Int.Input("class_token", default=5, min=1, max=76,
@@ -462,17 +472,19 @@ class TrainPivotEncoder(io.ComfyNode):
                                      "start token): 'a photo of a person' -> 'person' is 5."),
                 PivotEncoderType.Input("pivot_encoder", optional=True, tooltip="A pivot encoder to continue from."),
                 io.Float.Input("eta", default=ETA, min=0.0, max=10.0, step=1e-4, tooltip="Weight of L_loc."),
-                io.Int.Input("image_size", default=512, min=64, max=2048, step=64),
-                io.Int.Input("steps", default=1000, min=1, max=10_000_000),
+                io.Int.Input("image_size", default=512, min=64, max=2048, step=64, tooltip="Target resolution."),
+                io.Int.Input("steps", default=1000, min=1, max=10_000_000, tooltip="Optimizer updates in all."),
                 io.Float.Input("lr", default=2e-5, min=1e-7, max=1.0, step=1e-6, tooltip="AdamW (paper: 2e-5)."),
-                io.Int.Input("batch", default=4, min=1, max=1024),
-                io.Int.Input("targets", default=8, min=1, max=64),
-                io.Int.Input("seed", default=0, min=0, max=2**31 - 1),
-                io.String.Input("run_name", default="pivot_run"),
-                io.Boolean.Input("resume", default=True),
-                io.Int.Input("save_every", default=100, min=0, max=1_000_000),
+                io.Int.Input("batch", default=4, min=1, max=1024, tooltip="Identities per step."),
+                io.Int.Input("targets", default=8, min=1, max=64, tooltip="Photos per identity: one reference, the rest targets."),
+                io.Int.Input("seed", default=0, min=0, max=2**31 - 1, tooltip="Seeds initialisation, sampling and noise."),
+                io.String.Input("run_name", default="pivot_run",
+                                tooltip="Checkpoint name in output/omni_identity_training/; the same name resumes."),
+                io.Boolean.Input("resume", default=True, tooltip="Continue from the run's checkpoint when there is one."),
+                io.Int.Input("save_every", default=100, min=0, max=1_000_000, tooltip="Steps between checkpoints."),
             ],
-            outputs=[PivotEncoderType.Output(display_name="pivot_encoder"), io.Image.Output(display_name="loss_plot")],
+            outputs=[PivotEncoderType.Output(display_name="pivot_encoder", tooltip="The trained pivot encoder."),
+                     io.Image.Output(display_name="loss_plot", tooltip="Loss per step and its running mean.")],
         )
 
     @classmethod
@@ -520,19 +532,16 @@ class SavePivotEncoder(io.ComfyNode):
             display_name="Save Pivot Encoder (OmniIdentity)",
             category=f"{CATEGORY}/training",
             description="Writes a pivot encoder to models/omni_identity/<prefix>_NNNNN.safetensors for Apply Pivot.",
-            inputs=[PivotEncoderType.Input("pivot_encoder"),
-                    io.String.Input("filename_prefix", default="trained/pivot")],
-            outputs=[io.String.Output(display_name="pivot_name")],
+            inputs=[PivotEncoderType.Input("pivot_encoder", tooltip="A trained pivot encoder."),
+                    io.String.Input("filename_prefix", default="trained/pivot",
+                                    tooltip="Path under models/omni_identity; a counter is added.")],
+            outputs=[io.String.Output(display_name="pivot_name", tooltip="The name Apply Pivot ID lists it under.")],
             is_output_node=True,
         )
 
     @classmethod
     def execute(cls, pivot_encoder, filename_prefix: str) -> io.NodeOutput:
-        folder = folder_paths.get_folder_paths("omni_identity")[0]
-        path = _next_free(folder, filename_prefix)
-        save_pivot(pivot_encoder, path)
-        name = os.path.relpath(path, folder).replace(os.sep, "/")
-        return io.NodeOutput(name, ui=ui.PreviewText(f"saved models/omni_identity/{name}"))
+        return _save_into("omni_identity", filename_prefix, lambda path: save_pivot(pivot_encoder, path))
 
 
 class ApplyPivot(io.ComfyNode):
@@ -546,7 +555,7 @@ class ApplyPivot(io.ComfyNode):
                          "from its text embedding and the reference face's CLIP image embedding by a trained pivot "
                          "encoder. Feed the result to RB-Guidance with subject_token = class_token."),
             inputs=[
-                io.Conditioning.Input("conditioning"),
+                io.Conditioning.Input("conditioning", tooltip="The prompt's conditioning, with the class word in it."),
                 io.Combo.Input("pivot_name", options=model_files("omni_identity"),
                                tooltip="A pivot encoder file in models/omni_identity."),
                 io.ClipVision.Input("clip_vision", tooltip="The CLIP vision model the pivot encoder was trained with."),
@@ -554,7 +563,7 @@ class ApplyPivot(io.ComfyNode):
                 io.Int.Input("class_token", default=5, min=1, max=76,
                              tooltip="Position of the class word in the prompt's tokens."),
             ],
-            outputs=[io.Conditioning.Output(display_name="conditioning")],
+            outputs=[io.Conditioning.Output(display_name="conditioning", tooltip="The conditioning with e_mix in the class word's place.")],
         )
 
     @classmethod

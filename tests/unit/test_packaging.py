@@ -73,7 +73,7 @@ def test_weights_are_never_unpickled_unsafely():
     for path in python_files(*PACK_PACKAGES, "omniid"):
         text = path.read_text()
         assert "pickle.load" not in text, path
-        assert "allow_pickle=True" not in text, path
+        assert not re.search(r"np\.load\([^)]*allow_pickle=True", text), path
         if "pickle.Unpickler" in text:          # only with a find_class that whitelists
             assert "def find_class" in text and "encoding=\"latin1\"" in text, path
         for call in re.findall(r"torch\.load\([^)]*\)", text):
