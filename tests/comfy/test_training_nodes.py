@@ -1,6 +1,7 @@
 """The headless training workflow in a real ComfyUI: both stages on a tiny dataset, files the loaders read."""
 import json
 import shutil
+import time
 
 import pytest
 import torch
@@ -67,7 +68,8 @@ def test_headless_training_writes_files_the_loaders_read(comfy, comfy_server, ti
     assert len(images_of(comfy, result, ids["save"])) == 1
 
 
-def test_training_resumes_from_its_checkpoint_and_bad_datasets_are_refused(comfy, comfy_server, tiny_people):
+def test_training_cancels_and_resumes_from_its_checkpoint_and_bad_datasets_are_refused(comfy, comfy_server,
+                                                                                         tiny_people):
     def mtd_graph(steps):
         g = Graph()
         dataset = g.out(g.add("OmniIdentityDataset", folder=tiny_people, min_photos=2))
@@ -79,6 +81,20 @@ def test_training_resumes_from_its_checkpoint_and_bad_datasets_are_refused(comfy
                      targets=2, precision="fp32", seed=3, run_name="resume_me", resume=True, save_every=1)
         g.add("SaveImage", images=g.out(node, 1), filename_prefix="resume_plot")
         return g.nodes
+
+    # Cancel mid-run: the node stops after its current step and leaves a checkpoint that resumes
+    prompt_id = comfy.queue_prompt(mtd_graph(100000))
+    checkpoint = comfy_server.base_directory / "output" / "omni_identity_training" / "resume_me.mtd.pt"
+    deadline = time.monotonic() + 300
+    while time.monotonic() < deadline and not checkpoint.exists():
+        time.sleep(0.2)
+    comfy.interrupt()
+    with pytest.raises(ExecutionFailed) as cancelled:
+        comfy.wait(prompt_id, timeout=300)
+    assert cancelled.value.interrupted
+    stopped_at = torch.load(checkpoint, weights_only=True)["step"]
+    assert 1 <= stopped_at < 100000
+    checkpoint.unlink()
 
     comfy.run(mtd_graph(2), timeout=600)
     checkpoint = comfy_server.base_directory / "output" / "omni_identity_training" / "resume_me.mtd.pt"
