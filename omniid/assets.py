@@ -164,8 +164,10 @@ TEST_ENCODERS = {
 SYNTHETIC_FLAME_VERSION = 2     # omniid/flame_fixture.py's files; bump when they change
 TEST_ARCFACE_ONNX = "models/omniid_test/random_arcface.onnx"   # under models/insightface/
 TINY_UNET_ATTN2_DIMS = (320, 320, 320, 320)   # tests/comfy/tiny_models.py's UNet: input 1, output 0-1, middle
+TINY_SDXL_ATTN2_DIMS = (320,) * 22             # its SDXL-family UNet: input 2 + 5, output 5 + 5 + 2 + 2, middle 1
 TEST_ADAPTERS = {
     "omniid_tiny_sd15_omni.safetensors": dict(projection="none", token_dim=1280),
+    "omniid_tiny_sdxl_omni.safetensors": dict(projection="none", token_dim=1280, layer_dims=TINY_SDXL_ATTN2_DIMS),
     "omniid_tiny_sd15_plus_h94.safetensors": dict(
         projection="plus", token_dim=768, projection_args=dict(dim=64, depth=1, heads=1, embedding_dim=1280,
                                                                output_dim=768, ff_mult=2, num_queries=4)),

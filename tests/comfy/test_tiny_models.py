@@ -42,3 +42,11 @@ def test_controlnet_and_separate_vae_change_the_image(comfy):
     controlled = images_of(comfy, comfy.run(sampling_prompt(2, controlnet=True), timeout=300), "7")[0]
     assert controlled.shape == plain.shape
     assert np.abs(controlled.astype(int) - plain.astype(int)).max() > 0
+
+
+def test_sdxl_checkpoint_is_detected_as_sdxl_family_and_samples(comfy, comfy_server):
+    prompt = sampling_prompt(3, controlnet=False)
+    prompt["1"]["inputs"]["ckpt_name"] = "omniid_tiny_sdxl.safetensors"
+    image = images_of(comfy, comfy.run(prompt, timeout=600), "7")[0]
+    assert image.shape == (64, 64, 3) and image.std() > 1.0
+    assert "Requested to load SDXLClipModel" in comfy_server.log_text()           # CLIP-L + CLIP-G: the SDXL family

@@ -20,8 +20,10 @@ VALIDATE_ONLY = {"identity_flux.json"}
 TINY_ENCODERS = {"omni_id.safetensors": "omniid_tiny_omni_id.safetensors",
                  "arcface.safetensors": "omniid_tiny_arcface.safetensors",
                  "arcface_clip.safetensors": "omniid_tiny_arcface_clip.safetensors"}
+TINY_CHECKPOINTS = {"v1-5-pruned-emaonly.safetensors": "omniid_tiny_sd15.safetensors",
+                    "sd_xl_base_1.0.safetensors": "omniid_tiny_sdxl.safetensors"}
 TINY_ADAPTERS = {"omni_id_sd15.safetensors": "omniid_tiny_sd15_omni.safetensors",
-                 "omni_id_sdxl.safetensors": "omniid_tiny_sd15_omni.safetensors",
+                 "omni_id_sdxl.safetensors": "omniid_tiny_sdxl_omni.safetensors",
                  "clip_sd15.safetensors": "omniid_tiny_sd15_plus_h94.safetensors",
                  "arcface_sd15.safetensors": "omniid_tiny_sd15_arcface.safetensors",
                  "arcface_clip_sd15.safetensors": "omniid_tiny_sd15_arcface_clip.safetensors"}
@@ -32,7 +34,7 @@ def tiny(prompt: dict) -> dict:
     for node in prompt.values():
         kind, inputs = node["class_type"], node["inputs"]
         if kind == "CheckpointLoaderSimple":
-            inputs["ckpt_name"] = "omniid_tiny_sd15.safetensors"
+            inputs["ckpt_name"] = TINY_CHECKPOINTS[inputs["ckpt_name"]]
         elif kind == "CLIPVisionLoader":
             inputs["clip_name"] = "omniid_random_clip_vit_h.safetensors"
         elif kind == "ControlNetLoader":

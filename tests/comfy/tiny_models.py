@@ -13,6 +13,10 @@ Writes, under DIR:
   controlnet/omniid_tiny_controlnet.safetensors  a ControlNet matching the UNet
   clip_vision/omniid_random_clip_vit_h.safetensors  a CLIP-H vision tower at full size
       (ComfyUI picks the vision config by layer count, so only the real layout loads)
+  checkpoints/omniid_tiny_sdxl.safetensors  SDXL family: a UNet of the KOALA-700M layout
+      (transformer depths 0/2/5, context 2048, ADM 2816; ComfyUI loads it as an SDXL model)
+      at width 320 on every level, SDXL's CLIP-L + CLIP-G text encoders at full size (their
+      configs are fixed), TAESD-layout VAE
 All weights are random (seeded): images are noise-like, but every code path is real.
 """
 from __future__ import annotations
@@ -22,7 +26,7 @@ import json
 import os
 import sys
 
-VERSION = 2  # bump when the layouts below change, so cached files are rebuilt
+VERSION = 3  # bump when the layouts below change, so cached files are rebuilt
 SEED = 20251122
 
 UNET_CONFIG = dict(
@@ -30,6 +34,13 @@ UNET_CONFIG = dict(
     channel_mult=[1], num_heads=8, use_spatial_transformer=True, transformer_depth=[1],
     transformer_depth_output=[1, 1], transformer_depth_middle=1, context_dim=768,
     use_linear_in_transformer=False, legacy=False,
+)
+
+SDXL_UNET_CONFIG = dict(
+    image_size=32, in_channels=4, out_channels=4, model_channels=320, num_res_blocks=[1, 1, 1],
+    channel_mult=[1, 1, 1], num_head_channels=64, use_spatial_transformer=True, transformer_depth=[0, 2, 5],
+    transformer_depth_output=[0, 0, 2, 2, 5, 5], transformer_depth_middle=1, context_dim=2048,
+    use_linear_in_transformer=True, adm_in_channels=2816, num_classes="sequential", legacy=False,
 )
 
 
@@ -87,6 +98,19 @@ def build(out_dir: str) -> dict:
     def half(state, prefix=""):
         return {prefix + k: v.detach().to(torch.float16).contiguous() for k, v in state.items()}
 
+    import comfy.sdxl_clip
+    import comfy.supported_models
+    sdxl_unet = UNetModel(**SDXL_UNET_CONFIG, operations=ops)
+    initialise(sdxl_unet, generator)
+    sdxl_clip = comfy.sdxl_clip.SDXLClipModel(device="cpu", dtype=torch.float16)
+    initialise(sdxl_clip, generator)
+    sdxl_clip_state = {k: v for k, v in sdxl_clip.state_dict().items() if not k.endswith("position_ids")}
+    sdxl_clip_state = comfy.supported_models.SDXL(dict(SDXL_UNET_CONFIG)).process_clip_state_dict_for_saving(
+        sdxl_clip_state)
+    sdxl_checkpoint = {**half(sdxl_unet.state_dict(), "model.diffusion_model."), **half(sdxl_clip_state),
+                       **half(vae.state_dict(), "first_stage_model.")}
+    del sdxl_clip
+
     clip_state = {k: v for k, v in clip.state_dict().items() if not k.endswith("position_ids")}
     checkpoint = {**half(unet.state_dict(), "model.diffusion_model."),
                   **half(clip_state, "cond_stage_model.transformer."),
@@ -96,6 +120,7 @@ def build(out_dir: str) -> dict:
         "vae/omniid_tiny_taesd.safetensors": half(vae.state_dict()),
         "controlnet/omniid_tiny_controlnet.safetensors": half(control.state_dict()),
         "clip_vision/omniid_random_clip_vit_h.safetensors": half(vision.state_dict()),
+        "checkpoints/omniid_tiny_sdxl.safetensors": sdxl_checkpoint,
     }
     for rel, state in files.items():
         path = os.path.join(out_dir, rel)
