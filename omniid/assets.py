@@ -168,6 +168,8 @@ TINY_SDXL_ATTN2_DIMS = (320,) * 22             # its SDXL-family UNet: input 2 +
 TEST_ADAPTERS = {
     "omniid_tiny_sd15_omni.safetensors": dict(projection="none", token_dim=1280),
     "omniid_tiny_sdxl_omni.safetensors": dict(projection="none", token_dim=1280, layer_dims=TINY_SDXL_ATTN2_DIMS),
+    "omniid_tiny_flux_omni.safetensors": dict(family="flux", projection="none", token_dim=1280,
+                                              layer_dims=(3072, 3072)),   # one double + one single block
     "omniid_tiny_sd15_plus_h94.safetensors": dict(
         projection="plus", token_dim=768, projection_args=dict(dim=64, depth=1, heads=1, embedding_dim=1280,
                                                                output_dim=768, ff_mult=2, num_queries=4)),
@@ -210,8 +212,8 @@ def pack_test_models() -> Path:
     from safetensors.torch import save_file
     for seed, (name, spec) in enumerate(TEST_ADAPTERS.items()):
         source = "omni_identity" if spec["projection"] == "none" else "h94"
-        spec = {"layer_dims": TINY_UNET_ATTN2_DIMS, **spec}
-        adapter = create_adapter(AdapterConfig(family="unet", source=source, **spec), seed=100 + seed)
+        spec = {"family": "unet", "layer_dims": TINY_UNET_ATTN2_DIMS, **spec}
+        adapter = create_adapter(AdapterConfig(source=source, **spec), seed=100 + seed)
         path = staging / "ipadapter" / name
         path.parent.mkdir(parents=True, exist_ok=True)
         if source == "h94":

@@ -17,6 +17,12 @@ Writes, under DIR:
       (transformer depths 0/2/5, context 2048, ADM 2816; ComfyUI loads it as an SDXL model)
       at width 320 on every level, SDXL's CLIP-L + CLIP-G text encoders at full size (their
       configs are fixed), TAESD-layout VAE
+  diffusion_models/omniid_tiny_flux.safetensors  FLUX dev layout with one double and one
+      single block (ComfyUI fixes FLUX's width at 3072, so only the depth is small)
+  text_encoders/omniid_random_t5xxl_fp8.safetensors  T5-XXL at full size (its config is
+      fixed) in float8, as the fp8 files users run
+  text_encoders/omniid_tiny_clip_l.safetensors  the CLIP-L text encoder alone
+  vae/omniid_tiny_flux_ae.safetensors  a 16-channel autoencoder of FLUX's layout
 All weights are random (seeded): images are noise-like, but every code path is real.
 """
 from __future__ import annotations
@@ -26,7 +32,7 @@ import json
 import os
 import sys
 
-VERSION = 3  # bump when the layouts below change, so cached files are rebuilt
+VERSION = 4  # bump when the layouts below change, so cached files are rebuilt
 SEED = 20251122
 
 UNET_CONFIG = dict(
@@ -121,6 +127,8 @@ def build(out_dir: str) -> dict:
         "controlnet/omniid_tiny_controlnet.safetensors": half(control.state_dict()),
         "clip_vision/omniid_random_clip_vit_h.safetensors": half(vision.state_dict()),
         "checkpoints/omniid_tiny_sdxl.safetensors": sdxl_checkpoint,
+        "text_encoders/omniid_tiny_clip_l.safetensors": half(clip_state),
+        **flux_files(generator, ops),
     }
     for rel, state in files.items():
         path = os.path.join(out_dir, rel)
@@ -128,6 +136,40 @@ def build(out_dir: str) -> dict:
         save_file(state, path + ".tmp", metadata={"omniid_tiny_models": str(VERSION)})
         os.replace(path + ".tmp", path)
     return {rel: sum(v.numel() for v in state.values()) for rel, state in files.items()}
+
+
+def flux_files(generator, ops) -> dict:
+    """The FLUX pieces: a shallow DiT, its autoencoder and a random full-size T5-XXL in float8."""
+    import torch
+    import comfy.text_encoders.t5
+    from comfy.ldm.flux.model import Flux
+    from comfy.ldm.models.autoencoder import AutoencodingEngine
+
+    flux = Flux(in_channels=16, out_channels=16, vec_in_dim=768, context_in_dim=4096, hidden_size=3072,
+                mlp_ratio=4.0, num_heads=24, depth=1, depth_single_blocks=1, axes_dim=[16, 56, 56], theta=10000,
+                patch_size=2, qkv_bias=True, guidance_embed=True, operations=ops)
+    initialise(flux, generator)
+    ddconfig = {"double_z": True, "z_channels": 16, "resolution": 256, "in_channels": 3, "out_ch": 3, "ch": 128,
+                "ch_mult": [1, 2, 4, 4], "num_res_blocks": 2, "attn_resolutions": [], "dropout": 0.0}
+    ae = AutoencodingEngine(
+        regularizer_config={"target": "comfy.ldm.models.autoencoder.DiagonalGaussianRegularizer"},
+        encoder_config={"target": "comfy.ldm.modules.diffusionmodules.model.Encoder", "params": ddconfig},
+        decoder_config={"target": "comfy.ldm.modules.diffusionmodules.model.Decoder", "params": ddconfig})
+    initialise(ae, generator)
+    config = json.load(open(os.path.join(os.path.dirname(comfy.text_encoders.t5.__file__), "t5_config_xxl.json")))
+    with torch.device("meta"):
+        shapes = comfy.text_encoders.t5.T5(config, torch.float32, "meta", ops).state_dict()
+    t5 = {}
+    for key, meta in shapes.items():
+        if meta.ndim >= 2:
+            std = 0.02 if key.startswith("shared") or "relative_attention_bias" in key else meta.shape[-1] ** -0.5
+            t5[key] = (torch.randn(meta.shape, generator=generator) * std).to(torch.float8_e4m3fn)
+        else:
+            t5[key] = torch.ones(meta.shape).to(torch.float8_e4m3fn)
+    half = lambda state: {k: v.detach().to(torch.float16).contiguous() for k, v in state.items()}
+    return {"diffusion_models/omniid_tiny_flux.safetensors": half(flux.state_dict()),
+            "vae/omniid_tiny_flux_ae.safetensors": half(ae.state_dict()),
+            "text_encoders/omniid_random_t5xxl_fp8.safetensors": t5}
 
 
 def main() -> None:
