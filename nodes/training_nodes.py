@@ -28,7 +28,7 @@ from ..training.flow_matching import FM_MODES, FlowMatchingObjective
 from ..training.mtd import MTDConfig
 from ..training.pivot import ETA, PivotObjective
 from ..training.report import loss_plot
-from ..training.run import train_mtd
+from ..training.run import mtd_trainer
 from ..training.trainer import PRECISIONS, TrainConfig, Trainer, TrainingCancelled
 from .common import (CATEGORY, LOG, IdentityAdapterType, OmniIdEncoderType, check_combos, check_face_analysis,
                      progress)
@@ -84,13 +84,18 @@ def _trainable_copy(module_factory, state: dict):
         return module.float().train()
 
 
-def _progress_and_cancel(steps: int):
+def _run_in_node(trainer: Trainer, resume: bool) -> None:
+    """Resume if asked, train with a progress bar; Cancel saves a checkpoint, then stops the prompt."""
+    if resume:
+        trainer.resume()
+    steps = trainer.config.steps
     bar = comfy.utils.ProgressBar(steps)
-
-    def on_step(step, loss):
-        bar.update_absolute(step, steps)
-
-    return on_step, mm.processing_interrupted
+    try:
+        trainer.run(on_step=lambda step, loss: bar.update_absolute(step, steps),
+                    should_stop=mm.processing_interrupted)
+    except TrainingCancelled:
+        mm.throw_exception_if_processing_interrupted()
+        raise
 
 
 def _clip_token_fn(clip_vision):
@@ -275,16 +280,11 @@ class TrainEncoderMTD(io.ComfyNode):
                 raise ValueError(f"the encoder ({config.architecture}, CLIP width {config.clip_dim}) cannot train on "
                                  f"this CLIP vision model's {probe.shape[-1]}-wide tokens")
             mtd = MTDConfig(image_size=image_size, mask_ratio=mask_ratio, **DECODER_SIZES[decoder_size])
-            on_step, stop = _progress_and_cancel(steps)
-            try:
-                trainer = train_mtd(dataset, model, token_fn, mtd,
-                                    _train_config(steps, lr, batch, grad_accum, precision, seed, save_every),
-                                    SamplerConfig(sampler, inputs_min, inputs_max, targets),
-                                    checkpoint_path=_run_path(run_name, "mtd"), resume=resume,
-                                    on_step=on_step, should_stop=stop)
-            except TrainingCancelled:
-                mm.throw_exception_if_processing_interrupted()
-                raise
+            trainer = mtd_trainer(dataset, model, token_fn, mtd,
+                                  _train_config(steps, lr, batch, grad_accum, precision, seed, save_every),
+                                  SamplerConfig(sampler, inputs_min, inputs_max, targets),
+                                  checkpoint_path=_run_path(run_name, "mtd"))
+            _run_in_node(trainer, resume)
         LOG.info("MTD training: %d steps, last loss %.5f", trainer.step, trainer.losses[-1])
         plot = loss_plot(trainer.losses, f"Omni-ID MTD (L1, {mask_ratio:.0%} masked) - {run_name}")
         return io.NodeOutput(LoadedEncoder(model.eval(), f"{run_name} (trained)"), plot)
@@ -345,14 +345,7 @@ class TrainFlowMatching(io.ComfyNode):
                                               _clip_token_fn(clip_vision), seed=seed, mode=mode)
             trainer = Trainer(objective, _train_config(steps, lr, batch, grad_accum, precision, seed, save_every),
                               _run_path(run_name, "flow"))
-            if resume:
-                trainer.resume()
-            on_step, stop = _progress_and_cancel(steps)
-            try:
-                trainer.run(on_step=on_step, should_stop=stop)
-            except TrainingCancelled:
-                mm.throw_exception_if_processing_interrupted()
-                raise
+            _run_in_node(trainer, resume)
         trained_adapter.name = f"{run_name} (trained)"
         plot = loss_plot(trainer.losses, f"Flow matching ({mode}) - {run_name}")
         return io.NodeOutput(LoadedEncoder(trained_encoder.eval(), f"{run_name} (trained)"), trained_adapter.eval(),
@@ -512,14 +505,7 @@ class TrainPivotEncoder(io.ComfyNode):
                                        class_token, seed=seed, eta=eta)
             trainer = Trainer(objective, TrainConfig(steps=steps, batch=batch, lr=lr, seed=seed, save_every=save_every),
                               _run_path(run_name, "pivot"))
-            if resume:
-                trainer.resume()
-            on_step, stop = _progress_and_cancel(steps)
-            try:
-                trainer.run(on_step=on_step, should_stop=stop)
-            except TrainingCancelled:
-                mm.throw_exception_if_processing_interrupted()
-                raise
+            _run_in_node(trainer, resume)
         plot = loss_plot(trainer.losses, f"Pivot ID encoder (L_diff + {eta:g} L_loc) - {run_name}")
         return io.NodeOutput(pivot.eval(), plot)
 

@@ -23,7 +23,7 @@ import torch
 import torch.nn as nn
 
 from .mtd import ImageCache
-from .trainer import sample_seed
+from .trainer import sample_seed, sum_of_sample_means
 
 FM_MODES = ("omni_id", "identity_enhanced")
 
@@ -42,6 +42,19 @@ class DenoiserHost(Protocol):
     def denoise(self, x_t: torch.Tensor, sigma: torch.Tensor, identity_kv: list[tuple[torch.Tensor, torch.Tensor]],
                 text_attention: bool) -> torch.Tensor:
         """D(x_t): the denoised prediction with the identity's (B, L, inner) K/V at every layer."""
+
+
+def noise_draw(seed: int, step: int, index: int, target: int, shape) -> tuple[torch.Tensor, torch.Tensor]:
+    """One target's noise level u in (0.001, 0.999) and noise eps, fixed by (seed, step, sample, target)."""
+    generator = torch.Generator().manual_seed(sample_seed(seed, step, index, target))
+    u = torch.rand((), generator=generator) * 0.998 + 0.001
+    return u, torch.randn(shape, generator=generator)
+
+
+def denoising_loss(denoised: torch.Tensor, x0: torch.Tensor, sigma: torch.Tensor) -> torch.Tensor:
+    """Per target: mean of ((D(x_t) - x0) / sigma)^2, the model's own parameterisation (see the module)."""
+    scale = sigma.reshape(-1, *([1] * (x0.dim() - 1)))
+    return (((denoised.float() - x0) / scale) ** 2).flatten(1).mean(1)
 
 
 class AdapterTraining(nn.Module):
@@ -84,29 +97,22 @@ class FlowMatchingObjective:
 
     def loss(self, model, samples, step: int, first_index: int) -> torch.Tensor:
         identities = self.sampler.dataset.identities
-        counts = [len(s.inputs) for s in samples]
-        most = max(counts)
-        rows = []
-        for s in samples:
-            tokens = self.cache.clip_tokens([identities[s.identity].images[i] for i in s.inputs])
-            rows.append(torch.cat([tokens, tokens.new_zeros(most - len(tokens), *tokens.shape[1:])]))
-        layer_kv = model(torch.stack(rows), counts)                     # per layer (B, L, inner) pairs
+        tokens, counts = self.cache.padded_tokens([[identities[s.identity].images[i] for i in s.inputs]
+                                                   for s in samples])
+        layer_kv = model(tokens, counts)                                # per layer (B, L, inner) pairs
         x0, owners, u, eps = [], [], [], []
         for row, s in enumerate(samples):
             for j, index in enumerate(s.targets):
                 latent = self._latent(identities[s.identity].images[index])
-                g = torch.Generator().manual_seed(sample_seed(self.seed, step, first_index + row, j))
+                level, noise = noise_draw(self.seed, step, first_index + row, j, latent.shape)
                 x0.append(latent)
                 owners.append(row)
-                u.append(torch.rand((), generator=g) * 0.998 + 0.001)
-                eps.append(torch.randn(latent.shape, generator=g))
+                u.append(level)
+                eps.append(noise)
         x0, eps = torch.stack(x0), torch.stack(eps)
         sigma = self.host.sigma_at(torch.stack(u))
         x_t = self.host.noise(x0, sigma, eps)
         index = torch.tensor(owners)
         kv = [(k[index], v[index]) for k, v in layer_kv]
         denoised = self.host.denoise(x_t, sigma, kv, text_attention=self.mode != "identity_enhanced")
-        scale = sigma.reshape(-1, *([1] * (x0.dim() - 1)))
-        per_target = (((denoised.float() - x0) / scale) ** 2).flatten(1).mean(1)
-        per_sample = torch.zeros(len(samples)).index_add(0, index, per_target)
-        return (per_sample / torch.bincount(index, minlength=len(samples)).float()).sum()
+        return sum_of_sample_means(denoising_loss(denoised, x0, sigma), index, len(samples))

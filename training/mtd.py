@@ -153,6 +153,15 @@ class ImageCache:
                     self.tokens[str(p)] = t
         return torch.stack([self.tokens[str(p)] for p in paths])
 
+    def padded_tokens(self, photo_lists: list[list]) -> tuple[torch.Tensor, list[int]]:
+        """(B, N, T, C) tokens of each identity's input photos, zero-padded to the longest, and the counts."""
+        counts = [len(photos) for photos in photo_lists]
+        rows = []
+        for photos in photo_lists:
+            tokens = self.clip_tokens(photos)
+            rows.append(torch.cat([tokens, tokens.new_zeros(max(counts) - len(photos), *tokens.shape[1:])]))
+        return torch.stack(rows), counts
+
 
 class MTDObjective:
     """Stage 1: few inputs -> identity -> reconstruct every target from 5% of its patches."""
@@ -167,17 +176,11 @@ class MTDObjective:
         return self.sampler.sample(step, count)
 
     def loss(self, model, samples, step: int, first_index: int) -> torch.Tensor:
-        from .trainer import sample_seed
+        from .trainer import sample_seed, sum_of_sample_means
         cfg = self.module.decoder.config
         identities = self.sampler.dataset.identities
-        counts = [len(s.inputs) for s in samples]
-        most = max(counts)
-        token_rows = []
-        for s in samples:
-            paths = [identities[s.identity].images[i] for i in s.inputs]
-            tokens = self.cache.clip_tokens(paths)
-            pad = tokens.new_zeros(most - len(paths), *tokens.shape[1:])
-            token_rows.append(torch.cat([tokens, pad]))
+        tokens, counts = self.cache.padded_tokens([[identities[s.identity].images[i] for i in s.inputs]
+                                                   for s in samples])
         targets, owners, generators = [], [], []
         for row, s in enumerate(samples):
             for j, index in enumerate(s.targets):
@@ -186,14 +189,11 @@ class MTDObjective:
                 generators.append(torch.Generator().manual_seed(sample_seed(self.seed, step, first_index + row, j)))
         target_patches = patchify(torch.stack(targets), cfg.patch)
         mask = random_mask(len(targets), cfg.patches, cfg.mask_ratio, generators)
-        predicted = model(torch.stack(token_rows), counts, target_patches, torch.tensor(owners), mask)
+        predicted = model(tokens, counts, target_patches, torch.tensor(owners), mask)
         error = (predicted.float() - target_patches).abs().mean(-1)
         weights = mask.float() if cfg.loss_on == "masked" else torch.ones_like(error)
         per_target = (error * weights).sum(-1) / weights.sum(-1).clamp_min(1.0)
-        owners_t = torch.tensor(owners)
-        per_sample = torch.zeros(len(samples)).index_add(0, owners_t, per_target)
-        per_sample = per_sample / torch.bincount(owners_t, minlength=len(samples)).float()
-        return per_sample.sum()
+        return sum_of_sample_means(per_target, torch.tensor(owners), len(samples))
 
 
 def create_decoder(config: MTDConfig, seed: int | None = None) -> MaskedTransformerDecoder:

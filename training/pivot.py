@@ -17,8 +17,9 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from .flow_matching import denoising_loss, noise_draw
 from .mtd import ImageCache
-from .trainer import sample_seed
+from .trainer import sum_of_sample_means
 
 ETA = 2e-3
 
@@ -79,12 +80,12 @@ class PivotObjective:
             targets = [t for t in s.targets if t != s.inputs[0]] or list(s.targets)
             for j, index in enumerate(targets):
                 latent, mask = self._target(identities[s.identity].images[index])
-                g = torch.Generator().manual_seed(sample_seed(self.seed, step, first_index + row, j))
+                level, noise = noise_draw(self.seed, step, first_index + row, j, latent.shape)
                 x0.append(latent)
                 masks.append(mask)
                 owners.append(row)
-                u.append(torch.rand((), generator=g) * 0.998 + 0.001)
-                eps.append(torch.randn(latent.shape, generator=g))
+                u.append(level)
+                eps.append(noise)
         index = torch.tensor(owners)
         x0, eps = torch.stack(x0), torch.stack(eps)
         sigma = self.host.sigma_at(torch.stack(u))
@@ -93,10 +94,7 @@ class PivotObjective:
         mixed = model(base[:, self.class_token], refs[index].to(base))
         conditioning = torch.cat([base[:, :self.class_token], mixed[:, None], base[:, self.class_token + 1:]], 1)
         denoised, attention, grid = self.host.denoise_conditioned(x_t, sigma, conditioning, self.class_token)
-        scale = sigma.reshape(-1, *([1] * (x0.dim() - 1)))
-        diffusion = (((denoised.float() - x0) / scale) ** 2).flatten(1).mean(1)
+        diffusion = denoising_loss(denoised, x0, sigma)
         localisation = localisation_loss(attention.float(), torch.stack(masks), grid)
         self.last_parts = (float(diffusion.detach().mean()), float(localisation.detach().mean()))
-        per_target = diffusion + self.eta * localisation
-        per_sample = torch.zeros(len(samples)).index_add(0, index, per_target)
-        return (per_sample / torch.bincount(index, minlength=len(samples)).float()).sum()
+        return sum_of_sample_means(diffusion + self.eta * localisation, index, len(samples))

@@ -61,6 +61,12 @@ class Objective(Protocol):
         """Summed loss of ``samples``, the global batch's entries first_index.. of ``step``."""
 
 
+def sum_of_sample_means(per_target: torch.Tensor, owners: torch.Tensor, samples: int) -> torch.Tensor:
+    """Each sample's mean loss over its targets (``owners`` says whose each target is), summed over samples."""
+    per_sample = torch.zeros(samples, dtype=per_target.dtype).index_add(0, owners, per_target)
+    return (per_sample / torch.bincount(owners, minlength=samples).to(per_target.dtype)).sum()
+
+
 def sample_seed(seed: int, step: int, index: int, *more: int) -> int:
     """A seed for one sample's randomness (masks, noise) that no partitioning changes."""
     return int(np.random.SeedSequence([seed, step, index, *more]).generate_state(1)[0])
