@@ -58,30 +58,28 @@ def test_fit_several_photos_skips_faceless_ones_and_reposes_the_photos(comfy):
     assert len(images_of(comfy, result, save_single)) == 1
 
 
+def fit_graph(model_file: str, photo: str) -> dict:
+    """Face analysis + FLAME Loader (model_file) + FLAME Fit of one photo, previewed."""
+    g = Graph()
+    faces = g.out(g.add("OmniIdentityFaceAnalysisLoader", backend="dlib", provider="CPU", det_size=640))
+    flame = g.out(g.add("OmniIdentityFlameLoader", model=model_file, landmark_embedding="landmark_embedding.npy",
+                        shape_components=100, expression_components=50))
+    fit = g.add("OmniIdentityFlameFit", flame_model=flame, images=g.photos(photo), face_analysis=faces,
+                shape_prior=1.0, expression_prior=1.0, iterations=5)
+    g.add("PreviewImage", images=g.out(fit, 1))
+    return g.nodes
+
+
 def test_flame_errors_are_clear_and_the_server_keeps_serving(comfy):
     with pytest.raises(PromptRejected) as rejected:
         comfy.queue_prompt(load_workflow("api/flame_controlnet_grid.json", "FLAME.model=missing.pkl", *TINY))
     assert "'missing.pkl' not found in models/flame" in str(rejected.value)
     assert "https://flame.is.tue.mpg.de" in str(rejected.value)
-    g = Graph()
-    faces = g.out(g.add("OmniIdentityFaceAnalysisLoader", backend="dlib", provider="CPU", det_size=640))
-    flame = g.out(g.add("OmniIdentityFlameLoader", model="generic_model.pkl",
-                        landmark_embedding="landmark_embedding.npy", shape_components=100, expression_components=50))
-    fit = g.add("OmniIdentityFlameFit", flame_model=flame, images=g.photos("no_face.png"), face_analysis=faces,
-                shape_prior=1.0, expression_prior=1.0, iterations=5)
-    g.add("PreviewImage", images=g.out(fit, 1))
     with pytest.raises(ExecutionFailed) as failed:
-        comfy.run(g.nodes, timeout=300)
+        comfy.run(fit_graph("generic_model.pkl", "no_face.png"), timeout=300)
     assert "no face found in any of the 1 photo(s)" in failed.value.error["exception_message"]
-    g = Graph()
-    faces = g.out(g.add("OmniIdentityFaceAnalysisLoader", backend="dlib", provider="CPU", det_size=640))
-    flame = g.out(g.add("OmniIdentityFlameLoader", model="landmark_embedding.npy",
-                        landmark_embedding="landmark_embedding.npy", shape_components=100, expression_components=50))
-    fit = g.add("OmniIdentityFlameFit", flame_model=flame, images=g.photos("id_1.png"), face_analysis=faces,
-                shape_prior=1.0, expression_prior=1.0, iterations=5)
-    g.add("PreviewImage", images=g.out(fit, 1))
     with pytest.raises(ExecutionFailed) as failed:
-        comfy.run(g.nodes, timeout=300)
+        comfy.run(fit_graph("landmark_embedding.npy", "id_1.png"), timeout=300)
     assert "landmark_embedding.npy: not a FLAME model" in failed.value.error["exception_message"]
     g = Graph()
     faces = g.out(g.add("OmniIdentityFaceAnalysisLoader", backend="dlib", provider="CPU", det_size=640))
