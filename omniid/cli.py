@@ -148,7 +148,7 @@ def _raise_keyboard_interrupt(*_args) -> None:
 def cmd_serve(args) -> int:
     comfyui = find_comfyui(args.comfyui)
     if comfyui is None:
-        raise ComfyUIError("no ComfyUI found: pass --comfyui PATH or set COMFYUI_PATH")
+        raise ComfyUIError("no ComfyUI found: run ./scripts/setup.sh (it provisions the pinned ComfyUI), pass --comfyui PATH or set COMFYUI_PATH")
     server = ComfyServer(comfyui, port=args.port, listen=args.listen, cpu=not args.gpu,
                          base_directory=Path(args.base_directory) if args.base_directory else None,
                          extra_args=list(args.comfy_args or []), console=True)
@@ -169,8 +169,8 @@ def build_parser() -> argparse.ArgumentParser:
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     sub = parser.add_subparsers(dest="command", required=True)
 
-    serve = sub.add_parser("serve", help="start ComfyUI (from COMFYUI_PATH) with this pack loaded")
-    serve.add_argument("--comfyui", help="ComfyUI checkout (default: $COMFYUI_PATH, else /opt/ComfyUI)")
+    serve = sub.add_parser("serve", help="start ComfyUI (the one setup provisioned, or COMFYUI_PATH) with this pack loaded")
+    serve.add_argument("--comfyui", help="ComfyUI checkout (default: $COMFYUI_PATH, else the one scripts/setup.sh recorded)")
     serve.add_argument("--port", type=int, default=8188)
     serve.add_argument("--listen", default="127.0.0.1")
     serve.add_argument("--base-directory", help="ComfyUI base directory for models/input/output/custom_nodes")
@@ -180,7 +180,7 @@ def build_parser() -> argparse.ArgumentParser:
     run = sub.add_parser("run", help="queue an API-format workflow and save its outputs")
     run.add_argument("workflow", help="API-format workflow JSON (e.g. workflows/*.api.json)")
     run.add_argument("--server", help="URL of a running ComfyUI; without it one is started and stopped")
-    run.add_argument("--comfyui", help="ComfyUI checkout to start (default: $COMFYUI_PATH, else /opt/ComfyUI)")
+    run.add_argument("--comfyui", help="ComfyUI checkout to start (default: $COMFYUI_PATH, else the one scripts/setup.sh recorded)")
     run.add_argument("--base-directory", help="base directory for a started ComfyUI")
     run.add_argument("--gpu", action="store_true", help="let a started ComfyUI use the GPU")
     run.add_argument("--set", action="append", metavar="NODE.INPUT=VALUE",

@@ -10,7 +10,6 @@ import os
 import shutil
 import socket
 import subprocess
-import sys
 import tempfile
 import time
 import urllib.error
@@ -19,37 +18,11 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Optional
 
+from .comfyui_setup import ComfyUIError, comfyui_python, find_comfyui  # noqa: F401 (re-exported)
+
 PACK_ROOT = Path(__file__).resolve().parent.parent
 PACK_LINK_NAME = "ComfyUI-OmniIdentity"
 PACK_MODEL_FOLDERS = ("omni_identity", "ipadapter", "insightface/models", "flame")
-DEFAULT_COMFYUI_PATHS = ("/opt/ComfyUI",)
-
-
-class ComfyUIError(RuntimeError):
-    """ComfyUI could not be found, started or reached."""
-
-
-def find_comfyui(explicit: Optional[str] = None) -> Optional[Path]:
-    """The ComfyUI checkout: ``explicit``, else $COMFYUI_PATH, else /opt/ComfyUI."""
-    candidates = [explicit] if explicit else [os.environ.get("COMFYUI_PATH"), *DEFAULT_COMFYUI_PATHS]
-    for candidate in candidates:
-        if candidate and (Path(candidate) / "main.py").is_file() and (Path(candidate) / "comfy").is_dir():
-            return Path(candidate).resolve()
-    if explicit:
-        raise ComfyUIError(f"{explicit} is not a ComfyUI checkout (no main.py and comfy/ there)")
-    return None
-
-
-def comfyui_python(comfyui: Path) -> str:
-    """The interpreter that runs ComfyUI: $COMFYUI_PYTHON, its own venv, or this one."""
-    if os.environ.get("COMFYUI_PYTHON"):
-        return os.environ["COMFYUI_PYTHON"]
-    for venv in (".venv", "venv"):
-        for rel in ("bin/python", "Scripts/python.exe"):
-            candidate = comfyui / venv / rel
-            if candidate.exists():
-                return str(candidate)
-    return sys.executable
 
 
 def free_port() -> int:

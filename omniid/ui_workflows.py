@@ -56,6 +56,12 @@ def model_lines(api: dict) -> list[str]:
     return lines
 
 
+def template_notes() -> dict:
+    """workflows/notes.toml: name -> {title, purpose}."""
+    import tomllib
+    return tomllib.loads((WORKFLOWS / "notes.toml").read_text(encoding="utf-8"))
+
+
 def note_text(name: str, api: dict, notes: dict) -> str:
     info = notes[name]
     text = [f"## {info['title']}", "", info["purpose"], "", "**Model files** (rename in the loaders if yours differ):"]
@@ -121,7 +127,7 @@ def open_editor(browser: Chromium, url: str) -> Page:
 
 def build_all(url: str, names: list[str] | None = None, thumbnails: bool = True) -> list[Path]:
     from PIL import Image
-    notes = json.loads((WORKFLOWS / "notes.json").read_text())
+    notes = template_notes()
     written = []
     with Chromium(width=1600, height=1000) as browser:
         page = open_editor(browser, url)
@@ -150,7 +156,7 @@ def build_all(url: str, names: list[str] | None = None, thumbnails: bool = True)
 
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--comfyui", help="ComfyUI checkout (default: $COMFYUI_PATH, else /opt/ComfyUI)")
+    parser.add_argument("--comfyui", help="ComfyUI checkout (default: $COMFYUI_PATH, else the one scripts/setup.sh recorded)")
     parser.add_argument("--only", action="append", help="workflow names to rebuild (default: all)")
     args = parser.parse_args(argv)
     comfyui = Path(args.comfyui) if args.comfyui else find_comfyui()

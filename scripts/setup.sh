@@ -1,33 +1,55 @@
 #!/usr/bin/env bash
-# Set up the development environment from this repository's own files:
-#   .venv/  torch + torchvision, the runtime stack (requirements.txt), the test tools.
-# When a ComfyUI checkout is found (COMFYUI_PATH, else /opt/ComfyUI) whose Python is
-# another interpreter, the pack's runtime requirements are installed there too, as for
-# any custom node. ComfyUI itself is never fetched or built here.
+# Set up everything `serve`, `run`, the tests and the benchmarks need, from this repository's
+# own files:
+#   .venv/              torch 2.14.1 + torchvision 0.29.1, requirements.txt, the test tools
+#   ComfyUI             $COMFYUI_PATH, else /opt/ComfyUI, else the embedded copy .comfyui/ComfyUI
+#                       (unpacked from the pinned archive in ../shared/vendor, sha256 checked, or
+#                       cloned at the pinned commit); the choice is recorded in .comfyui/selected.json
+#   ComfyUI's Python    the checkout's own venv if it has one, else .venv (shared): it gets
+#                       ComfyUI's requirements (torchaudio left out) and this pack's requirements.txt
+# Re-running it changes nothing when all is in place: each pip step is skipped while the
+# files it installed from are unchanged.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
 PYTHON="${PYTHON:-python3}"
 TORCH_SPEC="${TORCH_SPEC:-torch==2.14.1 torchvision==0.29.1}"
+PIP=(-m pip install --quiet --disable-pip-version-check)
+
+# pip_step NAME PYTHON ARGS...: run `PYTHON -m pip install ARGS` unless the same NAME ran with the
+# same arguments and requirement files before (a stamp in that interpreter's prefix).
+pip_step() {
+    local name="$1" python="$2"; shift 2
+    local prefix stamp digest
+    prefix="$("$python" -c 'import sys; print(sys.prefix)')"
+    stamp="$prefix/.omniid-setup-$name"
+    digest="$( { echo "$*"; for arg in "$@"; do [ -f "$arg" ] && cat "$arg"; done; true; } | sha256sum | cut -d' ' -f1)"
+    if [ -f "$stamp" ] && [ "$(cat "$stamp")" = "$digest" ]; then
+        echo "== $name: up to date"
+        return
+    fi
+    echo "== $name: pip install $*"
+    "$python" "${PIP[@]}" "$@"
+    echo "$digest" > "$stamp"
+}
 
 if [ ! -x .venv/bin/python ]; then
     echo "== creating .venv with $($PYTHON --version)"
     "$PYTHON" -m venv .venv
 fi
-echo "== installing $TORCH_SPEC"
-.venv/bin/python -m pip install --quiet --disable-pip-version-check $TORCH_SPEC
-echo "== installing requirements.txt and requirements-test.txt"
-.venv/bin/python -m pip install --quiet --disable-pip-version-check -r requirements.txt -r requirements-test.txt
+pip_step torch .venv/bin/python $TORCH_SPEC
+pip_step pack .venv/bin/python -r requirements.txt -r requirements-test.txt
 
-COMFYUI="$(.venv/bin/python -c 'from omniid.comfy_server import find_comfyui; print(find_comfyui() or "")')"
-if [ -n "$COMFYUI" ]; then
-    COMFY_PY="$(.venv/bin/python -c "from pathlib import Path; from omniid.comfy_server import comfyui_python; print(comfyui_python(Path('$COMFYUI')))")"
-    prefix() { "$1" -c 'import sys; print(sys.prefix)'; }
-    if [ "$(prefix "$COMFY_PY")" != "$(prefix .venv/bin/python)" ]; then
-        echo "== installing requirements.txt into ComfyUI's Python ($COMFY_PY)"
-        "$COMFY_PY" -m pip install --quiet --disable-pip-version-check -r requirements.txt
-    fi
+REQS=.comfyui/comfyui-requirements.txt
+mkdir -p .comfyui
+{ read -r COMFYUI; read -r COMFY_PY; read -r SOURCE; } < <(
+    .venv/bin/python -m omniid.comfyui_setup --requirements-out "$REQS")
+echo "== ComfyUI: $COMFYUI ($SOURCE), run by $COMFY_PY"
+same_env() { [ "$("$1" -c 'import sys; print(sys.prefix)')" = "$("$2" -c 'import sys; print(sys.prefix)')" ]; }
+if same_env "$COMFY_PY" .venv/bin/python; then
+    pip_step comfyui .venv/bin/python $TORCH_SPEC -r "$REQS" -r requirements.txt
 else
-    echo "== no ComfyUI checkout found (set COMFYUI_PATH): the pack's environment is ready, ComfyUI is not"
+    # the checkout's own environment: ComfyUI is the user's; the pack's requirements go in, as for any custom node
+    pip_step pack "$COMFY_PY" -r requirements.txt
 fi
-echo "== setup done"
+echo "== setup done: '.venv/bin/python -m omniid serve' serves ComfyUI with this pack; ./scripts/test.sh tests it"

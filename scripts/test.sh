@@ -1,18 +1,14 @@
 #!/usr/bin/env bash
-# Run the whole test suite: unit tests, and the real-ComfyUI tests when a checkout is
-# found (COMFYUI_PATH, else /opt/ComfyUI). Extra arguments go to pytest.
+# Run the whole test suite: the unit tests, and the tests that drive the real ComfyUI that setup
+# recorded (tests/comfy) and its frontend in headless Chromium. Extra arguments go to pytest.
+# With CI set, a test that would skip (no ComfyUI, no browser) fails instead.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
-[ -x .venv/bin/python ] || ./scripts/setup.sh
+[ -x .venv/bin/python ] && [ -f .comfyui/selected.json ] || ./scripts/setup.sh
 
-COMFYUI="$(.venv/bin/python -c 'from omniid.comfy_server import find_comfyui; print(find_comfyui() or "")')"
-if [ -z "$COMFYUI" ]; then
-    echo "######################################################################"
-    echo "#  NO ComfyUI CHECKOUT FOUND (COMFYUI_PATH unset, no /opt/ComfyUI):   #"
-    echo "#  the real-ComfyUI integration tests in tests/comfy will be SKIPPED. #"
-    echo "######################################################################"
-else
+COMFYUI="$(.venv/bin/python -c 'from omniid.comfyui_setup import find_comfyui; print(find_comfyui() or "")')"
+if [ -n "$COMFYUI" ]; then
     export COMFYUI_PATH="$COMFYUI"
     echo "== real-ComfyUI tests run against $COMFYUI_PATH"
 fi

@@ -17,12 +17,19 @@ from omniid.comfy_server import comfyui_python, find_comfyui
 from omniid.testing import populate_base, start_server
 
 
+def pytest_collection_modifyitems(items):
+    here = Path(__file__).parent
+    for item in items:
+        if here in Path(item.fspath).parents:
+            item.add_marker(pytest.mark.comfy)
+
+
 @pytest.fixture(scope="session")
 def comfyui() -> Path:
     path = find_comfyui()
     if path is None:
-        pytest.skip("no ComfyUI checkout found: set COMFYUI_PATH (or put one at /opt/ComfyUI) "
-                    "to run the real-ComfyUI integration tests")
+        pytest.skip("no ComfyUI checkout found: run ./scripts/setup.sh (it provisions the pinned ComfyUI) or set "
+                    "COMFYUI_PATH to run the real-ComfyUI integration tests")
     return path
 
 

@@ -10,19 +10,21 @@ import pytest
 
 from omniid.browser import Chromium, find_chromium
 from omniid.testing import WORKFLOWS
-from omniid.ui_workflows import open_editor
+from omniid.ui_workflows import open_editor, template_notes
 
-if find_chromium() is None:
-    pytest.skip("no Chromium on this machine (apt install chromium, or set OMNIID_CHROMIUM): the frontend "
-                "tests are SKIPPED", allow_module_level=True)
-
-UI_WORKFLOWS = sorted(p.stem for p in WORKFLOWS.glob("*.json") if p.name != "notes.json")
+UI_WORKFLOWS = sorted(p.stem for p in WORKFLOWS.glob("*.json"))
 # requests the editor makes for files a fresh test server does not have; not errors of the workflows
 EXPECTED_MISSING = ("/api/view?", "user.css", "favicon.ico", "/api/userdata", "api.comfy.org")
 
 
+pytestmark = pytest.mark.frontend
+
+
 @pytest.fixture(scope="module")
 def editor(comfy_server):
+    if find_chromium() is None:
+        pytest.skip("no Chromium on this machine (apt install chromium, or set OMNIID_CHROMIUM): the frontend "
+                    "tests are SKIPPED")
     with Chromium() as browser:
         page = open_editor(browser, comfy_server.url)
         yield page
@@ -32,7 +34,7 @@ def editor(comfy_server):
 def test_every_api_workflow_has_an_editor_twin_and_a_thumbnail():
     api = sorted(p.stem for p in (WORKFLOWS / "api").glob("*.json"))
     assert UI_WORKFLOWS == api
-    notes = json.loads((WORKFLOWS / "notes.json").read_text())
+    notes = template_notes()
     for name in api:
         assert (WORKFLOWS / f"{name}.jpg").is_file(), name
         assert name in notes, name

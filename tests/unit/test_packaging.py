@@ -78,3 +78,36 @@ def test_weights_are_never_unpickled_unsafely():
             assert "def find_class" in text and "encoding=\"latin1\"" in text, path
         for call in re.findall(r"torch\.load\([^)]*\)", text):
             assert "weights_only=True" in call, f"{path}: {call}"
+
+
+def _tracked_files():
+    import subprocess
+    done = subprocess.run(["git", "ls-files"], cwd=ROOT, capture_output=True, text=True, check=True)
+    return [Path(line) for line in done.stdout.splitlines()]
+
+
+def test_no_wheel_archive_or_generated_cache_is_committed():
+    for path in _tracked_files():
+        assert path.suffix not in (".whl", ".gz", ".zip", ".tar", ".pt", ".ckpt", ".pyc"), path
+        assert path.parts[0] not in (".comfyui", ".venv", ".cache"), path
+
+
+def test_workflows_folder_holds_only_workflows_and_their_thumbnails():
+    """ComfyUI's template browser lists every workflows/*.json as a template."""
+    import json
+    for path in sorted((ROOT / "workflows").iterdir()):
+        if path.is_dir():
+            assert path.name == "api", path
+        elif path.suffix == ".json":
+            data = json.loads(path.read_text())
+            assert "nodes" in data and "links" in data, f"{path.name} is not an editor workflow"
+        else:
+            assert path.suffix == ".jpg" and path.with_suffix(".json").is_file() or path.name == "notes.toml", path
+
+
+def test_registry_archive_leaves_out_tests_and_benchmarks():
+    ignored = {line.strip().rstrip("/") for line in (ROOT / ".comfyignore").read_text().splitlines()
+               if line.strip() and not line.startswith("#")}
+    assert {"tests", "benchmarks", "scripts", ".ci"} <= ignored
+    includes = tomllib.loads((ROOT / "pyproject.toml").read_text())["tool"]["comfy"]["includes"]
+    assert not any(p.strip("/").split("/")[0] in ignored for p in includes)
