@@ -23,9 +23,10 @@ def main() -> None:
     size, steps, repeats = args.size, args.steps, args.repeats
 
     torch = harness.setup_comfyui()
-    from omni_identity.encoders.embeds import IdentityEmbeds
-    from omni_identity.guidance.adapter import AdapterConfig, create_adapter
-    from omni_identity.nodes.hosts import apply_identity, unet_layers
+    from omniid.encoders.embeds import IdentityEmbeds
+    from omniid.guidance.adapter import AdapterConfig, create_adapter
+    from omniid.comfy_host.identity import apply_identity
+    from omniid.comfy_host.layers import unet_layers
 
     model, sample, device = harness.build_sd15(torch, size)
     layers = unet_layers(model)

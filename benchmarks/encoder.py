@@ -15,18 +15,12 @@ from __future__ import annotations
 import argparse
 import json
 import statistics
-import sys
 import time
-from pathlib import Path
 
 import torch
 
-sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
-from omniid.pack import import_pack  # noqa: E402
-
-import_pack()
-from omni_identity.encoders.clip_features import OpenCLIPTokens  # noqa: E402
-from omni_identity.encoders.omni_id import EncoderConfig, create_encoder  # noqa: E402
+from omniid.encoders.clip_features import OpenCLIPTokens
+from omniid.encoders.omni_id import EncoderConfig, create_encoder
 
 
 def timed(fn) -> float:

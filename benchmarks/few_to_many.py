@@ -25,7 +25,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import sys
 import tempfile
 import time
 from pathlib import Path
@@ -33,16 +32,12 @@ from pathlib import Path
 import torch
 import torch.nn as nn
 
-sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
-from omniid.pack import import_pack  # noqa: E402
-
-import_pack()
-from omni_identity.encoders.omni_id import EncoderConfig, create_encoder  # noqa: E402
-from omni_identity.training.dataset import FewToManySampler, IdentityDataset, SamplerConfig  # noqa: E402
-from omni_identity.training.mtd import (ImageCache, MTDConfig, MTDModel, MTDObjective, create_decoder,  # noqa: E402
-                                        patchify, random_mask)
-from omni_identity.training.trainer import TrainConfig, Trainer  # noqa: E402
-from omniid.synthetic_faces import write_identity_dataset  # noqa: E402
+import support_path  # noqa: F401  (test assets)
+from omniid.encoders.omni_id import EncoderConfig, create_encoder
+from omniid.training.dataset import FewToManySampler, IdentityDataset, SamplerConfig
+from omniid.training.mtd import ImageCache, MTDConfig, MTDModel, MTDObjective, create_decoder, patchify, random_mask
+from omniid.training.trainer import TrainConfig, Trainer
+from support.synthetic_faces import write_identity_dataset
 
 SETTINGS = {
     "full": dict(train_ids=400, heldout_ids=40, size=56, mtd_patch=7, seconds=240, batch=8, dim=128, queries=16),
@@ -52,11 +47,12 @@ INPUT_COUNTS = (1, 3, 5)
 
 
 def patch_tokens(size: int, patch: int = 14):
-    """(B, 3, S, S) -> (B, 1 + P, 3 * patch^2 + P): each patch's pixels and a one-hot position,
+    """(B, S, S, 3) -> (B, 1 + P, 3 * patch^2 + P): each patch's pixels and a one-hot position,
     plus a mean token in CLIP's class-token place."""
     count = (size // patch) ** 2
 
     def tokens(images):
+        images = images.permute(0, 3, 1, 2)
         if images.shape[-1] != size:
             images = nn.functional.interpolate(images, size=(size, size), mode="bilinear", align_corners=False)
         pixels = patchify(images * 2 - 1, patch)

@@ -22,10 +22,11 @@ def main() -> None:
     size, steps, repeats = args.size, args.steps, args.repeats
 
     torch = harness.setup_comfyui()
-    from omni_identity.encoders.embeds import IdentityEmbeds
-    from omni_identity.guidance.adapter import AdapterConfig, create_adapter
-    from omni_identity.guidance.infinite_id import AdaINSettings
-    from omni_identity.nodes.hosts import apply_mixed_attention, set_adain, unet_layers
+    from omniid.encoders.embeds import IdentityEmbeds
+    from omniid.guidance.adapter import AdapterConfig, create_adapter
+    from omniid.guidance.infinite_id import AdaINSettings
+    from omniid.comfy_host.layers import unet_layers
+    from omniid.comfy_host.two_streams import apply_mixed_attention, set_adain
 
     model, sample, device = harness.build_sd15(torch, size)
     layers = unet_layers(model)

@@ -31,19 +31,14 @@ from pathlib import Path
 
 import numpy as np
 
-PACK_ROOT = Path(__file__).resolve().parent.parent
-sys.path.insert(0, str(PACK_ROOT))
-from omniid import assets  # noqa: E402
-from omniid.client import ComfyClient  # noqa: E402
-from omniid.comfy_server import comfyui_python, find_comfyui  # noqa: E402
-from omniid.graph import Graph  # noqa: E402
-from omniid.pack import import_pack  # noqa: E402
-from omniid.testing import populate_base, start_server  # noqa: E402
-
-import_pack()
-from omni_identity.encoders.face import create_analyzer  # noqa: E402
-from omni_identity.training.metrics import (clip_image_similarity, clip_text_similarity, face_embeddings,  # noqa: E402
-                                            identity_report)
+import support_path  # noqa: F401  (test assets)
+from omniid.cli.client import ComfyClient
+from omniid.cli.graph import Graph
+from omniid.cli.server import ComfyServer, comfyui_python, find_comfyui
+from omniid.encoders.face import create_analyzer
+from omniid.training.metrics import clip_image_similarity, clip_text_similarity, face_embeddings, identity_report
+from support import assets
+from support.testing import populate_base, start_server
 
 OMNI_METHODS = ("arcface", "clip", "arcface_clip", "omni_id")
 INPUT_COUNTS = (1, 3, 5, 7)
@@ -233,7 +228,7 @@ def prompt_table(setup: Setup, scorer: Scorer, title: str, modes: dict[str, str]
 def tiny_setup(workdir: Path):
     comfyui = find_comfyui()
     if comfyui is None:
-        sys.exit("--tiny needs a ComfyUI checkout (COMFYUI_PATH or /opt/ComfyUI)")
+        sys.exit("--tiny needs ComfyUI: run ./scripts/setup.sh or set COMFYUI_PATH")
     tiny = assets.tiny_models(comfyui, comfyui_python(comfyui))
     base = populate_base(workdir / "base", tiny, {})
     server = start_server(comfyui, base)
@@ -250,7 +245,7 @@ def tiny_setup(workdir: Path):
     import torch
     from open_clip.model import CLIPTextCfg, CLIPVisionCfg
 
-    from omni_identity.encoders.clip_features import OpenCLIPScorer
+    from omniid.encoders.clip_features import OpenCLIPScorer
     torch.manual_seed(0)
     model = open_clip.model.CLIP(embed_dim=32, vision_cfg=CLIPVisionCfg(layers=2, width=64, head_width=32,
                                                                         patch_size=32, image_size=224),
@@ -261,12 +256,11 @@ def tiny_setup(workdir: Path):
 
 
 def real_setup(args):
-    from omni_identity.encoders.clip_features import OpenCLIPScorer
+    from omniid.encoders.clip_features import OpenCLIPScorer
     server = None
     if args.server:
         url = args.server
     else:
-        from omniid.comfy_server import ComfyServer
         server = ComfyServer(find_comfyui(args.comfyui), cpu=not args.gpu).start()
         url = server.url
     methods = {}

@@ -24,8 +24,9 @@ def main() -> None:
 
     torch = harness.setup_comfyui()
     import comfy.samplers
-    from omni_identity.guidance.rb_guidance import RBSettings
-    from omni_identity.nodes.rb_guidance_nodes import RBGuider, gradient_ready
+    from omniid.guidance.rb_guidance import RBSettings
+    from omniid.comfy_host.gradients import gradient_ready
+    from omniid.comfy_host.rb_guider import RBGuider
 
     model, sample, device = harness.build_sd15(torch, size)
     inputs = sample.inputs

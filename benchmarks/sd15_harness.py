@@ -2,7 +2,6 @@
 sampled with ComfyUI's own sampler, a baseline and a variant alternating in one run."""
 from __future__ import annotations
 
-import importlib.util
 import json
 import os
 import statistics
@@ -12,7 +11,6 @@ import threading
 import time
 from pathlib import Path
 
-PACK_ROOT = Path(__file__).resolve().parent.parent
 SD15_UNET = {"use_checkpoint": False, "image_size": 32, "out_channels": 4, "use_spatial_transformer": True,
              "legacy": False, "adm_in_channels": None, "in_channels": 4, "model_channels": 320,
              "num_res_blocks": [2, 2, 2, 2], "transformer_depth": [1, 1, 1, 1, 1, 1, 0, 0],
@@ -23,15 +21,10 @@ SD15_UNET = {"use_checkpoint": False, "image_size": 32, "out_channels": 4, "use_
 
 def ensure_comfyui() -> Path:
     """ComfyUI on sys.path, re-running this script with ComfyUI's Python when needed."""
-    spec = importlib.util.spec_from_file_location("omniid", PACK_ROOT / "omniid" / "__init__.py",
-                                                  submodule_search_locations=[str(PACK_ROOT / "omniid")])
-    module = importlib.util.module_from_spec(spec)
-    sys.modules["omniid"] = module
-    spec.loader.exec_module(module)
-    from omniid.comfy_server import comfyui_python, find_comfyui
+    from omniid.cli.provision import comfyui_python, find_comfyui
     comfyui = find_comfyui()
     if comfyui is None:
-        sys.exit("ComfyUI not found: set COMFYUI_PATH")
+        sys.exit("ComfyUI not found: run ./scripts/setup.sh or set COMFYUI_PATH")
     python = comfyui_python(comfyui)
     if os.path.realpath(sys.prefix) != os.path.realpath(
             subprocess.run([python, "-c", "import sys; print(sys.prefix)"], capture_output=True, text=True).stdout.strip()):
@@ -112,7 +105,7 @@ def build_sd15(torch, size: int):
 
 
 def setup_comfyui():
-    """ComfyUI importable on the CPU (or its GPU), and the pack importable as omni_identity."""
+    """ComfyUI importable on the CPU (or its GPU), and the pack importable as omniid."""
     ensure_comfyui()
     sys.argv = sys.argv[:1]
     import comfy.cli_args
@@ -121,8 +114,6 @@ def setup_comfyui():
         comfy.cli_args.args.cpu = True
     # PyTorch's SDPA, as ComfyUI uses on GPUs (on the CPU it would pick its chunked sub-quadratic attention)
     comfy.cli_args.args.use_pytorch_cross_attention = True
-    from omniid.pack import import_pack
-    import_pack()
     return torch
 
 

@@ -32,6 +32,21 @@ def clip_preprocess(images: torch.Tensor, size: int = 224, mean=OPENAI_MEAN, std
     return (x - mean_t) / std_t
 
 
+def _registered_name(model_name: str) -> str:
+    """An open_clip model name; a config .json is registered under its file stem first."""
+    if model_name.endswith(".json"):
+        import open_clip
+        from pathlib import Path
+        open_clip.add_model_config(model_name)
+        return Path(model_name).stem
+    return model_name
+
+
+def create_open_clip(model_name: str, checkpoint: Optional[str] = None, device="cpu"):
+    import open_clip
+    return open_clip.create_model(_registered_name(model_name), pretrained=checkpoint, device=device)
+
+
 class OpenCLIPTokens:
     """Penultimate-layer tokens (B, 1 + patches, width) of an open_clip vision tower."""
 
@@ -45,13 +60,13 @@ class OpenCLIPTokens:
         size = getattr(self.visual, "image_size", 224)
         self.size = size[0] if isinstance(size, (tuple, list)) else int(size)
         self.depth = len(self.visual.transformer.resblocks)
+        self.width = self.visual.transformer.width
 
     @classmethod
     def load(cls, model_name: str = "ViT-H-14", checkpoint: Optional[str] = None, device="cpu") -> "OpenCLIPTokens":
-        """An open_clip model from a local checkpoint file (nothing is downloaded)."""
-        import open_clip
-        model = open_clip.create_model(model_name, pretrained=checkpoint, device=device)
-        return cls(model, device)
+        """An open_clip model from a local checkpoint file (nothing is downloaded; without a checkpoint
+        the weights are random). ``model_name``: an open_clip model name, or a model config .json."""
+        return cls(create_open_clip(model_name, checkpoint, device), device)
 
     @torch.no_grad()
     def __call__(self, images: torch.Tensor) -> torch.Tensor:
@@ -68,11 +83,16 @@ def image_digest(image: torch.Tensor) -> str:
 
 
 class TokenCache:
-    """LRU cache of per-photo CLIP tokens, keyed by (CLIP model id, photo digest)."""
+    """LRU cache of per-photo CLIP features, with a bound on the number of photos kept.
+
+    Keys name a photo for one CLIP model: (CLIP model id, photo digest) for images in memory,
+    (token function id, file path) for training photos on disk. When more than ``capacity``
+    photos are held, the least recently used are dropped (and recomputed if asked again).
+    """
 
     def __init__(self, capacity: int = 256):
         self.capacity = capacity
-        self._items: OrderedDict[tuple[str, str], torch.Tensor] = OrderedDict()
+        self._items: OrderedDict[tuple, torch.Tensor] = OrderedDict()
 
     def __len__(self) -> int:
         return len(self._items)
@@ -80,17 +100,13 @@ class TokenCache:
     def clear(self) -> None:
         self._items.clear()
 
-    def encode(self, images: torch.Tensor, encode: Callable[[torch.Tensor], torch.Tensor],
-               model_key: str) -> tuple[torch.Tensor, int]:
-        """Tokens (N, T, C) for ``images`` (N, H, W, 3); only photos not seen before are encoded.
+    def lookup(self, keys: list[tuple], compute: Callable[[list[int]], torch.Tensor]) -> tuple[torch.Tensor, int]:
+        """Features (N, ...) for ``keys``; ``compute(indices)`` makes those of the keys not held.
 
-        Returns (tokens, number of photos encoded now).
-        """
-        keys = [(model_key, image_digest(img)) for img in images]
+        Returns (features, number computed now)."""
         missing = [i for i, key in enumerate(keys) if key not in self._items]
         if missing:
-            fresh = encode(images[missing]).detach().to("cpu")
-            for i, tokens in zip(missing, fresh):
+            for i, tokens in zip(missing, compute(missing).detach().to("cpu")):
                 self._items[keys[i]] = tokens
         result = []
         for key in keys:
@@ -99,6 +115,15 @@ class TokenCache:
         while len(self._items) > self.capacity:
             self._items.popitem(last=False)
         return torch.stack(result), len(missing)
+
+    def encode(self, images: torch.Tensor, encode: Callable[[torch.Tensor], torch.Tensor],
+               model_key: str) -> tuple[torch.Tensor, int]:
+        """Tokens (N, T, C) for ``images`` (N, H, W, 3); only photos not seen before are encoded.
+
+        Returns (tokens, number of photos encoded now).
+        """
+        keys = [(model_key, image_digest(img)) for img in images]
+        return self.lookup(keys, lambda missing: encode(images[missing]))
 
 
 class OpenCLIPScorer:
@@ -117,8 +142,8 @@ class OpenCLIPScorer:
     @classmethod
     def load(cls, model_name: str, checkpoint: Optional[str] = None, device="cpu") -> "OpenCLIPScorer":
         import open_clip
-        model = open_clip.create_model(model_name, pretrained=checkpoint, device=device)
-        return cls(model, open_clip.get_tokenizer(model_name), device)
+        model = create_open_clip(model_name, checkpoint, device)
+        return cls(model, open_clip.get_tokenizer(_registered_name(model_name)), device)
 
     @torch.no_grad()
     def image_embeds(self, images: torch.Tensor) -> torch.Tensor:

@@ -159,7 +159,8 @@ class LayerInjection:
 
 
 class ReplacePatch:
-    """Base of the pack's attention replace patches.
+    """Base of the pack's attention replace patches: ``patch(q, k, v, extra)``, as ComfyUI calls
+    attn1/attn2 replace patches; arguments a later ComfyUI adds are accepted and passed on.
 
     ``attention`` is the host's attention function; ``base`` a replace patch another pack
     installed at the same layer before us, kept underneath so both apply.
@@ -169,10 +170,11 @@ class ReplacePatch:
         self.attention = attention
         self.base = base
 
-    def base_attention(self, q, k, v, extra: dict) -> torch.Tensor:
-        """What this layer computes without us: the earlier patch, or plain attention."""
+    def base_attention(self, q, k, v, extra: dict, *args, **kwargs) -> torch.Tensor:
+        """What this layer computes without us: the earlier patch (given any extra arguments a later
+        ComfyUI passes to patches), or plain attention."""
         if self.base is not None:
-            return self.base(q, k, v, extra)
+            return self.base(q, k, v, extra, *args, **kwargs)
         return self.attention(q, k, v, extra["n_heads"], attn_precision=extra.get("attn_precision"),
                               transformer_options=extra)
 
@@ -196,8 +198,8 @@ class DecoupledAttention(ReplacePatch):
         base = self.base.to(device) if hasattr(self.base, "to") else self.base
         return DecoupledAttention(self.attention, [i.to(device) for i in self.injections], base)
 
-    def __call__(self, q, k, v, extra: dict) -> torch.Tensor:
-        out = self.base_attention(q, k, v, extra)
+    def __call__(self, q, k, v, extra: dict, *args, **kwargs) -> torch.Tensor:
+        out = self.base_attention(q, k, v, extra, *args, **kwargs)
         sigmas = extra.get("sigmas")
         shape = extra.get("original_shape")
         latent_hw = tuple(shape[-2:]) if shape is not None and len(shape) >= 4 else None

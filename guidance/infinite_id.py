@@ -121,17 +121,17 @@ class MixedSelfAttention(ReplacePatch):
     def __deepcopy__(self, memo):
         return MixedSelfAttention(self.attention, self.base)
 
-    def __call__(self, q, k, v, extra: dict) -> torch.Tensor:
+    def __call__(self, q, k, v, extra: dict, *args, **kwargs) -> torch.Tensor:
         layout = _layout(extra, q.shape[0])
         if layout is None or not layout.text_rows:
-            return self.base_attention(q, k, v, extra)
+            return self.base_attention(q, k, v, extra, *args, **kwargs)
         q_p, q_a, q_t, paired, alone = _split(q, layout)
         k_p, k_a, k_t, _, _ = _split(k, layout)
         v_p, v_a, v_t, _, _ = _split(v, layout)
-        text = self.base_attention(q_t, k_t, v_t, extra)
+        text = self.base_attention(q_t, k_t, v_t, extra, *args, **kwargs)
         mixed = mixed_attention(q_p, k_p, v_p, k_t, v_t, extra["n_heads"], self.attention, q_text=q_t,
                                 settings=extra.get(STYLE_KEY), attn_precision=extra.get("attn_precision"))
-        own = self.base_attention(q_a, k_a, v_a, extra) if alone else None
+        own = self.base_attention(q_a, k_a, v_a, extra, *args, **kwargs) if alone else None
         return torch.cat([_merge(mixed, own, paired, alone, layout.identity), text])
 
 
@@ -149,17 +149,17 @@ class StreamCrossAttention(ReplacePatch):
     def to(self, device):
         return StreamCrossAttention(self.attention, [i.to(device) for i in self.injections], self.base)
 
-    def __call__(self, q, k, v, extra: dict) -> torch.Tensor:
+    def __call__(self, q, k, v, extra: dict, *args, **kwargs) -> torch.Tensor:
         layout = _layout(extra, q.shape[0])
         if layout is None:
-            return self.base_attention(q, k, v, extra)
+            return self.base_attention(q, k, v, extra, *args, **kwargs)
         paired = list(layout.text_rows)
         q_id = q[:layout.identity]
         settings = extra.get(STYLE_KEY)
         if paired and settings is not None and settings.active:
             q_id = q_id.clone()
             q_id[paired] = align(q_id[paired], q[layout.identity:], settings)
-        identity = self.base_attention(q_id, k[:layout.identity], v[:layout.identity], extra)
+        identity = self.base_attention(q_id, k[:layout.identity], v[:layout.identity], extra, *args, **kwargs)
         shape = extra.get("original_shape")
         latent_hw = tuple(shape[-2:]) if shape is not None and len(shape) >= 4 else None
         branches = list(extra.get("cond_or_uncond") or ())
@@ -169,5 +169,6 @@ class StreamCrossAttention(ReplacePatch):
                                                              latent_hw)
         if not paired:
             return identity
-        text = self.base_attention(q[layout.identity:], k[layout.identity:], v[layout.identity:], extra)
+        rows = slice(layout.identity, None)
+        text = self.base_attention(q[rows], k[rows], v[rows], extra, *args, **kwargs)
         return torch.cat([identity, text])

@@ -127,3 +127,44 @@ def mask_to_latent(mask: torch.Tensor, grid: tuple[int, int], latent_hw: tuple[i
 def apply_guidance(denoised: torch.Tensor, sigma: torch.Tensor, grad: torch.Tensor) -> torch.Tensor:
     """x0 with eps_hat = eps + grad: x0_hat = x0 - sigma * grad (k-diffusion x = x0 + sigma * eps)."""
     return denoised - sigma.reshape(-1, *([1] * (denoised.ndim - 1))).to(denoised.dtype) * grad.to(denoised.dtype)
+
+
+# -- masks on feature and attention grids ------------------------------------------------------
+def grid_for(hw: tuple[int, int], factor: int) -> tuple[int, int]:
+    """The grid of a (H, W) latent downsampled by ``factor`` (rounded up, as the UNet does)."""
+    return -(-hw[0] // factor), -(-hw[1] // factor)
+
+
+def resize_mask(mask: torch.Tensor, grid: tuple[int, int]) -> torch.Tensor:
+    """(B or 1, H, W) image-space mask -> (B or 1, h*w) bool on a feature grid."""
+    resized = F.interpolate(mask[:, None].float(), size=grid, mode="bilinear", align_corners=False)
+    return (resized > 0.5).reshape(mask.shape[0], -1)
+
+
+def soft_to_grid(soft: torch.Tensor, source: tuple[int, int], target: tuple[int, int]) -> torch.Tensor:
+    """(B, h*w) soft mask on one grid -> (B, h'*w') on another (bilinear)."""
+    return F.interpolate(soft.reshape(-1, 1, *source), size=target, mode="bilinear",
+                         align_corners=False).reshape(soft.shape[0], -1)
+
+
+def generation_mask(features: torch.Tensor, attention_grid: Optional[tuple[int, int]],
+                    cross_map: Optional[torch.Tensor], self_maps: Optional[torch.Tensor],
+                    ref_features: torch.Tensor, ref_mask: torch.Tensor, settings: RBSettings) -> torch.Tensor:
+    """The generated face's mask (B, h*w) bool on the feature grid of ``features`` (B, C, h, w).
+
+    From the subject token's cross-attention map (B, N) on ``attention_grid``, refined with the
+    self-attention maps (B, N, N) when there are any; without a cross map, the features' best
+    cosine similarity to the reference face stands in for it.
+    """
+    grid = tuple(features.shape[-2:])
+    attention_grid = attention_grid or grid
+    if cross_map is None:
+        flat = F.normalize(features.detach().flatten(2).transpose(1, 2).float(), dim=-1)
+        ref = F.normalize(ref_features[ref_mask].float(), dim=-1)
+        similarity = torch.einsum("bnc,rc->bnr", flat, ref).amax(-1)
+        cross_map = soft_to_grid(normalize(similarity), grid, attention_grid)
+    if self_maps is None:
+        soft = normalize(cross_map)
+    else:
+        soft, _ = refine_mask(cross_map, self_maps, settings.iterations, settings.alpha, settings.threshold)
+    return soft_to_grid(soft, attention_grid, grid) > settings.threshold

@@ -1,29 +1,30 @@
-"""ComfyUI adapters: the only package of the pack that imports ComfyUI."""
+"""The pack's node classes (ComfyUI's V3 schema): inputs, checks, and one call into comfy_host or the core."""
 from __future__ import annotations
 
 from comfy_api.latest import ComfyExtension, io
 
-from . import (adapter_nodes, encoder_nodes, flame_nodes, infinite_id_nodes, metrics_nodes, rb_guidance_nodes,
-               training_nodes)
-from .face_nodes import FaceAnalysisLoader, FaceCrop
-from .model_folders import register_model_folders
+from ..comfy_host.folders import register_model_folders
+from . import (adapter_nodes, dataset_nodes, embeds_nodes, encoder_nodes, face_nodes, flame_nodes, infinite_id_nodes,
+               metrics_nodes, pivot_nodes, rb_guidance_nodes, save_nodes, training_nodes)
 
 __all__ = ["NODES", "OmniIdentityExtension", "register_model_folders"]
 
 NODES: list[type[io.ComfyNode]] = [
-    FaceAnalysisLoader,
-    FaceCrop,
+    *face_nodes.NODES,
     *encoder_nodes.NODES,
+    *embeds_nodes.NODES,
     *adapter_nodes.NODES,
     *infinite_id_nodes.NODES,
     *rb_guidance_nodes.NODES,
     *metrics_nodes.NODES,
     *flame_nodes.NODES,
+    *dataset_nodes.NODES,
     *training_nodes.NODES,
+    *save_nodes.NODES,
+    *pivot_nodes.NODES,
 ]
 
 
 class OmniIdentityExtension(ComfyExtension):
     async def get_node_list(self) -> list[type[io.ComfyNode]]:
         return list(NODES)
-

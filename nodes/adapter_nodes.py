@@ -1,14 +1,14 @@
 """Identity adapter nodes: load an adapter file, apply an identity to a model."""
 from __future__ import annotations
 
-import folder_paths
 from comfy_api.latest import io
 
+from ..comfy_host.folders import model_files, model_path
+from ..comfy_host.identity import INJECT_MODES, apply_identity
+from ..comfy_host.layers import fit_summary
 from ..guidance.adapter import AdapterFitError, IdentityAdapter, load_adapter
 from ..guidance.decoupled import BlockWeights
 from .common import CATEGORY, IdentityAdapterType, IdentityEmbedsType, check_combos
-from .hosts import INJECT_MODES, apply_identity, fit_summary
-from .model_folders import model_files
 
 
 class AdapterLoader(io.ComfyNode):
@@ -33,8 +33,7 @@ class AdapterLoader(io.ComfyNode):
 
     @classmethod
     def execute(cls, adapter_name: str) -> io.NodeOutput:
-        path = folder_paths.get_full_path_or_raise("ipadapter", adapter_name)
-        return io.NodeOutput(load_adapter(path, adapter_name))
+        return io.NodeOutput(load_adapter(model_path("ipadapter", adapter_name), adapter_name))
 
 
 def identity_inputs() -> list:

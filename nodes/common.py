@@ -1,11 +1,8 @@
-"""Helpers shared by the node classes: custom types, progress and cancellation, logging."""
+"""Helpers shared by the node classes: custom socket types, input checks, logging."""
 from __future__ import annotations
 
 import logging
-from typing import Callable
 
-import comfy.model_management
-import comfy.utils
 from comfy_api.latest import io
 
 CATEGORY = "OmniIdentity"
@@ -16,17 +13,8 @@ Faces = io.Custom("FACES")
 OmniIdEncoderType = io.Custom("OMNI_ID_ENCODER")
 IdentityEmbedsType = io.Custom("IDENTITY_EMBEDS")
 IdentityAdapterType = io.Custom("IDENTITY_ADAPTER")
-
-
-def progress(total: int) -> Callable[[int], None]:
-    """A per-step callback: advances the node's progress bar and honours Cancel."""
-    bar = comfy.utils.ProgressBar(total)
-
-    def step(_index: int = 0) -> None:
-        comfy.model_management.throw_exception_if_processing_interrupted()
-        bar.update(1)
-
-    return step
+IdentityDatasetType = io.Custom("IDENTITY_DATASET")
+PivotEncoderType = io.Custom("PIVOT_ENCODER")
 
 
 def check_combos(node_cls, **values) -> bool | str:
@@ -42,8 +30,9 @@ def check_combos(node_cls, **values) -> bool | str:
     return "; ".join(problems) if problems else True
 
 
-def check_face_analysis(face_analysis) -> None:
+def check_face_analysis(face_analysis):
     """Refuse another pack's FACE_ANALYSIS object with a message that says what to connect."""
     if not callable(getattr(face_analysis, "detect", None)):
         raise TypeError("face_analysis must come from 'Face Analysis Loader (OmniIdentity)'; the connected "
                         f"{type(face_analysis).__name__} object is another pack's analyser.")
+    return face_analysis

@@ -1,14 +1,13 @@
 """Face analysis nodes: load a backend, detect/align/crop faces."""
 from __future__ import annotations
 
-import os
-
 from comfy_api.latest import io
 
+from ..comfy_host.folders import folder, onnx_files
+from ..comfy_host.progress import progress
 from ..encoders import face as face_core
 from ..encoders.face.insightface_backend import KNOWN_PACKS, PROVIDERS, list_packs
-from .common import CATEGORY, LOG, Faces, check_combos, progress
-from .model_folders import folder
+from .common import CATEGORY, LOG, Faces, check_combos, check_face_analysis
 
 DLIB = "dlib"
 NONE = "none"
@@ -17,18 +16,6 @@ NONE = "none"
 def backend_options() -> list[str]:
     packs = sorted(set(list_packs(folder("insightface"))) | set(KNOWN_PACKS))
     return [DLIB] + [f"insightface/{name}" for name in packs]
-
-
-def onnx_files() -> dict[str, str]:
-    """ONNX files under the insightface folders: name relative to its folder -> full path."""
-    found = {}
-    for root in folder("insightface"):
-        for dirpath, _, names in os.walk(root, followlinks=True):
-            for name in names:
-                if name.endswith(".onnx"):
-                    full = os.path.join(dirpath, name)
-                    found.setdefault(os.path.relpath(full, root).replace(os.sep, "/"), full)
-    return dict(sorted(found.items()))
 
 
 class FaceAnalysisLoader(io.ComfyNode):
@@ -127,13 +114,13 @@ class FaceCrop(io.ComfyNode):
 
     @classmethod
     def execute(cls, image, face_analysis, crop_size: int, padding: float, selection: str) -> io.NodeOutput:
-        if not callable(getattr(face_analysis, "detect", None)):
-            raise TypeError(
-                "face_analysis must come from 'Face Analysis Loader (OmniIdentity)'; the connected "
-                f"{type(face_analysis).__name__} object is another pack's analyser.")
+        check_face_analysis(face_analysis)
         result = face_core.crop_faces(image, face_analysis, crop_size=crop_size, padding=padding,
                                       selection=selection, on_image_done=progress(len(image)))
         for warning in result.warnings:
             LOG.warning("FaceCrop: %s", warning)
         return io.NodeOutput(result.crops, result.masks, result.faces,
                              face_core.draw_faces(image, result.faces))
+
+
+NODES = [FaceAnalysisLoader, FaceCrop]

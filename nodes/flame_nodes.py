@@ -12,8 +12,9 @@ from ..encoders.flame import (FlameFitError, FlameModel, fit_flame, frame_face, 
                               render_conditions, repose, single_template, templates_from_params)
 from ..encoders.flame.photos import photo_conditions, photo_landmarks
 from ..encoders.flame.render import draw_points
-from .common import CATEGORY, LOG, check_combos, check_face_analysis, progress
-from .model_folders import model_files
+from ..comfy_host.folders import model_file_path, model_files
+from ..comfy_host.progress import progress
+from .common import CATEGORY, LOG, check_combos, check_face_analysis
 
 FlameModelType = io.Custom("FLAME_MODEL")
 FlameParamsType = io.Custom("FLAME_PARAMS")
@@ -73,10 +74,9 @@ class FlameLoader(io.ComfyNode):
     @classmethod
     def execute(cls, model: str, landmark_embedding: str, shape_components: int,
                 expression_components: int) -> io.NodeOutput:
-        import folder_paths
         paths = []
         for name in (model, landmark_embedding):
-            path = folder_paths.get_full_path("flame", name) if name != NO_FILES else None
+            path = model_file_path("flame", name) if name != NO_FILES else None
             if path is None:
                 raise FileNotFoundError(f"'{name}' is not in models/flame. {WHERE_TO_PUT_FLAME}")
             paths.append(path)

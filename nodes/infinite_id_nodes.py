@@ -3,10 +3,10 @@ from __future__ import annotations
 
 from comfy_api.latest import io
 
+from ..comfy_host.two_streams import apply_mixed_attention, set_adain
 from ..guidance.infinite_id import ADAIN_MODES, AdaINSettings
 from .adapter_nodes import identity_inputs, inject, validate_identity_inputs
 from .common import CATEGORY, check_combos
-from .hosts import apply_mixed_attention, set_adain
 
 
 class MixedAttention(io.ComfyNode):

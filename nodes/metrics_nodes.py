@@ -3,17 +3,13 @@ from __future__ import annotations
 
 import json
 
-import torch
 from comfy_api.latest import io, ui
 
+from ..comfy_host.clip_vision import ClipVision
 from ..training.metrics import (clip_image_similarity, clip_text_similarity, face_embeddings, identity_report,
                                 summarize)
 from ..training.report import render_report, score_lines
-from .common import CATEGORY, LOG
-
-
-def _clip_image_embeds(clip_vision, images: torch.Tensor) -> torch.Tensor:
-    return clip_vision.encode_image(images[..., :3], crop=True)["image_embeds"].float().cpu()
+from .common import CATEGORY, LOG, check_face_analysis
 
 
 class Similarity(io.ComfyNode):
@@ -50,8 +46,7 @@ class Similarity(io.ComfyNode):
     @classmethod
     def execute(cls, face_analysis, images, reference_images, clip_vision=None, clip=None,
                 prompt: str = "") -> io.NodeOutput:
-        if not callable(getattr(face_analysis, "detect", None)):
-            raise TypeError("face_analysis must come from 'Face Analysis Loader (OmniIdentity)'")
+        check_face_analysis(face_analysis)
         generated, kind = face_embeddings(images, face_analysis)
         refs, ref_kind = face_embeddings(reference_images, face_analysis)
         refs = [r for r in refs if r is not None]
@@ -61,8 +56,9 @@ class Similarity(io.ComfyNode):
         scores = {"id_similarity": report.to_dict()}
         clip_i = clip_t = None
         if clip_vision is not None:
-            image_embeds = _clip_image_embeds(clip_vision, images)
-            clip_i = clip_image_similarity(image_embeds, _clip_image_embeds(clip_vision, reference_images)).tolist()
+            vision = ClipVision(clip_vision)
+            image_embeds = vision.image_embeds(images)
+            clip_i = clip_image_similarity(image_embeds, vision.image_embeds(reference_images)).tolist()
             scores["clip_i"] = {"per_image": clip_i, **summarize(clip_i)}
             if clip is not None and prompt.strip():
                 _, pooled = clip.encode_from_tokens(clip.tokenize(prompt), return_pooled=True)

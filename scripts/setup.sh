@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # Set up everything `serve`, `run`, the tests and the benchmarks need, from this repository's
 # own files:
-#   .venv/              torch 2.14.1 + torchvision 0.29.1, requirements.txt, the test tools
+#   .venv/              torch 2.14.1 + torchvision 0.29.1, requirements.txt, the test tools, and this
+#                       folder as the importable package `omniid` (pip install -e .)
 #   ComfyUI             $COMFYUI_PATH, else /opt/ComfyUI, else the embedded copy .comfyui/ComfyUI
 #                       (unpacked from the pinned archive in ../shared/vendor, sha256 checked, or
 #                       cloned at the pinned commit); the choice is recorded in .comfyui/selected.json
@@ -39,17 +40,21 @@ if [ ! -x .venv/bin/python ]; then
 fi
 pip_step torch .venv/bin/python $TORCH_SPEC
 pip_step pack .venv/bin/python -r requirements.txt -r requirements-test.txt
+# this folder as the package `omniid` (python -m omniid, the tests, the benchmarks); an editable link, no copy
+pip_step omniid .venv/bin/python --no-deps -e .
 
 REQS=.comfyui/comfyui-requirements.txt
 mkdir -p .comfyui
 { read -r COMFYUI; read -r COMFY_PY; read -r SOURCE; } < <(
-    .venv/bin/python -m omniid.comfyui_setup --requirements-out "$REQS")
+    .venv/bin/python -m omniid.cli.provision --requirements-out "$REQS")
 echo "== ComfyUI: $COMFYUI ($SOURCE), run by $COMFY_PY"
 same_env() { [ "$("$1" -c 'import sys; print(sys.prefix)')" = "$("$2" -c 'import sys; print(sys.prefix)')" ]; }
 if same_env "$COMFY_PY" .venv/bin/python; then
     pip_step comfyui .venv/bin/python $TORCH_SPEC -r "$REQS" -r requirements.txt
 else
-    # the checkout's own environment: ComfyUI is the user's; the pack's requirements go in, as for any custom node
+    # the checkout's own environment: ComfyUI is the user's; the pack's requirements go in, as for any custom
+    # node, and the `omniid` link for the tests that run inside ComfyUI's Python
     pip_step pack "$COMFY_PY" -r requirements.txt
+    pip_step omniid "$COMFY_PY" --no-deps -e .
 fi
 echo "== setup done: '.venv/bin/python -m omniid serve' serves ComfyUI with this pack; ./scripts/test.sh tests it"

@@ -7,7 +7,7 @@ cd "$(dirname "$0")/.."
 
 [ -x .venv/bin/python ] && [ -f .comfyui/selected.json ] || ./scripts/setup.sh
 
-COMFYUI="$(.venv/bin/python -c 'from omniid.comfyui_setup import find_comfyui; print(find_comfyui() or "")')"
+COMFYUI="$(.venv/bin/python -c 'from omniid.cli.provision import find_comfyui; print(find_comfyui() or "")')"
 if [ -n "$COMFYUI" ]; then
     export COMFYUI_PATH="$COMFYUI"
     echo "== real-ComfyUI tests run against $COMFYUI_PATH"

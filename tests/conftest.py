@@ -1,40 +1,19 @@
 """Shared test setup.
 
-The pack is imported as the package ``omni_identity`` (its folder name varies:
-ComfyUI loads it under whatever name it has in custom_nodes). Only the core and the
-tooling are imported here; the root ``__init__`` (ComfyUI's entry point) is not run,
-so unit tests need no ComfyUI.
+The pack is the installed package ``omniid`` (scripts/setup.sh: ``pip install -e .``);
+its root ``__init__`` only defines ComfyUI's entry point, so importing the core needs no
+ComfyUI. Test support is the package ``support`` (tests/support, on pytest's path).
 """
 from __future__ import annotations
 
-import importlib.util
 import os
-import sys
 from pathlib import Path
 
 import numpy as np
 import pytest
 
-ROOT = Path(__file__).resolve().parent.parent
-
-
-def _import_tooling() -> None:
-    """``omniid`` (the tooling next to the pack) by path, then the pack as ``omni_identity``."""
-    if "omniid" not in sys.modules:
-        spec = importlib.util.spec_from_file_location("omniid", ROOT / "omniid" / "__init__.py",
-                                                      submodule_search_locations=[str(ROOT / "omniid")])
-        module = importlib.util.module_from_spec(spec)
-        sys.modules["omniid"] = module
-        spec.loader.exec_module(module)
-    from omniid.pack import import_pack
-    import_pack()
-
-
-_import_tooling()
-
-from omniid import assets  # noqa: E402
-from omniid.comfy_server import find_comfyui  # noqa: E402
-
+from omniid.cli.provision import find_comfyui
+from support import assets
 
 CI = bool(os.environ.get("CI"))
 

@@ -32,7 +32,7 @@ class DenoiserHost(Protocol):
     image_size: int
 
     def encode(self, images: torch.Tensor) -> torch.Tensor:
-        """(B, 3, H, W) in [0, 1] -> the model's latents x0 (no gradient)."""
+        """(B, H, W, 3) in [0, 1] (ComfyUI's IMAGE layout) -> the model's latents x0 (no gradient)."""
 
     def sigma_at(self, u: torch.Tensor) -> torch.Tensor:
         """u in (0, 1) -> noise levels covering the model's schedule."""
@@ -92,7 +92,7 @@ class FlowMatchingObjective:
         key = str(path)
         if key not in self.latents:
             with torch.no_grad():
-                self.latents[key] = self.host.encode(self.cache.image(path, self.host.image_size)[None])[0]
+                self.latents[key] = self.host.encode(self.cache.image(path, self.host.image_size).permute(1, 2, 0)[None])[0]
         return self.latents[key]
 
     def loss(self, model, samples, step: int, first_index: int) -> torch.Tensor:

@@ -106,13 +106,12 @@ class MaskedTransformerDecoder(nn.Module):
         return (self.head(self.norm(x)) + 1) / 2
 
 
-def mtd_loss(predicted: torch.Tensor, target_patches: torch.Tensor, mask: torch.Tensor, loss_on: str = "masked"):
-    """L1 over the masked patches (or all patches)."""
+def mtd_loss(predicted: torch.Tensor, target_patches: torch.Tensor, mask: torch.Tensor,
+             loss_on: str = "masked") -> torch.Tensor:
+    """Per target (B,): the L1 error over its masked patches (or over all its patches)."""
     error = (predicted.float() - target_patches.float()).abs().mean(-1)          # (B, N)
-    if loss_on == "all":
-        return error.mean()
-    weights = mask.float()
-    return (error * weights).sum() / weights.sum().clamp_min(1.0)
+    weights = mask.float() if loss_on == "masked" else torch.ones_like(error)
+    return (error * weights).sum(-1) / weights.sum(-1).clamp_min(1.0)
 
 
 class MTDModel(nn.Module):
@@ -128,12 +127,17 @@ class MTDModel(nn.Module):
 
 
 class ImageCache:
-    """Photos loaded once per size; CLIP tokens computed once per photo (the CLIP is frozen)."""
+    """Training photos loaded once per size (a bounded number), and their CLIP features computed
+    once per photo in a ``TokenCache`` (the CLIP is frozen).
+
+    ``token_fn`` takes ComfyUI-layout images (B, H, W, 3) in [0, 1]; photos here are (3, H, W).
+    """
 
     def __init__(self, token_fn, clip_size: int = 224, capacity: int = 4096):
+        from ..encoders.clip_features import TokenCache
         self.token_fn, self.clip_size, self.capacity = token_fn, clip_size, capacity
         self.images: dict = {}
-        self.tokens: dict = {}
+        self.tokens = TokenCache(capacity)
 
     def image(self, path, size: int) -> torch.Tensor:
         from .dataset import load_image
@@ -145,13 +149,11 @@ class ImageCache:
         return self.images[key]
 
     def clip_tokens(self, paths: list) -> torch.Tensor:
-        todo = [p for p in paths if str(p) not in self.tokens]
-        if todo:
+        def compute(missing: list[int]) -> torch.Tensor:
             with torch.no_grad(), torch.autocast("cpu", enabled=False):
-                batch = torch.stack([self.image(p, self.clip_size) for p in todo])
-                for p, t in zip(todo, self.token_fn(batch).float()):
-                    self.tokens[str(p)] = t
-        return torch.stack([self.tokens[str(p)] for p in paths])
+                batch = torch.stack([self.image(paths[i], self.clip_size) for i in missing])
+                return self.token_fn(batch.permute(0, 2, 3, 1)).float()
+        return self.tokens.lookup([("photo", str(p)) for p in paths], compute)[0]
 
     def padded_tokens(self, photo_lists: list[list]) -> tuple[torch.Tensor, list[int]]:
         """(B, N, T, C) tokens of each identity's input photos, zero-padded to the longest, and the counts."""
@@ -187,12 +189,11 @@ class MTDObjective:
                 targets.append(self.cache.image(identities[s.identity].images[index], cfg.image_size))
                 owners.append(row)
                 generators.append(torch.Generator().manual_seed(sample_seed(self.seed, step, first_index + row, j)))
-        target_patches = patchify(torch.stack(targets), cfg.patch)
-        mask = random_mask(len(targets), cfg.patches, cfg.mask_ratio, generators)
-        predicted = model(tokens, counts, target_patches, torch.tensor(owners), mask)
-        error = (predicted.float() - target_patches).abs().mean(-1)
-        weights = mask.float() if cfg.loss_on == "masked" else torch.ones_like(error)
-        per_target = (error * weights).sum(-1) / weights.sum(-1).clamp_min(1.0)
+        device = next(model.parameters()).device
+        target_patches = patchify(torch.stack(targets), cfg.patch).to(device)
+        mask = random_mask(len(targets), cfg.patches, cfg.mask_ratio, generators).to(device)
+        predicted = model(tokens.to(device), counts, target_patches, torch.tensor(owners, device=device), mask)
+        per_target = mtd_loss(predicted, target_patches, mask, cfg.loss_on)
         return sum_of_sample_means(per_target, torch.tensor(owners), len(samples))
 
 

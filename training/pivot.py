@@ -27,7 +27,8 @@ ETA = 2e-3
 class PivotHost(Protocol):
     image_size: int
 
-    def encode(self, images: torch.Tensor) -> torch.Tensor: ...
+    def encode(self, images: torch.Tensor) -> torch.Tensor:
+        """(B, H, W, 3) in [0, 1] -> the model's latents x0 (no gradient)."""
 
     def sigma_at(self, u: torch.Tensor) -> torch.Tensor: ...
 
@@ -66,7 +67,7 @@ class PivotObjective:
     def _target(self, path) -> tuple[torch.Tensor, torch.Tensor]:
         key = str(path)
         if key not in self.latents:
-            image = self.cache.image(path, self.host.image_size)
+            image = self.cache.image(path, self.host.image_size).permute(1, 2, 0)      # (H, W, 3)
             with torch.no_grad():
                 self.latents[key] = self.host.encode(image[None])[0]
             self.masks[key] = self.face_mask_fn(image)

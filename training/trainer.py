@@ -63,7 +63,8 @@ class Objective(Protocol):
 
 def sum_of_sample_means(per_target: torch.Tensor, owners: torch.Tensor, samples: int) -> torch.Tensor:
     """Each sample's mean loss over its targets (``owners`` says whose each target is), summed over samples."""
-    per_sample = torch.zeros(samples, dtype=per_target.dtype).index_add(0, owners, per_target)
+    owners = owners.to(per_target.device)
+    per_sample = torch.zeros(samples, dtype=per_target.dtype, device=per_target.device).index_add(0, owners, per_target)
     return (per_sample / torch.bincount(owners, minlength=samples).to(per_target.dtype)).sum()
 
 
@@ -73,15 +74,21 @@ def sample_seed(seed: int, step: int, index: int, *more: int) -> int:
 
 
 class Trainer:
-    def __init__(self, objective: Objective, config: TrainConfig, checkpoint_path: Optional[str] = None):
+    def __init__(self, objective: Objective, config: TrainConfig, checkpoint_path: Optional[str] = None,
+                 device: Optional[torch.device] = None):
         self.objective, self.config, self.checkpoint_path = objective, config, checkpoint_path
         self.rank = dist.get_rank() if dist.is_initialized() else 0
         self.world = dist.get_world_size() if dist.is_initialized() else 1
         module = objective.module
+        if device is not None:
+            module.to(device)
+        self.device = next(module.parameters()).device
         trainable = [p for p in module.parameters() if p.requires_grad]
         if not trainable:
             raise ValueError("nothing to train: no parameter requires gradients")
-        self.model = nn.parallel.DistributedDataParallel(module) if self.world > 1 else module
+        device_ids = [self.device.index] if self.device.type == "cuda" else None
+        self.model = (nn.parallel.DistributedDataParallel(module, device_ids=device_ids) if self.world > 1
+                      else module)
         self.optimizer = torch.optim.AdamW(trainable, lr=config.lr, weight_decay=config.weight_decay)
         self.step = 0
         self.losses: list[float] = []
@@ -111,7 +118,7 @@ class Trainer:
         path = path or self.checkpoint_path
         if path is None or not os.path.isfile(path):
             return False
-        state = torch.load(path, map_location="cpu", weights_only=True)
+        state = torch.load(path, map_location=self.device, weights_only=True)
         missing = {"module", "optimizer", "step"} - set(state)
         if missing:
             raise ValueError(f"{os.path.basename(path)} is not a training checkpoint of this pack (no {sorted(missing)})")
@@ -140,13 +147,15 @@ class Trainer:
             sync = self.world == 1 or micro == c.grad_accum - 1
             context = self.model.no_sync() if not sync else nullcontext()
             with context:
-                with torch.autocast("cpu", dtype=torch.bfloat16, enabled=c.precision == "bf16"):
+                with torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=c.precision == "bf16"):
                     loss_sum = self.objective.loss(self.model, chunk, self.step, first)
                 (loss_sum / (c.batch * c.grad_accum)).backward()
             total += loss_sum.detach().double()
         self.optimizer.step()
         if self.world > 1:
+            total = total.to(self.device)       # NCCL reduces device tensors
             dist.all_reduce(total)
+            total = total.cpu()
         mean = float(total) / (per_micro * c.grad_accum)
         if not math.isfinite(mean):
             raise FloatingPointError(f"the loss became {mean} at step {self.step}; lower the learning rate")

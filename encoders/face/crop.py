@@ -112,3 +112,15 @@ def draw_faces(images: torch.Tensor, faces: FaceSet) -> torch.Tensor:
                 draw.ellipse([x - r, y - r, x + r, y + r], fill=(255, 40, 40))
         out.append(torch.from_numpy(np.asarray(canvas, dtype=np.float32) / 255.0))
     return torch.stack(out).to(images.dtype)
+
+
+def largest_face_mask(image: torch.Tensor, analyzer: FaceAnalyzer) -> torch.Tensor:
+    """(H, W) mask of the largest face in one (H, W, C) image: the hull of its landmarks.
+
+    Raises NoFaceFoundError when there is no face."""
+    found = analyzer.detect(to_uint8(image), with_embedding=False)
+    if not found:
+        raise NoFaceFoundError("no face found in the image")
+    face = max(found, key=lambda f: f.area)
+    height, width = image.shape[:2]
+    return render_mask(face_outline(face), max(height, width))[:height, :width]

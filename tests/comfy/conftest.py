@@ -11,10 +11,10 @@ from pathlib import Path
 
 import pytest
 
-from omniid import assets
-from omniid.client import ComfyClient
-from omniid.comfy_server import comfyui_python, find_comfyui
-from omniid.testing import populate_base, start_server
+from support import assets
+from omniid.cli.client import ComfyClient
+from omniid.cli.server import comfyui_python, find_comfyui
+from support.testing import populate_base, start_server
 
 
 def pytest_collection_modifyitems(items):

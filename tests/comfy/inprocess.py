@@ -18,12 +18,10 @@ Prints one JSON line of facts that tests/comfy/test_inprocess.py asserts.
 from __future__ import annotations
 
 import argparse
-import importlib.util
 import json
 import sys
 from pathlib import Path
 
-PACK_ROOT = Path(__file__).resolve().parents[2]
 FLUX_CONFIG = {"image_model": "flux", "in_channels": 16, "out_channels": 16, "vec_in_dim": 32, "context_in_dim": 48,
                "hidden_size": 64, "mlp_ratio": 2.0, "num_heads": 4, "depth": 2, "depth_single_blocks": 2,
                "axes_dim": [4, 6, 6], "theta": 10000, "patch_size": 2, "qkv_bias": True, "guidance_embed": False}
@@ -77,8 +75,9 @@ def small_sd15(torch, seed: int):
 
 def rb_facts(torch) -> dict:
     import comfy.samplers
-    from omni_identity.guidance.rb_guidance import RBSettings
-    from omni_identity.nodes.rb_guidance_nodes import RBGuider, gradient_ready
+    from omniid.guidance.rb_guidance import RBSettings
+    from omniid.comfy_host.gradients import gradient_ready
+    from omniid.comfy_host.rb_guider import RBGuider
     model, generator = small_sd15(torch, 8)
     positive = [[torch.randn(1, 5, 768, generator=generator), {}]]
     negative = [[torch.randn(1, 5, 768, generator=generator), {}]]
@@ -149,16 +148,6 @@ def two_stream_facts(torch, comfy, apply_mixed_attention, unet_layers, TwoStream
             "scale": float(plain.abs().max())}
 
 
-def import_tooling():
-    spec = importlib.util.spec_from_file_location("omniid", PACK_ROOT / "omniid" / "__init__.py",
-                                                  submodule_search_locations=[str(PACK_ROOT / "omniid")])
-    module = importlib.util.module_from_spec(spec)
-    sys.modules["omniid"] = module
-    spec.loader.exec_module(module)
-    from omniid.pack import import_pack
-    import_pack()
-
-
 def main() -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument("--comfyui", required=True)
@@ -173,12 +162,13 @@ def main() -> None:
     import comfy.sample
     import comfy.supported_models
 
-    import_tooling()
-    from omni_identity.encoders.embeds import IdentityEmbeds
-    from omni_identity.guidance.adapter import AdapterConfig, create_adapter
-    from omni_identity.guidance.decoupled import BlockWeights
-    from omni_identity.nodes.hosts import (STREAMS_KEY, TwoStreams, apply_identity, apply_mixed_attention,
-                                           flux_layers, unet_layers)
+    from omniid.encoders.embeds import IdentityEmbeds
+    from omniid.guidance.adapter import AdapterConfig, create_adapter
+    from omniid.guidance.decoupled import BlockWeights
+    from omniid.comfy_host.identity import apply_identity
+    from omniid.comfy_host.layers import flux_layers, unet_layers
+    from omniid.comfy_host.two_streams import TwoStreams, apply_mixed_attention
+    from omniid.guidance.infinite_id import STREAMS_KEY
 
     torch.manual_seed(0)
     model_config = comfy.supported_models.Flux(dict(FLUX_CONFIG))

@@ -4,10 +4,10 @@ import shutil
 import numpy as np
 import pytest
 
-from omniid.assets import TEST_ARCFACE_ONNX
-from omniid.client import ComfyClient, ExecutionFailed
-from omniid.graph import Graph
-from omniid.testing import images_of
+from support.assets import TEST_ARCFACE_ONNX
+from omniid.cli.client import ComfyClient, ExecutionFailed
+from omniid.cli.graph import Graph
+from support.testing import images_of
 
 CLIP = "omniid_random_clip_vit_h.safetensors"
 OMNI_ADAPTER = "omniid_tiny_sd15_omni.safetensors"

@@ -5,10 +5,10 @@ import subprocess
 import sys
 import time
 
-from omniid import cli
-from omniid.client import ComfyClient, ComfyClientError
-from omniid.comfy_server import PACK_ROOT, free_port
-from omniid.testing import WORKFLOWS
+from omniid.cli import main as cli
+from omniid.cli.client import ComfyClient, ComfyClientError
+from omniid.cli.server import PACK_ROOT, free_port
+from support.testing import WORKFLOWS
 
 
 def omniid(*args, timeout=300):

@@ -3,9 +3,9 @@ import pytest
 import torch
 from safetensors import safe_open
 
-from omniid.assets import TEST_ARCFACE_ONNX
-from omniid.client import ExecutionFailed
-from omniid.graph import Graph
+from support.assets import TEST_ARCFACE_ONNX
+from omniid.cli.client import ExecutionFailed
+from omniid.cli.graph import Graph
 
 CLIP = "omniid_random_clip_vit_h.safetensors"
 OMNI = "omniid_tiny_omni_id.safetensors"
@@ -19,7 +19,7 @@ def shared(graph, arcface_model="none"):
 
 
 def read_embeds(comfy_server, subfolder_prefix):
-    files = sorted((comfy_server.base_directory / "output").glob(f"{subfolder_prefix}_[0-9]*_.safetensors"))
+    files = sorted((comfy_server.base_directory / "output").glob(f"{subfolder_prefix}_[0-9]*.safetensors"))
     assert files, f"nothing saved as {subfolder_prefix}"
     with safe_open(str(files[-1]), "pt") as handle:
         return {k: handle.get_tensor(k) for k in handle.keys()}, handle.metadata(), files[-1]

@@ -2,9 +2,9 @@
 import numpy as np
 import pytest
 
-from omni_identity.encoders.face import create_analyzer, template_points
-from omniid.client import ExecutionFailed, PromptRejected
-from omniid.testing import images_of, load_workflow
+from omniid.encoders.face import create_analyzer, template_points
+from omniid.cli.client import ExecutionFailed, PromptRejected
+from support.testing import images_of, load_workflow
 
 
 @pytest.fixture(scope="module")

@@ -4,9 +4,9 @@ import json
 import numpy as np
 import pytest
 
-from omniid.client import ComfyClient, ExecutionFailed, PromptRejected
-from omniid.graph import Graph
-from omniid.testing import images_of, load_workflow, populate_base, start_server
+from omniid.cli.client import ComfyClient, ExecutionFailed, PromptRejected
+from omniid.cli.graph import Graph
+from support.testing import images_of, load_workflow, populate_base, start_server
 
 TINY = ("Checkpoint.ckpt_name=omniid_tiny_sd15.safetensors",
         "ControlNet.control_net_name=omniid_tiny_controlnet.safetensors",

@@ -8,9 +8,9 @@ import json
 
 import pytest
 
-from omniid.browser import Chromium, find_chromium
-from omniid.testing import WORKFLOWS
-from omniid.ui_workflows import open_editor, template_notes
+from support.browser import Chromium, find_chromium
+from support.testing import WORKFLOWS
+from support.ui_workflows import open_editor, template_notes
 
 UI_WORKFLOWS = sorted(p.stem for p in WORKFLOWS.glob("*.json"))
 # requests the editor makes for files a fresh test server does not have; not errors of the workflows

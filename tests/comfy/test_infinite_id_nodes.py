@@ -4,9 +4,9 @@ import shutil
 import numpy as np
 import pytest
 
-from omniid.client import ComfyClient, ExecutionFailed
-from omniid.graph import Graph
-from omniid.testing import images_of
+from omniid.cli.client import ComfyClient, ExecutionFailed
+from omniid.cli.graph import Graph
+from support.testing import images_of
 
 ADAPTER = "omniid_tiny_sd15_omni.safetensors"
 

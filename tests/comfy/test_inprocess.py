@@ -7,7 +7,7 @@ from pathlib import Path
 
 import pytest
 
-from omniid.comfy_server import comfyui_python
+from omniid.cli.server import comfyui_python
 
 SCRIPT = Path(__file__).with_name("inprocess.py")
 

@@ -1,7 +1,7 @@
 """The identity similarity workflow in a real ComfyUI: scores and the report image."""
 import json
 
-from omniid.testing import images_of, load_workflow
+from support.testing import images_of, load_workflow
 
 
 def test_similarity_workflow_returns_scores_and_a_report(comfy):

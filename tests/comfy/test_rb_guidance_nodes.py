@@ -4,9 +4,9 @@ import time
 import numpy as np
 import pytest
 
-from omniid.client import ExecutionFailed
-from omniid.graph import Graph
-from omniid.testing import images_of
+from omniid.cli.client import ExecutionFailed
+from omniid.cli.graph import Graph
+from support.testing import images_of
 
 
 def guided_graph(steps=6, strength=8.5, prefix="rb/image", size=64, face_analysis=True):

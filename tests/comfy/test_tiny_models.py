@@ -1,7 +1,7 @@
 """The tiny checkpoints the fixtures write load and sample in a real ComfyUI."""
 import numpy as np
 
-from omniid.testing import images_of
+from support.testing import images_of
 
 
 def sampling_prompt(seed: int, controlnet: bool) -> dict:

@@ -6,9 +6,9 @@ import time
 import pytest
 import torch
 
-from omniid.client import ExecutionFailed, PromptRejected
-from omniid.graph import Graph
-from omniid.testing import images_of, load_workflow
+from omniid.cli.client import ExecutionFailed, PromptRejected
+from omniid.cli.graph import Graph
+from support.testing import images_of, load_workflow
 
 TINY = ("CLIP vision.clip_name=omniid_random_clip_vit_h.safetensors",
         "Base model.ckpt_name=omniid_tiny_sd15.safetensors",
@@ -42,8 +42,8 @@ def test_headless_training_writes_files_the_loaders_read(comfy, comfy_server, ti
     encoder_name = saved["9"].removeprefix("saved models/omni_identity/")
     adapter_name = saved["10"].removeprefix("saved models/ipadapter/")
     # both stages changed the weights they train
-    from omni_identity.encoders.checkpoint import load_encoder
-    from omni_identity.guidance.adapter import create_adapter, load_adapter
+    from omniid.encoders.checkpoint import load_encoder
+    from omniid.guidance.adapter import create_adapter, load_adapter
     models = comfy_server.base_directory / "models"
     stage1 = load_encoder(str(models / "omni_identity" / saved["4"].removeprefix("saved models/omni_identity/")))
     stage2 = load_encoder(str(models / "omni_identity" / encoder_name))
@@ -136,7 +136,7 @@ def test_pivot_encoder_trains_with_localisation_and_conditions_generation(comfy,
     g.add("SaveImage", images=g.out(trained, 1), filename_prefix="pivot_loss")
     result = comfy.run(g.nodes, timeout=900)
     name = result.outputs[saved]["text"][0].removeprefix("saved models/omni_identity/")
-    from omni_identity.encoders.pivot import load_pivot
+    from omniid.encoders.pivot import load_pivot
     pivot = load_pivot(str(comfy_server.base_directory / "models" / "omni_identity" / name))
     assert (pivot.config.image_dim, pivot.config.text_dim) == (1024, 768)
 

@@ -1,8 +1,8 @@
 """With insightface unimportable, the pack still loads and the dlib backend still works."""
 import pytest
 
-from omniid.client import ComfyClient, ExecutionFailed
-from omniid.testing import images_of, load_workflow, populate_base, start_server
+from omniid.cli.client import ComfyClient, ExecutionFailed
+from support.testing import images_of, load_workflow, populate_base, start_server
 
 BLOCKER = 'raise ImportError("No module named {name!r} (hidden by the OmniIdentity test)")\n'
 

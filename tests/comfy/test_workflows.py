@@ -3,8 +3,8 @@ from pathlib import Path
 
 import pytest
 
-from omniid.assets import TEST_ARCFACE_ONNX
-from omniid.testing import WORKFLOWS, images_of, load_workflow
+from support.assets import TEST_ARCFACE_ONNX
+from support.testing import WORKFLOWS, images_of, load_workflow
 
 # workflows whose run is tested elsewhere, with their own substitutions
 RUN_ELSEWHERE = {

@@ -5,12 +5,12 @@ import pytest
 import torch
 from safetensors.torch import save_file
 
-from omni_identity.encoders.checkpoint import CheckpointError
-from omni_identity.encoders.embeds import IdentityEmbeds
-from omni_identity.guidance.adapter import (AdapterConfig, create_adapter, h94_state_dict, load_adapter,
-                                            save_adapter)
-from omni_identity.guidance.decoupled import COND, UNCOND
-from omni_identity.guidance.image_proj import PerceiverAttention, build_projection
+from omniid.encoders.checkpoint import CheckpointError
+from omniid.encoders.embeds import IdentityEmbeds
+from omniid.guidance.adapter import (AdapterConfig, create_adapter, h94_state_dict, load_adapter,
+                                     save_adapter)
+from omniid.guidance.decoupled import COND, UNCOND
+from omniid.guidance.image_proj import PerceiverAttention, build_projection
 
 DIMS = (32, 32, 64, 32)
 

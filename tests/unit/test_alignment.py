@@ -4,10 +4,10 @@ import numpy as np
 import pytest
 import torch
 
-from omni_identity.encoders.face import alignment
-from omni_identity.encoders.face.alignment import (ARCFACE_TEMPLATE_112, estimate_similarity, render_mask,
-                                                   template_points, transform_points, warp_crop)
-from omni_identity.encoders.face.types import DetectedFace
+from omniid.encoders.face import alignment
+from omniid.encoders.face.alignment import (ARCFACE_TEMPLATE_112, estimate_similarity, render_mask,
+                                            template_points, transform_points, warp_crop)
+from omniid.encoders.face.types import DetectedFace
 
 
 def similarity(angle_deg: float, scale: float, shift) -> np.ndarray:

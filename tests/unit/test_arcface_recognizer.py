@@ -6,8 +6,8 @@ ArcFace's interface, so insightface's model zoo, its alignment and onnxruntime a
 import numpy as np
 import pytest
 
-from omni_identity.encoders.face import BackendUnavailableError, create_analyzer
-from omniid.assets import load_photo, random_arcface_onnx
+from omniid.encoders.face import BackendUnavailableError, create_analyzer
+from support.assets import load_photo, random_arcface_onnx
 
 pytest.importorskip("insightface")
 pytest.importorskip("onnxruntime")
@@ -31,7 +31,7 @@ def test_dlib_with_an_arcface_model_gives_512_d_embeddings(arcface_onnx, photos)
 
 def test_embedding_follows_the_keypoints(arcface_onnx, photos):
     """insightface aligns from our keypoints: moving them changes the embedding."""
-    from omni_identity.encoders.face.insightface_backend import ArcFaceRecognizer
+    from omniid.encoders.face.insightface_backend import ArcFaceRecognizer
     recognizer = ArcFaceRecognizer(str(arcface_onnx))
     image = load_photo(photos / "obama.jpg")
     kps = create_analyzer("dlib").detect(image, with_embedding=False)[0].keypoints5

@@ -3,7 +3,7 @@ import json
 
 import pytest
 
-from omniid import cli
+from omniid.cli import main as cli
 
 
 def write(tmp_path, data, name="wf.json"):

@@ -6,9 +6,9 @@ import pytest
 import torch
 from PIL import Image
 
-from omni_identity.encoders.face import (NoFaceFoundError, create_analyzer, crop_faces, draw_faces,
-                                         template_points)
-from omniid.assets import group_photo, load_photo
+from omniid.encoders.face import (NoFaceFoundError, create_analyzer, crop_faces, draw_faces,
+                                  template_points)
+from support.assets import group_photo, load_photo
 
 
 def letterbox(path, size=640) -> torch.Tensor:

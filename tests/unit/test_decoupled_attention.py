@@ -4,10 +4,10 @@ import copy
 import pytest
 import torch
 
-from omni_identity.guidance.decoupled import (COND, UNCOND, BlockWeights, DecoupledAttention, LayerInjection,
-                                              add_identity_to_joint_attention, mask_for_layer, sdpa_attention,
-                                              token_grid)
-from omniid.testing import reference_attention as ref_attention
+from omniid.guidance.decoupled import (COND, UNCOND, BlockWeights, DecoupledAttention, LayerInjection,
+                                       add_identity_to_joint_attention, mask_for_layer, sdpa_attention,
+                                       token_grid)
+from support.testing import reference_attention as ref_attention
 
 HEADS, DIM = 4, 32
 

@@ -2,9 +2,9 @@
 import numpy as np
 import pytest
 
-from omni_identity.encoders.face import create_analyzer
-from omni_identity.encoders.face.landmarks import ibug68_to_kps5
-from omniid.assets import load_photo as load_rgb
+from omniid.encoders.face import create_analyzer
+from omniid.encoders.face.landmarks import ibug68_to_kps5
+from support.assets import load_photo as load_rgb
 
 
 @pytest.fixture(scope="module")

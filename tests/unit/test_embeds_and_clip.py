@@ -2,11 +2,11 @@
 import pytest
 import torch
 
-from omni_identity.encoders.checkpoint import CheckpointError
-from omni_identity.encoders.clip_features import OpenCLIPTokens, TokenCache, clip_preprocess
-from omni_identity.encoders.embeds import IdentityEmbeds, combine_embeds, load_embeds, save_embeds
-from omni_identity.encoders.identity import baseline_embeds, omni_id_embeds
-from omni_identity.encoders.omni_id import EncoderConfig, create_encoder
+from omniid.encoders.checkpoint import CheckpointError
+from omniid.encoders.clip_features import OpenCLIPTokens, TokenCache, clip_preprocess
+from omniid.encoders.embeds import IdentityEmbeds, combine_embeds, load_embeds, save_embeds
+from omniid.encoders.identity import baseline_embeds, omni_id_embeds
+from omniid.encoders.omni_id import EncoderConfig, create_encoder
 
 
 def omni(seed, n=3):
@@ -29,7 +29,7 @@ def test_save_and_load_are_bit_exact(tmp_path):
 
 
 def test_loading_something_else_is_a_clear_error(tmp_path):
-    from omni_identity.encoders.checkpoint import save_encoder
+    from omniid.encoders.checkpoint import save_encoder
     path = tmp_path / "enc.safetensors"
     save_encoder(create_encoder(EncoderConfig(clip_dim=8, dim=8, num_queries=2, num_heads=2, cross_depth=1,
                                               self_depth=0, id_hidden=4)), str(path))

@@ -5,14 +5,14 @@ import numpy as np
 import pytest
 import torch
 
-from omni_identity.encoders.face.pose import rotation_from_angles
-from omni_identity.encoders.flame import (FlameFileError, FlameModel, fit_flame, frame_face, load_grid,
-                                          load_landmark_embedding, load_model_arrays, project, render_conditions,
-                                          repose, single_template)
-from omni_identity.encoders.flame.mean_face import MEAN_FACE_68
-from omni_identity.encoders.flame.model import axis_angle_to_matrix
-from omni_identity.encoders.flame.render import draw_points
-from omniid.flame_fixture import synthetic_flame_arrays, write_synthetic_flame
+from omniid.encoders.face.pose import rotation_from_angles
+from omniid.encoders.flame import (FlameFileError, FlameModel, fit_flame, frame_face, load_grid,
+                                   load_landmark_embedding, load_model_arrays, project, render_conditions,
+                                   repose, single_template)
+from omniid.encoders.flame.mean_face import MEAN_FACE_68
+from omniid.encoders.flame.model import axis_angle_to_matrix
+from omniid.encoders.flame.render import draw_points
+from support.flame_fixture import synthetic_flame_arrays, write_synthetic_flame
 
 TINY = dict(shape_prior=1e-8, expression_prior=1e-8, jaw_prior=1e-8)
 
@@ -182,7 +182,7 @@ def test_rendering_hits_the_projected_pixels(model):
     extent = np.ptp(points[0], axis=0).max()
     assert extent == pytest.approx(0.6 * 240)
     single = render_conditions(points, "ibug68", 320, 240, radius=0)
-    from omni_identity.encoders.flame.render import with_pupils
+    from omniid.encoders.flame.render import with_pupils
     for frame, pts in zip(single, points):
         expected = {(int(x), int(y)) for x, y in np.rint(with_pupils(pts, "ibug68"))}
         ys, xs = np.nonzero(frame[..., 0].numpy())
@@ -200,9 +200,9 @@ def test_discs_are_centred_on_the_rounded_point():
 
 
 def test_photo_path_draws_detected_landmarks(photos):
-    from omni_identity.encoders.face import create_analyzer
-    from omni_identity.encoders.flame.photos import photo_conditions
-    from omniid.assets import load_photo
+    from omniid.encoders.face import create_analyzer
+    from omniid.encoders.flame.photos import photo_conditions
+    from support.assets import load_photo
     pixels = load_photo(photos / "obama.jpg")
     image = torch.from_numpy(pixels.copy()).float().div(255)[None]
     analyzer = create_analyzer("dlib")

@@ -2,11 +2,11 @@
 import pytest
 import torch
 
-from omni_identity.guidance.decoupled import COND, UNCOND, LayerInjection, sdpa_attention
-from omni_identity.guidance.infinite_id import (STREAMS_KEY, STYLE_KEY, AdaINSettings, MixedSelfAttention,
-                                                StreamCrossAttention, StreamLayout, adain, adain_mean,
-                                                mixed_attention)
-from omniid.testing import reference_attention as ref_attention
+from omniid.guidance.decoupled import COND, UNCOND, LayerInjection, sdpa_attention
+from omniid.guidance.infinite_id import (STREAMS_KEY, STYLE_KEY, AdaINSettings, MixedSelfAttention,
+                                         StreamCrossAttention, StreamLayout, adain, adain_mean,
+                                         mixed_attention)
+from support.testing import reference_attention as ref_attention
 
 HEADS, DIM = 2, 16
 

@@ -12,9 +12,9 @@ import types
 import numpy as np
 import pytest
 
-from omni_identity.encoders.face import BackendUnavailableError, create_analyzer
-from omni_identity.encoders.face.insightface_backend import list_packs
-from omni_identity.encoders.face.pose import TEMPLATE_KPS5
+from omniid.encoders.face import BackendUnavailableError, create_analyzer
+from omniid.encoders.face.insightface_backend import list_packs
+from omniid.encoders.face.pose import TEMPLATE_KPS5
 
 
 class FakeFace(dict):

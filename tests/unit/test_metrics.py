@@ -5,11 +5,11 @@ import numpy as np
 import pytest
 import torch
 
-from omni_identity.encoders.face import create_analyzer
-from omni_identity.training.metrics import (THRESHOLDS, clip_image_similarity, clip_text_similarity,
-                                            face_embeddings, identity_report, pairwise_similarity)
-from omni_identity.training.report import render_report, score_lines
-from omniid.assets import load_photo
+from omniid.encoders.face import create_analyzer
+from omniid.training.metrics import (THRESHOLDS, clip_image_similarity, clip_text_similarity,
+                                     face_embeddings, identity_report, pairwise_similarity)
+from omniid.training.report import render_report, score_lines
+from support.assets import load_photo
 
 
 @pytest.fixture(scope="module")
@@ -58,7 +58,7 @@ def test_clip_scores_through_open_clip():
     import open_clip
     from open_clip.model import CLIPTextCfg, CLIPVisionCfg
 
-    from omni_identity.encoders.clip_features import OpenCLIPScorer
+    from omniid.encoders.clip_features import OpenCLIPScorer
     torch.manual_seed(0)
     model = open_clip.model.CLIP(embed_dim=24, vision_cfg=CLIPVisionCfg(layers=2, width=32, head_width=16,
                                                                         patch_size=16, image_size=64),

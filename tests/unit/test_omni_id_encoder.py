@@ -5,8 +5,8 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from omni_identity.encoders.checkpoint import CheckpointError, load_encoder, save_encoder
-from omni_identity.encoders.omni_id import EncoderConfig, create_encoder, image_key_mask
+from omniid.encoders.checkpoint import CheckpointError, load_encoder, save_encoder
+from omniid.encoders.omni_id import EncoderConfig, create_encoder, image_key_mask
 
 SMALL = dict(clip_dim=48, tokens_per_image=5, dim=32, num_queries=8, num_heads=4, cross_depth=2,
              self_depth=2, mlp_ratio=2.0, id_dim=16, id_hidden=24)

@@ -6,7 +6,9 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[2]
 CORE = ("encoders", "guidance", "training")
-PACK_PACKAGES = ("nodes", *CORE)
+HOST = ("nodes", "comfy_host")                 # the only packages that import ComfyUI
+PACK_PACKAGES = (*HOST, *CORE)
+PRODUCT = (*PACK_PACKAGES, "cli")              # plus the root __init__.py and __main__.py
 COMFY_MODULES = {"comfy", "comfy_api", "comfy_execution", "comfy_extras", "folder_paths", "server",
                  "execution", "nodes", "node_helpers", "latent_preview"}
 
@@ -26,19 +28,114 @@ def imports(path):
             yield node.level, node.module or ""
 
 
-def test_core_never_imports_comfyui():
-    for path in python_files(*CORE):
+def product_files():
+    yield ROOT / "__init__.py"
+    yield ROOT / "__main__.py"
+    yield from python_files(*PRODUCT)
+
+
+def test_only_nodes_and_the_comfy_host_import_comfyui():
+    for path in product_files():
+        if path.relative_to(ROOT).parts[0] in HOST:
+            continue
         for level, module in imports(path):
             if level == 0:
                 assert module.split(".")[0] not in COMFY_MODULES, f"{path.relative_to(ROOT)} imports {module}"
 
 
+def _module_name(path: Path) -> str:
+    parts = list(path.relative_to(ROOT).with_suffix("").parts)
+    if parts[-1] == "__init__":
+        parts = parts[:-1]
+    return ".".join(["omniid", *parts])
+
+
+def _resolve(path: Path, level: int, module: str) -> str:
+    if level == 0:
+        return module
+    package = _module_name(path).split(".")
+    if path.name != "__init__.py":
+        package = package[:-1]
+    base = package[:len(package) - (level - 1)]
+    return ".".join(base + ([module] if module else []))
+
+
+def test_no_import_circle_in_the_product():
+    """Every import, lazy ones included: a circle hides where a thing lives."""
+    modules = {_module_name(p): p for p in product_files()}
+    graph = {}
+    for name, path in modules.items():
+        targets = set()
+        for node in ast.walk(ast.parse(path.read_text())):
+            if isinstance(node, ast.Import):
+                candidates = [alias.name for alias in node.names]
+            elif isinstance(node, ast.ImportFrom):
+                base = _resolve(path, node.level, node.module or "")
+                candidates = [f"{base}.{alias.name}" for alias in node.names]    # a submodule, or a symbol of base
+            else:
+                continue
+            for target in candidates:
+                while target and target not in modules:
+                    target = target.rpartition(".")[0]
+                if target and target != name and not name.startswith(target + "."):
+                    targets.add(target)
+        graph[name] = targets
+    state, stack = {}, []
+
+    def visit(node):
+        state[node] = "open"
+        stack.append(node)
+        for nxt in sorted(graph[node]):
+            if state.get(nxt) == "open":
+                raise AssertionError("import circle: " + " -> ".join(stack[stack.index(nxt):] + [nxt]))
+            if nxt not in state:
+                visit(nxt)
+        stack.pop()
+        state[node] = "done"
+
+    for node in sorted(graph):
+        if node not in state:
+            visit(node)
+
+
+def test_product_never_imports_test_support():
+    for path in product_files():
+        for level, module in imports(path):
+            if level == 0:
+                assert module.split(".")[0] not in ("support", "tests", "benchmarks"), \
+                    f"{path.relative_to(ROOT)} imports {module}"
+
+
+def test_no_file_is_over_400_lines():
+    for path in [*product_files(), *python_files("tests", "benchmarks")]:
+        lines = len(path.read_text().splitlines())
+        assert lines <= 400, f"{path.relative_to(ROOT)} has {lines} lines"
+
+
+def test_nodes_define_node_classes_and_small_helpers_only():
+    """The engine lives in comfy_host/: a node module holds ComfyNode classes, constants and helpers
+    of at most 25 lines."""
+    for path in python_files("nodes"):
+        tree = ast.parse(path.read_text())
+        node_classes = set()
+        for item in tree.body:
+            where = f"{path.relative_to(ROOT)}:{item.lineno}" if hasattr(item, "lineno") else str(path)
+            if isinstance(item, ast.ClassDef):
+                bases = {ast.unparse(b) for b in item.bases}
+                assert bases & ({"io.ComfyNode", "ComfyExtension"} | node_classes), \
+                    f"{where}: class {item.name} is not a node class ({bases})"
+                node_classes.add(item.name)
+            elif isinstance(item, (ast.FunctionDef, ast.AsyncFunctionDef)):
+                length = item.end_lineno - item.lineno + 1
+                assert length <= 25, f"{where}: {item.name} is {length} lines: engine code belongs in comfy_host/"
+
+
 def test_pack_imports_its_own_modules_relatively():
     """The folder must work under any name in custom_nodes/."""
-    for path in python_files(*PACK_PACKAGES):
+    for path in product_files():
         for level, module in imports(path):
             top = module.split(".")[0]
-            if level == 0 and top in CORE + ("omni_identity", "omniid"):
+            if level == 0 and top in PRODUCT + ("omni_identity", "omniid"):
                 raise AssertionError(f"{path.relative_to(ROOT)} imports {module} absolutely")
 
 
@@ -70,7 +167,7 @@ def test_declared_stack():
 
 
 def test_weights_are_never_unpickled_unsafely():
-    for path in python_files(*PACK_PACKAGES, "omniid"):
+    for path in product_files():
         text = path.read_text()
         assert "pickle.load" not in text, path
         assert not re.search(r"np\.load\([^)]*allow_pickle=True", text), path

@@ -1,8 +1,8 @@
 import numpy as np
 import pytest
 
-from omni_identity.encoders.face.pose import (TEMPLATE_IBUG68, TEMPLATE_KPS5, angles_from_rotation,
-                                              estimate_pose, rotation_from_angles)
+from omniid.encoders.face.pose import (TEMPLATE_IBUG68, TEMPLATE_KPS5, angles_from_rotation,
+                                       estimate_pose, rotation_from_angles)
 
 
 def project(points3d, yaw, pitch, roll, scale=2.0, shift=(320.0, 240.0)):

@@ -3,8 +3,8 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from omni_identity.guidance.rb_guidance import (RBSettings, apply_guidance, energy, guidance_gradient,
-                                                mask_to_latent, match_score, normalize, refine_mask)
+from omniid.guidance.rb_guidance import (RBSettings, apply_guidance, energy, guidance_gradient,
+                                         mask_to_latent, match_score, normalize, refine_mask)
 
 
 def features_net(seed=0):
@@ -100,8 +100,8 @@ def test_guidance_moves_x0_against_the_gradient():
 
 
 def test_pivot_encoder_binds_the_face_to_the_class_word(tmp_path):
-    from omni_identity.encoders.checkpoint import CheckpointError
-    from omni_identity.encoders.pivot import PivotConfig, PivotIDEncoder, load_pivot, save_pivot
+    from omniid.encoders.checkpoint import CheckpointError
+    from omniid.encoders.pivot import PivotConfig, PivotIDEncoder, load_pivot, save_pivot
     torch.manual_seed(0)
     pivot = PivotIDEncoder(PivotConfig(image_dim=12, text_dim=8)).eval()
     cond = torch.randn(2, 6, 8)

@@ -12,14 +12,14 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from omni_identity.encoders.omni_id import EncoderConfig, create_encoder
-from omni_identity.training.dataset import DatasetError, FewToManySampler, IdentityDataset, SamplerConfig
-from omni_identity.training.mtd import (MTDConfig, create_decoder, masked_count, patchify, random_mask,
-                                        unpatchify)
-from omni_identity.training.run import train_mtd
-from omni_identity.training.trainer import TrainConfig
-from omniid.synthetic_faces import write_identity_dataset
-from omniid.testing import tiny_clip_tokens
+from omniid.encoders.omni_id import EncoderConfig, create_encoder
+from omniid.training.dataset import DatasetError, FewToManySampler, IdentityDataset, SamplerConfig
+from omniid.training.mtd import (MTDConfig, create_decoder, masked_count, patchify, random_mask,
+                                 unpatchify)
+from omniid.training.run import train_mtd
+from omniid.training.trainer import TrainConfig
+from support.synthetic_faces import write_identity_dataset
+from support.testing import tiny_clip_tokens
 
 ROOT = Path(__file__).resolve().parents[2]
 ENCODER = {"clip_dim": 64, "tokens_per_image": 50, "dim": 64, "num_queries": 16, "num_heads": 4,
@@ -95,11 +95,38 @@ def test_mtd_training_lowers_the_loss(dataset_dir):
     assert len(losses) == 30 and sum(losses[-5:]) / 5 < 0.8 * sum(losses[:5]) / 5
 
 
-def train_command(data, out, checkpoint, steps, batch=2, extra=()):
-    return [sys.executable, "-m", "omniid", "train", "--data", str(data), "--clip", "testing-tiny",
+# a small open_clip model config: 224 px, 32 px patches, 64 wide -> 50 tokens of width 64, as ENCODER reads
+TINY_OPEN_CLIP = {"embed_dim": 32, "vision_cfg": {"image_size": 224, "layers": 2, "width": 64, "patch_size": 32},
+                  "text_cfg": {"context_length": 77, "vocab_size": 49408, "width": 64, "heads": 2, "layers": 1}}
+
+
+@pytest.fixture(scope="module")
+def tiny_open_clip(tmp_path_factory):
+    path = tmp_path_factory.mktemp("open_clip") / "omniid-tiny-vit.json"
+    path.write_text(json.dumps(TINY_OPEN_CLIP))
+    return path
+
+
+def train_command(data, out, checkpoint, steps, clip_config, batch=2, extra=()):
+    return [sys.executable, "-m", "omniid", "train", "--data", str(data), "--clip", f"open_clip:{clip_config}",
             "--out", str(out), "--checkpoint", str(checkpoint), "--steps", str(steps), "--batch", str(batch),
             "--lr", "1e-3", "--save-every", "1", "--threads", "1", "--encoder-config", json.dumps(ENCODER),
             "--decoder-config", json.dumps(DECODER), *extra]
+
+
+def test_training_feeds_the_real_open_clip_tokens_in_comfyui_image_layout(dataset_dir, tiny_open_clip):
+    """ImageCache hands (B, H, W, 3) photos to the token function, the layout OpenCLIPTokens (and every
+    token function of the pack) reads: the tokens equal OpenCLIPTokens on the photo itself."""
+    from omniid.encoders.clip_features import OpenCLIPTokens
+    from omniid.training.dataset import load_image
+    from omniid.training.mtd import ImageCache
+    torch.manual_seed(0)
+    clip = OpenCLIPTokens.load(str(tiny_open_clip))
+    photo = IdentityDataset(dataset_dir).identities[0].images[0]
+    cached = ImageCache(clip).clip_tokens([photo])
+    direct = clip(load_image(photo, 224).permute(1, 2, 0)[None])
+    assert cached.shape == (1, 50, 64)
+    torch.testing.assert_close(cached, direct)
 
 
 def run(cmd, **kwargs):
@@ -108,11 +135,13 @@ def run(cmd, **kwargs):
     return done
 
 
-def test_a_run_killed_with_sigkill_resumes_to_the_same_weights(dataset_dir, tmp_path):
+def test_a_run_killed_with_sigkill_resumes_to_the_same_weights(dataset_dir, tmp_path, tiny_open_clip):
+    """The real open_clip path (a small random ViT from a config file) through `omniid train`."""
     steps = 8
-    run(train_command(dataset_dir, tmp_path / "straight.safetensors", tmp_path / "straight.pt", steps))
+    run(train_command(dataset_dir, tmp_path / "straight.safetensors", tmp_path / "straight.pt", steps, tiny_open_clip))
     checkpoint = tmp_path / "killed.pt"
-    process = subprocess.Popen(train_command(dataset_dir, tmp_path / "resumed.safetensors", checkpoint, steps),
+    process = subprocess.Popen(train_command(dataset_dir, tmp_path / "resumed.safetensors", checkpoint, steps,
+                                             tiny_open_clip),
                                cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
     deadline = time.time() + 300
     killed_at = None
@@ -127,18 +156,19 @@ def test_a_run_killed_with_sigkill_resumes_to_the_same_weights(dataset_dir, tmp_
     process.wait()
     assert killed_at is not None and killed_at < steps, "the run ended before it could be killed"
     assert not (tmp_path / "resumed.safetensors").exists()
-    run(train_command(dataset_dir, tmp_path / "resumed.safetensors", checkpoint, steps))
+    run(train_command(dataset_dir, tmp_path / "resumed.safetensors", checkpoint, steps, tiny_open_clip))
     straight, resumed = (load_file(tmp_path / f"{n}.safetensors") for n in ("straight", "resumed"))
     assert straight.keys() == resumed.keys()
     for key in straight:
         assert torch.equal(straight[key], resumed[key]), key
 
 
-def test_two_torchrun_processes_match_one_with_the_same_global_batch(dataset_dir, tmp_path):
+def test_two_torchrun_processes_match_one_with_the_same_global_batch(dataset_dir, tmp_path, tiny_open_clip):
     steps = 4
-    run(train_command(dataset_dir, tmp_path / "one.safetensors", tmp_path / "one.pt", steps, batch=2))
+    run(train_command(dataset_dir, tmp_path / "one.safetensors", tmp_path / "one.pt", steps, tiny_open_clip, batch=2))
     torchrun = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2"]
-    command = train_command(dataset_dir, tmp_path / "two.safetensors", tmp_path / "two.pt", steps, batch=1)
+    command = train_command(dataset_dir, tmp_path / "two.safetensors", tmp_path / "two.pt", steps, tiny_open_clip,
+                            batch=1)
     run(torchrun + command[1:], env={**os.environ, "OMP_NUM_THREADS": "1"})
     one, two = (load_file(tmp_path / f"{n}.safetensors") for n in ("one", "two"))
     for key in one:
@@ -161,7 +191,7 @@ class TinyHost:
         self.text_calls = []
 
     def encode(self, images):
-        return torch.nn.functional.avg_pool2d(images * 2 - 1, 4)            # (B, 3, 8, 8)
+        return torch.nn.functional.avg_pool2d(images.permute(0, 3, 1, 2) * 2 - 1, 4)   # (B, 3, 8, 8)
 
     def sigma_at(self, u):
         return 0.05 + 2.0 * (1 - u)
@@ -188,10 +218,10 @@ class TinyHost:
 
 @pytest.mark.parametrize("mode", ["omni_id", "identity_enhanced"])
 def test_flow_matching_stage_trains_encoder_and_projections(dataset_dir, mode):
-    from omni_identity.guidance.adapter import AdapterConfig, create_adapter
-    from omni_identity.training.dataset import FewToManySampler
-    from omni_identity.training.flow_matching import FlowMatchingObjective
-    from omni_identity.training.trainer import Trainer
+    from omniid.guidance.adapter import AdapterConfig, create_adapter
+    from omniid.training.dataset import FewToManySampler
+    from omniid.training.flow_matching import FlowMatchingObjective
+    from omniid.training.trainer import Trainer
     encoder = create_encoder(EncoderConfig(**ENCODER), seed=0)
     adapter = create_adapter(AdapterConfig(family="unet", token_dim=64, layer_dims=(32, 32)), seed=1)
     before = {k: v.clone() for k, v in {**encoder.state_dict(), **adapter.state_dict()}.items()}
@@ -209,7 +239,7 @@ def test_flow_matching_stage_trains_encoder_and_projections(dataset_dir, mode):
 
 
 def test_pose_selection_takes_distinct_clusters_far_apart():
-    from omni_identity.training.build_dataset import BuildSettings, FaceEntry, choose_by_pose
+    from omniid.training.build_dataset import BuildSettings, FaceEntry, choose_by_pose
     rng = np.random.default_rng(0)
     entries = [FaceEntry(i, None, np.zeros(4), np.array([*rng.uniform(-60, 60, 2), 0.0]), quality=float(rng.uniform()))
                for i in range(200)]
@@ -221,14 +251,14 @@ def test_pose_selection_takes_distinct_clusters_far_apart():
 
 
 def test_dataset_builder_groups_people_and_writes_their_crops(photos, tmp_path):
-    from omniid.assets import identity_photo_set
+    from support.assets import identity_photo_set
     identity_photos = identity_photo_set()
-    from omni_identity.encoders.face import create_analyzer
-    from omni_identity.training.build_dataset import BuildSettings, build_dataset
+    from omniid.encoders.face import create_analyzer
+    from omniid.training.build_dataset import BuildSettings, build_dataset
     from PIL import Image
 
-    from omni_identity.training.dataset import load_image
-    from omniid.assets import load_photo
+    from omniid.training.dataset import load_image
+    from support.assets import load_photo
     size = 384
     batch = [load_image(identity_photos[f"id_{i}.png"], size).permute(1, 2, 0) for i in range(1, 8)]
     biden = load_photo(photos / "biden.jpg")
@@ -250,7 +280,6 @@ class TinyPivotHost(TinyHost):
     """TinyHost whose text tokens come from the given conditioning; reports one token's attention map."""
 
     def denoise_conditioned(self, x_t, sigma, conditioning, token):
-        b = x_t.shape[0]
         h = (x_t / (1 + sigma.reshape(-1, 1, 1, 1) ** 2).sqrt()).flatten(2).transpose(1, 2)
         eps, maps = torch.zeros_like(h), []
         for i in range(len(self.layers)):
@@ -264,7 +293,7 @@ class TinyPivotHost(TinyHost):
 
 
 def test_localisation_loss_is_zero_where_attention_is_the_mask_and_grows_off_it():
-    from omni_identity.training.pivot import localisation_loss
+    from omniid.training.pivot import localisation_loss
     mask = torch.zeros(1, 32, 32)
     mask[:, 8:24, 8:24] = 1
     on_face = torch.nn.functional.interpolate(mask[:, None], size=(8, 8), mode="area")[:, 0].flatten(1) * 0.3
@@ -274,18 +303,18 @@ def test_localisation_loss_is_zero_where_attention_is_the_mask_and_grows_off_it(
 
 
 def test_pivot_training_learns_e_mix_and_localises_it(dataset_dir):
-    from omni_identity.encoders.pivot import PivotConfig, PivotIDEncoder
-    from omni_identity.training.dataset import FewToManySampler
-    from omni_identity.training.pivot import PivotObjective
-    from omni_identity.training.trainer import Trainer
+    from omniid.encoders.pivot import PivotConfig, PivotIDEncoder
+    from omniid.training.dataset import FewToManySampler
+    from omniid.training.pivot import PivotObjective
+    from omniid.training.trainer import Trainer
     torch.manual_seed(0)
     pivot = PivotIDEncoder(PivotConfig(image_dim=16, text_dim=32))
     before = pivot.fuse.weight.detach().clone()
     host = TinyPivotHost()
     embed = lambda images: tiny_clip_tokens(16)(images).mean(1)                          # (B, 16) per photo
 
-    def face_mask(image):                                     # the synthetic face: an ellipse in the middle
-        ys, xs = torch.meshgrid(torch.linspace(-1, 1, image.shape[1]), torch.linspace(-1, 1, image.shape[2]),
+    def face_mask(image):                                     # (H, W, 3); the synthetic face: an ellipse
+        ys, xs = torch.meshgrid(torch.linspace(-1, 1, image.shape[0]), torch.linspace(-1, 1, image.shape[1]),
                                 indexing="ij")
         return ((xs / 0.6) ** 2 + (ys / 0.8) ** 2 <= 1).float()
 
@@ -299,3 +328,12 @@ def test_pivot_training_learns_e_mix_and_localises_it(dataset_dir):
         first = first or objective.last_parts
     assert objective.last_parts[1] < first[1]                          # the map moved toward the face
     assert not torch.equal(before, pivot.fuse.weight)
+
+
+def test_mtd_loss_is_the_l1_error_over_each_targets_masked_patches():
+    from omniid.training.mtd import mtd_loss
+    predicted = torch.zeros(2, 3, 4)
+    target = torch.tensor([[[1.0] * 4, [2.0] * 4, [5.0] * 4], [[-1.0] * 4, [0.0] * 4, [3.0] * 4]])
+    mask = torch.tensor([[True, True, False], [False, True, True]])
+    torch.testing.assert_close(mtd_loss(predicted, target, mask), torch.tensor([1.5, 1.5]))
+    torch.testing.assert_close(mtd_loss(predicted, target, mask, "all"), torch.tensor([8 / 3, 4 / 3]))

@@ -25,7 +25,7 @@ from typing import Optional
 FACE_RECOGNITION_SDIST = "face_recognition==1.3.0"
 FACE_PHOTOS = ("obama.jpg", "obama2.jpg", "obama3.jpg", "obama_partial_face.jpg",
                "obama_partial_face2.jpg", "32bit.png", "biden.jpg")
-TINY_MODELS_SCRIPT = Path(__file__).resolve().parent.parent / "tests" / "comfy" / "tiny_models.py"
+TINY_MODELS_SCRIPT = Path(__file__).resolve().parent.parent / "comfy" / "tiny_models.py"
 
 
 class AssetError(RuntimeError):
@@ -198,17 +198,15 @@ def pack_test_models() -> Path:
     target = cache_dir() / "pack_models" / key
     if (target / "done").is_file():
         return target
-    from .pack import import_pack
-    import_pack()
-    from omni_identity.encoders.checkpoint import save_encoder
-    from omni_identity.encoders.omni_id import EncoderConfig, create_encoder
+    from omniid.encoders.checkpoint import save_encoder
+    from omniid.encoders.omni_id import EncoderConfig, create_encoder
 
     staging = Path(tempfile.mkdtemp(prefix="pack-models-", dir=cache_dir()))
     for seed, (name, config) in enumerate(TEST_ENCODERS.items()):
         save_encoder(create_encoder(EncoderConfig(**config), seed=seed), str(staging / "omni_identity" / name),
                      extra={"note": "random weights for tests"})
     random_arcface_onnx(staging / "insightface" / TEST_ARCFACE_ONNX)
-    from omni_identity.guidance.adapter import AdapterConfig, create_adapter, h94_state_dict, save_adapter
+    from omniid.guidance.adapter import AdapterConfig, create_adapter, h94_state_dict, save_adapter
     from safetensors.torch import save_file
     for seed, (name, spec) in enumerate(TEST_ADAPTERS.items()):
         source = "omni_identity" if spec["projection"] == "none" else "h94"

@@ -18,9 +18,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Optional
 
-from .comfyui_setup import ComfyUIError, comfyui_python, find_comfyui  # noqa: F401 (re-exported)
+from .provision import PACK_ROOT, ComfyUIError, comfyui_python, find_comfyui  # noqa: F401 (re-exported)
 
-PACK_ROOT = Path(__file__).resolve().parent.parent
 PACK_LINK_NAME = "ComfyUI-OmniIdentity"
 PACK_MODEL_FOLDERS = ("omni_identity", "ipadapter", "insightface/models", "flame")
 

@@ -15,7 +15,7 @@ from pathlib import Path
 from typing import Optional
 
 from .client import FILE_KEYS, ComfyClient, ComfyClientError, ExecutionFailed, PromptRejected
-from .comfy_server import ComfyServer, ComfyUIError, find_comfyui
+from .server import ComfyServer, ComfyUIError, find_comfyui
 
 EXIT_OK, EXIT_USAGE, EXIT_COMFYUI, EXIT_REJECTED, EXIT_FAILED, EXIT_INTERRUPTED, EXIT_TIMEOUT = 0, 2, 3, 4, 5, 6, 7
 
@@ -189,7 +189,7 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument("--output", default="omniid-output", help="folder for the outputs (a subfolder per prompt)")
     run.add_argument("--timeout", type=float, default=3600.0, help="seconds to wait for the prompt")
     run.add_argument("--quiet", action="store_true", help="no progress on stderr")
-    from .train_cli import add_parser
+    from .train import add_parser
     add_parser(sub)
     return parser
 
@@ -198,7 +198,7 @@ def main(argv: Optional[list[str]] = None) -> int:
     args = build_parser().parse_args(argv)
     try:
         if args.command == "train":
-            from .train_cli import cmd_train
+            from .train import cmd_train
             return cmd_train(args)
         return cmd_serve(args) if args.command == "serve" else cmd_run(args)
     except UsageError as exc:

@@ -72,7 +72,7 @@ def _imitated_modules():
 
 def synthetic_flame_arrays(seed: int = 0):
     """(model arrays, landmark faces (68,), barycentric coordinates (68, 3))."""
-    from omni_identity.encoders.flame.mean_face import LOWER_FACE, MEAN_FACE_68
+    from omniid.encoders.flame.mean_face import LOWER_FACE, MEAN_FACE_68
     rng = np.random.default_rng(seed)
     v_template = np.empty((VERTICES, 3))
     # three vertices per landmark around the authored face point

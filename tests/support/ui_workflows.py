@@ -21,7 +21,7 @@ from pathlib import Path
 
 from . import assets
 from .browser import Chromium, Page
-from .comfy_server import comfyui_python, find_comfyui
+from omniid.cli.server import comfyui_python, find_comfyui
 from .testing import WORKFLOWS, populate_base, start_server
 
 MODEL_FOLDERS = {

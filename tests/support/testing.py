@@ -7,9 +7,10 @@ from pathlib import Path
 
 import numpy as np
 
-from . import assets, cli
-from .client import ComfyClient, RunResult
-from .comfy_server import PACK_ROOT, ComfyServer
+from . import assets
+from omniid.cli import main as cli
+from omniid.cli.client import ComfyClient, RunResult
+from omniid.cli.server import PACK_ROOT, ComfyServer
 
 WORKFLOWS = PACK_ROOT / "workflows"
 
@@ -71,7 +72,7 @@ def reference_attention(q, k, v, heads: int):
 
 
 def tiny_clip_tokens(width: int = 64, seed: int = 0):
-    """A fixed random stand-in for CLIP's penultimate tokens: (B, 3, 224, 224) -> (B, 50, width).
+    """A fixed random stand-in for CLIP's penultimate tokens: (B, H, W, 3) -> (B, 50, width).
 
     A 32 x 32 patch convolution plus a class token (the patch mean): CLIP's interface in
     miniature, for training tests and CPU experiments."""
@@ -83,6 +84,7 @@ def tiny_clip_tokens(width: int = 64, seed: int = 0):
 
     def tokens(images):
         import torch.nn.functional as F
+        images = images.permute(0, 3, 1, 2)
         if images.shape[-1] != 224:
             images = F.interpolate(images, size=(224, 224), mode="bilinear", align_corners=False)
         patches = F.conv2d(images * 2 - 1, weight, bias, stride=32).flatten(2).transpose(1, 2)

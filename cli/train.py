@@ -3,8 +3,11 @@
     python -m omniid train --data DIR --clip open_clip:ViT-H-14:CLIP.bin --out encoder.safetensors
     torchrun --nproc_per_node 8 -m omniid train ...   (DDP; the global batch is batch x accum x processes)
 
-The encoder file it writes is what OmniIdentityEncoderLoader reads. ``--clip testing-tiny``
-is a small fixed random tokenizer for tests and CPU experiments.
+The encoder file it writes is what OmniIdentityEncoderLoader reads. ``--clip`` names an
+open_clip model, or an open_clip model config file (``open_clip:my_vit.json``), and
+optionally a local checkpoint; without one the CLIP has random weights (for smoke runs).
+On GPUs each process uses the GPU of its LOCAL_RANK and the processes talk over NCCL; on
+CPUs over gloo.
 """
 from __future__ import annotations
 
@@ -17,8 +20,8 @@ def add_parser(sub) -> None:
     p = sub.add_parser("train", help="train the Omni-ID encoder with the masked transformer decoder (stage 1)")
     p.add_argument("--data", required=True, help="dataset folder: one sub-folder of photos per identity")
     p.add_argument("--clip", required=True,
-                   help="the frozen feature extractor: open_clip:MODEL[:CHECKPOINT] (ViT-H-14 in the paper) "
-                        "or testing-tiny")
+                   help="the frozen feature extractor: open_clip:MODEL[:CHECKPOINT] (ViT-H-14 in the paper); MODEL "
+                        "is an open_clip model name or a model config .json")
     p.add_argument("--out", required=True, help="encoder .safetensors written at the end")
     p.add_argument("--checkpoint", help="training checkpoint (resumed when it exists)")
     p.add_argument("--encoder-config", default="{}", help="JSON overrides of the encoder config")
@@ -36,36 +39,46 @@ def add_parser(sub) -> None:
     p.add_argument("--threads", type=int, default=0, help="torch CPU threads (0: torch's default)")
 
 
-def token_source(spec: str, clip_dim: int):
-    if spec == "testing-tiny":
-        from .testing import tiny_clip_tokens
-        return tiny_clip_tokens(clip_dim)
-    if spec.startswith("open_clip:"):
-        from omni_identity.encoders.clip_features import OpenCLIPTokens
-        _, name, *checkpoint = spec.split(":", 2)
-        return OpenCLIPTokens.load(name, checkpoint=checkpoint[0] if checkpoint else None)
-    raise SystemExit(f"error: --clip must be open_clip:MODEL[:CHECKPOINT] or testing-tiny, not {spec!r}")
+def token_source(spec: str, device, seed: int):
+    """The frozen CLIP; without a checkpoint its random weights come from ``seed`` (the same in every process)."""
+    import torch
+    if not spec.startswith("open_clip:"):
+        raise SystemExit(f"error: --clip must be open_clip:MODEL[:CHECKPOINT], not {spec!r}")
+    from ..encoders.clip_features import OpenCLIPTokens
+    _, name, *checkpoint = spec.split(":", 2)
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        return OpenCLIPTokens.load(name, checkpoint=checkpoint[0] if checkpoint else None, device=device)
+
+
+def training_device():
+    """(torch.distributed backend, device) for this process: NCCL and the LOCAL_RANK GPU, or gloo and the CPU."""
+    import torch
+    if torch.cuda.is_available():
+        device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", "0")))
+        torch.cuda.set_device(device)
+        return "nccl", device
+    return "gloo", torch.device("cpu")
 
 
 def cmd_train(args) -> int:
     import torch
     import torch.distributed as dist
 
-    from .pack import import_pack
-    import_pack()
-    from omni_identity.encoders.checkpoint import save_encoder
-    from omni_identity.encoders.omni_id import EncoderConfig, create_encoder
-    from omni_identity.training.dataset import IdentityDataset, SamplerConfig
-    from omni_identity.training.mtd import MTDConfig
-    from omni_identity.training.run import train_mtd
-    from omni_identity.training.trainer import TrainConfig
+    from ..encoders.checkpoint import save_encoder
+    from ..encoders.omni_id import EncoderConfig, create_encoder
+    from ..training.dataset import IdentityDataset, SamplerConfig
+    from ..training.mtd import MTDConfig
+    from ..training.run import train_mtd
+    from ..training.trainer import TrainConfig
 
     if args.threads:
         torch.set_num_threads(args.threads)
     torch.use_deterministic_algorithms(True)
     world = int(os.environ.get("WORLD_SIZE", "1"))
+    backend, device = training_device()
     if world > 1:
-        dist.init_process_group("gloo")
+        dist.init_process_group(backend)
     rank = dist.get_rank() if dist.is_initialized() else 0
     try:
         encoder_config = EncoderConfig(**json.loads(args.encoder_config))
@@ -83,10 +96,14 @@ def cmd_train(args) -> int:
             if rank == 0:
                 print(f"step {step}/{args.steps} loss {loss:.5f}", file=sys.stderr, flush=True)
 
-        trainer = train_mtd(dataset, encoder, token_source(args.clip, encoder_config.clip_dim), mtd, train, sampler,
-                            checkpoint_path=args.checkpoint, on_step=report)
+        tokens = token_source(args.clip, device, args.seed)
+        if tokens.width != encoder_config.clip_dim:
+            raise SystemExit(f"error: {args.clip} gives {tokens.width}-wide tokens; the encoder reads clip_dim="
+                             f"{encoder_config.clip_dim} (set it with --encoder-config)")
+        trainer = train_mtd(dataset, encoder, tokens, mtd, train, sampler, checkpoint_path=args.checkpoint,
+                            on_step=report, device=device)
         if rank == 0:
-            save_encoder(encoder, args.out, extra={"trained": {"stage": "mtd", "steps": trainer.step,
+            save_encoder(encoder.cpu(), args.out, extra={"trained": {"stage": "mtd", "steps": trainer.step,
                                                               "final_loss": trainer.losses[-1]}})
             print(args.out)
     finally:

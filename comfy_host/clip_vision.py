@@ -1,0 +1,61 @@
+"""ComfyUI's CLIP_VISION with one image layout, for every part of the pack that reads CLIP.
+
+Images are ComfyUI IMAGE tensors (B, H, W, 3) in [0, 1]; CLIP's own preprocessing resizes
+the shorter side to its input size and crops the centre (a square face crop is simply
+resized). CLIP is frozen everywhere in the pack: nothing here carries gradients.
+"""
+from __future__ import annotations
+
+import uuid
+import weakref
+
+import torch
+
+from ..encoders.clip_features import OPENAI_MEAN, TokenCache
+
+TOKEN_CACHE_PHOTOS = 512       # per-photo CLIP tokens kept (about 1.3 MB each for CLIP-H): ~0.7 GB at most
+TOKEN_CACHE = TokenCache(capacity=TOKEN_CACHE_PHOTOS)
+_KEYS: "weakref.WeakKeyDictionary[object, str]" = weakref.WeakKeyDictionary()
+
+
+class ClipVision:
+    def __init__(self, clip_vision):
+        if not callable(getattr(clip_vision, "encode_image", None)):
+            raise TypeError(f"clip_vision must come from ComfyUI's 'Load CLIP Vision', not a "
+                            f"{type(clip_vision).__name__}")
+        self.clip_vision = clip_vision
+
+    @property
+    def key(self) -> str:
+        """A stable id per loaded CLIP vision model, for the token cache."""
+        key = _KEYS.get(self.clip_vision)
+        if key is None:
+            key = _KEYS[self.clip_vision] = uuid.uuid4().hex
+        return key
+
+    @property
+    def size(self) -> int:
+        return int(getattr(self.clip_vision, "image_size", 224))
+
+    def _encode(self, images: torch.Tensor) -> dict:
+        with torch.no_grad():
+            return self.clip_vision.encode_image(images[..., :3], crop=True)
+
+    def tokens(self, images: torch.Tensor) -> torch.Tensor:
+        """Penultimate hidden states (B, 1 + patches, width), float32 on the CPU."""
+        return self._encode(images)["penultimate_hidden_states"].float().cpu()
+
+    def image_embeds(self, images: torch.Tensor) -> torch.Tensor:
+        """Projected image embeddings (B, D), float32 on the CPU."""
+        return self._encode(images)["image_embeds"].float().cpu()
+
+    def cached_tokens(self, images: torch.Tensor) -> tuple[torch.Tensor, int]:
+        """Tokens of the photos; photos seen before with this CLIP are not re-encoded.
+        Returns (tokens, number of photos encoded now)."""
+        return TOKEN_CACHE.encode(images, self.tokens, self.key)
+
+    def uncond_tokens(self) -> torch.Tensor:
+        """Tokens (1, T, C) of an image of CLIP's mean colour (zero after normalisation): the
+        unconditional input IP-Adapter projections were trained with."""
+        mean = torch.tensor(getattr(self.clip_vision, "image_mean", OPENAI_MEAN), dtype=torch.float32)
+        return self.cached_tokens(mean.expand(1, self.size, self.size, 3).contiguous())[0]

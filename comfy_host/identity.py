@@ -1,0 +1,137 @@
+"""Identity injection on ComfyUI models, through ModelPatcher's public extension points only.
+
+UNets (SD1.5, SDXL): an attn2 replace patch per cross-attention layer of a clone.
+FLUX: a ``patches_replace["dit"]`` patch per double/single block that marks the block
+in a copy of transformer_options and installs an ``optimized_attention_override``; the
+override adds the identity term to the image tokens of that block's joint attention.
+A DIFFUSION_MODEL wrapper records the text length and latent size per model call.
+Nothing global is changed: the original model, and every other clone, stay as they were.
+"""
+from __future__ import annotations
+
+from typing import Optional
+
+import comfy.ldm.modules.attention as comfy_attention
+import comfy.patcher_extension
+import torch
+
+from ..guidance.adapter import IdentityAdapter
+from ..guidance.decoupled import BlockWeights, DecoupledAttention, LayerInjection, add_identity_to_joint_attention
+from .layers import check_fit, existing_patch, host_layers, is_flux, sigma_window
+from .options import find_options
+
+FLUX_STATE = "omni_identity_flux"          # per model call: text length, latent size
+FLUX_BLOCK = "omni_identity_flux_block"    # per block: the injections to add
+INJECT_MODES = ("both", "double", "single")
+FLUX_OPTIONS_POSITION = 6                  # x, then timestep, context, y, guidance, ref_latents, control, options
+
+
+def apply_identity(model, adapter: IdentityAdapter, tokens: dict, weight: float, start_at: float, end_at: float,
+                   mask: Optional[torch.Tensor] = None, blocks: BlockWeights = BlockWeights(),
+                   inject: str = "both"):
+    """A clone of ``model`` with the adapter's identity injected; ``model`` is untouched."""
+    layers = host_layers(model)
+    check_fit(adapter, model, layers)
+    sigma_start, sigma_end = sigma_window(model, start_at, end_at)
+    patched = model.clone()
+    flux = is_flux(model)
+    for index, layer in enumerate(layers):
+        if flux and inject != "both" and layer.group != inject:
+            continue
+        layer_weight = weight * blocks.weight(layer.group, layer.number)
+        if layer_weight == 0.0:
+            continue
+        keys, values = adapter.layer_kv(index, tokens)
+        injection = LayerInjection(keys, values, layer_weight, sigma_start, sigma_end, mask)
+        if flux:
+            add_flux_injection(patched, layer.key, injection)
+        else:
+            add_unet_injection(patched, layer.key, injection)
+    if flux:
+        track_flux_calls(patched)
+    return patched
+
+
+def add_unet_injection(model, key: tuple, injection: LayerInjection) -> None:
+    existing = existing_patch(model, "attn2", key)
+    if isinstance(existing, DecoupledAttention):
+        patch = existing.with_injection(injection)
+    else:   # no patch yet, or another pack's: keep it as the text attention
+        patch = DecoupledAttention(comfy_attention.optimized_attention, [injection], base=existing)
+    model.set_model_attn2_replace(patch, *key)
+
+
+# -- FLUX -----------------------------------------------------------------------------
+def track_flux_calls(model) -> None:
+    """Install (once) the wrapper that tells the FLUX attention override each call's sizes."""
+    model.remove_wrappers_with_key(comfy.patcher_extension.WrappersMP.DIFFUSION_MODEL, FLUX_STATE)
+    model.add_wrapper_with_key(comfy.patcher_extension.WrappersMP.DIFFUSION_MODEL, FLUX_STATE, record_flux_call)
+
+
+def record_flux_call(executor, x, *args, **kwargs):
+    """DIFFUSION_MODEL wrapper: remember the text length and latent size of this call."""
+    options = find_options(args, kwargs, FLUX_OPTIONS_POSITION)
+    context = args[1] if len(args) > 1 else kwargs.get("context")
+    if options is not None and torch.is_tensor(context):
+        options[FLUX_STATE] = {"txt_len": int(context.shape[1]), "latent_hw": tuple(x.shape[-2:])}
+    return executor(x, *args, **kwargs)
+
+
+class FluxBlockPatch:
+    """dit replace patch: runs the block with our attention override switched on for it.
+
+    Extra arguments a later ComfyUI may pass go on to a previous patch (which has this same
+    interface); ComfyUI's own ``original_block`` takes the block arguments only."""
+
+    def __init__(self, injections: tuple[LayerInjection, ...], previous=None):
+        self.injections = injections
+        self.previous = previous
+
+    def with_injection(self, injection: LayerInjection) -> "FluxBlockPatch":
+        return FluxBlockPatch((*self.injections, injection), self.previous)
+
+    def __deepcopy__(self, memo) -> "FluxBlockPatch":
+        return FluxBlockPatch(self.injections, self.previous)
+
+    def to(self, device) -> "FluxBlockPatch":
+        return FluxBlockPatch(tuple(i.to(device) for i in self.injections), self.previous)
+
+    def __call__(self, args: dict, extra: dict, *more, **kwargs) -> dict:
+        options = dict(args.get("transformer_options") or {})
+        options[FLUX_BLOCK] = self.injections
+        previous_override = options.get("optimized_attention_override")
+        options["optimized_attention_override"] = FluxAttentionOverride(previous_override)
+        args = {**args, "transformer_options": options}
+        if self.previous is not None:
+            return self.previous(args, extra, *more, **kwargs)
+        return extra["original_block"](args)
+
+
+class FluxAttentionOverride:
+    def __init__(self, previous=None):
+        self.previous = previous
+
+    def __call__(self, func, q, k, v, heads, *args, **kwargs):
+        if self.previous is not None:
+            out = self.previous(func, q, k, v, heads, *args, **kwargs)
+        else:
+            out = func(q, k, v, heads, *args, **kwargs)
+        options = kwargs.get("transformer_options") or {}
+        injections = options.get(FLUX_BLOCK)
+        state = options.get(FLUX_STATE)
+        if not injections or not isinstance(state, dict) or q.ndim != 4:
+            return out
+        for injection in injections:
+            if injection.active(options.get("sigmas")):
+                out = add_identity_to_joint_attention(out, q, state["txt_len"], injection, func,
+                                                      options.get("cond_or_uncond") or (), state["latent_hw"])
+        return out
+
+
+def add_flux_injection(model, key: tuple, injection: LayerInjection) -> None:
+    existing = existing_patch(model, "dit", key)
+    if isinstance(existing, FluxBlockPatch):
+        patch = existing.with_injection(injection)
+    else:
+        patch = FluxBlockPatch((injection,), previous=existing)
+    model.set_model_patch_replace(patch, "dit", key[0], key[1])

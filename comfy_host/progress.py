@@ -1,0 +1,42 @@
+"""Progress bars and Cancel for long nodes, and the training loop inside a node."""
+from __future__ import annotations
+
+from typing import Callable
+
+import comfy.model_management as mm
+import comfy.utils
+import torch
+
+from ..training.trainer import Trainer, TrainingCancelled
+
+
+def progress(total: int) -> Callable[[int], None]:
+    """A per-unit callback: advances the node's progress bar and honours Cancel."""
+    bar = comfy.utils.ProgressBar(total)
+
+    def step(_index: int = 0) -> None:
+        mm.throw_exception_if_processing_interrupted()
+        bar.update(1)
+
+    return step
+
+
+def trainable_copy(module_factory, state: dict):
+    """A float32 copy made outside inference mode (ComfyUI runs nodes in it), so it can be trained."""
+    with torch.inference_mode(False):
+        module = module_factory()
+        module.load_state_dict({k: v.detach().float().clone() for k, v in state.items()})
+        return module.float().train()
+
+
+def run_training(trainer: Trainer, resume: bool) -> None:
+    """Resume if asked, train with a progress bar; Cancel saves a checkpoint, then stops the prompt."""
+    if resume:
+        trainer.resume()
+    steps = trainer.config.steps
+    bar = comfy.utils.ProgressBar(steps)
+    try:
+        trainer.run(on_step=lambda step, loss: bar.update_absolute(step, steps), should_stop=mm.processing_interrupted)
+    except TrainingCancelled:
+        mm.throw_exception_if_processing_interrupted()
+        raise

@@ -1,0 +1,173 @@
+"""OmniPortrait's RB-Guidance as a ComfyUI GUIDER (any sampler, any scheduler).
+
+The guider is ComfyUI's CFGGuider plus, while t <= u T, the gradient of E = p / (1 + S) on
+z_t. Diffusion features and attention maps come from ComfyUI's public extension points:
+an ``output_block_patch`` captures the chosen up-block's input (the forward stops there:
+nothing after it is needed for the gradient) and the pack's attention override records
+attention maps at 1/4 of the latent's resolution (16 x 16 for SD1.5 at 512 px).
+Gradients: ComfyUI loads weights as inference tensors, so the guider runs on a clone from
+``gradients.gradient_ready``; the tracked forward runs outside inference mode.
+"""
+from __future__ import annotations
+
+import math
+from typing import Optional
+
+import comfy.model_management
+import comfy.samplers
+import torch
+
+from ..guidance.attention_capture import AttentionMaps
+from ..guidance.decoupled import token_grid
+from ..guidance.rb_guidance import (RBSettings, apply_guidance, generation_mask, grid_for, guidance_gradient,
+                                    mask_to_latent, resize_mask)
+from .attention import record_attention
+
+ATTENTION_FACTOR = 4      # attention maps at latent / 4: the paper's 16 x 16 for SD1.5 at 512 px
+MAX_ATTENTION_TOKENS = 1024   # self-attention maps are N x N: finer grids are not recorded
+
+
+class StopForward(Exception):
+    """Raised by the feature capture once the features are in hand."""
+
+
+class FeatureCapture:
+    """output_block_patch: keep the input of output block ``block`` (the DIFT features).
+
+    ``stop``: end the forward there (nothing after it is needed). Otherwise the forward goes
+    on detached from the graph, so only the path to the features is kept for the backward.
+    """
+
+    def __init__(self, block: int, stop: bool):
+        self.block = block
+        self.stop = stop
+        self.features: Optional[torch.Tensor] = None
+
+    def __call__(self, h, hsp, transformer_options, *args, **kwargs):
+        kind, index = tuple(transformer_options.get("block", ("", -1)))[:2]
+        if kind != "output" or index < self.block:
+            return h, hsp
+        if index == self.block:
+            self.features = h
+            if self.stop:
+                raise StopForward
+        return h.detach(), hsp.detach()
+
+
+class RBGuider(comfy.samplers.CFGGuider):
+    def __init__(self, model_patcher, settings: RBSettings, reference_latent: torch.Tensor,
+                 reference_mask: Optional[torch.Tensor], generation_mask: Optional[torch.Tensor],
+                 feature_block: int, subject_token: int, seed: int):
+        super().__init__(model_patcher)
+        self.settings = settings
+        self.reference_latent = reference_latent
+        self.reference_mask_image = reference_mask
+        self.generation_mask_image = generation_mask
+        self.feature_block = feature_block
+        self.subject_token = subject_token
+        self.seed = seed
+        self.reference = None
+        self.reference_passes = 0
+        self.guided_steps = 0
+        self.last_score: Optional[torch.Tensor] = None
+
+    def inner_sample(self, *args, **kwargs):
+        self.reference = None                   # new run: new reference features
+        return super().inner_sample(*args, **kwargs)
+
+    # -- one UNet pass with captures ---------------------------------------------------------
+    def _run(self, x: torch.Tensor, sigma: torch.Tensor, model_options: dict, cond, stop: bool):
+        """(prediction or None when stopped, features (B, C, h, w), (grid, cross map, self maps))."""
+        target = math.prod(grid_for(tuple(x.shape[-2:]), ATTENTION_FACTOR))
+        features = FeatureCapture(self.feature_block, stop)
+        attention = AttentionMaps(token=self.subject_token if self.subject_token > 0 else None, keep_self=True,
+                                  max_tokens=MAX_ATTENTION_TOKENS)
+        transformer = record_attention(dict(model_options.get("transformer_options", {})), attention)
+        patches = dict(transformer.get("patches", {}))
+        patches["output_block_patch"] = list(patches.get("output_block_patch", [])) + [features]
+        transformer["patches"] = patches
+        options = {**model_options, "transformer_options": transformer}
+        prediction = None
+        try:
+            prediction = comfy.samplers.calc_cond_batch(self.inner_model, [cond], x, sigma, options)[0]
+        except StopForward:
+            pass
+        if features.features is None:
+            raise ValueError(f"feature_block {self.feature_block} is past this model's output blocks")
+        batch = x.shape[0]
+        feats = features.features[:batch]
+        tokens = attention.nearest(target)
+        if tokens is None:
+            return prediction, feats, (None, None, None)
+        cross, self_maps = attention.cross_map(tokens), attention.self_map(tokens)
+        return prediction, feats, (token_grid(tokens, *x.shape[-2:]), None if cross is None else cross[:batch],
+                                   None if self_maps is None else self_maps[:batch])
+
+    def _reference(self, model_options: dict, like: torch.Tensor):
+        sampling = self.inner_model.model_sampling
+        z = self.inner_model.process_latent_in(self.reference_latent.to(like.device, like.dtype))
+        sigma0 = sampling.sigma(torch.tensor([float(self.settings.t0)], device=like.device)).to(like.dtype)
+        noise = torch.randn(z.shape, generator=torch.Generator().manual_seed(self.seed)).to(z)
+        with torch.no_grad():
+            _, feats, _ = self._run(z + sigma0.reshape(-1, 1, 1, 1) * noise, sigma0, model_options,
+                                    self.conds["positive"], stop=True)
+        grid = tuple(feats.shape[-2:])
+        flat = feats[0].flatten(1).transpose(0, 1)                                        # (Nr, C)
+        if self.reference_mask_image is not None:
+            mask = resize_mask(self.reference_mask_image[:1].to(flat.device), grid)[0]
+        else:
+            mask = torch.ones(flat.shape[0], dtype=torch.bool, device=flat.device)
+        self.reference_passes += 1
+        return flat.detach(), mask
+
+    def _generation_mask(self, feats, attention, ref_feats, ref_mask):
+        if self.generation_mask_image is not None:
+            mask = resize_mask(self.generation_mask_image.to(feats.device), tuple(feats.shape[-2:]))
+            return mask.expand(feats.shape[0], -1) if mask.shape[0] == 1 else mask
+        return generation_mask(feats, *attention, ref_feats, ref_mask, self.settings)
+
+    # -- the guidance ------------------------------------------------------------------------
+    def predict_noise(self, x, timestep, model_options={}, seed=None, *args, **kwargs):
+        sampling = self.inner_model.model_sampling
+        t = float(sampling.timestep(timestep).reshape(-1)[0])
+        if not self.settings.active(t):
+            return super().predict_noise(x, timestep, model_options, seed, *args, **kwargs)
+        comfy.model_management.throw_exception_if_processing_interrupted()
+        return self._guided(x, timestep, model_options)
+
+    def _guided(self, x, timestep, model_options):
+        """CFG whose conditional pass is the tracked one, plus the energy gradient.
+
+        Mirrors ComfyUI's sampling_function (pre-CFG hooks, cfg_function with its post-CFG
+        hooks), with the conditional branch evaluated once, with the graph to the features.
+        """
+        cond, uncond = self.conds.get("positive"), self.conds.get("negative")
+        latent_hw = tuple(x.shape[-2:])
+        with torch.inference_mode(False):
+            x_tracked, sigma = x.clone(), timestep.clone()
+            if self.reference is None:
+                self.reference = self._reference(model_options, x_tracked)
+            ref_feats, ref_mask = self.reference
+            state = {}
+
+            def features_fn(z):
+                prediction, feats, attention = self._run(z, sigma, model_options, cond, stop=False)
+                state["cond"], state["grid"] = prediction.detach(), tuple(feats.shape[-2:])
+                return feats.flatten(2).transpose(1, 2), self._generation_mask(feats, attention, ref_feats, ref_mask)
+
+            grad, score, _ = guidance_gradient(
+                x_tracked, features_fn, ref_feats, ref_mask, self.settings.strength,
+                latent_mask=lambda m: mask_to_latent(m, state["grid"], latent_hw))
+        cfg1 = math.isclose(self.cfg, 1.0) and not model_options.get("disable_cfg1_optimization", False)
+        uncond_ = None if cfg1 else uncond
+        uncond_pred = (comfy.samplers.calc_cond_batch(self.inner_model, [uncond_], x, timestep, model_options)[0]
+                       if uncond_ is not None else None)
+        out = [state["cond"].to(x.dtype), uncond_pred]
+        for fn in model_options.get("sampler_pre_cfg_function", []):
+            out = fn({"conds": [cond, uncond_], "conds_out": out, "cond_scale": self.cfg, "timestep": timestep,
+                      "input": x, "sigma": timestep, "model": self.inner_model, "model_options": model_options})
+        denoised = comfy.samplers.cfg_function(self.inner_model, out[0], out[1], self.cfg, x, timestep,
+                                               model_options=model_options, cond=cond, uncond=uncond_)
+        self.guided_steps += 1
+        self.last_score = score
+        return apply_guidance(denoised, timestep, grad.to(denoised.device))

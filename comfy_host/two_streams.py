@@ -1,0 +1,103 @@
+"""Infinite-ID on ComfyUI: the identity and text streams in one batched model call."""
+from __future__ import annotations
+
+from typing import Optional
+
+import comfy.ldm.modules.attention as comfy_attention
+import comfy.patcher_extension
+import torch
+
+from ..guidance.adapter import IdentityAdapter
+from ..guidance.decoupled import COND, UNCOND, BlockWeights, LayerInjection
+from ..guidance.infinite_id import (STREAMS_KEY, STYLE_KEY, AdaINSettings, MixedSelfAttention, StreamCrossAttention,
+                                    StreamLayout)
+from .layers import check_fit, existing_patch, is_flux, model_description, sigma_window, unet_layers
+from .options import find_options, with_options
+
+UNET_OPTIONS_POSITION = 4                  # x, then timesteps, context, y, control, transformer_options
+
+
+def _take(value, batch: int, index: torch.Tensor):
+    """``value`` with ``value[index]`` appended along the batch, for every batch-sized tensor inside."""
+    if torch.is_tensor(value) and value.ndim > 0 and value.shape[0] == batch:
+        return torch.cat([value, value[index.to(value.device)]])
+    if isinstance(value, dict):
+        return {k: _take(v, batch, index) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return type(value)(_take(v, batch, index) for v in value)
+    return value
+
+
+class TwoStreams:
+    """DIFFUSION_MODEL wrapper: the identity stream's rows plus the text stream's rows in one
+    call; the identity rows' output is returned.
+
+    The text stream repeats every row (``text_uncond``), or only the conditional rows when the
+    identity's unconditional branch equals the text stream's (zero unconditional tokens).
+    Every batch-sized input (timesteps, context, y, ControlNet residuals, and whatever a later
+    ComfyUI adds) gets the text rows too; transformer_options gets the stream layout.
+    """
+
+    def __init__(self, text_uncond: bool):
+        self.text_uncond = text_uncond
+
+    def text_rows(self, batch: int, cond_or_uncond: list) -> list[int]:
+        branches = cond_or_uncond or [COND]
+        chunk = batch // len(branches)
+        return [c * chunk + i for c, branch in enumerate(branches) for i in range(chunk)
+                if self.text_uncond or branch != UNCOND]
+
+    def __call__(self, executor, x, *args, **kwargs):
+        batch = x.shape[0]
+        original = find_options(args, kwargs, UNET_OPTIONS_POSITION)
+        options = original or {}
+        rows = self.text_rows(batch, list(options.get("cond_or_uncond") or []))
+        index = torch.tensor(rows, dtype=torch.long)
+        options = {**options, STREAMS_KEY: StreamLayout(batch, tuple(rows))}
+        args = tuple(a if a is original else _take(a, batch, index) for a in args)
+        kwargs = {k: (v if k == "transformer_options" else _take(v, batch, index)) for k, v in kwargs.items()}
+        args, kwargs = with_options(args, kwargs, UNET_OPTIONS_POSITION, options)
+        return executor(_take(x, batch, index), *args, **kwargs)[:batch]
+
+
+def apply_mixed_attention(model, adapter: IdentityAdapter, tokens: dict, weight: float, start_at: float,
+                          end_at: float, mask: Optional[torch.Tensor] = None, blocks: BlockWeights = BlockWeights()):
+    """A clone running Infinite-ID's two streams: mixed self-attention and merged cross-attention."""
+    if is_flux(model):
+        raise ValueError("Mixed attention (Infinite-ID) works on UNet models (SD1.5, SDXL); this model is "
+                         f"{model_description(model)}")
+    layers = unet_layers(model)
+    check_fit(adapter, model, layers)
+    sigma_start, sigma_end = sigma_window(model, start_at, end_at)
+    patched = model.clone()
+    for index, layer in enumerate(layers):
+        layer_weight = weight * blocks.weight(layer.group, layer.number)
+        injections = []
+        if layer_weight != 0.0:
+            keys, values = adapter.layer_kv(index, tokens)
+            injections.append(LayerInjection(keys, values, layer_weight, sigma_start, sigma_end, mask))
+        attention = comfy_attention.optimized_attention
+        patched.set_model_attn1_replace(MixedSelfAttention(attention, base=existing_patch(patched, "attn1", layer.key)),
+                                        *layer.key)
+        patched.set_model_attn2_replace(
+            StreamCrossAttention(attention, injections, base=existing_patch(patched, "attn2", layer.key)), *layer.key)
+    # zero unconditional identity tokens: that branch of the identity stream is the text stream's
+    text_uncond = bool(tokens[UNCOND].abs().max() > 0)
+    patched.remove_wrappers_with_key(comfy.patcher_extension.WrappersMP.DIFFUSION_MODEL, STREAMS_KEY)
+    patched.add_wrapper_with_key(comfy.patcher_extension.WrappersMP.DIFFUSION_MODEL, STREAMS_KEY,
+                                 TwoStreams(text_uncond))
+    return patched
+
+
+def has_two_streams(model) -> bool:
+    return bool(model.get_wrappers(comfy.patcher_extension.WrappersMP.DIFFUSION_MODEL, STREAMS_KEY))
+
+
+def set_adain(model, settings: AdaINSettings):
+    """A clone whose identity stream is AdaIN-aligned to the text stream with ``settings``."""
+    if not has_two_streams(model):
+        raise ValueError("AdaIN-mean aligns the identity stream to the text stream of Infinite-ID: connect this "
+                         "node after 'Mixed Attention (OmniIdentity)'")
+    patched = model.clone()
+    patched.model_options["transformer_options"][STYLE_KEY] = settings
+    return patched

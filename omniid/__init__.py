@@ -1,1 +1,0 @@
-"""Command-line and test tooling around a real ComfyUI (not loaded by ComfyUI itself)."""
