@@ -1,4 +1,15 @@
-"""Infinite-ID on ComfyUI: the identity and text streams in one batched model call."""
+"""Infinite-ID on ComfyUI: the identity and text streams in one batched model call.
+
+Two forms of the text stream:
+- ``own trajectory`` (the paper, the default): the text stream is the base model's own denoising
+  of the prompt, from the same initial noise. An OUTER_SAMPLE wrapper doubles the batch the
+  user's sampler samples (identity rows, then text rows, same noise), the DIFFUSION_MODEL wrapper
+  orders every model call as [identity rows; text rows] with each identity row paired with the
+  text row of the same sample and CFG branch, and only the identity images are returned.
+- ``shared latent`` (cheaper): the text stream is re-run on the identity stream's own latent at
+  every step (its rows are copies of the identity rows); with zero unconditional identity tokens
+  only the conditional rows are repeated.
+"""
 from __future__ import annotations
 
 from typing import Optional
@@ -15,6 +26,8 @@ from .layers import check_fit, existing_patch, is_flux, model_description, sigma
 from .options import find_options, with_options
 
 UNET_OPTIONS_POSITION = 4                  # x, then timesteps, context, y, control, transformer_options
+TEXT_STREAMS = ("own trajectory", "shared latent")
+TRAJECTORY_KEY = "omni_identity_text_trajectory"
 
 
 def _take(value, batch: int, index: torch.Tensor):
@@ -60,9 +73,63 @@ class TwoStreams:
         return executor(_take(x, batch, index), *args, **kwargs)[:batch]
 
 
+def _reorder(value, batch: int, order: torch.Tensor):
+    """``value`` with its rows in ``order``, for every batch-sized tensor inside."""
+    if torch.is_tensor(value) and value.ndim > 0 and value.shape[0] == batch:
+        return value[order.to(value.device)]
+    if isinstance(value, dict):
+        return {k: _reorder(v, batch, order) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return type(value)(_reorder(v, batch, order) for v in value)
+    return value
+
+
+class TwoTrajectories:
+    """DIFFUSION_MODEL wrapper for the text stream's own trajectory.
+
+    The sampled batch holds the identity samples, then as many text samples; ComfyUI stacks the
+    CFG branches, so a model call's rows are [branch 0: identity, text; branch 1: identity, text].
+    The call runs with rows ordered [identity rows; text rows] (pairs at equal offsets) and the
+    output goes back in the sampler's order: both trajectories advance.
+    """
+
+    def __call__(self, executor, x, *args, **kwargs):
+        batch = x.shape[0]
+        original = find_options(args, kwargs, UNET_OPTIONS_POSITION)
+        options = original or {}
+        branches = list(options.get("cond_or_uncond") or []) or [COND]
+        chunk = batch // len(branches)
+        half = chunk // 2
+        if chunk % 2 or chunk * len(branches) != batch:
+            return executor(x, *args, **kwargs)     # not a doubled batch (e.g. another guider's call)
+        identity = [b * chunk + i for b in range(len(branches)) for i in range(half)]
+        order = torch.tensor(identity + [row + half for row in identity], dtype=torch.long)
+        options = {**options, STREAMS_KEY: StreamLayout(batch // 2, tuple(range(batch // 2)))}
+        args = tuple(a if a is original else _reorder(a, batch, order) for a in args)
+        kwargs = {k: (v if k == "transformer_options" else _reorder(v, batch, order)) for k, v in kwargs.items()}
+        args, kwargs = with_options(args, kwargs, UNET_OPTIONS_POSITION, options)
+        out = executor(x[order.to(x.device)], *args, **kwargs)
+        return out[torch.argsort(order).to(out.device)]
+
+
+def sample_text_trajectory(executor, noise, latent_image, sampler, sigmas, denoise_mask=None, *args, **kwargs):
+    """OUTER_SAMPLE wrapper: the user's sampler samples the identity batch and, from the same
+    noise, the text stream's batch; the identity images are returned."""
+    batch = noise.shape[0]
+
+    def doubled(t):
+        return torch.cat([t, t]) if torch.is_tensor(t) and t.ndim > 0 and t.shape[0] == batch else t
+
+    out = executor(doubled(noise), doubled(latent_image), sampler, sigmas, doubled(denoise_mask), *args, **kwargs)
+    return out[:batch]
+
+
 def apply_mixed_attention(model, adapter: IdentityAdapter, tokens: dict, weight: float, start_at: float,
-                          end_at: float, mask: Optional[torch.Tensor] = None, blocks: BlockWeights = BlockWeights()):
+                          end_at: float, mask: Optional[torch.Tensor] = None, blocks: BlockWeights = BlockWeights(),
+                          text_stream: str = "own trajectory"):
     """A clone running Infinite-ID's two streams: mixed self-attention and merged cross-attention."""
+    if text_stream not in TEXT_STREAMS:
+        raise ValueError(f"text_stream must be one of {TEXT_STREAMS}, not {text_stream!r}")
     if is_flux(model):
         raise ValueError("Mixed attention (Infinite-ID) works on UNet models (SD1.5, SDXL); this model is "
                          f"{model_description(model)}")
@@ -81,11 +148,16 @@ def apply_mixed_attention(model, adapter: IdentityAdapter, tokens: dict, weight:
                                         *layer.key)
         patched.set_model_attn2_replace(
             StreamCrossAttention(attention, injections, base=existing_patch(patched, "attn2", layer.key)), *layer.key)
-    # zero unconditional identity tokens: that branch of the identity stream is the text stream's
-    text_uncond = bool(tokens[UNCOND].abs().max() > 0)
-    patched.remove_wrappers_with_key(comfy.patcher_extension.WrappersMP.DIFFUSION_MODEL, STREAMS_KEY)
-    patched.add_wrapper_with_key(comfy.patcher_extension.WrappersMP.DIFFUSION_MODEL, STREAMS_KEY,
-                                 TwoStreams(text_uncond))
+    wrappers = comfy.patcher_extension.WrappersMP
+    patched.remove_wrappers_with_key(wrappers.DIFFUSION_MODEL, STREAMS_KEY)
+    patched.remove_wrappers_with_key(wrappers.OUTER_SAMPLE, TRAJECTORY_KEY)
+    if text_stream == "own trajectory":
+        patched.add_wrapper_with_key(wrappers.DIFFUSION_MODEL, STREAMS_KEY, TwoTrajectories())
+        patched.add_wrapper_with_key(wrappers.OUTER_SAMPLE, TRAJECTORY_KEY, sample_text_trajectory)
+    else:
+        # zero unconditional identity tokens: that branch of the identity stream is the text stream's
+        text_uncond = bool(tokens[UNCOND].abs().max() > 0)
+        patched.add_wrapper_with_key(wrappers.DIFFUSION_MODEL, STREAMS_KEY, TwoStreams(text_uncond))
     return patched
 
 

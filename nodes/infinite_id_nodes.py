@@ -3,7 +3,7 @@ from __future__ import annotations
 
 from comfy_api.latest import io
 
-from ..comfy_host.two_streams import apply_mixed_attention, set_adain
+from ..comfy_host.two_streams import TEXT_STREAMS, apply_mixed_attention, set_adain
 from ..guidance.infinite_id import ADAIN_MODES, AdaINSettings
 from .adapter_nodes import identity_inputs, inject, validate_identity_inputs
 from .common import CATEGORY, check_combos
@@ -17,27 +17,34 @@ class MixedAttention(io.ComfyNode):
             display_name="Mixed Attention (OmniIdentity)",
             category=f"{CATEGORY}/infinite_id",
             description=(
-                "Infinite-ID (ECCV 2024) at inference: every step runs two streams in one batched call, the "
-                "identity stream (this model with the identity adapter) and the text stream (the base model, "
-                "prompt only), on the same latent. The identity stream's self-attention also attends to the text "
-                "stream's keys/values (mixed attention), and its text and identity cross-attention outputs are "
-                "added (merging). About twice the cost of plain sampling. SD1.5 and SDXL."),
+                "Infinite-ID (ECCV 2024) at inference: two streams run in one batched call per step, the identity "
+                "stream (this model with the identity adapter) and the text stream (the base model denoising the "
+                "prompt alone from the same initial noise: its own trajectory, as in the paper; only the identity "
+                "images come out). The identity stream's self-attention also attends to the text stream's "
+                "keys/values (mixed attention), and its text and identity cross-attention outputs are added "
+                "(merging). About twice the cost of plain sampling. SD1.5 and SDXL."),
             inputs=[
                 io.Model.Input("model", tooltip="SD1.5 or SDXL model (Infinite-ID is built on SDXL)."),
                 *identity_inputs(),
+                io.Combo.Input("text_stream", options=list(TEXT_STREAMS), default=TEXT_STREAMS[0], optional=True,
+                               tooltip="own trajectory: the text stream is the prompt's own denoising from the same "
+                                       "noise (the paper); shared latent: it is re-run on the identity stream's latent "
+                                       "(cheaper: no second latent, and only the conditional rows when the identity's "
+                                       "unconditional tokens are zero; weaker style transfer)."),
             ],
             outputs=[io.Model.Output(display_name="model", tooltip="The model running both streams.")],
         )
 
     @classmethod
-    def validate_inputs(cls, blocks=None, start_at=None, end_at=None):
-        return validate_identity_inputs(blocks, start_at, end_at)
+    def validate_inputs(cls, blocks=None, start_at=None, end_at=None, text_stream=None):
+        checked = validate_identity_inputs(blocks, start_at, end_at)
+        return checked if checked is not True else check_combos(cls, text_stream=text_stream)
 
     @classmethod
     def execute(cls, model, adapter, embeds, weight: float, start_at: float, end_at: float, attn_mask=None,
-                blocks: str = "all=1") -> io.NodeOutput:
+                blocks: str = "all=1", text_stream: str = TEXT_STREAMS[0]) -> io.NodeOutput:
         return io.NodeOutput(inject(apply_mixed_attention, model, adapter, embeds, weight, start_at, end_at,
-                                    attn_mask, blocks))
+                                    attn_mask, blocks, text_stream=text_stream))
 
 
 class AdaINMean(io.ComfyNode):
