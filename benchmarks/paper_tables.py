@@ -117,7 +117,7 @@ def generate(setup: Setup, method: str, photos: list[Path], prompt: str, seed: i
         guider = g.add("OmniIdentityRBGuidance", model=model, positive=g.out(pos), negative=g.out(neg),
                        cfg=setup.cfg, reference=photos_node(g, setup, photos[:1]), vae=g.out(ckpt, 2),
                        strength=8.5, start_fraction=0.6, t0=671, face_analysis=faces,
-                       feature_block=setup.feature_block)
+                       feature_block=setup.feature_block, clip=g.out(ckpt, 1), prompt=prompt)
         sampled = g.add("SamplerCustomAdvanced", noise=g.out(g.add("RandomNoise", noise_seed=seed)),
                         guider=g.out(guider, 0), sampler=g.out(g.add("KSamplerSelect", sampler_name="euler")),
                         sigmas=g.out(g.add("BasicScheduler", model=model, scheduler="normal", steps=setup.steps,

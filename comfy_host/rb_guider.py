@@ -19,8 +19,8 @@ import torch
 
 from ..guidance.attention_capture import AttentionMaps
 from ..guidance.decoupled import token_grid
-from ..guidance.rb_guidance import (RBSettings, apply_guidance, generation_mask, grid_for, guidance_gradient,
-                                    mask_to_latent, resize_mask)
+from ..guidance.rb_guidance import (LatentScales, RBSettings, apply_guidance, generation_mask, grid_for,
+                                    guidance_gradient, mask_to_latent, resize_mask)
 from .attention import record_attention
 
 ATTENTION_FACTOR = 4      # attention maps at latent / 4: the paper's 16 x 16 for SD1.5 at 512 px
@@ -52,6 +52,23 @@ class FeatureCapture:
             if self.stop:
                 raise StopForward
         return h.detach(), hsp.detach()
+
+
+def latent_scales(model_sampling, sigma: torch.Tensor, like: torch.Tensor) -> LatentScales:
+    """The paper's z_t and eps in terms of ComfyUI's sampling variable x, read off the model's own
+    model_sampling (both maps are linear): z_t = calculate_input(sigma, x) and
+    x = noise_scaling(sigma, eps, x0) = a x0 + b eps. Holds for epsilon, v and flow models alike."""
+    ones, zeros = torch.ones_like(like), torch.zeros_like(like)
+    rows = like.shape[0]
+
+    def per_row(t):
+        return t.reshape(rows, -1)[:, 0]
+
+    sigma = sigma.to(like).expand(rows) if sigma.numel() == 1 else sigma.to(like)
+    input_scale = per_row(model_sampling.calculate_input(sigma, ones))
+    a = per_row(model_sampling.noise_scaling(sigma, zeros.clone(), ones.clone()))
+    b = per_row(model_sampling.noise_scaling(sigma, ones.clone(), zeros.clone()))
+    return LatentScales(input_scale, b / a)
 
 
 class RBGuider(comfy.samplers.CFGGuider):
@@ -170,4 +187,5 @@ class RBGuider(comfy.samplers.CFGGuider):
                                                model_options=model_options, cond=cond, uncond=uncond_)
         self.guided_steps += 1
         self.last_score = score
-        return apply_guidance(denoised, timestep, grad.to(denoised.device))
+        scales = latent_scales(self.inner_model.model_sampling, timestep, denoised)
+        return apply_guidance(denoised, grad.to(denoised.device), scales)

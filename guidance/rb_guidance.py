@@ -7,9 +7,12 @@
   one UNet pass, a chosen up-block) and generated features D_gen(z_t); every reference
   position inside its mask takes its nearest generated position inside the generated
   mask by cosine distance; S is the mean cosine similarity of those pairs.
-- Energy E = p / (1 + S); its gradient on z_t is masked to the face (background
-  gradient masking) and added to the CFG noise prediction, only while t <= u T
-  (u = 0.6, p = 8.5): eps_hat = eps_cfg + grad E, i.e. x0_hat = x0_cfg - sigma * grad E.
+- Energy E = p / (1 + S); its gradient on z_t, the model's noisy latent, is masked to the
+  face (background gradient masking) and added to the CFG noise prediction, only while
+  t <= u T (u = 0.6, p = 8.5): eps_hat = eps_cfg + grad_{z_t} E. A host that samples another
+  variable x (k-diffusion's x = z_t * sqrt(1 + sigma^2) for SD's epsilon and v models)
+  differentiates with respect to x and converts: grad_{z_t} E = grad_x E / (dz_t / dx), and
+  the denoised prediction moves by -(dx0 / deps) * grad_{z_t} E (``LatentScales``).
 
 Pure torch: a host supplies the differentiable feature extractor and the masks.
 """
@@ -124,9 +127,27 @@ def mask_to_latent(mask: torch.Tensor, grid: tuple[int, int], latent_hw: tuple[i
     return F.interpolate(m, size=latent_hw, mode="nearest")
 
 
-def apply_guidance(denoised: torch.Tensor, sigma: torch.Tensor, grad: torch.Tensor) -> torch.Tensor:
-    """x0 with eps_hat = eps + grad: x0_hat = x0 - sigma * grad (k-diffusion x = x0 + sigma * eps)."""
-    return denoised - sigma.reshape(-1, *([1] * (denoised.ndim - 1))).to(denoised.dtype) * grad.to(denoised.dtype)
+@dataclass(frozen=True)
+class LatentScales:
+    """How a host's sampling variable x relates to the paper's quantities, per batch row:
+    the model's noisy latent is z_t = input_scale * x, and with x fixed the denoised x0
+    moves by -x0_per_eps for each unit added to the noise prediction eps
+    (x = a * x0 + b * eps gives x0_per_eps = b / a)."""
+    input_scale: torch.Tensor
+    x0_per_eps: torch.Tensor
+
+    @classmethod
+    def k_diffusion(cls, sigma: torch.Tensor) -> "LatentScales":
+        """SD's epsilon and v models in k-diffusion form: x = x0 + sigma * eps, z_t = x / sqrt(1 + sigma^2)."""
+        return cls(1.0 / (1.0 + sigma ** 2).sqrt(), sigma)
+
+
+def apply_guidance(denoised: torch.Tensor, grad_x: torch.Tensor, scales: LatentScales) -> torch.Tensor:
+    """x0 for eps_hat = eps_cfg + grad_{z_t} E, from the gradient on the host's x:
+    grad_{z_t} E = grad_x E / input_scale, x0_hat = x0 - x0_per_eps * grad_{z_t} E."""
+    shape = (-1, *([1] * (denoised.ndim - 1)))
+    grad_z = grad_x.to(denoised.dtype) / scales.input_scale.reshape(shape).to(denoised)
+    return denoised - scales.x0_per_eps.reshape(shape).to(denoised) * grad_z
 
 
 # -- masks on feature and attention grids ------------------------------------------------------
@@ -168,3 +189,41 @@ def generation_mask(features: torch.Tensor, attention_grid: Optional[tuple[int, 
     else:
         soft, _ = refine_mask(cross_map, self_maps, settings.iterations, settings.alpha, settings.threshold)
     return soft_to_grid(soft, attention_grid, grid) > settings.threshold
+
+
+# -- the subject token ---------------------------------------------------------------------
+# words that name a person, in the order they are preferred when a prompt holds several
+CLASS_WORDS = ("man", "woman", "person", "boy", "girl", "child", "kid", "lady", "gentleman", "guy", "baby",
+               "teenager", "male", "female", "men", "women", "people", "face")
+SUBJECT_TOKEN_KEY = "omni_identity_subject_token"     # conditioning: the token a pivot replaced
+
+
+def word_spans(tokens: list[str]) -> list[tuple[int, int, str]]:
+    """CLIP BPE tokens (start token first; '</w>' ends a word) -> (first, last, word) per word."""
+    spans, start, pieces = [], None, []
+    for index, token in enumerate(tokens):
+        if token.startswith("<|"):                       # start / end / padding tokens
+            start, pieces = None, []
+            continue
+        if start is None:
+            start = index
+        pieces.append(token)
+        if token.endswith("</w>"):
+            spans.append((start, index, "".join(pieces)[:-len("</w>")].lower()))
+            start, pieces = None, []
+    return spans
+
+
+def find_subject_token(tokens: list[str], subject: str = "") -> tuple[Optional[int], str]:
+    """(index of the subject's token, the word found) among a prompt's CLIP tokens.
+
+    ``subject``: the word to look for; empty means the first person word of ``CLASS_WORDS``
+    order. A word split into several tokens is represented by its last token. (None, "") when
+    the prompt does not contain it."""
+    spans = word_spans(tokens)
+    wanted = [subject.strip().lower()] if subject.strip() else list(CLASS_WORDS)
+    for word in wanted:
+        for first, last, found in spans:
+            if found == word:
+                return last, found
+    return None, ""

@@ -12,6 +12,7 @@ from ..comfy_host.progress import run_training, trainable_copy
 from ..encoders.face import NoFaceFoundError
 from ..encoders.face.crop import largest_face_mask
 from ..encoders.pivot import PivotConfig, PivotIDEncoder, load_pivot
+from ..guidance.rb_guidance import SUBJECT_TOKEN_KEY
 from ..training.dataset import FewToManySampler, SamplerConfig
 from ..training.pivot import ETA, PivotObjective
 from ..training.report import loss_plot
@@ -113,7 +114,7 @@ class ApplyPivot(io.ComfyNode):
             category=f"{CATEGORY}/guidance",
             description=("OmniPortrait's identity pivot: replaces the class word of a conditioning by e_mix, fused "
                          "from its text embedding and the reference face's CLIP image embedding by a trained pivot "
-                         "encoder. Feed the result to RB-Guidance with subject_token = class_token."),
+                         "encoder. RB-Guidance then finds the pivot token by itself (it is marked in the conditioning)."),
             inputs=[
                 io.Conditioning.Input("conditioning", tooltip="The prompt's conditioning, with the class word in it."),
                 io.Combo.Input("pivot_name", options=model_files("omni_identity"),
@@ -141,7 +142,7 @@ class ApplyPivot(io.ComfyNode):
         with torch.inference_mode(False):
             for tensor, extra in conditioning:
                 mixed = pivot.apply(tensor.float().cpu().clone(), class_token, image).to(tensor)
-                out.append([mixed, dict(extra)])
+                out.append([mixed, {**extra, SUBJECT_TOKEN_KEY: class_token}])
         return io.NodeOutput(out)
 
 

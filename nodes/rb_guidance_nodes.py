@@ -2,22 +2,21 @@
 from __future__ import annotations
 
 import torch
-from comfy_api.latest import io
+from comfy_api.latest import io, ui
 
+from ..comfy_host import rb_setup
 from ..comfy_host.gradients import gradient_ready
 from ..comfy_host.rb_guider import RBGuider
-from ..encoders.face import NoFaceFoundError
-from ..encoders.face.crop import largest_face_mask
 from ..guidance.rb_guidance import RBSettings
-from .common import CATEGORY, LOG, check_face_analysis
+from ..training.report import captioned
+from .common import CATEGORY, LOG, check_combos, check_face_analysis
 
 
-def reference_face_mask(image: torch.Tensor, face_analysis) -> torch.Tensor:
-    """(1, H, W) face mask of the reference photo (its largest face)."""
-    try:
-        return largest_face_mask(image[0], check_face_analysis(face_analysis))[None]
-    except NoFaceFoundError:
-        raise ValueError("no face found in the reference image: give a reference_mask, or a clearer photo") from None
+def _tinted(image: torch.Tensor, mask) -> torch.Tensor:
+    if mask is None:
+        return image.clone()
+    m = mask[:1, :, :, None].to(image)
+    return image * (1 - 0.5 * m) + 0.5 * m * torch.tensor([1.0, 0.0, 0.0]).to(image)
 
 
 class RBGuidance(io.ComfyNode):
@@ -29,18 +28,21 @@ class RBGuidance(io.ComfyNode):
             category=f"{CATEGORY}/guidance",
             description=(
                 "OmniPortrait's training-free RB-Guidance as a GUIDER for SamplerCustomAdvanced: CFG, plus, while "
-                "t <= start_fraction x T, the gradient of E = p / (1 + S) on the latent, where S matches diffusion "
-                "features (DIFT) of the reference face (noised to t0) and of the generated face, inside face masks; "
-                "the gradient is masked to the face. About twice the cost of plain CFG in the guided steps."),
+                "t <= start_fraction x T, the gradient of E = p / (1 + S) on the model's noisy latent, where S "
+                "matches diffusion features (DIFT) of the reference face (noised to t0) and of the generated face "
+                "inside face masks; the gradient is masked to the face. As in the paper, the generated face's mask "
+                "is the subject word's cross-attention refined by self-attention (give the prompt text and the CLIP "
+                "so the node finds the word), and the reference's mask its detected face. The preview says which "
+                "masks were used."),
             inputs=[
                 io.Model.Input("model", tooltip="SD1.5 or SDXL model, usually already carrying an identity adapter."),
                 io.Conditioning.Input("positive", tooltip="Positive prompt."),
                 io.Conditioning.Input("negative", tooltip="Negative prompt."),
-                io.Float.Input("cfg", default=7.5, min=0.0, max=100.0, step=0.1, tooltip="CFG scale."),
+                io.Float.Input("cfg", default=7.5, min=0.0, max=100.0, step=0.1, tooltip="CFG scale (paper: 7.5)."),
                 io.Image.Input("reference", tooltip="Reference photo of the face (its first image is used)."),
                 io.Vae.Input("vae", tooltip="The model's VAE, to encode the reference."),
                 io.Float.Input("strength", default=8.5, min=0.0, max=100.0, step=0.1,
-                               tooltip="p in E = p / (1 + S); 0 turns the guidance off (plain CFG)."),
+                               tooltip="p in E = p / (1 + S) (paper: 8.5); 0 turns the guidance off (plain CFG)."),
                 io.Float.Input("start_fraction", default=0.6, min=0.0, max=1.0, step=0.01,
                                tooltip="u: guidance only while t <= u x T (the paper's 0.6)."),
                 io.Int.Input("t0", default=671, min=0, max=999,
@@ -48,13 +50,28 @@ class RBGuidance(io.ComfyNode):
                 io.Int.Input("feature_block", default=6, min=1, max=64, optional=True,
                              tooltip="DIFT features: the input of this output block (6 = after SD1.5's second "
                                      "up-block, 32 x 32 at 512 px)."),
+                io.Clip.Input("clip", optional=True,
+                              tooltip="The CLIP that encoded the positive prompt: reads the prompt's tokens to find "
+                                      "the subject word."),
+                io.String.Input("prompt", default="", multiline=True, optional=True,
+                                tooltip="The positive prompt's text (share one String with CLIP Text Encode), for "
+                                        "finding the subject word."),
+                io.String.Input("subject", default="", optional=True,
+                                tooltip="The word naming the person; empty = the first of man, woman, person, boy, "
+                                        "girl, ... in the prompt (or the pivot token of Apply Pivot ID)."),
                 io.Int.Input("subject_token", default=0, min=0, max=76, optional=True,
-                             tooltip="Position of the subject word in the positive prompt (CLIP tokens, 1 = first "
-                                     "word) for the attention-derived face mask; 0 = locate the face by its "
-                                     "resemblance to the reference."),
+                             tooltip="Expert: the subject's position among the prompt's CLIP tokens (1 = first word); "
+                                     "0 = find it from subject / prompt / Apply Pivot ID."),
+                io.Combo.Input("mask_source", options=list(rb_setup.MASK_SOURCES), default="subject attention",
+                               optional=True,
+                               tooltip="Generated face mask: the subject word's attention (paper), or the positions "
+                                       "that resemble the reference face (no prompt needed)."),
+                io.Combo.Input("reference_region", options=list(rb_setup.REFERENCE_REGIONS), default="face",
+                               optional=True,
+                               tooltip="Match the reference's face (paper; detected with face_analysis, else the "
+                                       "bundled dlib detector) or the whole reference image."),
                 io.FaceAnalysis.Input("face_analysis", optional=True,
-                                      tooltip="Face analysis to mask the reference's face (else reference_mask, else "
-                                              "the whole reference)."),
+                                      tooltip="Face analysis for the reference's face mask (default: bundled dlib)."),
                 io.Mask.Input("reference_mask", optional=True, tooltip="Explicit face mask of the reference."),
                 io.Mask.Input("generation_mask", optional=True,
                               tooltip="Explicit face mask of the generated image (skips the attention mask)."),
@@ -63,37 +80,44 @@ class RBGuidance(io.ComfyNode):
             ],
             outputs=[
                 io.Guider.Output(display_name="guider", tooltip="For SamplerCustomAdvanced."),
-                io.Image.Output(display_name="mask_preview", tooltip="The reference with its face mask in red."),
+                io.Image.Output(display_name="mask_preview",
+                                tooltip="The reference with its face mask in red, and which masks are used."),
             ],
         )
 
     @classmethod
+    def validate_inputs(cls, mask_source=None, reference_region=None):
+        return check_combos(cls, mask_source=mask_source, reference_region=reference_region)
+
+    @classmethod
     def execute(cls, model, positive, negative, cfg, reference, vae, strength, start_fraction, t0,
-                feature_block=6, subject_token=0, face_analysis=None, reference_mask=None, generation_mask=None,
+                feature_block=6, clip=None, prompt="", subject="", subject_token=0, mask_source="subject attention",
+                reference_region="face", face_analysis=None, reference_mask=None, generation_mask=None,
                 seed=0) -> io.NodeOutput:
         settings = RBSettings(strength=strength, start_fraction=start_fraction, t0=t0)
         image = reference[:1, :, :, :3]
-        if reference_mask is None and face_analysis is not None:
-            reference_mask = reference_face_mask(image, face_analysis)
-        elif reference_mask is not None:
-            reference_mask = reference_mask if reference_mask.ndim == 3 else reference_mask[None]
+        if face_analysis is not None:
+            check_face_analysis(face_analysis)
+        ref = rb_setup.reference_mask(image, reference_mask, face_analysis, reference_region)
+        if generation_mask is not None:
+            generation_mask = generation_mask if generation_mask.ndim == 3 else generation_mask[None]
+            token, gen_source = 0, "generation_mask input"
+        elif mask_source == "reference similarity":
+            token, gen_source = 0, "resemblance to the reference face (mask_source)"
+        else:
+            token, found = rb_setup.subject_token(positive, subject_token, subject, clip, prompt)
+            gen_source = f"attention of {found}, refined by self-attention"
         height, width = (image.shape[1] // 8) * 8, (image.shape[2] // 8) * 8
         latent = vae.encode(image[:, :height, :width])
-        if reference_mask is not None:
-            reference_mask = reference_mask[:, :height, :width]
-        guider = RBGuider(gradient_ready(model), settings, latent, reference_mask,
-                          None if generation_mask is None else (generation_mask if generation_mask.ndim == 3
-                                                                else generation_mask[None]),
-                          feature_block, subject_token, seed)
+        mask = None if ref.mask is None else ref.mask[:, :height, :width]
+        guider = RBGuider(gradient_ready(model), settings, latent, mask, generation_mask, feature_block, token, seed)
         guider.set_conds(positive, negative)
         guider.set_cfg(cfg)
-        preview = image[:, :height, :width].clone()
-        if reference_mask is not None:
-            m = reference_mask[:1, :, :, None].to(preview)
-            preview = preview * (1 - 0.5 * m) + 0.5 * m * torch.tensor([1.0, 0.0, 0.0]).to(preview)
-        LOG.info("RB-Guidance: p=%s, u=%s, t0=%s, feature block %s, subject token %s", strength, start_fraction, t0,
-                 feature_block, subject_token or "auto")
-        return io.NodeOutput(guider, preview)
+        lines = [f"reference mask: {ref.source}", f"generated-face mask: {gen_source}"]
+        preview = captioned(_tinted(image[:, :height, :width], mask), lines)
+        LOG.info("RB-Guidance: p=%s, u=%s, t0=%s, feature block %s; %s", strength, start_fraction, t0,
+                 feature_block, "; ".join(lines))
+        return io.NodeOutput(guider, preview, ui=ui.PreviewText("\n".join(lines)))
 
 
 NODES = [RBGuidance]

@@ -85,3 +85,17 @@ def loss_plot(losses: Sequence[float], title: str, width: int = 640, height: int
                                       f"mean of last {window}: {values[-window:].mean():.5g}",
                   fill=(200, 200, 200), font=font)
     return torch.from_numpy(np.asarray(canvas).copy()).float().div(255.0)[None]
+
+
+def captioned(image: torch.Tensor, lines: Sequence[str], width: int = 512) -> torch.Tensor:
+    """(1, H, W, 3) image scaled to ``width`` with ``lines`` of text on a dark band below it."""
+    picture = Image.fromarray((image[0].clamp(0, 1).cpu().numpy() * 255).round().astype(np.uint8))
+    picture = picture.resize((width, max(1, round(picture.height * width / picture.width))))
+    font = ImageFont.load_default()
+    band = 8 + 14 * len(lines)
+    canvas = Image.new("RGB", (width, picture.height + band), (24, 24, 24))
+    canvas.paste(picture, (0, 0))
+    draw = ImageDraw.Draw(canvas)
+    for i, line in enumerate(lines):
+        draw.text((6, picture.height + 4 + 14 * i), line, fill=(235, 235, 235), font=font)
+    return torch.from_numpy(np.asarray(canvas).astype(np.float32) / 255.0)[None]

@@ -1,4 +1,6 @@
 """Face analysis: detection, landmarks, descriptors, pose, alignment and crops."""
+from functools import lru_cache
+
 from .alignment import ARCFACE_TEMPLATE_112, estimate_similarity, template_points, transform_points
 from .crop import SELECTIONS, CropResult, crop_faces, draw_faces
 from .types import (BackendUnavailableError, DetectedFace, FaceAnalysisError, FaceAnalyzer,
@@ -27,9 +29,16 @@ def create_analyzer(backend: str, *, det_size: int = 640, provider: str = "CPU",
     raise ValueError(f"unknown face backend {backend!r}: use 'dlib' or 'insightface/<pack name>'")
 
 
+@lru_cache(maxsize=1)
+def bundled_analyzer():
+    """The bundled dlib backend (HOG detector, 68 landmarks), loaded once: for nodes that need a face
+    when the user connected no face analysis."""
+    return create_analyzer("dlib")
+
+
 __all__ = [
     "ARCFACE_TEMPLATE_112", "BackendUnavailableError", "CropResult", "DetectedFace",
     "FaceAnalysisError", "FaceAnalyzer", "FaceRecord", "FaceSet", "NoFaceFoundError",
-    "SELECTIONS", "create_analyzer", "crop_faces", "draw_faces", "estimate_similarity",
+    "SELECTIONS", "bundled_analyzer", "create_analyzer", "crop_faces", "draw_faces", "estimate_similarity",
     "template_points", "transform_points",
 ]

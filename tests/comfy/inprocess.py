@@ -77,7 +77,7 @@ def rb_facts(torch) -> dict:
     import comfy.samplers
     from omniid.guidance.rb_guidance import RBSettings
     from omniid.comfy_host.gradients import gradient_ready
-    from omniid.comfy_host.rb_guider import RBGuider
+    from omniid.comfy_host.rb_guider import RBGuider, latent_scales
     model, generator = small_sd15(torch, 8)
     positive = [[torch.randn(1, 5, 768, generator=generator), {}]]
     negative = [[torch.randn(1, 5, 768, generator=generator), {}]]
@@ -104,7 +104,17 @@ def rb_facts(torch) -> dict:
     passes_after_first, steps_after_first = guider.reference_passes, guider.guided_steps
     run(guider)
     expected_steps = sum(1 for s in sigmas[:-1] if float(sampling.timestep(s)) <= 600.0)
+    # the paper's z_t and eps read off each kind of model_sampling: SD's epsilon (and v), and FLUX's flow
+    import comfy.model_sampling
+    sigma = torch.tensor([1.7, 0.4])
+    eps_scales = latent_scales(sampling, sigma, torch.zeros(2, 4, 2, 2))
+    flow = type("Flow", (comfy.model_sampling.ModelSamplingFlux, comfy.model_sampling.CONST), {})()
+    flow_scales = latent_scales(flow, torch.tensor([0.3]), torch.zeros(1, 16, 2, 2))
+    scales = {"eps_input": eps_scales.input_scale.tolist(), "eps_x0_per_eps": eps_scales.x0_per_eps.tolist(),
+              "eps_expected_input": (1 / (1 + sigma ** 2).sqrt()).tolist(), "eps_expected_x0": sigma.tolist(),
+              "flow_input": flow_scales.input_scale.tolist(), "flow_x0_per_eps": flow_scales.x0_per_eps.tolist()}
     return {"p0_equal": bool(torch.equal(off, plain)), "guided_vs_plain": float((guided - plain).abs().max()),
+            "scales": scales,
             "finite": bool(torch.isfinite(guided).all()), "reference_passes": [passes_after_first,
                                                                                guider.reference_passes],
             "guided_steps": steps_after_first, "expected_steps": expected_steps, "steps": len(sigmas) - 1,
@@ -130,7 +140,8 @@ def two_stream_facts(torch, comfy, apply_mixed_attention, unet_layers, TwoStream
     adapter = create_adapter(AdapterConfig(family="unet", token_dim=32, layer_dims=tuple(l.inner_dim for l in layers)),
                              seed=6)
     embeds = IdentityEmbeds("omni_id", {"tokens": torch.randn(6, 32, generator=generator)}, {"num_images": 1})
-    reduced = apply_mixed_attention(model, adapter, adapter.identity_tokens(embeds), 1.0, 0.0, 1.0)
+    tokens = adapter.identity_tokens(embeds)
+    reduced = apply_mixed_attention(model, adapter, tokens, 1.0, 0.0, 1.0, text_stream="shared latent")
     full = reduced.clone()
     full.remove_wrappers_with_key(comfy.patcher_extension.WrappersMP.DIFFUSION_MODEL, streams_key)
     full.add_wrapper_with_key(comfy.patcher_extension.WrappersMP.DIFFUSION_MODEL, streams_key, TwoStreams(True))
@@ -144,8 +155,23 @@ def two_stream_facts(torch, comfy, apply_mixed_attention, unet_layers, TwoStream
                                    disable_pbar=True, seed=7)
 
     plain, a, b = run(model), run(reduced), run(full)
+    # the paper's form: the text stream is its own trajectory, from the same noise, sampled beside the identity
+    own = apply_mixed_attention(model, adapter, tokens, 1.0, 0.0, 1.0)
+    sampled = []
+
+    def capture(executor, *args, **kwargs):        # inside the pack's OUTER_SAMPLE wrapper: sees both streams
+        sampled.append(executor(*args, **kwargs))
+        return sampled[-1]
+
+    own.add_wrapper_with_key(comfy.patcher_extension.WrappersMP.OUTER_SAMPLE, "test_capture", capture)
+    identity = run(own)
+    both = sampled[-1]
     return {"reduced_vs_full": float((a - b).abs().max()), "mixed_vs_plain": float((a - plain).abs().max()),
-            "scale": float(plain.abs().max())}
+            "scale": float(plain.abs().max()),
+            "own_batch": [int(identity.shape[0]), int(both.shape[0])],
+            "own_identity_rows_returned": bool(torch.equal(identity, both[:2])),
+            "own_text_vs_plain": float((both[2:] - plain).abs().max()),
+            "own_vs_shared": float((identity - a).abs().max())}
 
 
 def main() -> None:

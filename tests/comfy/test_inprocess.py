@@ -47,6 +47,15 @@ def test_real_unet_layouts_match_the_h94_numbering(facts):
     assert sdxl == [640] * 4 + [1280] * 20 + [1280] * 30 + [640] * 6 + [1280] * 10
 
 
+def test_fidelity_the_text_stream_is_its_own_denoising_trajectory(facts):
+    """Infinite-ID's K_t, V_t come from the base model denoising the prompt alone: the text rows the
+    sampler advances beside the identity rows, from the same noise, end where plain sampling ends."""
+    two = facts["two_streams"]
+    assert two["own_batch"] == [2, 4] and two["own_identity_rows_returned"]
+    assert two["own_text_vs_plain"] < 1e-4 * max(1.0, two["scale"])
+    assert two["own_vs_shared"] > 1e-3                                # not today's shared-latent form
+
+
 def test_two_streams_reduced_batch_samples_like_the_full_one(facts):
     two = facts["two_streams"]
     assert two["mixed_vs_plain"] > 1e-3                       # mixed attention does something
@@ -55,6 +64,15 @@ def test_two_streams_reduced_batch_samples_like_the_full_one(facts):
 
 def test_rb_guidance_off_is_cfg_exactly(facts):
     assert facts["rb_guidance"]["p0_equal"]
+
+
+def test_fidelity_rb_guidance_scales_come_from_the_models_own_sampling(facts):
+    """grad_{z_t} E, z_t the model's input: 1 / sqrt(1 + sigma^2) of x for SD's epsilon models, x itself
+    for flow models, and the noise prediction moves x0 by sigma (epsilon) or sigma / (1 - sigma) (flow)."""
+    scales = facts["rb_guidance"]["scales"]
+    assert scales["eps_input"] == pytest.approx(scales["eps_expected_input"], rel=1e-6)
+    assert scales["eps_x0_per_eps"] == pytest.approx(scales["eps_expected_x0"], rel=1e-6)
+    assert scales["flow_input"] == pytest.approx([1.0]) and scales["flow_x0_per_eps"] == pytest.approx([0.3 / 0.7])
 
 
 def test_rb_guidance_guides_only_late_steps_with_one_reference_pass_per_run(facts):

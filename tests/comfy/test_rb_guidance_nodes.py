@@ -9,18 +9,22 @@ from omniid.cli.graph import Graph
 from support.testing import images_of
 
 
-def guided_graph(steps=6, strength=8.5, prefix="rb/image", size=64, face_analysis=True):
+PROMPT = "a photo of a man"
+
+
+def guided_graph(steps=6, strength=8.5, prefix="rb/image", size=64, face_analysis=True, **options):
+    """The paper's defaults: the node finds the subject word in the prompt it is given."""
     g = Graph()
     ckpt = g.checkpoint()
-    pos = g.add("CLIPTextEncode", clip=g.out(ckpt, 1), text="a photo of a man")
+    pos = g.add("CLIPTextEncode", clip=g.out(ckpt, 1), text=PROMPT)
     neg = g.add("CLIPTextEncode", clip=g.out(ckpt, 1), text="blurry")
-    options = {}
+    options = {"clip": g.out(ckpt, 1), "prompt": PROMPT, **options}
     if face_analysis:
         options["face_analysis"] = g.out(g.add("OmniIdentityFaceAnalysisLoader", backend="dlib", provider="CPU",
                                                det_size=640))
     guider = g.add("OmniIdentityRBGuidance", model=g.out(ckpt, 0), positive=g.out(pos), negative=g.out(neg), cfg=5.0,
                    reference=g.out(g.add("LoadImage", image="id_1.png")), vae=g.out(ckpt, 2), strength=strength,
-                   start_fraction=0.6, t0=671, feature_block=1, subject_token=5, **options)
+                   start_fraction=0.6, t0=671, feature_block=1, **{k: v for k, v in options.items() if v is not None})
     sampler = g.add("SamplerCustomAdvanced",
                     noise=g.out(g.add("RandomNoise", noise_seed=3)), guider=g.out(guider, 0),
                     sampler=g.out(g.add("KSamplerSelect", sampler_name="euler")),
@@ -39,8 +43,8 @@ def test_guider_samples_and_previews_the_reference_mask(comfy):
     image = images_of(comfy, result, save)[0]
     assert image.shape == (64, 64, 3)
     mask_preview = images_of(comfy, result, preview)[0].astype(int)
-    assert mask_preview.shape == (512, 512, 3)
-    reddish = (mask_preview[..., 0] - mask_preview[..., 1]) > 60
+    assert mask_preview.shape[1] == 512 and mask_preview.shape[0] > 512             # the photo, then the caption
+    reddish = (mask_preview[:512, :, 0] - mask_preview[:512, :, 1]) > 60
     assert 0.05 < reddish.mean() < 0.6                                  # the face is tinted, not the whole photo
     off, off_save, _ = guided_graph(strength=0.0, prefix="rb/off")
     plain = images_of(comfy, comfy.run(off.nodes, timeout=600), off_save)[0]
@@ -87,3 +91,34 @@ def test_guidance_on_a_model_with_an_identity_adapter(comfy, comfy_server):
                     weight=1.0, start_at=0.0, end_at=1.0)
     g.nodes[guider]["inputs"]["model"] = g.out(patched)
     assert images_of(comfy, comfy.run(g.nodes, timeout=600), save)[0].shape == (64, 64, 3)
+
+
+def _text(result, node_id):
+    return "\n".join(result.outputs.get(node_id, {}).get("text", []))
+
+
+def test_fidelity_masks_follow_the_paper_by_default(comfy):
+    """Without a face analysis the reference's face comes from the bundled detector, and the generated face's
+    mask from the subject word's attention, found in the prompt; the preview says so."""
+    g, save, preview = guided_graph(steps=3, prefix="rb/paper_masks", face_analysis=False)
+    guider = next(n for n, node in g.nodes.items() if node["class_type"] == "OmniIdentityRBGuidance")
+    result = comfy.run(g.nodes, timeout=600)
+    text = _text(result, guider)
+    assert "reference mask: bundled dlib detector" in text
+    assert "generated-face mask: attention of 'man' at token 5 of the prompt" in text
+    shown = images_of(comfy, result, preview)[0].astype(int)[:512]
+    assert 0.05 < ((shown[..., 0] - shown[..., 1]) > 60).mean() < 0.6           # a face, not the whole photo
+    named, _, _ = guided_graph(steps=2, prefix="rb/named", face_analysis=False, subject="photo")
+    guider = next(n for n, node in named.nodes.items() if node["class_type"] == "OmniIdentityRBGuidance")
+    assert "'photo' at token 2" in _text(comfy.run(named.nodes, timeout=600), guider)
+
+
+def test_fidelity_other_mask_sources_only_when_asked(comfy):
+    silent, _, _ = guided_graph(steps=2, prefix="rb/no_prompt", face_analysis=False, clip=None, prompt=None)
+    with pytest.raises(ExecutionFailed, match="needs the subject's token"):
+        comfy.run(silent.nodes, timeout=600)
+    asked, _, _ = guided_graph(steps=2, prefix="rb/asked", face_analysis=False, clip=None, prompt=None,
+                               mask_source="reference similarity", reference_region="whole image")
+    guider = next(n for n, node in asked.nodes.items() if node["class_type"] == "OmniIdentityRBGuidance")
+    text = _text(comfy.run(asked.nodes, timeout=600), guider)
+    assert "reference mask: whole image" in text and "resemblance to the reference face" in text

@@ -3,7 +3,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from omniid.guidance.rb_guidance import (RBSettings, apply_guidance, energy, guidance_gradient,
+from omniid.guidance.rb_guidance import (LatentScales, RBSettings, apply_guidance, energy, guidance_gradient,
                                          mask_to_latent, match_score, normalize, refine_mask)
 
 
@@ -95,8 +95,40 @@ def test_guidance_window_and_strength():
 def test_guidance_moves_x0_against_the_gradient():
     denoised = torch.zeros(1, 4, 2, 2)
     grad = torch.ones(1, 4, 2, 2)
-    out = apply_guidance(denoised, torch.tensor([2.0]), grad)
+    out = apply_guidance(denoised, grad, LatentScales(torch.tensor([1.0]), torch.tensor([2.0])))
     assert torch.equal(out, torch.full_like(denoised, -2.0))
+
+
+def test_fidelity_gradient_is_taken_on_the_models_noisy_latent():
+    """The paper adds grad_{z_t} E to the CFG noise prediction, z_t the model's own noisy latent
+    (z_t = sqrt(abar) x0 + sqrt(1 - abar) eps). A host sampling k-diffusion's x = z_t / sqrt(abar)
+    differentiates on x; the push must still be the paper's: checked against a hand derivation on a
+    toy feature function (one position, cosine similarity to one reference feature)."""
+    torch.manual_seed(0)
+    sigma = torch.tensor([1.7])                                    # SD1.5 near t = 600: sqrt(abar) ~ 0.5
+    reference = torch.randn(1, 4)
+    z = torch.randn(1, 4, 1, 1)                                    # the model's latent z_t (one position)
+    x = z * (1 + sigma ** 2).sqrt()                               # k-diffusion's variable
+    scales = LatentScales.k_diffusion(sigma)
+    p = 8.5
+
+    def features(x_):                                              # the model reads z_t = x * input_scale
+        z_ = x_ * scales.input_scale.reshape(-1, 1, 1, 1)
+        return z_.flatten(2).transpose(1, 2), torch.ones(1, 1, dtype=torch.bool)
+
+    grad_x, score, _ = guidance_gradient(x, features, reference, torch.ones(1, dtype=torch.bool), p)
+    # by hand: S = cos(z, r); dE/dz = -p / (1 + S)^2 * (r / (|z||r|) - (z.r) z / (|z|^3 |r|))
+    zv, r = z.flatten(), reference[0]
+    cos = zv @ r / (zv.norm() * r.norm())
+    d_cos = r / (zv.norm() * r.norm()) - (zv @ r) * zv / (zv.norm() ** 3 * r.norm())
+    grad_z = -p / (1 + cos) ** 2 * d_cos
+    denoised = torch.randn(1, 4, 1, 1)
+    expected = denoised - sigma * grad_z.reshape(1, 4, 1, 1)      # x0 = x - sigma * eps_hat, eps_hat = eps + grad_z
+    torch.testing.assert_close(score, cos[None])
+    torch.testing.assert_close(apply_guidance(denoised, grad_x, scales), expected)
+    # the old push, sigma * grad_x, was the paper's times sqrt(abar) = 1 / sqrt(1 + sigma^2)
+    torch.testing.assert_close(denoised - sigma * grad_x, denoised - sigma * grad_z.reshape(1, 4, 1, 1)
+                               / (1 + sigma ** 2).sqrt())
 
 
 def test_pivot_encoder_binds_the_face_to_the_class_word(tmp_path):
@@ -122,3 +154,14 @@ def test_pivot_encoder_binds_the_face_to_the_class_word(tmp_path):
     path.write_bytes(path.read_bytes()[:50])
     with pytest.raises(CheckpointError, match="pivot.safetensors"):
         load_pivot(str(path))
+
+
+def test_fidelity_the_subject_token_is_found_in_the_prompt():
+    from omniid.guidance.rb_guidance import find_subject_token
+    tokens = ["<|startoftext|>", "a</w>", "photo</w>", "of</w>", "a</w>", "smiling</w>", "woman</w>", "in</w>",
+              "astron", "aut</w>", "gear</w>", "<|endoftext|>", "<|endoftext|>"]
+    assert find_subject_token(tokens) == (6, "woman")
+    assert find_subject_token(tokens, "astronaut") == (9, "astronaut")           # the word's last piece
+    assert find_subject_token(tokens, "Photo") == (2, "photo")
+    assert find_subject_token(tokens, "dog") == (None, "")
+    assert find_subject_token(["<|startoftext|>", "a</w>", "man</w>", "and</w>", "a</w>", "person</w>"]) == (2, "man")
