@@ -60,9 +60,11 @@ class BuildDataset(io.ComfyNode):
             display_name="Build Identity Dataset (OmniIdentity)",
             category=f"{CATEGORY}/training",
             description=("Omni-ID's dataset pipeline (Fig. II) over photos or video frames: detect faces, split "
-                         "identities by descriptor similarity, drop the lowest-quality 20%, cluster head poses into "
-                         "16, take 8 faces from distinct clusters more than 15 degrees apart, and write the aligned "
-                         "crops to output/omni_identity_datasets/<name>/<identity>/."),
+                         "identities by descriptor similarity, drop faces smaller than 448 px (never upscaled) and the "
+                         "lowest-quality 20%, cluster head poses (yaw, pitch, roll) into 16, take 8 faces, at most one "
+                         "per cluster, every pair's summed pose difference above 15 degrees, and write the aligned "
+                         "crops to output/omni_identity_datasets/<name>/<identity>/. The report says what was dropped "
+                         "and why."),
             inputs=[
                 io.Image.Input("images", tooltip="Photos or video frames (a batch), of one or several people."),
                 io.FaceAnalysis.Input("face_analysis", tooltip="From Face Analysis Loader (OmniIdentity)."),
@@ -70,8 +72,9 @@ class BuildDataset(io.ComfyNode):
                 io.Int.Input("photos_per_identity", default=8, min=1, max=64,
                              tooltip="Faces kept per person (8 in the paper); people with fewer are left out."),
                 io.Int.Input("pose_clusters", default=16, min=1, max=64, tooltip="k of the k-means over head poses."),
-                io.Float.Input("min_pose_difference", default=15.0, min=0.0, max=90.0, step=0.5,
-                               tooltip="Degrees of head pose (yaw, pitch) between any two chosen faces."),
+                io.Float.Input("min_pose_difference", default=15.0, min=0.0, max=270.0, step=0.5,
+                               tooltip="Least sum of absolute yaw, pitch and roll differences (degrees) between any "
+                                       "two chosen faces (paper: 15)."),
                 io.Float.Input("drop_fraction", default=0.2, min=0.0, max=0.9, step=0.05,
                                tooltip="Share of each identity's faces dropped as the lowest quality."),
                 io.Float.Input("similarity_threshold", default=-1.0, min=-1.0, max=1.0, step=0.01,
@@ -79,6 +82,9 @@ class BuildDataset(io.ComfyNode):
                                        "(dlib 0.4, ArcFace 0.35)."),
                 io.Int.Input("crop_size", default=448, min=64, max=2048, step=8,
                              tooltip="Side of the aligned crops written (448 for the MTD stage)."),
+                io.Int.Input("min_face_size", default=448, min=0, max=4096, step=8, optional=True,
+                             tooltip="Faces spanning fewer source pixels than this are dropped, not upscaled (the "
+                                     "paper's 448 px floor); 0 keeps every face. The report counts the dropped."),
             ],
             outputs=[IdentityDatasetType.Output(display_name="dataset", tooltip="The dataset just written."),
                      io.String.Output(display_name="report", tooltip="What was kept and left out, as JSON.")],
@@ -87,7 +93,7 @@ class BuildDataset(io.ComfyNode):
     @classmethod
     def execute(cls, images, face_analysis, name: str, photos_per_identity: int, pose_clusters: int,
                 min_pose_difference: float, drop_fraction: float, similarity_threshold: float,
-                crop_size: int) -> io.NodeOutput:
+                crop_size: int, min_face_size: int = 448) -> io.NodeOutput:
         check_face_analysis(face_analysis)
         name = safe_name(name, "dataset name")
         out = output_path(DATASETS_SUBFOLDER, name)
@@ -95,12 +101,13 @@ class BuildDataset(io.ComfyNode):
             raise FileExistsError(f"output/{DATASETS_SUBFOLDER}/{name} already holds a dataset; choose another name "
                                   "(nothing is overwritten)")
         settings = BuildSettings(photos_per_identity, pose_clusters, min_pose_difference, drop_fraction,
-                                 None if similarity_threshold < 0 else similarity_threshold, crop_size)
+                                 None if similarity_threshold < 0 else similarity_threshold, crop_size,
+                                 min_face_size=min_face_size)
         report = build_dataset(images, face_analysis, out, settings, on_image=progress(len(images)))
         text = json.dumps(report.to_dict())
         if not report.identities:
             raise ValueError(f"no identity had {photos_per_identity} faces with distinct poses; lower "
-                             f"photos_per_identity or min_pose_difference, or add photos. Report: {text}")
+                             f"photos_per_identity, min_pose_difference or min_face_size, or add photos. Report: {text}")
         return io.NodeOutput(IdentityDataset(out, min_images=1), text, ui=ui.PreviewText(text))
 
 

@@ -3,13 +3,15 @@
 1. detect faces, with a descriptor and a head pose each;
 2. split identities: a face joins the identity whose centre it resembles most if the
    similarity clears the same-person threshold, else starts a new identity;
-3. drop the lowest-quality 20% of each identity (quality: sharpness of the aligned crop
-   times how large the face was, relative to the crop);
-4. cluster the head poses (yaw, pitch) into 16 with k-means;
-5. take 8 faces from distinct pose clusters, each more than 15 degrees of pose away from
-   every face already taken (the sharpest of each cluster first);
+3. drop faces smaller than the crop size in the source (MFHQ's faces are 448 px or more:
+   a face is dropped rather than upscaled; ``min_face_size`` relaxes it), then the
+   lowest-quality 20% of each identity (quality: sharpness of the aligned crop; the paper
+   uses a learned quality estimator, TOPIQ, which no bundled model provides);
+4. cluster the head poses (yaw, pitch, roll) into 16 with k-means;
+5. take 8 faces, at most one per pose cluster, each pair's sum of absolute pose differences
+   (yaw, pitch and roll) above 15 degrees (the sharpest of each cluster first);
 6. write the aligned crops as ``<out>/<identity>/<n>.png``. Identities that cannot give
-   enough faces are reported and left out.
+   enough faces are reported and left out, and so is every dropped face's reason.
 """
 from __future__ import annotations
 
@@ -34,6 +36,7 @@ class BuildSettings:
     crop_size: int = 448
     padding: float = 0.25
     seed: int = 0
+    min_face_size: int = 448              # source pixels across the crop; smaller faces are dropped, 0 keeps all
 
 
 @dataclass
@@ -44,6 +47,7 @@ class FaceEntry:
     pose: np.ndarray                      # yaw, pitch, roll in degrees
     quality: float = 0.0
     crop: Optional[torch.Tensor] = None
+    source_size: float = 0.0              # source pixels the crop spans
 
 
 @dataclass
@@ -52,10 +56,12 @@ class BuildReport:
     left_out: list[dict] = field(default_factory=list)
     images_without_face: list[int] = field(default_factory=list)
     faces: int = 0
+    too_small: list[dict] = field(default_factory=list)
 
     def to_dict(self) -> dict:
         return {"faces": self.faces, "identities": self.identities, "left_out": self.left_out,
-                "images_without_face": self.images_without_face}
+                "images_without_face": self.images_without_face, "dropped_too_small": len(self.too_small),
+                "too_small": self.too_small}
 
 
 def sharpness(crop: torch.Tensor) -> float:
@@ -101,9 +107,15 @@ def kmeans(points: np.ndarray, k: int, seed: int = 0, iterations: int = 50) -> n
     return labels
 
 
+def pose_difference(a: np.ndarray, b: np.ndarray) -> float:
+    """Sum of absolute differences of yaw, pitch and roll, in degrees."""
+    return float(np.abs(np.asarray(a[:3], dtype=np.float64) - np.asarray(b[:3], dtype=np.float64)).sum())
+
+
 def choose_by_pose(entries: list[FaceEntry], settings: BuildSettings) -> list[FaceEntry]:
-    """Up to photos_per_identity faces from distinct pose clusters, pairwise > min_pose_difference apart."""
-    poses = np.stack([e.pose[:2] for e in entries])
+    """Up to photos_per_identity faces, at most one per pose cluster, every pair's pose difference
+    (``pose_difference``) above min_pose_difference."""
+    poses = np.stack([e.pose[:3] for e in entries])
     labels = kmeans(poses, settings.pose_clusters, settings.seed)
     clusters = {}
     for label, entry in sorted(zip(labels, entries), key=lambda pair: -pair[1].quality):
@@ -111,7 +123,7 @@ def choose_by_pose(entries: list[FaceEntry], settings: BuildSettings) -> list[Fa
     chosen: list[FaceEntry] = []
     for members in sorted(clusters.values(), key=lambda m: -m[0].quality):
         for entry in members:
-            if all(np.linalg.norm(entry.pose[:2] - c.pose[:2]) > settings.min_pose_difference for c in chosen):
+            if all(pose_difference(entry.pose, c.pose) > settings.min_pose_difference for c in chosen):
                 chosen.append(entry)
                 break
         if len(chosen) == settings.photos_per_identity:
@@ -133,13 +145,18 @@ def build_dataset(images: torch.Tensor, analyzer, out_dir: str | Path, settings:
         for face in usable:
             kind = kind or face.embedding_kind
             crop, _, matrix = align_face(images[index], face, settings.crop_size, settings.padding)
-            scale = float(np.sqrt(abs(np.linalg.det(matrix[:, :2]))))
+            scale = float(np.sqrt(abs(np.linalg.det(matrix[:, :2]))))          # crop pixels per source pixel
+            source_size = settings.crop_size / max(scale, 1e-6)
+            if source_size < settings.min_face_size:
+                report.too_small.append({"image": index, "face_size": round(source_size, 1)})
+                continue
             entries.append(FaceEntry(index, face, np.asarray(face.embedding, dtype=np.float64),
                                      np.asarray(face.pose, dtype=np.float64),
-                                     quality=sharpness(crop) * min(1.0, 1.0 / max(scale, 1e-6)), crop=crop))
+                                     quality=sharpness(crop) * min(1.0, 1.0 / max(scale, 1e-6)), crop=crop,
+                                     source_size=source_size))
         if on_image is not None:
             on_image(index)
-    report.faces = len(entries)
+    report.faces = len(entries) + len(report.too_small)
     if not entries:
         return report
     threshold = settings.similarity_threshold if settings.similarity_threshold is not None else THRESHOLDS[kind]
@@ -161,6 +178,6 @@ def build_dataset(images: torch.Tensor, analyzer, out_dir: str | Path, settings:
         from PIL import Image
         for n, entry in enumerate(chosen):
             Image.fromarray(to_uint8(entry.crop)).save(folder / f"{n:02d}.png")
-        info["poses"] = [[round(float(a), 1) for a in e.pose[:2]] for e in chosen]
+        info["poses"] = [[round(float(a), 1) for a in e.pose[:3]] for e in chosen]
         report.identities.append(info)
     return report

@@ -241,13 +241,42 @@ def test_flow_matching_stage_trains_encoder_and_projections(dataset_dir, mode):
 def test_pose_selection_takes_distinct_clusters_far_apart():
     from omniid.training.build_dataset import BuildSettings, FaceEntry, choose_by_pose
     rng = np.random.default_rng(0)
-    entries = [FaceEntry(i, None, np.zeros(4), np.array([*rng.uniform(-60, 60, 2), 0.0]), quality=float(rng.uniform()))
+    entries = [FaceEntry(i, None, np.zeros(4), rng.uniform(-60, 60, 3), quality=float(rng.uniform()))
                for i in range(200)]
     chosen = choose_by_pose(entries, BuildSettings())
     assert len(chosen) == 8
-    poses = np.stack([c.pose[:2] for c in chosen])
-    gaps = np.linalg.norm(poses[:, None] - poses[None], axis=-1) + np.eye(8) * 1e9
+    poses = np.stack([c.pose[:3] for c in chosen])
+    gaps = np.abs(poses[:, None] - poses[None]).sum(-1) + np.eye(8) * 1e9
     assert gaps.min() > 15.0
+
+
+def test_fidelity_pose_difference_is_the_sum_over_yaw_pitch_and_roll():
+    """MFHQ: 'the sum of absolute pose differences is larger than 15 degrees for each pair'. A turn of the
+    head's roll alone, or 8 + 8 degrees of yaw and pitch, is a different pose; 5 + 5 + 4 is not."""
+    from omniid.training.build_dataset import BuildSettings, FaceEntry, choose_by_pose, pose_difference
+    assert pose_difference(np.array([0, 0, 0]), np.array([8, -8, 0])) == 16
+    settings = BuildSettings(photos_per_identity=3, pose_clusters=3)
+
+    def entries(*poses):
+        return [FaceEntry(i, None, np.zeros(4), np.array(p, dtype=float), quality=1.0 - i / 10)
+                for i, p in enumerate(poses)]
+
+    assert len(choose_by_pose(entries([0, 0, 0], [0, 0, 20], [8, 8, 40]), settings)) == 3
+    assert len(choose_by_pose(entries([0, 0, 0], [5, 5, 4], [-5, -5, -4]), settings)) == 1
+
+
+def test_fidelity_faces_below_the_448_px_floor_are_dropped_not_upscaled(tmp_path):
+    from omniid.encoders.face import create_analyzer
+    from omniid.training.build_dataset import BuildSettings, build_dataset
+    from omniid.training.dataset import load_image
+    from support.assets import identity_photo_set
+    photo = load_image(identity_photo_set()["id_1.png"], 512).permute(1, 2, 0)
+    report = build_dataset(photo[None], create_analyzer("dlib"), tmp_path, BuildSettings(photos_per_identity=1))
+    assert report.faces == 1 and report.to_dict()["dropped_too_small"] == 1
+    assert 0 < report.too_small[0]["face_size"] < 448 and not report.identities
+    relaxed = build_dataset(photo[None], create_analyzer("dlib"), tmp_path / "relaxed",
+                            BuildSettings(photos_per_identity=1, min_face_size=0))
+    assert len(relaxed.identities) == 1 and relaxed.to_dict()["dropped_too_small"] == 0
 
 
 def test_dataset_builder_groups_people_and_writes_their_crops(photos, tmp_path):
@@ -264,7 +293,7 @@ def test_dataset_builder_groups_people_and_writes_their_crops(photos, tmp_path):
     biden = load_photo(photos / "biden.jpg")
     biden = np.asarray(Image.fromarray(biden[:biden.shape[1]]).resize((size, size)))     # the top square: the face
     batch += [torch.from_numpy(biden.copy()).float() / 255, torch.zeros(size, size, 3)]
-    settings = BuildSettings(photos_per_identity=3, min_pose_difference=0.5, crop_size=112)
+    settings = BuildSettings(photos_per_identity=3, min_pose_difference=0.5, crop_size=112, min_face_size=0)
     report = build_dataset(torch.stack(batch), create_analyzer("dlib"), tmp_path, settings)
     assert report.images_without_face == [8]
     assert len(report.identities) == 1 and report.identities[0]["faces"] == 7
