@@ -8,8 +8,9 @@ import numpy as np
 import torch
 from comfy_api.latest import io, ui
 
-from ..encoders.flame import (FlameFitError, FlameModel, fit_flame, frame_face, load_grid, model_rows, project,
-                              render_conditions, repose, single_template, templates_from_params)
+from ..encoders.flame import (LANDMARK_MODES, FlameFitError, FlameModel, fit_flame, frame_face, load_grid,
+                              observations, project, render_conditions, repose, single_template,
+                              templates_from_params)
 from ..encoders.flame.photos import photo_conditions, photo_landmarks
 from ..encoders.flame.render import draw_points
 from ..comfy_host.folders import model_file_path, model_files
@@ -109,8 +110,10 @@ class FlameFit(io.ComfyNode):
             category=f"{CATEGORY}/flame",
             description=("Fits one FLAME shape code to a person from the 68 landmarks of one or more photos (and, per "
                          "photo, head pose, jaw and expression), by least squares with Gaussian priors on the codes "
-                         "(scaled-orthographic camera, Levenberg-Marquardt). More photos from different angles pin "
-                         "the shape down better. Photos without a face are skipped."),
+                         "(scaled-orthographic camera, Levenberg-Marquardt). As in the paper, 3D landmarks are fitted "
+                         "when the face analysis gives them (insightface's 68-point 3D landmarks); 2D ones (dlib) "
+                         "otherwise. More photos from different angles pin the shape down better. Photos without a "
+                         "face are skipped."),
             inputs=[
                 FlameModelType.Input("flame_model", tooltip="From FLAME Loader (OmniIdentity)."),
                 io.Image.Input("images", tooltip="Photos of one person (a batch)."),
@@ -123,6 +126,8 @@ class FlameFit(io.ComfyNode):
                                tooltip="Pull of each photo's expression code toward neutral."),
                 io.Int.Input("iterations", default=40, min=1, max=500,
                              tooltip="Levenberg-Marquardt iterations at most."),
+                io.Combo.Input("landmarks", options=list(LANDMARK_MODES), default=LANDMARK_MODES[0], optional=True,
+                               tooltip="Fit 3D landmarks when every face has them (the paper), or always the 2D ones."),
             ],
             outputs=[
                 FlameParamsType.Output(display_name="flame_params",
@@ -133,8 +138,12 @@ class FlameFit(io.ComfyNode):
         )
 
     @classmethod
+    def validate_inputs(cls, landmarks=None):
+        return check_combos(cls, landmarks=landmarks)
+
+    @classmethod
     def execute(cls, flame_model, images, face_analysis, shape_prior: float, expression_prior: float,
-                iterations: int) -> io.NodeOutput:
+                iterations: int, landmarks: str = LANDMARK_MODES[0]) -> io.NodeOutput:
         model = _check_model(flame_model)
         check_face_analysis(face_analysis)
         step = progress(len(images) + 1)
@@ -144,24 +153,21 @@ class FlameFit(io.ComfyNode):
             LOG.warning("FlameFit: no face in image(s) %s; they are skipped", found.skipped)
         if not found.faces:
             raise FlameFitError(f"no face found in any of the {len(images)} photo(s); FLAME needs at least one")
-        rows = model_rows(model, found.faces[0].landmark_format)
-        for face in found.faces:
-            model_rows(model, face.landmark_format)
-        observations = [np.asarray(f.landmarks, dtype=np.float64)[rows] for f in found.faces]
-        params = fit_flame(model, observations, shape_prior=shape_prior, expression_prior=expression_prior,
+        observed, dims = observations(model, found.faces, landmarks)
+        params = fit_flame(model, observed, shape_prior=shape_prior, expression_prior=expression_prior,
                            iterations=iterations, image_sizes=found.image_sizes)
         for _ in found.faces:
             step()
         with torch.no_grad():
-            fitted = project(model.landmarks(params.posed()), params.scale, params.translation).numpy()
+            fitted = project(model.landmarks(params.posed()), params.scale, params.translation).numpy()[..., :2]
         previews = []
         for i, index in enumerate(found.image_indices):
             radius = max(1, round(min(found.image_sizes[i]) / 256))
-            previews.append(_overlay(images[index], [(observations[i], (0.1, 0.9, 0.2)), (fitted[i], (1.0, 0.15, 0.1))],
-                                     radius))
+            previews.append(_overlay(images[index], [(observed[i][:, :2], (0.1, 0.9, 0.2)),
+                                                     (fitted[i], (1.0, 0.15, 0.1))], radius))
         same = len({tuple(p.shape) for p in previews}) == 1
         preview = torch.stack(previews) if same else previews[0][None]
-        text = json.dumps({**params.summary(), "skipped_images": found.skipped})
+        text = json.dumps({**params.summary(), "landmarks": dims, "skipped_images": found.skipped})
         return io.NodeOutput(params, preview, ui=ui.PreviewText(text))
 
 

@@ -83,12 +83,25 @@ class InsightFaceAnalyzer:
         return [convert_insightface_face(face) for face in self._app.get(bgr)]
 
 
+def image_frame_3d(points: np.ndarray) -> np.ndarray:
+    """68 3D landmarks with z pointing into the scene (the right-handed image frame: x right, y down).
+
+    insightface's 1k3d68 gives z in pixels; whichever way it points, the nose tip (point 30) is
+    nearer the camera than the jaw ends (points 0 and 16), which fixes the sign."""
+    points = np.asarray(points, dtype=np.float64).copy()
+    if points[30, 2] > points[[0, 16], 2].mean():
+        points[:, 2] = -points[:, 2]
+    return points
+
+
 def convert_insightface_face(face) -> DetectedFace:
     """insightface's Face (a dict with attribute access) to our record."""
     kps = np.asarray(face.kps, dtype=np.float64)
     lm68 = face.get("landmark_3d_68")
+    landmarks_3d = None
     if lm68 is not None:
         landmarks, fmt = np.asarray(lm68, dtype=np.float64)[:, :2], "ibug68"
+        landmarks_3d = image_frame_3d(lm68)
     else:
         landmarks, fmt = kps, "kps5"
     embedding = face.get("embedding")
@@ -98,7 +111,7 @@ def convert_insightface_face(face) -> DetectedFace:
         bbox=np.asarray(face.bbox, dtype=np.float64), score=float(face.det_score),
         keypoints5=kps, landmarks=landmarks, landmark_format=fmt, embedding=embedding,
         embedding_kind="arcface512" if embedding is not None else None,
-        pose=estimate_pose(landmarks, fmt))
+        pose=estimate_pose(landmarks, fmt), landmarks_3d=landmarks_3d)
 
 
 

@@ -35,6 +35,7 @@ class DetectedFace:
     embedding: Optional[np.ndarray] = None
     embedding_kind: Optional[str] = None  # "dlib128" or "arcface512"
     pose: Optional[np.ndarray] = None     # (3,) yaw, pitch, roll in degrees
+    landmarks_3d: Optional[np.ndarray] = None   # (68, 3) iBUG, image frame: x right, y down, z into the scene (px)
 
     @property
     def area(self) -> float:

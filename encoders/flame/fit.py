@@ -77,6 +77,23 @@ def model_rows(model: FlameModel, observed_layout: str) -> list[int]:
     return list(range(68)) if model.landmark_layout == "ibug68" else list(range(17, 68))
 
 
+LANDMARK_MODES = ("3d when available", "2d")
+
+
+def observations(model: FlameModel, faces: list, mode: str = LANDMARK_MODES[0]) -> tuple[list[np.ndarray], str]:
+    """Each face's landmarks in the model's rows, and whether they are "3d" or "2d".
+
+    The appendix fits FLAME to 3D landmarks: they are used when every face has them (insightface's
+    68-point 3D landmarks) unless ``mode`` is "2d"; the 2D landmarks (dlib) are the fallback."""
+    if mode not in LANDMARK_MODES:
+        raise ValueError(f"landmarks must be one of {LANDMARK_MODES}, not {mode!r}")
+    for face in faces:
+        rows = model_rows(model, face.landmark_format)
+    use_3d = mode != "2d" and all(getattr(f, "landmarks_3d", None) is not None for f in faces)
+    points = [np.asarray(f.landmarks_3d if use_3d else f.landmarks, dtype=np.float64)[rows] for f in faces]
+    return points, "3d" if use_3d else "2d"
+
+
 def _rigid_start(model: FlameModel, observed: np.ndarray) -> tuple[np.ndarray, float, np.ndarray]:
     """Rotation (axis-angle), scale and translation of the mean face onto the landmarks."""
     mean = model.landmarks(model.neutral())[0].numpy()

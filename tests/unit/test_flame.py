@@ -211,3 +211,31 @@ def test_photo_path_draws_detected_landmarks(photos):
     face = analyzer.detect(pixels, with_embedding=False)[0]
     for x, y in np.rint(face.landmarks).astype(int):
         assert conditions[0, y, x, 0] == 1.0
+
+
+def test_fidelity_flame_fit_uses_3d_landmarks_when_the_face_analysis_has_them(model):
+    """Appendix: FLAME is fitted to 3D landmarks. insightface's 68 3D landmarks (z in pixels, whichever way
+    it points) reach the fit as 3D, in the image frame, and pin the shape down from one photo; dlib's 2D
+    landmarks stay the fallback, and 2D can still be asked for."""
+    from omniid.encoders.face.insightface_backend import convert_insightface_face
+    from omniid.encoders.face.types import DetectedFace
+    from omniid.encoders.flame import observations
+
+    class InsightFace(dict):                                       # insightface's Face: a dict with attributes
+        __getattr__ = dict.__getitem__
+
+    pose = random_pose(model, seed=5)
+    image_frame = project(model.landmarks(pose), torch.tensor([2800.0]), torch.tensor([[256.0, 250.0, 0.0]]))[0]
+    toward_camera = image_frame.numpy() * np.array([1.0, 1.0, -1.0])   # a z that points the other way
+    kps = image_frame.numpy()[[36, 45, 30, 48, 54], :2]
+    face = convert_insightface_face(InsightFace(bbox=np.array([100.0, 80.0, 420.0, 430.0]), kps=kps,
+                                                det_score=0.9, landmark_3d_68=toward_camera))
+    np.testing.assert_allclose(face.landmarks_3d, image_frame.numpy())
+    observed, dims = observations(model, [face])
+    assert dims == "3d" and observed[0].shape == (68, 3)
+    fitted = fit_flame(model, observed, **TINY)
+    assert (fitted.shape - pose.shape[0]).abs().max() < 1e-3
+    flat, dims = observations(model, [face], "2d")
+    assert dims == "2d" and flat[0].shape == (68, 2)
+    dlib_face = DetectedFace(face.bbox, 0.9, kps, face.landmarks, "ibug68")
+    assert observations(model, [face, dlib_face])[1] == "2d"        # 3D only when every face has them
