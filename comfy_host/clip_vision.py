@@ -45,14 +45,19 @@ class ClipVision:
         """Penultimate hidden states (B, 1 + patches, width), float32 on the CPU."""
         return self._encode(images)["penultimate_hidden_states"].float().cpu()
 
+    def last_tokens(self, images: torch.Tensor) -> torch.Tensor:
+        """Last hidden states (B, 1 + patches, width), float32 on the CPU (Infinite-ID's CLIP features)."""
+        return self._encode(images)["last_hidden_state"].float().cpu()
+
     def image_embeds(self, images: torch.Tensor) -> torch.Tensor:
         """Projected image embeddings (B, D), float32 on the CPU."""
         return self._encode(images)["image_embeds"].float().cpu()
 
-    def cached_tokens(self, images: torch.Tensor) -> tuple[torch.Tensor, int]:
-        """Tokens of the photos; photos seen before with this CLIP are not re-encoded.
-        Returns (tokens, number of photos encoded now)."""
-        return TOKEN_CACHE.encode(images, self.tokens, self.key)
+    def cached_tokens(self, images: torch.Tensor, layer: str = "penultimate") -> tuple[torch.Tensor, int]:
+        """Tokens of the photos (the penultimate or the last layer's); photos seen before with this CLIP are
+        not re-encoded. Returns (tokens, number of photos encoded now)."""
+        encode = self.tokens if layer == "penultimate" else self.last_tokens
+        return TOKEN_CACHE.encode(images, encode, f"{self.key}:{layer}")
 
     def uncond_tokens(self) -> torch.Tensor:
         """Tokens (1, T, C) of an image of CLIP's mean colour (zero after normalisation): the

@@ -2,7 +2,7 @@
 
 An identity is a set of named tensors plus a little provenance:
 - ``tokens`` (L, D): a representation an adapter's decoupled attention reads directly
-  (Omni-ID: 256 x 1280; projected baselines);
+  (Omni-ID: 256 x 1280; projected baselines; Infinite-ID's c_id: 257 + face tokens);
 - ``clip`` (N, 257, C): CLIP penultimate tokens, one block per photo (the CLIP
   baseline; the adapter concatenates them, or its own projection reads them);
 - ``arcface`` (N, 512): ArcFace embeddings, one row per photo;
@@ -21,7 +21,7 @@ from .checkpoint import METADATA_KEY, CheckpointError, atomic_save, read_info, r
 
 EMBEDS_FORMAT = "omni_identity.embeds"
 EMBEDS_VERSION = 1
-KINDS = ("omni_id", "clip", "arcface", "arcface_clip")
+KINDS = ("omni_id", "clip", "arcface", "arcface_clip", "infinite_id")
 PARTS = ("tokens", "clip", "arcface", "clip_uncond")
 COMBINE_MODES = ("concat", "average")
 

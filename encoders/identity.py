@@ -49,6 +49,18 @@ def omni_id_embeds(encoder: IdentityEncoder, clip_tokens: torch.Tensor, info: di
     return IdentityEmbeds("omni_id", {"tokens": run_encoder(encoder, clip_tokens)}, info)
 
 
+def infinite_id_embeds(encoder: IdentityEncoder, clip_last_tokens: torch.Tensor, arcface: torch.Tensor,
+                       info: dict) -> IdentityEmbeds:
+    """Infinite-ID's c_id from the photos' CLIP last hidden states (N, 257, C) and ArcFace embeddings (N, 512)."""
+    arch = encoder.config.architecture
+    if arch != "infinite_id":
+        raise ValueError(f"this is an '{arch}' encoder file; Infinite-ID encoding needs an 'infinite_id' encoder")
+    if clip_last_tokens.shape[0] != arcface.shape[0]:
+        raise ValueError(f"{clip_last_tokens.shape[0]} CLIP feature sets but {arcface.shape[0]} ArcFace embeddings")
+    tokens = run_encoder(encoder, clip_last_tokens, arcface)
+    return IdentityEmbeds("infinite_id", {"tokens": tokens, "arcface": arcface.float().cpu()}, info)
+
+
 def baseline_embeds(method: str, clip_tokens: Optional[torch.Tensor] = None,
                     arcface: Optional[torch.Tensor] = None, encoder: Optional[IdentityEncoder] = None,
                     arcface_merge: str = "concat", info: Optional[dict] = None,

@@ -19,6 +19,14 @@ Baselines (appendix A.1):
 - ``arcface_clip``: FaceIDPlus style: the averaged ArcFace embedding projected to the
   256 queries, each image's CLIP tokens as keys/values, the same transformer.
 - ``clip`` needs no weights: the CLIP tokens of all images, concatenated.
+
+Infinite-ID's identity extractor (ECCV 2024, "Face Embeddings Extractor"), ``infinite_id``:
+c_id = Concat(M_clip(E_clip(FA(x))), M_face(E_face(FA(x)))): the last hidden states of
+CLIP ViT-H (257 tokens) through the CLIP mapper, and the 512-d ArcFace embedding through
+the face mapper, concatenated along the tokens. The paper names the mappers but not their
+layers: here M_clip is a per-token MLP (LayerNorm, Linear, GELU, Linear) and M_face the
+FaceID-style MLP to ``face_tokens`` tokens + LayerNorm. Infinite-ID takes one reference
+photo; with several, the features are averaged over photos first.
 """
 from __future__ import annotations
 
@@ -29,7 +37,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-ARCHITECTURES = ("omni_id", "arcface", "arcface_clip")
+ARCHITECTURES = ("omni_id", "arcface", "arcface_clip", "infinite_id")
 ARCFACE_MERGES = ("concat", "average")
 
 
@@ -46,6 +54,7 @@ class EncoderConfig:
     mlp_ratio: float = 4.0
     id_dim: int = 512               # ArcFace embedding width (arcface, arcface_clip)
     id_hidden: int = 1024           # ArcFace projection MLP width
+    face_tokens: int = 4            # infinite_id: tokens of the face mapper
 
     def __post_init__(self):
         if self.architecture not in ARCHITECTURES:
@@ -157,11 +166,11 @@ class IdentityTransformer(nn.Module):
 class ArcFaceProjection(nn.Module):
     """512-d ArcFace embedding -> (num_queries, dim) tokens: MLP, reshape, LayerNorm."""
 
-    def __init__(self, config: EncoderConfig):
+    def __init__(self, config: EncoderConfig, num_queries: Optional[int] = None):
         super().__init__()
-        self.num_queries, self.dim = config.num_queries, config.dim
+        self.num_queries, self.dim = num_queries or config.num_queries, config.dim
         self.mlp = nn.Sequential(nn.Linear(config.id_dim, config.id_hidden), nn.GELU(),
-                                 nn.Linear(config.id_hidden, config.num_queries * config.dim))
+                                 nn.Linear(config.id_hidden, self.num_queries * config.dim))
         self.norm = nn.LayerNorm(config.dim)
 
     def forward(self, embedding: torch.Tensor) -> torch.Tensor:
@@ -194,14 +203,18 @@ class IdentityEncoder(nn.Module):
             self.transformer = IdentityTransformer(config)
         if config.architecture in ("arcface", "arcface_clip"):
             self.arcface_proj = ArcFaceProjection(config)
+        if config.architecture == "infinite_id":
+            self.clip_mapper = nn.Sequential(nn.LayerNorm(config.clip_dim), nn.Linear(config.clip_dim, config.dim),
+                                             nn.GELU(), nn.Linear(config.dim, config.dim))
+            self.face_mapper = ArcFaceProjection(config, config.face_tokens)
 
     @property
     def needs_clip(self) -> bool:
-        return self.config.architecture in ("omni_id", "arcface_clip")
+        return self.config.architecture in ("omni_id", "arcface_clip", "infinite_id")
 
     @property
     def needs_arcface(self) -> bool:
-        return self.config.architecture in ("arcface", "arcface_clip")
+        return self.config.architecture in ("arcface", "arcface_clip", "infinite_id")
 
     def forward(self, clip_tokens: Optional[torch.Tensor] = None, arcface: Optional[torch.Tensor] = None,
                 counts: Optional[list[int]] = None, arcface_merge: str = "average") -> torch.Tensor:
@@ -219,8 +232,13 @@ class IdentityEncoder(nn.Module):
         if clip_tokens is None:
             raise ValueError(f"the {arch} encoder needs CLIP tokens")
         if clip_tokens.shape[-1] != self.config.clip_dim:
+            layer = "last" if arch == "infinite_id" else "penultimate"
             raise ValueError(f"CLIP tokens are {clip_tokens.shape[-1]} wide; this encoder expects "
-                             f"{self.config.clip_dim} (CLIP-H penultimate features)")
+                             f"{self.config.clip_dim} (CLIP-H {layer}-layer features)")
+        if arch == "infinite_id":
+            clip = _masked_mean(clip_tokens.flatten(2), counts).reshape(batch, *clip_tokens.shape[2:])
+            face = self.face_mapper(_masked_mean(self._check_arcface(arcface), counts))
+            return torch.cat([self.clip_mapper(clip), face], dim=1)
         tokens = clip_tokens.reshape(batch, -1, clip_tokens.shape[-1])
         key_mask = None
         if min(counts) < images:

@@ -9,7 +9,7 @@ from ..comfy_host.folders import model_files, model_path
 from ..comfy_host.progress import progress
 from ..encoders.checkpoint import load_encoder
 from ..encoders.face import crop_faces
-from ..encoders.identity import BASELINES, arcface_from_faces, baseline_embeds, omni_id_embeds
+from ..encoders.identity import BASELINES, arcface_from_faces, baseline_embeds, infinite_id_embeds, omni_id_embeds
 from ..encoders.omni_id import ARCFACE_MERGES
 from .common import CATEGORY, LOG, IdentityEmbedsType, OmniIdEncoderType, check_combos, check_face_analysis
 
@@ -180,4 +180,40 @@ class EncodeBaseline(io.ComfyNode):
         return io.NodeOutput(embeds, crops, ui=ui.PreviewText(text))
 
 
-NODES = [EncoderLoader, Encode, EncodeBaseline]
+class EncodeInfiniteID(io.ComfyNode):
+    @classmethod
+    def define_schema(cls) -> io.Schema:
+        return io.Schema(
+            node_id="OmniIdentityEncodeInfiniteID",
+            display_name="Infinite-ID Encode (OmniIdentity)",
+            category=f"{CATEGORY}/encode",
+            description=("Infinite-ID's identity extractor (ECCV 2024): c_id = Concat(M_clip(E_clip(FA(x))), "
+                         "M_face(E_face(FA(x)))): the aligned face's CLIP ViT-H last hidden states (257 tokens) "
+                         "through the CLIP mapper and its ArcFace embedding through the face mapper, concatenated. "
+                         "For Mixed Attention / Apply Adapter with an adapter trained on infinite_id embeds. Several "
+                         "photos are averaged."),
+            inputs=[
+                OmniIdEncoderType.Input("encoder", tooltip="An infinite_id encoder file (Identity Encoder Loader)."),
+                io.ClipVision.Input("clip_vision", tooltip="CLIP-H vision model (OpenCLIP ViT-H/14)."),
+                io.Image.Input("images", tooltip="Photos of the person (the paper uses one)."),
+                io.FaceAnalysis.Input("face_analysis",
+                                      tooltip="Aligns the faces (FA) and gives the ArcFace embeddings: an insightface "
+                                              "pack, or dlib with an ArcFace model."),
+                padding_input(),
+            ],
+            outputs=[IdentityEmbedsType.Output(display_name="embeds", tooltip="c_id: 257 + face tokens."),
+                     crops_output()],
+        )
+
+    @classmethod
+    def execute(cls, encoder, clip_vision, images, face_analysis, padding: float = 0.25) -> io.NodeOutput:
+        require_encoder(encoder)
+        crops, faces, info = prepare_photos(images, face_analysis, padding)
+        tokens, fresh = ClipVision(clip_vision).cached_tokens(crops, layer="last")
+        info["encoder"] = encoder.name
+        embeds = infinite_id_embeds(encoder.ready(), tokens, arcface_from_faces(faces), info)
+        text = report(embeds, fresh, info["skipped_images"], len(images))
+        return io.NodeOutput(embeds, crops, ui=ui.PreviewText(text))
+
+
+NODES = [EncoderLoader, Encode, EncodeBaseline, EncodeInfiniteID]

@@ -98,3 +98,25 @@ def test_adain_mean_needs_mixed_attention_first(comfy):
     with pytest.raises(ExecutionFailed) as failure:
         comfy.run(g.nodes, timeout=300)
     assert "connect this node after 'Mixed Attention (OmniIdentity)'" in failure.value.error["exception_message"]
+
+
+def test_fidelity_infinite_id_identity_into_mixed_attention(comfy):
+    """Infinite-ID's own identity (CLIP last hidden states + ArcFace, each mapped, concatenated) drives the
+    mixed-attention streams through an adapter trained on infinite_id embeds."""
+    from support.assets import TEST_ARCFACE_ONNX
+    g = Graph()
+    ckpt = g.checkpoint()
+    faces = g.add("OmniIdentityFaceAnalysisLoader", backend="dlib", provider="CPU", det_size=640,
+                  arcface_model=TEST_ARCFACE_ONNX)
+    embeds = g.add("OmniIdentityEncodeInfiniteID",
+                   encoder=g.out(g.add("OmniIdentityEncoderLoader", encoder_name="omniid_tiny_infinite_id.safetensors")),
+                   clip_vision=g.out(g.add("CLIPVisionLoader", clip_name="omniid_random_clip_vit_h.safetensors")),
+                   images=g.photos("id_1.png"), face_analysis=g.out(faces))
+    model = g.out(g.add("OmniIdentityMixedAttention", model=g.out(ckpt, 0),
+                        adapter=g.out(g.add("OmniIdentityAdapterLoader",
+                                            adapter_name="omniid_tiny_sd15_infinite_id.safetensors")),
+                        embeds=g.out(embeds), weight=1.0, start_at=0.0, end_at=1.0))
+    ids = g.sd_sampling(model=model, ckpt=ckpt, prefix="iid/infinite_id")
+    result = comfy.run(g.nodes, timeout=600)
+    assert "infinite_id identity from 1 photo(s): tokens (261, 1280)" in "".join(result.outputs[embeds]["text"])
+    assert len(images_of(comfy, result, ids["save"])) == 1

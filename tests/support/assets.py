@@ -158,6 +158,7 @@ def random_arcface_onnx(path: Path, seed: int = 0) -> Path:
 TEST_ENCODERS = {
     "omniid_tiny_omni_id.safetensors": dict(architecture="omni_id", cross_depth=1, self_depth=1, mlp_ratio=1.0),
     "omniid_tiny_arcface.safetensors": dict(architecture="arcface", num_queries=16, id_hidden=64),
+    "omniid_tiny_infinite_id.safetensors": dict(architecture="infinite_id", id_hidden=64, face_tokens=4),
     "omniid_tiny_arcface_clip.safetensors": dict(architecture="arcface_clip", num_queries=16, id_hidden=64,
                                                  cross_depth=1, self_depth=1, mlp_ratio=1.0),
 }
@@ -180,6 +181,7 @@ TEST_ADAPTERS = {
     # the baselines' own adapters (they read the baseline encoders' projected tokens)
     "omniid_tiny_sd15_arcface.safetensors": dict(projection="none", token_dim=1280, embeds_kind="arcface"),
     "omniid_tiny_sd15_arcface_clip.safetensors": dict(projection="none", token_dim=1280, embeds_kind="arcface_clip"),
+    "omniid_tiny_sd15_infinite_id.safetensors": dict(projection="none", token_dim=1280, embeds_kind="infinite_id"),
     # made for another UNet: the fit check must name adapter, embeds and model
     "omniid_tiny_other_unet.safetensors": dict(projection="none", token_dim=1280, layer_dims=(640, 640, 1280)),
 }

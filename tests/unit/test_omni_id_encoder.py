@@ -239,3 +239,26 @@ def test_checkpoint_not_matching_its_config(tmp_path):
     save_file(dict(encoder.state_dict()), str(path), metadata={"omni_identity": json.dumps(header)})
     with pytest.raises(CheckpointError, match="version 99.*update"):
         load_encoder(str(path))
+
+
+def test_fidelity_infinite_id_extractor_concatenates_the_two_mapped_features():
+    """c_id = Concat(M_clip(E_clip(FA(x))), M_face(E_face(FA(x)))), written out here with the module's weights."""
+    import torch.nn.functional as F
+    config = EncoderConfig(architecture="infinite_id", clip_dim=48, dim=32, num_heads=4, id_hidden=24, face_tokens=3)
+    encoder = create_encoder(config, seed=0).eval()
+    g = torch.Generator().manual_seed(1)
+    clip, arcface = torch.randn(2, 2, 9, 48, generator=g), torch.randn(2, 2, 512, generator=g)
+    with torch.no_grad():
+        out = encoder(clip_tokens=clip, arcface=arcface, counts=[2, 1])
+    for b, count in enumerate((2, 1)):
+        e_clip, e_face = clip[b, :count].mean(0), arcface[b, :count].mean(0)
+        norm, fc1, _, fc2 = encoder.clip_mapper
+        mapped_clip = fc2(F.gelu(fc1(F.layer_norm(e_clip, (48,), norm.weight, norm.bias))))
+        mlp, face_norm = encoder.face_mapper.mlp, encoder.face_mapper.norm
+        face = mlp[2](F.gelu(mlp[0](e_face))).view(3, 32)
+        mapped_face = F.layer_norm(face, (32,), face_norm.weight, face_norm.bias)
+        expected = torch.cat([mapped_clip, mapped_face])
+        assert out[b].shape == (9 + 3, 32)
+        torch.testing.assert_close(out[b], expected.detach(), atol=1e-5, rtol=1e-5)
+    with pytest.raises(ValueError, match="needs ArcFace embeddings"):
+        encoder(clip_tokens=clip)
