@@ -132,6 +132,11 @@ class ComfyClient:
     def interrupt(self) -> None:
         self.post_json("/interrupt", {})
 
+    def cancel(self, prompt_id: str) -> None:
+        """Stop one prompt: drop it from the queue if it waits there, interrupt it if it runs (never another)."""
+        self.post_json("/queue", {"delete": [prompt_id]})
+        self.post_json("/interrupt", {"prompt_id": prompt_id})
+
     def free(self, unload_models: bool = True, reset_cache: bool = True, settle: float = 1.0) -> None:
         """Ask ComfyUI to unload models and drop its cache of node outputs (applied between prompts)."""
         self.post_json("/free", {"unload_models": unload_models, "free_memory": reset_cache})
@@ -172,7 +177,8 @@ class ComfyClient:
         return f"{info['subfolder']}/{info['name']}" if info.get("subfolder") else info["name"]
 
     # -- running prompts ----------------------------------------------------------
-    def _open_socket(self):
+    def open_events(self):
+        """A websocket for this client's progress events, or None (no websocket-client, or refused)."""
         try:
             import websocket  # websocket-client
         except ImportError:
@@ -193,7 +199,7 @@ class ComfyClient:
         (progress, executing, executed, ...) when websocket-client is installed.
         Raises PromptRejected, ExecutionFailed, or TimeoutError.
         """
-        sock = self._open_socket() if on_event is not None else None
+        sock = self.open_events() if on_event is not None else None
         try:
             prompt_id = self.queue_prompt(prompt)
             return self.wait(prompt_id, timeout, on_event, sock)

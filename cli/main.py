@@ -97,7 +97,13 @@ def save_outputs(client: ComfyClient, result, output_dir: Path) -> list[Path]:
 
 def cmd_run(args) -> int:
     prompt = apply_overrides(load_api_workflow(Path(args.workflow)), args.set or [])
+    missing = [image for image in args.upload or [] if not Path(image).is_file()]
+    if missing:
+        raise UsageError(f"--upload: no such file: {', '.join(missing)}")
     server: Optional[ComfyServer] = None
+    client: Optional[ComfyClient] = None
+    prompt_id: Optional[str] = None
+    signal.signal(signal.SIGTERM, _raise_keyboard_interrupt)
     try:
         if args.server:
             url = args.server
@@ -116,9 +122,15 @@ def cmd_run(args) -> int:
         for image in args.upload or []:
             name = client.upload_image(image)
             print(f"uploaded {image} as {name}", file=sys.stderr, flush=True)
-        print(f"queued {args.workflow} on {url}", file=sys.stderr, flush=True)
         on_event = None if args.quiet else (lambda kind, data: _print_event(kind, data, prompt))
-        result = client.run(prompt, timeout=args.timeout, on_event=on_event)
+        sock = client.open_events() if on_event is not None else None
+        try:
+            prompt_id = client.queue_prompt(prompt)
+            print(f"queued {args.workflow} on {url} as {prompt_id}", file=sys.stderr, flush=True)
+            result = client.wait(prompt_id, args.timeout, on_event, sock)
+        finally:
+            if sock is not None:
+                sock.close()
         output_dir = Path(args.output) / result.prompt_id
         for path in save_outputs(client, result, output_dir):
             print(path)
@@ -131,8 +143,13 @@ def cmd_run(args) -> int:
         print(f"error: {exc}", file=sys.stderr)
         return EXIT_INTERRUPTED if exc.interrupted and not exc.error else EXIT_FAILED
     except TimeoutError as exc:
-        print(f"error: {exc}", file=sys.stderr)
+        _cancel(client, prompt_id)
+        print(f"error: {exc}; cancelled it on the server", file=sys.stderr)
         return EXIT_TIMEOUT
+    except KeyboardInterrupt:
+        _cancel(client, prompt_id)
+        print("interrupted" + (f": cancelled prompt {prompt_id} on the server" if prompt_id else ""), file=sys.stderr)
+        return EXIT_INTERRUPTED
     except (ComfyUIError, ComfyClientError) as exc:
         print(f"error: {exc}", file=sys.stderr)
         return EXIT_COMFYUI
@@ -143,6 +160,14 @@ def cmd_run(args) -> int:
 
 def _raise_keyboard_interrupt(*_args) -> None:
     raise KeyboardInterrupt
+
+
+def _cancel(client: Optional[ComfyClient], prompt_id: Optional[str]) -> None:
+    if client is not None and prompt_id is not None:
+        try:
+            client.cancel(prompt_id)
+        except (ComfyClientError, OSError) as exc:
+            print(f"warning: could not cancel prompt {prompt_id} on the server: {exc}", file=sys.stderr)
 
 
 def cmd_serve(args) -> int:

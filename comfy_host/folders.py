@@ -41,6 +41,12 @@ def model_files(name: str) -> list[str]:
     return [f for f in folder_paths.get_filename_list(name) if f.endswith(extensions)]
 
 
+def library_cache_dir() -> str:
+    """Where third-party libraries the pack imports keep caches (matplotlib's, via insightface): ComfyUI's
+    temp folder, never the user's home."""
+    return os.path.join(folder_paths.get_temp_directory(), "omni_identity_libraries")
+
+
 def model_path(name: str, filename: str) -> str:
     """The file behind a name a loader lists; raises when it is gone."""
     return folder_paths.get_full_path_or_raise(name, filename)

@@ -17,6 +17,7 @@ import comfy.model_management
 import comfy.samplers
 import torch
 
+from ..encoders.finite import require_finite
 from ..guidance.attention_capture import AttentionMaps
 from ..guidance.decoupled import token_grid
 from ..guidance.rb_guidance import (LatentScales, RBSettings, apply_guidance, generation_mask, grid_for,
@@ -188,4 +189,5 @@ class RBGuider(comfy.samplers.CFGGuider):
         self.guided_steps += 1
         self.last_score = score
         scales = latent_scales(self.inner_model.model_sampling, timestep, denoised)
+        require_finite(grad, f"RB-Guidance's energy gradient at sigma {float(timestep.reshape(-1)[0]):.4g}")
         return apply_guidance(denoised, grad.to(denoised.device), scales)

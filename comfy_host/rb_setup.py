@@ -53,6 +53,10 @@ def reference_mask(image: torch.Tensor, mask: Optional[torch.Tensor], face_analy
 
 def subject_token(positive, index: int, subject: str, clip, prompt: str) -> tuple[int, str]:
     """(token index of the subject in the positive prompt, how it was found)."""
+    tokens = min(int(cond.shape[1]) for cond, _ in positive)
+    if index >= tokens:
+        raise ValueError(f"RB-Guidance: subject_token {index} is outside the positive prompt, which has {tokens} "
+                         f"tokens (0-{tokens - 1}); use 0 to find the subject word")
     if index > 0:
         return index, f"subject_token input ({index})"
     marked = {extra.get(SUBJECT_TOKEN_KEY) for _, extra in positive} - {None}

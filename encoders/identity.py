@@ -11,6 +11,7 @@ import numpy as np
 import torch
 
 from .embeds import IdentityEmbeds
+from .finite import require_finite
 from .face.types import FaceSet
 from .omni_id import ARCFACE_MERGES, IdentityEncoder
 
@@ -37,8 +38,11 @@ def run_encoder(encoder: IdentityEncoder, clip_tokens: Optional[torch.Tensor] = 
     def prepare(t):
         return None if t is None else t.to(param.device, param.dtype)[None]
 
+    for name, features in (("CLIP tokens", clip_tokens), ("ArcFace embeddings", arcface)):
+        if features is not None:
+            require_finite(features, f"the {name} of the photos")
     out = encoder(clip_tokens=prepare(clip_tokens), arcface=prepare(arcface), arcface_merge=arcface_merge)
-    return out[0].float().cpu()
+    return require_finite(out[0].float().cpu(), f"the {encoder.config.architecture} encoder")
 
 
 def omni_id_embeds(encoder: IdentityEncoder, clip_tokens: torch.Tensor, info: dict) -> IdentityEmbeds:

@@ -17,6 +17,7 @@ import torch.nn as nn
 
 from ..encoders.checkpoint import (METADATA_KEY, CheckpointError, atomic_save, read_info, read_safetensors)
 from ..encoders.embeds import IdentityEmbeds
+from ..encoders.finite import require_finite
 from .decoupled import COND, UNCOND
 from .image_proj import PROJECTIONS, build_projection, infer_h94_projection
 
@@ -115,7 +116,7 @@ class IdentityAdapter(nn.Module):
         as ``clip_uncond``); for unprojected tokens, zero tokens.
         """
         self.check_embeds(embeds)
-        t = {k: v.float() for k, v in embeds.tensors.items()}
+        t = {k: require_finite(v.float(), f"identity embeds part '{k}'") for k, v in embeds.tensors.items()}
         kind = self.config.projection
         if kind == "none":
             return {COND: t["tokens"], UNCOND: torch.zeros_like(t["tokens"][:1])}
@@ -130,7 +131,9 @@ class IdentityAdapter(nn.Module):
                 raise ValueError("FaceID Plus v2 needs one ArcFace embedding per CLIP image in the embeds")
             cond = proj(t["arcface"], t["clip"], faceid_v2_scale)
             uncond = proj(torch.zeros_like(t["arcface"][:1]), clip_uncond[:1], faceid_v2_scale)
-        return {COND: cond.reshape(-1, cond.shape[-1]), UNCOND: uncond.reshape(-1, uncond.shape[-1])}
+        where = f"adapter '{self.name}' ({kind} projection)"
+        return {COND: require_finite(cond.reshape(-1, cond.shape[-1]), where),
+                UNCOND: require_finite(uncond.reshape(-1, uncond.shape[-1]), where)}
 
     @torch.no_grad()
     def layer_kv(self, index: int, tokens: dict[int, torch.Tensor]):

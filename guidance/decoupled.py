@@ -83,7 +83,13 @@ class BlockWeights:
             if not match:
                 raise ValueError(f"block weight {part!r} is not 'selector=weight' with selector all, "
                                  f"{', '.join(BLOCK_GROUPS)} or group.N (e.g. 'input=0.5, output.4=1')")
-            group, index, weight = match.group(1), match.group(2), float(match.group(3))
+            group, index = match.group(1), match.group(2)
+            try:
+                weight = float(match.group(3))
+            except ValueError:
+                raise ValueError(f"block weight {part!r}: {match.group(3)!r} is not a number") from None
+            if not math.isfinite(weight) or abs(weight) > 100:
+                raise ValueError(f"block weight {part!r}: the weight must be a finite number from -100 to 100")
             if group == "all" and index is not None:
                 raise ValueError(f"'all' takes no block number: {part!r}")
             rules.append((group, int(index) if index is not None else None, weight))

@@ -8,10 +8,10 @@ from ..comfy_host.identity import INJECT_MODES, apply_identity
 from ..comfy_host.layers import fit_summary
 from ..guidance.adapter import AdapterFitError, IdentityAdapter, load_adapter
 from ..guidance.decoupled import BlockWeights
-from .common import CATEGORY, IdentityAdapterType, IdentityEmbedsType, check_combos
+from .common import CATEGORY, IdentityAdapterType, IdentityEmbedsType, OmniNode, queued
 
 
-class AdapterLoader(io.ComfyNode):
+class AdapterLoader(OmniNode):
     @classmethod
     def define_schema(cls) -> io.Schema:
         return io.Schema(
@@ -27,9 +27,7 @@ class AdapterLoader(io.ComfyNode):
             outputs=[IdentityAdapterType.Output(display_name="adapter", tooltip="The loaded identity adapter.")],
         )
 
-    @classmethod
-    def validate_inputs(cls, adapter_name=None):
-        return check_combos(cls, adapter_name=adapter_name)
+    validate_inputs = queued("adapter_name")
 
     @classmethod
     def execute(cls, adapter_name: str) -> io.NodeOutput:
@@ -55,22 +53,11 @@ def identity_inputs() -> list:
     ]
 
 
-def validate_identity_inputs(blocks=None, start_at=None, end_at=None) -> bool | str:
-    if blocks is not None:
-        try:
-            BlockWeights.parse(blocks)
-        except ValueError as exc:
-            return str(exc)
-    if start_at is not None and end_at is not None and start_at > end_at:
-        return f"start_at ({start_at}) must not be after end_at ({end_at})"
-    return True
-
-
 def inject(host_fn, model, adapter, embeds, weight, start_at, end_at, attn_mask, blocks, **options):
     """Check the inputs, project the identity and run a host's injection on a clone of ``model``."""
     if not isinstance(adapter, IdentityAdapter):
         raise TypeError("adapter must come from 'Identity Adapter Loader (OmniIdentity)'")
-    mask = None if attn_mask is None else (attn_mask if attn_mask.ndim == 3 else attn_mask[None])
+    mask = attn_mask                     # (B, H, W): the node's input check normalised it
     faceid_v2_scale = options.pop("faceid_v2_scale", 1.0)
     try:
         tokens = adapter.identity_tokens(embeds, faceid_v2_scale)
@@ -80,7 +67,7 @@ def inject(host_fn, model, adapter, embeds, weight, start_at, end_at, attn_mask,
         raise AdapterFitError(f"{exc}\n{fit_summary(adapter, embeds, model)}") from exc
 
 
-class ApplyAdapter(io.ComfyNode):
+class ApplyAdapter(OmniNode):
     @classmethod
     def define_schema(cls) -> io.Schema:
         return io.Schema(
@@ -101,10 +88,9 @@ class ApplyAdapter(io.ComfyNode):
             outputs=[io.Model.Output(display_name="model", tooltip="The model with the identity injected.")],
         )
 
-    @classmethod
-    def validate_inputs(cls, flux_inject=None, blocks=None, start_at=None, end_at=None):
-        checked = validate_identity_inputs(blocks, start_at, end_at)
-        return checked if checked is not True else check_combos(cls, flux_inject=flux_inject)
+    ORDERED = (("start_at", "end_at"),)
+    PARSERS = {"blocks": BlockWeights.parse}
+    validate_inputs = queued("weight", "start_at", "end_at", "blocks", "flux_inject", "faceid_v2_scale")
 
     @classmethod
     def execute(cls, model, adapter, embeds, weight: float, start_at: float, end_at: float, attn_mask=None,

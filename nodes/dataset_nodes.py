@@ -10,12 +10,12 @@ from ..comfy_host.folders import DATASETS_SUBFOLDER, dataset_folders, output_pat
 from ..comfy_host.progress import progress
 from ..training.build_dataset import BuildSettings, build_dataset
 from ..training.dataset import IdentityDataset
-from .common import CATEGORY, IdentityDatasetType, check_face_analysis
+from .common import CATEGORY, IdentityDatasetType, OmniNode, check_face_analysis, queued
 
 NO_DATASETS = "(no dataset folders in input/ or output/)"
 
 
-class Dataset(io.ComfyNode):
+class Dataset(OmniNode):
     @classmethod
     def define_schema(cls) -> io.Schema:
         options = list(dataset_folders()) or [NO_DATASETS]
@@ -52,7 +52,7 @@ class Dataset(io.ComfyNode):
         return io.NodeOutput(dataset, ui=ui.PreviewText(dataset.describe()))
 
 
-class BuildDataset(io.ComfyNode):
+class BuildDataset(OmniNode):
     @classmethod
     def define_schema(cls) -> io.Schema:
         return io.Schema(
@@ -89,6 +89,8 @@ class BuildDataset(io.ComfyNode):
             outputs=[IdentityDatasetType.Output(display_name="dataset", tooltip="The dataset just written."),
                      io.String.Output(display_name="report", tooltip="What was kept and left out, as JSON.")],
         )
+
+    validate_inputs = queued("min_pose_difference", "drop_fraction", "similarity_threshold")
 
     @classmethod
     def execute(cls, images, face_analysis, name: str, photos_per_identity: int, pose_clusters: int,

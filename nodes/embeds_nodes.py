@@ -8,10 +8,10 @@ from comfy_api.latest import io, ui
 
 from ..comfy_host.folders import annotated_path, embeds_files, save_output_file
 from ..encoders.embeds import COMBINE_MODES, combine_embeds, load_embeds, save_embeds
-from .common import CATEGORY, LOG, IdentityEmbedsType, check_combos
+from .common import CATEGORY, IdentityEmbedsType, LOG, OmniNode, queued
 
 
-class CombineEmbeds(io.ComfyNode):
+class CombineEmbeds(OmniNode):
     @classmethod
     def define_schema(cls) -> io.Schema:
         weight = "Weight of embeds_{} when averaging."
@@ -34,9 +34,7 @@ class CombineEmbeds(io.ComfyNode):
             outputs=[IdentityEmbedsType.Output(display_name="embeds", tooltip="The combined identity.")],
         )
 
-    @classmethod
-    def validate_inputs(cls, mode=None):
-        return check_combos(cls, mode=mode)
+    validate_inputs = queued("mode", "weight_1", "weight_2", "weight_3", "weight_4")
 
     @classmethod
     def execute(cls, embeds_1, embeds_2, mode: str, embeds_3=None, embeds_4=None, weight_1=1.0, weight_2=1.0,
@@ -47,7 +45,7 @@ class CombineEmbeds(io.ComfyNode):
         return io.NodeOutput(combined, ui=ui.PreviewText(combined.describe()))
 
 
-class SaveEmbeds(io.ComfyNode):
+class SaveEmbeds(OmniNode):
     @classmethod
     def define_schema(cls) -> io.Schema:
         return io.Schema(
@@ -74,7 +72,7 @@ class SaveEmbeds(io.ComfyNode):
         return io.NodeOutput(ui={"embeds": [saved], "text": [f"saved {relative}"]})
 
 
-class LoadEmbeds(io.ComfyNode):
+class LoadEmbeds(OmniNode):
     @classmethod
     def define_schema(cls) -> io.Schema:
         return io.Schema(
@@ -87,9 +85,7 @@ class LoadEmbeds(io.ComfyNode):
             outputs=[IdentityEmbedsType.Output(display_name="embeds", tooltip="The loaded identity.")],
         )
 
-    @classmethod
-    def validate_inputs(cls, embeds_file=None):
-        return check_combos(cls, embeds_file=embeds_file)
+    validate_inputs = queued("embeds_file")
 
     @classmethod
     def fingerprint_inputs(cls, embeds_file):

@@ -11,7 +11,7 @@ from ..encoders.checkpoint import load_encoder
 from ..encoders.face import crop_faces
 from ..encoders.identity import BASELINES, arcface_from_faces, baseline_embeds, infinite_id_embeds, omni_id_embeds
 from ..encoders.omni_id import ARCFACE_MERGES
-from .common import CATEGORY, LOG, IdentityEmbedsType, OmniIdEncoderType, check_combos, check_face_analysis
+from .common import CATEGORY, IdentityEmbedsType, LOG, OmniIdEncoderType, OmniNode, check_face_analysis, queued
 
 CROP_SIZE = 224            # CLIP-H's input size
 
@@ -55,7 +55,7 @@ def crops_output():
     return io.Image.Output(display_name="crops", tooltip="The face crops that were encoded.")
 
 
-class EncoderLoader(io.ComfyNode):
+class EncoderLoader(OmniNode):
     @classmethod
     def define_schema(cls) -> io.Schema:
         return io.Schema(
@@ -70,16 +70,14 @@ class EncoderLoader(io.ComfyNode):
             outputs=[OmniIdEncoderType.Output(display_name="encoder", tooltip="The loaded identity encoder.")],
         )
 
-    @classmethod
-    def validate_inputs(cls, encoder_name=None):
-        return check_combos(cls, encoder_name=encoder_name)
+    validate_inputs = queued("encoder_name")
 
     @classmethod
     def execute(cls, encoder_name: str) -> io.NodeOutput:
         return io.NodeOutput(LoadedEncoder(load_encoder(model_path("omni_identity", encoder_name)), encoder_name))
 
 
-class Encode(io.ComfyNode):
+class Encode(OmniNode):
     @classmethod
     def define_schema(cls) -> io.Schema:
         return io.Schema(
@@ -104,6 +102,8 @@ class Encode(io.ComfyNode):
             ],
         )
 
+    validate_inputs = queued("padding")
+
     @classmethod
     def execute(cls, encoder, clip_vision, images, face_analysis=None, padding: float = 0.25) -> io.NodeOutput:
         require_encoder(encoder)
@@ -116,7 +116,7 @@ class Encode(io.ComfyNode):
         return io.NodeOutput(embeds, crops, ui=ui.PreviewText(text))
 
 
-class EncodeBaseline(io.ComfyNode):
+class EncodeBaseline(OmniNode):
     @classmethod
     def define_schema(cls) -> io.Schema:
         return io.Schema(
@@ -149,9 +149,7 @@ class EncodeBaseline(io.ComfyNode):
             ],
         )
 
-    @classmethod
-    def validate_inputs(cls, method=None, arcface_merge=None):
-        return check_combos(cls, method=method, arcface_merge=arcface_merge)
+    validate_inputs = queued("method", "arcface_merge", "padding")
 
     @classmethod
     def execute(cls, method: str, images, face_analysis=None, clip_vision=None, encoder=None,
@@ -180,7 +178,7 @@ class EncodeBaseline(io.ComfyNode):
         return io.NodeOutput(embeds, crops, ui=ui.PreviewText(text))
 
 
-class EncodeInfiniteID(io.ComfyNode):
+class EncodeInfiniteID(OmniNode):
     @classmethod
     def define_schema(cls) -> io.Schema:
         return io.Schema(
@@ -204,6 +202,8 @@ class EncodeInfiniteID(io.ComfyNode):
             outputs=[IdentityEmbedsType.Output(display_name="embeds", tooltip="c_id: 257 + face tokens."),
                      crops_output()],
         )
+
+    validate_inputs = queued("padding")
 
     @classmethod
     def execute(cls, encoder, clip_vision, images, face_analysis, padding: float = 0.25) -> io.NodeOutput:

@@ -3,11 +3,11 @@ from __future__ import annotations
 
 from comfy_api.latest import io
 
-from ..comfy_host.folders import folder, onnx_files
+from ..comfy_host.folders import folder, library_cache_dir, onnx_files
 from ..comfy_host.progress import progress
 from ..encoders import face as face_core
 from ..encoders.face.insightface_backend import KNOWN_PACKS, PROVIDERS, list_packs
-from .common import CATEGORY, LOG, Faces, check_combos, check_face_analysis
+from .common import CATEGORY, Faces, LOG, OmniNode, check_face_analysis, queued
 
 DLIB = "dlib"
 NONE = "none"
@@ -18,7 +18,7 @@ def backend_options() -> list[str]:
     return [DLIB] + [f"insightface/{name}" for name in packs]
 
 
-class FaceAnalysisLoader(io.ComfyNode):
+class FaceAnalysisLoader(OmniNode):
     @classmethod
     def define_schema(cls) -> io.Schema:
         return io.Schema(
@@ -51,10 +51,7 @@ class FaceAnalysisLoader(io.ComfyNode):
                                             tooltip="The loaded face analyser.")],
         )
 
-    @classmethod
-    def validate_inputs(cls, backend=None, provider=None, dlib_detector=None, arcface_model=None):
-        return check_combos(cls, backend=backend, provider=provider, dlib_detector=dlib_detector,
-                            arcface_model=arcface_model)
+    validate_inputs = queued("backend", "provider", "dlib_detector", "arcface_model")
 
     @classmethod
     def execute(cls, backend: str, provider: str, det_size: int, dlib_detector: str = "hog",
@@ -69,11 +66,11 @@ class FaceAnalysisLoader(io.ComfyNode):
                 raise FileNotFoundError(f"ArcFace model {arcface_model!r} is no longer under models/insightface")
         analyzer = face_core.create_analyzer(
             backend, det_size=det_size, provider=provider, dlib_detector=dlib_detector,
-            insightface_roots=folder("insightface"), arcface_model=arcface_path)
+            insightface_roots=folder("insightface"), arcface_model=arcface_path, library_dir=library_cache_dir())
         return io.NodeOutput(analyzer)
 
 
-class FaceCrop(io.ComfyNode):
+class FaceCrop(OmniNode):
     @classmethod
     def define_schema(cls) -> io.Schema:
         return io.Schema(
@@ -108,9 +105,7 @@ class FaceCrop(io.ComfyNode):
             ],
         )
 
-    @classmethod
-    def validate_inputs(cls, selection=None):
-        return check_combos(cls, selection=selection)
+    validate_inputs = queued("padding", "selection")
 
     @classmethod
     def execute(cls, image, face_analysis, crop_size: int, padding: float, selection: str) -> io.NodeOutput:

@@ -15,7 +15,7 @@ from ..encoders.flame.photos import photo_conditions, photo_landmarks
 from ..encoders.flame.render import draw_points
 from ..comfy_host.folders import model_file_path, model_files
 from ..comfy_host.progress import progress
-from .common import CATEGORY, LOG, check_combos, check_face_analysis
+from .common import CATEGORY, LOG, OmniNode, check_face_analysis, queued
 
 FlameModelType = io.Custom("FLAME_MODEL")
 FlameParamsType = io.Custom("FLAME_PARAMS")
@@ -38,7 +38,7 @@ def _flame_options(prefer: tuple[str, ...]) -> list[str]:
     return sorted(files, key=lambda f: (not any(p in os.path.basename(f).lower() for p in prefer), f))
 
 
-class FlameLoader(io.ComfyNode):
+class FlameLoader(OmniNode):
     @classmethod
     def define_schema(cls) -> io.Schema:
         return io.Schema(
@@ -101,7 +101,7 @@ def _overlay(image: torch.Tensor, layers: list[tuple[np.ndarray, tuple[float, fl
     return out
 
 
-class FlameFit(io.ComfyNode):
+class FlameFit(OmniNode):
     @classmethod
     def define_schema(cls) -> io.Schema:
         return io.Schema(
@@ -137,9 +137,7 @@ class FlameFit(io.ComfyNode):
             ],
         )
 
-    @classmethod
-    def validate_inputs(cls, landmarks=None):
-        return check_combos(cls, landmarks=landmarks)
+    validate_inputs = queued("shape_prior", "expression_prior", "landmarks")
 
     @classmethod
     def execute(cls, flame_model, images, face_analysis, shape_prior: float, expression_prior: float,
@@ -171,7 +169,7 @@ class FlameFit(io.ComfyNode):
         return io.NodeOutput(params, preview, ui=ui.PreviewText(text))
 
 
-class FlameLandmarks(io.ComfyNode):
+class FlameLandmarks(OmniNode):
     @classmethod
     def define_schema(cls) -> io.Schema:
         return io.Schema(
@@ -221,9 +219,7 @@ class FlameLandmarks(io.ComfyNode):
             ],
         )
 
-    @classmethod
-    def validate_inputs(cls, templates=None):
-        return check_combos(cls, templates=templates)
+    validate_inputs = queued("templates", "face_size", "yaw", "pitch", "roll", "jaw_open", "smile")
 
     @classmethod
     def execute(cls, flame_model, flame_params, templates: str, width: int, height: int, face_size: float,
@@ -259,7 +255,7 @@ class FlameLandmarks(io.ComfyNode):
         return io.NodeOutput(images, labels, ui=ui.PreviewText(labels))
 
 
-class FaceLandmarks(io.ComfyNode):
+class FaceLandmarks(OmniNode):
     @classmethod
     def define_schema(cls) -> io.Schema:
         return io.Schema(

@@ -4,12 +4,13 @@ from __future__ import annotations
 from comfy_api.latest import io
 
 from ..comfy_host.two_streams import TEXT_STREAMS, apply_mixed_attention, set_adain
+from ..guidance.decoupled import BlockWeights
 from ..guidance.infinite_id import ADAIN_MODES, AdaINSettings
-from .adapter_nodes import identity_inputs, inject, validate_identity_inputs
-from .common import CATEGORY, check_combos
+from .adapter_nodes import identity_inputs, inject
+from .common import CATEGORY, OmniNode, queued
 
 
-class MixedAttention(io.ComfyNode):
+class MixedAttention(OmniNode):
     @classmethod
     def define_schema(cls) -> io.Schema:
         return io.Schema(
@@ -35,10 +36,9 @@ class MixedAttention(io.ComfyNode):
             outputs=[io.Model.Output(display_name="model", tooltip="The model running both streams.")],
         )
 
-    @classmethod
-    def validate_inputs(cls, blocks=None, start_at=None, end_at=None, text_stream=None):
-        checked = validate_identity_inputs(blocks, start_at, end_at)
-        return checked if checked is not True else check_combos(cls, text_stream=text_stream)
+    ORDERED = (("start_at", "end_at"),)
+    PARSERS = {"blocks": BlockWeights.parse}
+    validate_inputs = queued("weight", "start_at", "end_at", "blocks", "text_stream")
 
     @classmethod
     def execute(cls, model, adapter, embeds, weight: float, start_at: float, end_at: float, attn_mask=None,
@@ -47,7 +47,7 @@ class MixedAttention(io.ComfyNode):
                                     attn_mask, blocks, text_stream=text_stream))
 
 
-class AdaINMean(io.ComfyNode):
+class AdaINMean(OmniNode):
     @classmethod
     def define_schema(cls) -> io.Schema:
         return io.Schema(
@@ -70,9 +70,7 @@ class AdaINMean(io.ComfyNode):
             outputs=[io.Model.Output(display_name="model", tooltip="The model with AdaIN-mean style alignment.")],
         )
 
-    @classmethod
-    def validate_inputs(cls, mode=None):
-        return check_combos(cls, mode=mode)
+    validate_inputs = queued("strength", "mode")
 
     @classmethod
     def execute(cls, model, strength: float, mode: str = "adain_mean") -> io.NodeOutput:

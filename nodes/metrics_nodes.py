@@ -9,10 +9,10 @@ from ..comfy_host.clip_vision import ClipVision
 from ..training.metrics import (clip_image_similarity, clip_text_similarity, face_embeddings, identity_report,
                                 summarize)
 from ..training.report import render_report, score_lines
-from .common import CATEGORY, LOG, check_face_analysis
+from .common import CATEGORY, LOG, OmniNode, check_face_analysis
 
 
-class Similarity(io.ComfyNode):
+class Similarity(OmniNode):
     @classmethod
     def define_schema(cls) -> io.Schema:
         return io.Schema(

@@ -17,7 +17,7 @@ from ..training.dataset import FewToManySampler, SamplerConfig
 from ..training.pivot import ETA, PivotObjective
 from ..training.report import loss_plot
 from ..training.trainer import TrainConfig, Trainer
-from .common import CATEGORY, LOG, IdentityDatasetType, PivotEncoderType, check_combos, check_face_analysis
+from .common import CATEGORY, IdentityDatasetType, LOG, OmniNode, PivotEncoderType, check_face_analysis, queued
 
 
 def _face_mask_fn(face_analysis):
@@ -35,7 +35,7 @@ def _face_mask_fn(face_analysis):
     return mask
 
 
-class TrainPivotEncoder(io.ComfyNode):
+class TrainPivotEncoder(OmniNode):
     @classmethod
     def define_schema(cls) -> io.Schema:
         return io.Schema(
@@ -74,6 +74,8 @@ class TrainPivotEncoder(io.ComfyNode):
                      io.Image.Output(display_name="loss_plot", tooltip="Loss per step and its running mean.")],
         )
 
+    validate_inputs = queued("eta", "lr")
+
     @classmethod
     def execute(cls, model, vae, clip_vision, dataset, face_analysis, positive, class_token: int, eta: float,
                 image_size: int, steps: int, lr: float, batch: int, targets: int, seed: int, run_name: str,
@@ -105,7 +107,7 @@ class TrainPivotEncoder(io.ComfyNode):
         return io.NodeOutput(pivot.eval(), plot)
 
 
-class ApplyPivot(io.ComfyNode):
+class ApplyPivot(OmniNode):
     @classmethod
     def define_schema(cls) -> io.Schema:
         return io.Schema(
@@ -127,9 +129,7 @@ class ApplyPivot(io.ComfyNode):
             outputs=[io.Conditioning.Output(display_name="conditioning", tooltip="The conditioning with e_mix in the class word's place.")],
         )
 
-    @classmethod
-    def validate_inputs(cls, pivot_name=None):
-        return check_combos(cls, pivot_name=pivot_name)
+    validate_inputs = queued("pivot_name")
 
     @classmethod
     def execute(cls, conditioning, pivot_name: str, clip_vision, reference, class_token: int) -> io.NodeOutput:

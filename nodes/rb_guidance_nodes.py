@@ -9,7 +9,7 @@ from ..comfy_host.gradients import gradient_ready
 from ..comfy_host.rb_guider import RBGuider
 from ..guidance.rb_guidance import RBSettings
 from ..training.report import captioned
-from .common import CATEGORY, LOG, check_combos, check_face_analysis
+from .common import CATEGORY, LOG, OmniNode, check_face_analysis, queued
 
 
 def _tinted(image: torch.Tensor, mask) -> torch.Tensor:
@@ -19,7 +19,7 @@ def _tinted(image: torch.Tensor, mask) -> torch.Tensor:
     return image * (1 - 0.5 * m) + 0.5 * m * torch.tensor([1.0, 0.0, 0.0]).to(image)
 
 
-class RBGuidance(io.ComfyNode):
+class RBGuidance(OmniNode):
     @classmethod
     def define_schema(cls) -> io.Schema:
         return io.Schema(
@@ -85,9 +85,8 @@ class RBGuidance(io.ComfyNode):
             ],
         )
 
-    @classmethod
-    def validate_inputs(cls, mask_source=None, reference_region=None):
-        return check_combos(cls, mask_source=mask_source, reference_region=reference_region)
+    MIN_IMAGE_SIZE = 64
+    validate_inputs = queued("cfg", "strength", "start_fraction", "mask_source", "reference_region")
 
     @classmethod
     def execute(cls, model, positive, negative, cfg, reference, vae, strength, start_fraction, t0,

@@ -11,10 +11,10 @@ from ..comfy_host.folders import save_model_file
 from ..encoders.checkpoint import save_encoder
 from ..encoders.pivot import save_pivot
 from ..guidance.adapter import save_adapter
-from .common import CATEGORY, IdentityAdapterType, OmniIdEncoderType, PivotEncoderType
+from .common import CATEGORY, IdentityAdapterType, OmniIdEncoderType, OmniNode, PivotEncoderType
 
 
-class SaveModelFile(io.ComfyNode):
+class SaveModelFile(OmniNode):
     """One save node per kind of file: subclasses say what they take and how it is written."""
 
     NODE_ID = DISPLAY = WHAT = FOLDER = DEFAULT_PREFIX = OUTPUT = LOADER = ""

@@ -22,7 +22,7 @@ from ..training.mtd import MTDConfig
 from ..training.report import loss_plot
 from ..training.run import mtd_trainer
 from ..training.trainer import PRECISIONS, TrainConfig, Trainer
-from .common import CATEGORY, LOG, IdentityAdapterType, IdentityDatasetType, OmniIdEncoderType, check_combos
+from .common import CATEGORY, IdentityAdapterType, IdentityDatasetType, LOG, OmniIdEncoderType, OmniNode, queued
 
 ENCODER_SIZES = {
     "paper (4 cross + 2 self, 1280 wide)": {},
@@ -61,7 +61,7 @@ def _train_config(steps, lr, batch, grad_accum, precision, seed, save_every) -> 
                        save_every=save_every)
 
 
-class TrainEncoderMTD(io.ComfyNode):
+class TrainEncoderMTD(OmniNode):
     @classmethod
     def define_schema(cls) -> io.Schema:
         return io.Schema(
@@ -93,10 +93,9 @@ class TrainEncoderMTD(io.ComfyNode):
                      io.Image.Output(display_name="loss_plot", tooltip="Loss per step and its running mean.")],
         )
 
-    @classmethod
-    def validate_inputs(cls, encoder_size=None, decoder_size=None, precision=None, sampler=None):
-        return check_combos(cls, encoder_size=encoder_size, decoder_size=decoder_size, precision=precision,
-                            sampler=sampler)
+    ORDERED = (("inputs_min", "inputs_max"),)
+    validate_inputs = queued("encoder_size", "decoder_size", "precision", "sampler", "mask_ratio", "lr",
+                             "inputs_min", "inputs_max")
 
     @classmethod
     def execute(cls, dataset, clip_vision, encoder_size: str, decoder_size: str, image_size: int, mask_ratio: float,
@@ -127,7 +126,7 @@ class TrainEncoderMTD(io.ComfyNode):
         return io.NodeOutput(LoadedEncoder(model.eval(), f"{run_name} (trained)"), plot)
 
 
-class TrainFlowMatching(io.ComfyNode):
+class TrainFlowMatching(OmniNode):
     @classmethod
     def define_schema(cls) -> io.Schema:
         return io.Schema(
@@ -157,9 +156,8 @@ class TrainFlowMatching(io.ComfyNode):
                      io.Image.Output(display_name="loss_plot", tooltip="Loss per step and its running mean.")],
         )
 
-    @classmethod
-    def validate_inputs(cls, mode=None, precision=None):
-        return check_combos(cls, mode=mode, precision=precision)
+    ORDERED = (("inputs_min", "inputs_max"),)
+    validate_inputs = queued("mode", "precision", "lr", "inputs_min", "inputs_max")
 
     @classmethod
     def execute(cls, model, vae, clip_vision, encoder, dataset, positive, mode: str, image_size: int, steps: int,

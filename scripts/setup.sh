@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # Set up everything `serve`, `run`, the tests and the benchmarks need, from this repository's
 # own files:
-#   .venv/              torch 2.14.1 + torchvision 0.29.1, requirements.txt, the test tools, and this
+#   .venv/              torch 2.14.1 + torchvision 0.29.1, requirements.txt, the optional insightface
+#                       backend (requirements-insightface.txt; the tests use it), the test tools, and this
 #                       folder as the importable package `omniid` (pip install -e .)
 #   ComfyUI             $COMFYUI_PATH, else /opt/ComfyUI, else the embedded copy .comfyui/ComfyUI
 #                       (unpacked from the pinned archive in ../shared/vendor, sha256 checked, or
@@ -39,7 +40,7 @@ if [ ! -x .venv/bin/python ]; then
     "$PYTHON" -m venv .venv
 fi
 pip_step torch .venv/bin/python $TORCH_SPEC
-pip_step pack .venv/bin/python -r requirements.txt -r requirements-test.txt
+pip_step pack .venv/bin/python -r requirements.txt -r requirements-insightface.txt -r requirements-test.txt
 # this folder as the package `omniid` (python -m omniid, the tests, the benchmarks); an editable link, no copy
 pip_step omniid .venv/bin/python --no-deps -e .
 

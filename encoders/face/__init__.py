@@ -9,23 +9,24 @@ from .types import (BackendUnavailableError, DetectedFace, FaceAnalysisError, Fa
 
 def create_analyzer(backend: str, *, det_size: int = 640, provider: str = "CPU",
                     dlib_detector: str = "hog", insightface_roots: list[str] | None = None,
-                    arcface_model: str | None = None):
+                    arcface_model: str | None = None, library_dir: str | None = None):
     """A backend by name: ``dlib`` or ``insightface/<pack>``.
 
     ``arcface_model`` (dlib only): path of an ArcFace ONNX whose embeddings replace
-    dlib's descriptor.
+    dlib's descriptor. ``library_dir``: where insightface's libraries may keep their caches
+    (nothing is written to the user's home, nothing is fetched over the network).
     """
     if backend == "dlib":
         from .dlib_backend import DlibFaceAnalyzer
         recognizer = None
         if arcface_model:
             from .insightface_backend import ArcFaceRecognizer
-            recognizer = ArcFaceRecognizer(arcface_model, provider=provider)
+            recognizer = ArcFaceRecognizer(arcface_model, provider=provider, library_dir=library_dir)
         return DlibFaceAnalyzer(detector=dlib_detector, det_size=det_size, recognizer=recognizer)
     if backend.startswith("insightface/"):
         from .insightface_backend import InsightFaceAnalyzer
         return InsightFaceAnalyzer(backend.split("/", 1)[1], insightface_roots or [],
-                                   provider=provider, det_size=det_size)
+                                   provider=provider, det_size=det_size, library_dir=library_dir)
     raise ValueError(f"unknown face backend {backend!r}: use 'dlib' or 'insightface/<pack name>'")
 
 

@@ -16,8 +16,9 @@ import numpy as np
 from .pose import estimate_pose
 from .types import BackendUnavailableError, DetectedFace
 
-INSTALL_HINT = ("pip install insightface==0.7.3 onnxruntime-gpu  "
-                "(or onnxruntime instead of onnxruntime-gpu on macOS and ARM)")
+INSTALL_HINT = ("pip install -r requirements-insightface.txt from the pack's folder (insightface 0.7.3 compiles C++: "
+                "it needs a compiler; and onnxruntime-gpu, or onnxruntime on macOS/ARM or if another pack "
+                "already installed it)")
 KNOWN_PACKS = ("antelopev2", "buffalo_l")
 PROVIDERS = {
     "CPU": "CPUExecutionProvider",
@@ -28,7 +29,19 @@ PROVIDERS = {
 }
 
 
-def _import_insightface():
+def offline_environment(library_dir: str | None = None) -> None:
+    """Before importing insightface: no update check over the network (albumentations, which insightface
+    imports, asks PyPI for a newer version at import unless told not to), and matplotlib's config and
+    font cache in ``library_dir`` instead of the user's home. Values the user set are kept."""
+    os.environ.setdefault("NO_ALBUMENTATIONS_UPDATE", "1")
+    os.environ.setdefault("ORT_DISABLE_TELEMETRY", "1")
+    if library_dir:
+        os.makedirs(library_dir, exist_ok=True)
+        os.environ.setdefault("MPLCONFIGDIR", library_dir)
+
+
+def _import_insightface(library_dir: str | None = None):
+    offline_environment(library_dir)
     try:
         from insightface.app import FaceAnalysis
     except Exception as exc:  # missing, or broken (numpy ABI, onnxruntime clash, ...)
@@ -62,10 +75,10 @@ def find_pack(name: str, roots: list[str]) -> str:
 
 class InsightFaceAnalyzer:
     def __init__(self, pack: str, roots: list[str], provider: str = "CPU", det_size: int = 640,
-                 det_thresh: float = 0.5):
+                 det_thresh: float = 0.5, library_dir: str | None = None):
         if provider not in PROVIDERS:
             raise ValueError(f"provider must be one of {sorted(PROVIDERS)}, not {provider!r}")
-        face_analysis_cls = _import_insightface()
+        face_analysis_cls = _import_insightface(library_dir)
         root = find_pack(pack, roots)
         try:
             app = face_analysis_cls(name=pack, root=root, providers=[PROVIDERS[provider]])
@@ -123,10 +136,10 @@ class ArcFaceRecognizer:
     itself, exactly as inside an insightface pack.
     """
 
-    def __init__(self, onnx_path: str, provider: str = "CPU"):
+    def __init__(self, onnx_path: str, provider: str = "CPU", library_dir: str | None = None):
         if provider not in PROVIDERS:
             raise ValueError(f"provider must be one of {sorted(PROVIDERS)}, not {provider!r}")
-        _import_insightface()
+        _import_insightface(library_dir)
         from insightface.app.common import Face
         from insightface.model_zoo import get_model
         if not os.path.isfile(onnx_path):

