@@ -31,8 +31,12 @@ class PromptRejected(ComfyClientError):
             lines.append(str(self.error["details"]))
         for node_id, info in self.node_errors.items():
             for err in info.get("errors", []):
-                lines.append(f"node {node_id} ({info.get('class_type', '?')}): {err.get('message')}: "
-                             f"{err.get('details', '')}".rstrip(": "))
+                details = str(err.get("details", ""))
+                if err.get("type") == "custom_validation_failed" and " - " in details:
+                    details = details.split(" - ", 1)[1]     # ComfyUI repeats a node's message once per input
+                line = f"node {node_id} ({info.get('class_type', '?')}): {err.get('message')}: {details}".rstrip(": ")
+                if line not in lines:
+                    lines.append(line)
         super().__init__("\n".join(lines))
 
 

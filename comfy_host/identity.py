@@ -52,6 +52,30 @@ def apply_identity(model, adapter: IdentityAdapter, tokens: dict, weight: float,
     return patched
 
 
+def applied_masks(model) -> list[torch.Tensor]:
+    """The attn_masks of the identities already applied to ``model`` (one per adapter application)."""
+    masks = {}
+    for kind in ("attn2", "dit"):
+        for patch in model.model_options["transformer_options"].get("patches_replace", {}).get(kind, {}).values():
+            for injection in getattr(patch, "injections", ()):
+                if injection.mask is not None:
+                    masks[id(injection.mask)] = injection.mask
+    return list(masks.values())
+
+
+def overlap_with_applied(model, mask: Optional[torch.Tensor]) -> float:
+    """The largest overlap (share of the smaller region) between ``mask`` and an identity region already applied."""
+    if mask is None:
+        return 0.0
+    import torch.nn.functional as F
+    from ..encoders.face.regions import overlap
+    share = 0.0
+    for other in applied_masks(model):
+        resized = F.interpolate(other[:1, None].float(), size=tuple(mask.shape[-2:]), mode="bilinear")[0, 0]
+        share = max(share, overlap(mask[0].float(), resized))
+    return share
+
+
 def add_unet_injection(model, key: tuple, injection: LayerInjection) -> None:
     existing = existing_patch(model, "attn2", key)
     if isinstance(existing, DecoupledAttention):

@@ -122,6 +122,7 @@ class RBGuider(comfy.samplers.CFGGuider):
                                    None if self_maps is None else self_maps[:batch])
 
     def _reference(self, model_options: dict, like: torch.Tensor):
+        """Reference features and masks: (flat (Nr, C), mask (Nr,)), or one pair per reference face."""
         sampling = self.inner_model.model_sampling
         z = self.inner_model.process_latent_in(self.reference_latent.to(like.device, like.dtype))
         sigma0 = sampling.sigma(torch.tensor([float(self.settings.t0)], device=like.device)).to(like.dtype)
@@ -130,18 +131,26 @@ class RBGuider(comfy.samplers.CFGGuider):
             _, feats, _ = self._run(z + sigma0.reshape(-1, 1, 1, 1) * noise, sigma0, model_options,
                                     self.conds["positive"], stop=True)
         grid = tuple(feats.shape[-2:])
-        flat = feats[0].flatten(1).transpose(0, 1)                                        # (Nr, C)
-        if self.reference_mask_image is not None:
-            mask = resize_mask(self.reference_mask_image[:1].to(flat.device), grid)[0]
-        else:
-            mask = torch.ones(flat.shape[0], dtype=torch.bool, device=flat.device)
+        pairs = []
+        for i in range(z.shape[0]):
+            flat = feats[i].flatten(1).transpose(0, 1)                                    # (Nr, C)
+            if self.reference_mask_image is not None:
+                mask = resize_mask(self.reference_mask_image[i:i + 1].to(flat.device), grid)[0]
+            else:
+                mask = torch.ones(flat.shape[0], dtype=torch.bool, device=flat.device)
+            pairs.append((flat.detach(), mask))
         self.reference_passes += 1
-        return flat.detach(), mask
+        if len(pairs) == 1:
+            return pairs[0]
+        return [f for f, _ in pairs], [m for _, m in pairs]
 
     def _generation_mask(self, feats, attention, ref_feats, ref_mask):
+        grid, batch = tuple(feats.shape[-2:]), feats.shape[0]
         if self.generation_mask_image is not None:
-            mask = resize_mask(self.generation_mask_image.to(feats.device), tuple(feats.shape[-2:]))
-            return mask.expand(feats.shape[0], -1) if mask.shape[0] == 1 else mask
+            mask = resize_mask(self.generation_mask_image.to(feats.device), grid)
+            if isinstance(ref_feats, list):                          # one mask per reference face
+                return [m[None].expand(batch, -1) for m in mask]
+            return mask.expand(batch, -1) if mask.shape[0] == 1 else mask
         return generation_mask(feats, *attention, ref_feats, ref_mask, self.settings)
 
     # -- the guidance ------------------------------------------------------------------------

@@ -37,18 +37,41 @@ class Resolved:
 
 
 def reference_mask(image: torch.Tensor, mask: Optional[torch.Tensor], face_analysis, region: str) -> Resolved:
-    """(1, H, W) mask of the reference's face, or None for the whole image; and where it came from."""
+    """(N, H, W) masks of the reference photos' faces, or None for the whole images; and where they came from."""
     if mask is not None:
-        return Resolved(mask if mask.ndim == 3 else mask[None], "reference_mask input")
+        mask = mask if mask.ndim == 3 else mask[None]
+        if mask.shape[0] not in (1, image.shape[0]):
+            raise ValueError(f"RB-Guidance: reference_mask has {mask.shape[0]} masks for {image.shape[0]} reference "
+                             "photos; give one, or one per photo")
+        return Resolved(mask.expand(image.shape[0], -1, -1), "reference_mask input")
     if region == "whole image":
         return Resolved(None, "whole image (reference_region)")
     analyzer, name = ((face_analysis, f"{face_analysis.name} landmarks") if face_analysis is not None
                       else (bundled_analyzer(), "bundled dlib detector, landmark hull"))
-    try:
-        return Resolved(largest_face_mask(image[0], analyzer)[None], name)
-    except NoFaceFoundError:
-        raise ValueError("RB-Guidance: no face found in the reference image. Give a reference_mask, a clearer photo, "
-                         "or set reference_region to 'whole image' to match the whole reference.") from None
+    masks = []
+    for i in range(image.shape[0]):
+        try:
+            masks.append(largest_face_mask(image[i], analyzer))
+        except NoFaceFoundError:
+            raise ValueError(f"RB-Guidance: no face found in reference photo {i + 1} of {image.shape[0]}. Give a "
+                             "reference_mask, a clearer photo, or set reference_region to 'whole image' to match "
+                             "the whole reference.") from None
+    return Resolved(torch.stack(masks), name)
+
+
+def layout_masks(faces, count: int, grow: float = 0.15, feather: int = 8) -> torch.Tensor:
+    """(count, H, W): the regions of the first ``count`` faces of a Face Crop of the layout, one per
+    reference photo, in order. Missing faces are an error; overlapping ones are reported by the caller."""
+    from ..encoders.face import face_region
+    if len(faces.records) < count:
+        raise ValueError(f"RB-Guidance: {count} reference photos but the layout's Face Crop kept "
+                         f"{len(faces.records)} face(s); each reference needs its face in the layout "
+                         "(Face Crop with selection 'all')")
+    records = faces.records[:count]
+    if len({r.image_index for r in records}) != 1:
+        raise ValueError("RB-Guidance: the layout faces must come from one image")
+    height, width = faces.image_sizes[records[0].image_index]
+    return torch.stack([face_region(r.face, height, width, grow, feather) for r in records])
 
 
 def subject_token(positive, index: int, subject: str, clip, prompt: str) -> tuple[int, str]:

@@ -168,7 +168,7 @@ def has_two_streams(model) -> bool:
 def set_adain(model, settings: AdaINSettings):
     """A clone whose identity stream is AdaIN-aligned to the text stream with ``settings``."""
     if not has_two_streams(model):
-        raise ValueError("AdaIN-mean aligns the identity stream to the text stream of Infinite-ID: connect this "
+        raise ValueError("model: AdaIN-mean aligns the identity stream to the text stream of Infinite-ID: connect this "
                          "node after 'Mixed Attention (OmniIdentity)'")
     patched = model.clone()
     patched.model_options["transformer_options"][STYLE_KEY] = settings

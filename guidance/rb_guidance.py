@@ -98,7 +98,7 @@ def energy(score: torch.Tensor, strength: float) -> torch.Tensor:
 
 
 def guidance_gradient(x: torch.Tensor, features_fn: Callable[[torch.Tensor], tuple[torch.Tensor, torch.Tensor]],
-                      ref_features: torch.Tensor, ref_mask: torch.Tensor, strength: float,
+                      ref_features, ref_mask, strength: float,
                       latent_mask: Optional[Callable[[torch.Tensor], torch.Tensor]] = None):
     """grad_x E with background gradient masking.
 
@@ -106,18 +106,30 @@ def guidance_gradient(x: torch.Tensor, features_fn: Callable[[torch.Tensor], tup
     generated mask (B, Ng) bool). The gradient is multiplied by the generated mask
     resized to the latent (``latent_mask(gen_mask)`` gives (B, 1, H, W)), so it is zero
     outside the face. Returns (gradient, score, gen_mask).
+
+    Several people: ``ref_features`` and ``ref_mask`` are lists (one reference face each) and
+    ``features_fn`` gives one generated mask per reference; E is the sum of one energy term per
+    reference/mask pair, the gradient is kept inside the union of the masks, and the score has
+    one column per pair (B, P).
     """
+    pairs = isinstance(ref_features, (list, tuple))
+    references = list(zip(ref_features, ref_mask)) if pairs else [(ref_features, ref_mask)]
     with torch.enable_grad():
         x = x.detach().requires_grad_(True)
-        features, gen_mask = features_fn(x)
-        score = match_score(ref_features, ref_mask, features, gen_mask)
-        total = energy(score, strength).sum()
+        features, gen_masks = features_fn(x)
+        gen_masks = list(gen_masks) if pairs else [gen_masks]
+        if len(gen_masks) != len(references):
+            raise ValueError(f"{len(references)} reference face(s) but {len(gen_masks)} generated-face mask(s)")
+        scores = torch.stack([match_score(ref, mask, features, gen)
+                              for (ref, mask), gen in zip(references, gen_masks)], dim=-1)          # (B, P)
+        total = energy(scores, strength).sum()
         (grad,) = torch.autograd.grad(total, x, allow_unused=True)
     if grad is None:
         grad = torch.zeros_like(x)
+    union = torch.stack([g.bool() for g in gen_masks]).any(0)
     if latent_mask is not None:
-        grad = grad * latent_mask(gen_mask).to(grad.dtype)
-    return grad.detach(), score.detach(), gen_mask
+        grad = grad * latent_mask(union).to(grad.dtype)
+    return grad.detach(), (scores if pairs else scores[:, 0]).detach(), union
 
 
 def mask_to_latent(mask: torch.Tensor, grid: tuple[int, int], latent_hw: tuple[int, int]) -> torch.Tensor:

@@ -1,14 +1,14 @@
 """Identity adapter nodes: load an adapter file, apply an identity to a model."""
 from __future__ import annotations
 
-from comfy_api.latest import io
+from comfy_api.latest import io, ui
 
 from ..comfy_host.folders import model_files, model_path
-from ..comfy_host.identity import INJECT_MODES, apply_identity
+from ..comfy_host.identity import INJECT_MODES, apply_identity, overlap_with_applied
 from ..comfy_host.layers import fit_summary
-from ..guidance.adapter import AdapterFitError, IdentityAdapter, load_adapter
+from ..guidance.adapter import AdapterFitError, load_adapter
 from ..guidance.decoupled import BlockWeights
-from .common import CATEGORY, IdentityAdapterType, IdentityEmbedsType, OmniNode, queued
+from .common import CATEGORY, LOG, IdentityAdapterType, IdentityEmbedsType, OmniNode, queued
 
 
 class AdapterLoader(OmniNode):
@@ -54,17 +54,22 @@ def identity_inputs() -> list:
 
 
 def inject(host_fn, model, adapter, embeds, weight, start_at, end_at, attn_mask, blocks, **options):
-    """Check the inputs, project the identity and run a host's injection on a clone of ``model``."""
-    if not isinstance(adapter, IdentityAdapter):
-        raise TypeError("adapter must come from 'Identity Adapter Loader (OmniIdentity)'")
-    mask = attn_mask                     # (B, H, W): the node's input check normalised it
+    """Project the identity and run a host's injection on a clone of ``model``; a region that overlaps an
+    identity already applied is reported (both identities apply there)."""
     faceid_v2_scale = options.pop("faceid_v2_scale", 1.0)
     try:
         tokens = adapter.identity_tokens(embeds, faceid_v2_scale)
-        return host_fn(model, adapter, tokens, weight, start_at, end_at, mask=mask,
-                       blocks=BlockWeights.parse(blocks), **options)
+        patched = host_fn(model, adapter, tokens, weight, start_at, end_at, mask=attn_mask,
+                          blocks=BlockWeights.parse(blocks), **options)
     except AdapterFitError as exc:
         raise AdapterFitError(f"{exc}\n{fit_summary(adapter, embeds, model)}") from exc
+    share = overlap_with_applied(model, attn_mask)
+    text = f"identity '{embeds.describe()}' applied with weight {weight}"
+    if share > 0.02:
+        text += (f"; its attn_mask overlaps the region of an identity applied before by {share:.0%} of the "
+                 "smaller region: both identities apply there")
+        LOG.warning("ApplyAdapter: %s", text)
+    return io.NodeOutput(patched, ui=ui.PreviewText(text))
 
 
 class ApplyAdapter(OmniNode):
@@ -95,8 +100,8 @@ class ApplyAdapter(OmniNode):
     @classmethod
     def execute(cls, model, adapter, embeds, weight: float, start_at: float, end_at: float, attn_mask=None,
                 blocks: str = "all=1", flux_inject: str = "both", faceid_v2_scale: float = 1.0) -> io.NodeOutput:
-        return io.NodeOutput(inject(apply_identity, model, adapter, embeds, weight, start_at, end_at, attn_mask,
-                                    blocks, inject=flux_inject, faceid_v2_scale=faceid_v2_scale))
+        return inject(apply_identity, model, adapter, embeds, weight, start_at, end_at, attn_mask, blocks,
+                      inject=flux_inject, faceid_v2_scale=faceid_v2_scale)
 
 
 NODES = [AdapterLoader, ApplyAdapter]

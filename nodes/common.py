@@ -9,7 +9,7 @@ from comfy_api.latest import io
 from ..comfy_host.encoder_model import LoadedEncoder
 from ..comfy_host.inputs import InputError, queue_check, run_check
 from ..encoders.embeds import IdentityEmbeds
-from ..encoders.flame import FlameModel
+from ..encoders.flame import FlameModel, FlameParams
 from ..encoders.pivot import PivotIDEncoder
 from ..guidance.adapter import IdentityAdapter
 from ..training.dataset import IdentityDataset
@@ -33,6 +33,7 @@ _OWN_TYPES = {
     "IDENTITY_DATASET": (IdentityDataset, "Identity Dataset or Build Identity Dataset (OmniIdentity)"),
     "PIVOT_ENCODER": (PivotIDEncoder, "Train Pivot ID Encoder (OmniIdentity)"),
     "FLAME_MODEL": (FlameModel, "FLAME Loader (OmniIdentity)"),
+    "FLAME_PARAMS": (FlameParams, "FLAME Fit (OmniIdentity)"),
 }
 
 

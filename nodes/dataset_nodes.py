@@ -97,7 +97,7 @@ class BuildDataset(OmniNode):
                 min_pose_difference: float, drop_fraction: float, similarity_threshold: float,
                 crop_size: int, min_face_size: int = 448) -> io.NodeOutput:
         check_face_analysis(face_analysis)
-        name = safe_name(name, "dataset name")
+        name = safe_name(name, "name (the dataset folder)")
         out = output_path(DATASETS_SUBFOLDER, name)
         if os.path.isdir(out) and os.listdir(out):
             raise FileExistsError(f"output/{DATASETS_SUBFOLDER}/{name} already holds a dataset; choose another name "

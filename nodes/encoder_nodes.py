@@ -156,8 +156,8 @@ class EncodeBaseline(OmniNode):
                 arcface_merge: str = "concat", padding: float = 0.25) -> io.NodeOutput:
         needs_arcface = method in ("arcface", "arcface_clip")
         if needs_arcface and face_analysis is None:
-            raise ValueError(f"the {method} baseline needs a face analysis (insightface pack, or dlib with an "
-                             "ArcFace model) to compute ArcFace embeddings")
+            raise ValueError(f"the {method} baseline needs face_analysis connected (an insightface pack, or dlib "
+                             "with an ArcFace model) to compute ArcFace embeddings")
         if method in ("clip", "arcface_clip") and clip_vision is None:
             raise ValueError(f"the {method} baseline needs clip_vision (CLIP-H)")
         if encoder is not None:

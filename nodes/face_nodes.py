@@ -1,7 +1,7 @@
 """Face analysis nodes: load a backend, detect/align/crop faces."""
 from __future__ import annotations
 
-from comfy_api.latest import io
+from comfy_api.latest import io, ui
 
 from ..comfy_host.folders import folder, library_cache_dir, onnx_files
 from ..comfy_host.progress import progress
@@ -112,10 +112,52 @@ class FaceCrop(OmniNode):
         check_face_analysis(face_analysis)
         result = face_core.crop_faces(image, face_analysis, crop_size=crop_size, padding=padding,
                                       selection=selection, on_image_done=progress(len(image)))
-        for warning in result.warnings:
-            LOG.warning("FaceCrop: %s", warning)
-        return io.NodeOutput(result.crops, result.masks, result.faces,
-                             face_core.draw_faces(image, result.faces))
+        notes = result.warnings + face_core.overlap_warnings(result.faces)
+        for note in notes:
+            LOG.warning("FaceCrop: %s", note)
+        text = "\n".join([f"{len(result.faces.records)} face(s) kept; faces are numbered 1, 2, ... in this order "
+                          "(per image, largest first)", *notes])
+        return io.NodeOutput(result.crops, result.masks, result.faces, face_core.draw_faces(image, result.faces),
+                             ui=ui.PreviewText(text))
 
 
-NODES = [FaceAnalysisLoader, FaceCrop]
+class FaceMask(OmniNode):
+    @classmethod
+    def define_schema(cls) -> io.Schema:
+        return io.Schema(
+            node_id="OmniIdentityFaceMask",
+            display_name="Face Mask (OmniIdentity)",
+            category=f"{CATEGORY}/face",
+            description=("The region of one face of a Face Crop, as a mask over the image it was found in: for one "
+                         "identity per face in a picture of several people (an Apply Identity Adapter's attn_mask, "
+                         "an RB-Guidance generation_mask). Use the layout photo's size for the generated image."),
+            inputs=[
+                Faces.Input("faces", tooltip="From Face Crop (selection 'all' keeps every face)."),
+                io.Int.Input("face", default=1, min=1, max=64,
+                             tooltip="Which face, in Face Crop's order (per image, largest first), from 1."),
+                io.Float.Input("grow", default=0.15, min=0.0, max=2.0, step=0.01,
+                               tooltip="Grow the face region about its centre by this fraction (hair, neck)."),
+                io.Int.Input("feather", default=8, min=0, max=256, tooltip="Soft edge, in pixels."),
+            ],
+            outputs=[io.Mask.Output(display_name="mask", tooltip="The face region over the whole image.")],
+        )
+
+    validate_inputs = queued("grow")
+
+    @classmethod
+    def execute(cls, faces, face: int, grow: float, feather: int) -> io.NodeOutput:
+        if not isinstance(faces, face_core.FaceSet):
+            raise TypeError("faces must come from 'Face Crop (OmniIdentity)'")
+        records = faces.records
+        if face > len(records):
+            raise ValueError(f"face {face}: Face Crop kept {len(records)} face(s); choose 1 to {len(records)} "
+                             "(selection 'all' keeps every face it finds)")
+        record = records[face - 1]
+        height, width = faces.image_sizes[record.image_index]
+        mask = face_core.face_region(record.face, height, width, grow, feather)
+        box = [round(float(v)) for v in record.face.bbox]
+        return io.NodeOutput(mask[None], ui=ui.PreviewText(f"face {face} of {len(records)} (image "
+                                                            f"{record.image_index + 1}, box {box})"))
+
+
+NODES = [FaceAnalysisLoader, FaceCrop, FaceMask]

@@ -282,7 +282,9 @@ class FaceLandmarks(OmniNode):
                         faceless)
         if len(faceless) == len(images):
             raise ValueError(f"no face with 68 landmarks in any of the {len(images)} image(s)")
-        return io.NodeOutput(conditions)
+        text = (f"no face in image(s) {', '.join(str(i + 1) for i in faceless)}: their conditions are black"
+                if faceless else f"landmarks of {len(images)} image(s)")
+        return io.NodeOutput(conditions, ui=ui.PreviewText(text))
 
 
 NODES = [FlameLoader, FlameFit, FlameLandmarks, FaceLandmarks]

@@ -43,8 +43,8 @@ class MixedAttention(OmniNode):
     @classmethod
     def execute(cls, model, adapter, embeds, weight: float, start_at: float, end_at: float, attn_mask=None,
                 blocks: str = "all=1", text_stream: str = TEXT_STREAMS[0]) -> io.NodeOutput:
-        return io.NodeOutput(inject(apply_mixed_attention, model, adapter, embeds, weight, start_at, end_at,
-                                    attn_mask, blocks, text_stream=text_stream))
+        return inject(apply_mixed_attention, model, adapter, embeds, weight, start_at, end_at, attn_mask, blocks,
+                      text_stream=text_stream)
 
 
 class AdaINMean(OmniNode):

@@ -49,10 +49,14 @@ class Similarity(OmniNode):
         check_face_analysis(face_analysis)
         generated, kind = face_embeddings(images, face_analysis)
         refs, ref_kind = face_embeddings(reference_images, face_analysis)
+        faceless_refs = [i + 1 for i, r in enumerate(refs) if r is None]
         refs = [r for r in refs if r is not None]
         if not refs:
             raise ValueError(f"no face found in any of the {len(reference_images)} reference image(s)")
         report = identity_report(generated, refs, kind or ref_kind)
+        if faceless_refs:
+            report.notes.append(f"no face found in reference image(s) {', '.join(map(str, faceless_refs))}; "
+                                "left out")
         scores = {"id_similarity": report.to_dict()}
         clip_i = clip_t = None
         if clip_vision is not None:

@@ -7,9 +7,10 @@ from comfy_api.latest import io, ui
 from ..comfy_host import rb_setup
 from ..comfy_host.gradients import gradient_ready
 from ..comfy_host.rb_guider import RBGuider
+from ..encoders.face import overlapping_pairs
 from ..guidance.rb_guidance import RBSettings
 from ..training.report import captioned
-from .common import CATEGORY, LOG, OmniNode, check_face_analysis, queued
+from .common import CATEGORY, LOG, Faces, OmniNode, check_face_analysis, queued
 
 
 def _tinted(image: torch.Tensor, mask) -> torch.Tensor:
@@ -39,7 +40,8 @@ class RBGuidance(OmniNode):
                 io.Conditioning.Input("positive", tooltip="Positive prompt."),
                 io.Conditioning.Input("negative", tooltip="Negative prompt."),
                 io.Float.Input("cfg", default=7.5, min=0.0, max=100.0, step=0.1, tooltip="CFG scale (paper: 7.5)."),
-                io.Image.Input("reference", tooltip="Reference photo of the face (its first image is used)."),
+                io.Image.Input("reference", tooltip="Reference photo of the face; for several people, one photo "
+                                                    "per person (a batch), paired with layout_faces."),
                 io.Vae.Input("vae", tooltip="The model's VAE, to encode the reference."),
                 io.Float.Input("strength", default=8.5, min=0.0, max=100.0, step=0.1,
                                tooltip="p in E = p / (1 + S) (paper: 8.5); 0 turns the guidance off (plain CFG)."),
@@ -74,7 +76,11 @@ class RBGuidance(OmniNode):
                                       tooltip="Face analysis for the reference's face mask (default: bundled dlib)."),
                 io.Mask.Input("reference_mask", optional=True, tooltip="Explicit face mask of the reference."),
                 io.Mask.Input("generation_mask", optional=True,
-                              tooltip="Explicit face mask of the generated image (skips the attention mask)."),
+                              tooltip="Explicit face mask of the generated image (skips the attention mask); one per "
+                                      "reference photo when several are given."),
+                Faces.Input("layout_faces", optional=True,
+                            tooltip="Several people: Face Crop (selection 'all') of the layout image; face i of it "
+                                    "is guided toward reference photo i (one energy term per pair)."),
                 io.Int.Input("seed", default=0, min=0, max=2**31 - 1, optional=True,
                              tooltip="Seed of the noise added to the reference."),
             ],
@@ -92,15 +98,23 @@ class RBGuidance(OmniNode):
     def execute(cls, model, positive, negative, cfg, reference, vae, strength, start_fraction, t0,
                 feature_block=6, clip=None, prompt="", subject="", subject_token=0, mask_source="subject attention",
                 reference_region="face", face_analysis=None, reference_mask=None, generation_mask=None,
-                seed=0) -> io.NodeOutput:
+                layout_faces=None, seed=0) -> io.NodeOutput:
         settings = RBSettings(strength=strength, start_fraction=start_fraction, t0=t0)
-        image = reference[:1, :, :, :3]
+        people = reference.shape[0] if (layout_faces is not None or (
+            generation_mask is not None and generation_mask.shape[0] == reference.shape[0] > 1)) else 1
+        image = reference[:people, :, :, :3]
         if face_analysis is not None:
             check_face_analysis(face_analysis)
         ref = rb_setup.reference_mask(image, reference_mask, face_analysis, reference_region)
-        if generation_mask is not None:
-            generation_mask = generation_mask if generation_mask.ndim == 3 else generation_mask[None]
-            token, gen_source = 0, "generation_mask input"
+        notes = [] if people == reference.shape[0] else [
+            f"{reference.shape[0]} reference photos: the first is used (connect layout_faces to guide several people)"]
+        if layout_faces is not None:
+            generation_mask = rb_setup.layout_masks(layout_faces, people)
+            notes = [f"faces {i + 1} and {j + 1} of the layout overlap ({share:.0%}): their energy terms share "
+                     "that region" for i, j, share in overlapping_pairs(list(generation_mask))]
+            token, gen_source = 0, f"{people} layout face(s), one per reference photo"
+        elif generation_mask is not None:
+            token, gen_source = 0, "generation_mask input" + (f", one per reference ({people})" if people > 1 else "")
         elif mask_source == "reference similarity":
             token, gen_source = 0, "resemblance to the reference face (mask_source)"
         else:
@@ -112,8 +126,8 @@ class RBGuidance(OmniNode):
         guider = RBGuider(gradient_ready(model), settings, latent, mask, generation_mask, feature_block, token, seed)
         guider.set_conds(positive, negative)
         guider.set_cfg(cfg)
-        lines = [f"reference mask: {ref.source}", f"generated-face mask: {gen_source}"]
-        preview = captioned(_tinted(image[:, :height, :width], mask), lines)
+        lines = [f"reference mask: {ref.source}", f"generated-face mask: {gen_source}", *notes]
+        preview = captioned(_tinted(image[:1, :height, :width], mask), lines)
         LOG.info("RB-Guidance: p=%s, u=%s, t0=%s, feature block %s; %s", strength, start_fraction, t0,
                  feature_block, "; ".join(lines))
         return io.NodeOutput(guider, preview, ui=ui.PreviewText("\n".join(lines)))

@@ -3,6 +3,7 @@ from functools import lru_cache
 
 from .alignment import ARCFACE_TEMPLATE_112, estimate_similarity, template_points, transform_points
 from .crop import SELECTIONS, CropResult, crop_faces, draw_faces
+from .regions import face_region, overlapping_pairs
 from .types import (BackendUnavailableError, DetectedFace, FaceAnalysisError, FaceAnalyzer,
                     FaceRecord, FaceSet, NoFaceFoundError)
 
@@ -30,6 +31,19 @@ def create_analyzer(backend: str, *, det_size: int = 640, provider: str = "CPU",
     raise ValueError(f"unknown face backend {backend!r}: use 'dlib' or 'insightface/<pack name>'")
 
 
+def overlap_warnings(faces: FaceSet) -> list[str]:
+    """One line per pair of kept faces whose regions overlap in their image (never merged silently)."""
+    notes = []
+    for index in sorted({r.image_index for r in faces.records}):
+        numbers = [n for n, r in enumerate(faces.records) if r.image_index == index]
+        height, width = faces.image_sizes[index]
+        regions = [face_region(faces.records[n].face, height, width) for n in numbers]
+        for i, j, share in overlapping_pairs(regions):
+            notes.append(f"faces {numbers[i] + 1} and {numbers[j] + 1} of image {index + 1} overlap "
+                         f"({share:.0%} of the smaller); their identities would mix there")
+    return notes
+
+
 @lru_cache(maxsize=1)
 def bundled_analyzer():
     """The bundled dlib backend (HOG detector, 68 landmarks), loaded once: for nodes that need a face
@@ -41,5 +55,6 @@ __all__ = [
     "ARCFACE_TEMPLATE_112", "BackendUnavailableError", "CropResult", "DetectedFace",
     "FaceAnalysisError", "FaceAnalyzer", "FaceRecord", "FaceSet", "NoFaceFoundError",
     "SELECTIONS", "bundled_analyzer", "create_analyzer", "crop_faces", "draw_faces", "estimate_similarity",
+    "face_region", "overlap_warnings", "overlapping_pairs",
     "template_points", "transform_points",
 ]

@@ -43,13 +43,20 @@ def input_photos(photos, no_face_photo) -> dict[str, Path]:
     """Name in ComfyUI's input folder -> photo."""
     named = {name: photos / name for name in ("obama.jpg", "obama2.jpg", "biden.jpg", "32bit.png")}
     named["cat.png"] = no_face_photo
+    named["two_people.png"] = assets.two_people_photo()
     named.update(assets.identity_photo_set())
     return named
+
+
+FIXTURE_NODES = Path(__file__).with_name("fixture_nodes")
 
 
 @pytest.fixture(scope="session")
 def comfy_server(comfyui, tiny_models, input_photos, tmp_path_factory):
     base = populate_base(tmp_path_factory.mktemp("comfy-base"), tiny_models, input_photos)
+    (base / "custom_nodes").mkdir(exist_ok=True)
+    for pack in FIXTURE_NODES.iterdir():              # test-only nodes (bad values for the input checks)
+        (base / "custom_nodes" / pack.name).symlink_to(pack, target_is_directory=True)
     server = start_server(comfyui, base)
     yield server
     server.cleanup()

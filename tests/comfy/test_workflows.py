@@ -23,7 +23,8 @@ TINY_ADAPTERS = {"omni_id_sd15.safetensors": "omniid_tiny_sd15_omni.safetensors"
                  "omni_id_flux.safetensors": "omniid_tiny_flux_omni.safetensors",
                  "clip_sd15.safetensors": "omniid_tiny_sd15_plus_h94.safetensors",
                  "arcface_sd15.safetensors": "omniid_tiny_sd15_arcface.safetensors",
-                 "arcface_clip_sd15.safetensors": "omniid_tiny_sd15_arcface_clip.safetensors"}
+                 "arcface_clip_sd15.safetensors": "omniid_tiny_sd15_arcface_clip.safetensors",
+                 "ip-adapter-plus-face_sd15.safetensors": "omniid_tiny_sd15_plus_h94.safetensors"}
 
 
 def tiny(prompt: dict) -> dict:
@@ -51,7 +52,8 @@ def tiny(prompt: dict) -> dict:
         elif kind == "LoadImage" and inputs["image"].startswith("person_"):
             inputs["image"] = inputs["image"].replace("person_", "id_")
         elif kind in ("EmptyLatentImage", "EmptySD3LatentImage"):
-            inputs.update(width=64, height=64)
+            wide = inputs["width"] > inputs["height"]
+            inputs.update(width=128 if wide else 64, height=64)
         elif kind == "KSampler":
             inputs.update(steps=2, sampler_name="euler", scheduler="normal")
         elif kind == "BasicScheduler":

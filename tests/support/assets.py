@@ -107,6 +107,23 @@ def identity_photo_set(size: int = 512) -> dict[str, Path]:
     return {name: target / name for name in names}
 
 
+def two_people_photo(size: int = 512) -> Path:
+    """Two people side by side (Obama and Biden, each letterboxed to size x size): a 2 size x size layout."""
+    from PIL import Image
+    target = cache_dir() / "photos" / f"two_people_{size}.png"
+    if not target.is_file():
+        canvas = Image.new("RGB", (2 * size, size), (127, 127, 127))
+        for slot, name in enumerate(("obama.jpg", "biden.jpg")):
+            pixels = load_photo(face_photos() / name)
+            side = min(pixels.shape[:2])
+            image = Image.fromarray(pixels[:side, (pixels.shape[1] - side) // 2:][:, :side])    # the top square
+            image.thumbnail((size, size), Image.LANCZOS)
+            canvas.paste(image, (slot * size + (size - image.width) // 2, (size - image.height) // 2))
+        target.parent.mkdir(parents=True, exist_ok=True)
+        canvas.save(target)
+    return target
+
+
 def group_photo() -> Optional[Path]:
     """insightface's t1.jpg (several people), or None when insightface is absent."""
     spec = importlib.util.find_spec("insightface")

@@ -165,3 +165,24 @@ def test_fidelity_the_subject_token_is_found_in_the_prompt():
     assert find_subject_token(tokens, "Photo") == (2, "photo")
     assert find_subject_token(tokens, "dog") == (None, "")
     assert find_subject_token(["<|startoftext|>", "a</w>", "man</w>", "and</w>", "a</w>", "person</w>"]) == (2, "man")
+
+
+def test_several_people_give_one_energy_term_per_reference_and_mask():
+    """E = sum_i p / (1 + S_i), S_i matching reference i inside generated mask i: the gradient is the sum of
+    the single-person gradients, kept inside the union of the masks."""
+    net = features_net(1)
+    x = torch.randn(1, 4, 8, 8, generator=torch.Generator().manual_seed(3), dtype=torch.float64)
+    refs = [torch.randn(16, 6, generator=torch.Generator().manual_seed(s), dtype=torch.float64) for s in (4, 5)]
+    ref_masks = [torch.ones(16, dtype=torch.bool), torch.arange(16) < 8]
+    gen_masks = [torch.arange(16)[None] < 8, torch.arange(16)[None] >= 8]
+
+    def single(i):
+        return guidance_gradient(x, lambda z: (net(z), gen_masks[i]), refs[i], ref_masks[i], 8.5)
+
+    grad, scores, union = guidance_gradient(x, lambda z: (net(z), gen_masks), refs, ref_masks, 8.5)
+    (g0, s0, _), (g1, s1, _) = single(0), single(1)
+    torch.testing.assert_close(grad, g0 + g1)
+    torch.testing.assert_close(scores, torch.stack([s0, s1], -1))
+    assert union.all()
+    with pytest.raises(ValueError, match="2 reference face"):
+        guidance_gradient(x, lambda z: (net(z), gen_masks[:1]), refs, ref_masks, 8.5)
