@@ -121,7 +121,7 @@ def test_pack_without_detector(fake_insightface, pack_root):
 def test_missing_insightface_says_what_to_install(monkeypatch, pack_root):
     monkeypatch.setitem(sys.modules, "insightface", None)
     monkeypatch.delitem(sys.modules, "insightface.app", raising=False)
-    with pytest.raises(BackendUnavailableError, match=r"pip install insightface==0\.7\.3 onnxruntime-gpu.*dlib"):
+    with pytest.raises(BackendUnavailableError, match=r"pip install -r requirements-insightface\.txt.*dlib"):
         create_analyzer("insightface/antelopev2", insightface_roots=[str(pack_root)])
 
 
