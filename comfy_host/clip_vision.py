@@ -9,11 +9,13 @@ from __future__ import annotations
 import uuid
 import weakref
 
+import comfy.model_management as mm
 import torch
 
 from ..encoders.clip_features import OPENAI_MEAN, TokenCache
 
 TOKEN_CACHE_PHOTOS = 512       # per-photo CLIP tokens kept (about 1.3 MB each for CLIP-H): ~0.7 GB at most
+PHOTOS_PER_CALL = 4            # photos per CLIP forward; Cancel is honoured between calls
 TOKEN_CACHE = TokenCache(capacity=TOKEN_CACHE_PHOTOS)
 _KEYS: "weakref.WeakKeyDictionary[object, str]" = weakref.WeakKeyDictionary()
 
@@ -38,8 +40,16 @@ class ClipVision:
         return int(getattr(self.clip_vision, "image_size", 224))
 
     def _encode(self, images: torch.Tensor) -> dict:
-        with torch.no_grad():
-            return self.clip_vision.encode_image(images[..., :3], crop=True)
+        """CLIP's outputs for the batch, a few photos per forward with a Cancel check between them."""
+        parts = []
+        for start in range(0, images.shape[0], PHOTOS_PER_CALL):
+            mm.throw_exception_if_processing_interrupted()
+            with torch.no_grad():
+                parts.append(self.clip_vision.encode_image(images[start:start + PHOTOS_PER_CALL, ..., :3], crop=True))
+        if len(parts) == 1:
+            return parts[0]
+        return {key: torch.cat([part[key] for part in parts]) for key in ("penultimate_hidden_states",
+                                                                          "last_hidden_state", "image_embeds")}
 
     def tokens(self, images: torch.Tensor) -> torch.Tensor:
         """Penultimate hidden states (B, 1 + patches, width), float32 on the CPU."""
