@@ -41,6 +41,11 @@ def model_files(name: str) -> list[str]:
     return [f for f in folder_paths.get_filename_list(name) if f.endswith(extensions)]
 
 
+def clip_vision_files() -> list[str]:
+    """safetensors files in ComfyUI's models/clip_vision (the SigLIP pooling head is read from one)."""
+    return [f for f in folder_paths.get_filename_list("clip_vision") if f.endswith(".safetensors")]
+
+
 def model_path(name: str, filename: str) -> str:
     """The file behind a name a loader lists; raises when it is gone."""
     return folder_paths.get_full_path_or_raise(name, filename)
