@@ -106,11 +106,13 @@ def flat(nested: dict) -> dict:
     return {f"{section}.{k}": v.contiguous() for section, part in nested.items() for k, v in part.items()}
 
 
-def xlabs_checkpoint(kind: str, hidden: int, double_blocks: int, seed: int) -> dict:
-    """XLabs' flux-ip-adapter (v1) / -v2 layout (bfloat16, flat keys)."""
+def xlabs_checkpoint(kind: str, hidden: int, double_blocks: int, seed: int, width: int = 0,
+                     pooled: int = POOLED_WIDTH) -> dict:
+    """XLabs' flux-ip-adapter (v1) / -v2 layout (bfloat16, flat keys); ``width``: the token width
+    (4096 in XLabs' files), ``pooled``: the image embedding's width (768, CLIP-L)."""
     r = Random(seed, torch.bfloat16)
-    width, tokens = FLUX_TOKEN_WIDTH[kind], FLUX_TOKENS[kind]
-    state = {**r.linear("ip_adapter_proj_model.proj", tokens * width, POOLED_WIDTH),
+    width, tokens = width or FLUX_TOKEN_WIDTH[kind], FLUX_TOKENS[kind]
+    state = {**r.linear("ip_adapter_proj_model.proj", tokens * width, pooled),
              **r.norm("ip_adapter_proj_model.norm", width)}
     for i in range(double_blocks):
         for kv in ("k", "v"):
@@ -223,3 +225,26 @@ def load_xlabs_into_diffusers(transformer, folder, filename: str):
     host.transformer = transformer
     host.load_ip_adapter(str(folder), weight_name=filename, image_encoder_pretrained_model_name_or_path=None)
     return transformer
+
+
+def random_clip_vision_l(seed: int = 0) -> dict:
+    """A CLIP ViT-L/14 vision tower with projection (openai/clip-vit-large-patch14's layout, the encoder of
+    XLabs' adapters) at full size, random float16 weights: ComfyUI picks vision configs by layer count."""
+    from transformers import CLIPVisionConfig, CLIPVisionModelWithProjection
+    config = CLIPVisionConfig(hidden_size=1024, intermediate_size=4096, num_hidden_layers=24, num_attention_heads=16,
+                              patch_size=14, image_size=224, projection_dim=768)
+    with torch.device("meta"):
+        shapes = {k: v.shape for k, v in CLIPVisionModelWithProjection(config).state_dict().items()
+                  if not k.endswith("position_ids")}
+    generator = torch.Generator().manual_seed(seed)
+    state = {}
+    for key, shape in shapes.items():
+        if "layer_norm" in key or "layrnorm" in key or "layernorm" in key:
+            value = torch.ones(shape) if key.endswith("weight") else torch.zeros(shape)
+        elif len(shape) >= 2:
+            std = 0.02 if "embedding.weight" in key and "patch" not in key else (torch.Size(shape[1:]).numel()) ** -0.5
+            value = torch.randn(shape, generator=generator) * std
+        else:
+            value = torch.randn(shape, generator=generator) * 0.02 if "class_embedding" in key else torch.zeros(shape)
+        state[key] = value.to(torch.float16)
+    return state
