@@ -68,14 +68,15 @@ def perceiver(r: Random, prefix: str, dim: int, depth: int, embedding_dim: int, 
     return state
 
 
-def h94_image_proj(kind: str, token_dim: int, r: Random) -> dict:
+def h94_image_proj(kind: str, token_dim: int, r: Random, clip_width: int = CLIP_WIDTH, resampler: int = 0,
+                   queries: int = 0) -> dict:
     if kind in ("plus", "plus_face"):
-        dim = 64 if token_dim == 64 else 128                  # SDXL Plus: resampler width != token width
-        queries = 8 if kind == "plus" else 4
+        dim = resampler or (64 if token_dim == 64 else 128)   # SDXL Plus: resampler width != token width
+        queries = queries or (8 if kind == "plus" else 4)
         latents = (torch.randn(1, queries, dim, generator=r.generator) / dim ** 0.5).to(r.dtype)
-        return {"latents": latents, **perceiver(r, "", dim, 4, CLIP_WIDTH, token_dim)}
+        return {"latents": latents, **perceiver(r, "", dim, 4, clip_width, token_dim)}
     if kind == "full_face":
-        return {**r.linear("proj.0", CLIP_WIDTH, CLIP_WIDTH), **r.linear("proj.2", token_dim, CLIP_WIDTH),
+        return {**r.linear("proj.0", clip_width, clip_width), **r.linear("proj.2", token_dim, clip_width),
                 **r.norm("proj.3", token_dim)}
     if kind == "faceid":
         return {**r.linear("proj.0", 2 * ID_WIDTH, ID_WIDTH), **r.linear("proj.2", 4 * token_dim, 2 * ID_WIDTH),
@@ -88,8 +89,10 @@ def h94_image_proj(kind: str, token_dim: int, r: Random) -> dict:
     raise ValueError(kind)
 
 
-def h94_checkpoint(kind: str, token_dim: int, layer_dims: list[int], seed: int) -> dict:
-    """{"image_proj": {...}, "ip_adapter": {...}} as h94's files hold them (float16)."""
+def h94_checkpoint(kind: str, token_dim: int, layer_dims: list[int], seed: int, **sizes) -> dict:
+    """{"image_proj": {...}, "ip_adapter": {...}} as h94's files hold them (float16). ``sizes``:
+    clip_width, resampler, queries of the image projection (small by default; h94's Plus-Face SD1.5:
+    clip_width=1280, resampler=768, queries=16 with token_dim=768)."""
     r = Random(seed)
     ip_adapter = {}
     for i, dim in enumerate(layer_dims):
@@ -98,7 +101,7 @@ def h94_checkpoint(kind: str, token_dim: int, layer_dims: list[int], seed: int) 
         if kind == "faceid":       # FaceID files carry the LoRA of their attention layers too
             ip_adapter[f"{2 * i}.to_q_lora.down.weight"] = r.weight(4, dim)
             ip_adapter[f"{2 * i}.to_q_lora.up.weight"] = r.weight(dim, 4)
-    return {"image_proj": h94_image_proj(kind, token_dim, r), "ip_adapter": ip_adapter}
+    return {"image_proj": h94_image_proj(kind, token_dim, r, **sizes), "ip_adapter": ip_adapter}
 
 
 def flat(nested: dict) -> dict:
