@@ -47,6 +47,11 @@ def library_cache_dir() -> str:
     return os.path.join(folder_paths.get_temp_directory(), "omni_identity_libraries")
 
 
+def clip_vision_files() -> list[str]:
+    """safetensors files in ComfyUI's models/clip_vision (the SigLIP pooling head is read from one)."""
+    return [f for f in folder_paths.get_filename_list("clip_vision") if f.endswith(".safetensors")]
+
+
 def model_path(name: str, filename: str) -> str:
     """The file behind a name a loader lists; raises when it is gone."""
     return folder_paths.get_full_path_or_raise(name, filename)

@@ -1,9 +1,11 @@
 """Identity injection on ComfyUI models, through ModelPatcher's public extension points only.
 
 UNets (SD1.5, SDXL): an attn2 replace patch per cross-attention layer of a clone.
-FLUX: a ``patches_replace["dit"]`` patch per double/single block that marks the block
-in a copy of transformer_options and installs an ``optimized_attention_override``; the
-override adds the identity term to the image tokens of that block's joint attention.
+FLUX: a ``patches_replace["dit"]`` patch per double/single block that marks the block (its
+injections, its kind and the rotary embedding it was given) in a copy of transformer_options
+and installs an ``optimized_attention_override``; the override adds the identity terms of
+that block's joint attention (``guidance.flux_identity``), and terms the adapter adds to the
+image stream after the block (XLabs) are added by the block patch when the block returns.
 A DIFFUSION_MODEL wrapper records the text length and latent size per model call.
 Nothing global is changed: the original model, and every other clone, stay as they were.
 """
@@ -16,21 +18,23 @@ import comfy.patcher_extension
 import torch
 
 from ..guidance.adapter import IdentityAdapter
-from ..guidance.decoupled import BlockWeights, DecoupledAttention, LayerInjection, add_identity_to_joint_attention
-from .layers import check_fit, existing_patch, host_layers, is_flux, sigma_window
+from ..guidance.decoupled import BlockWeights, DecoupledAttention, LayerInjection
+from ..guidance.flux_identity import identity_terms
+from .layers import adapter_layers, check_fit, existing_patch, is_flux, sigma_window
 from .options import find_options
 
 FLUX_STATE = "omni_identity_flux"          # per model call: text length, latent size
 FLUX_BLOCK = "omni_identity_flux_block"    # per block: the injections to add
+FLUX_BLOCK_CALL = "omni_identity_flux_block_call"   # per block call: kind, rotary embedding, residual terms
 INJECT_MODES = ("both", "double", "single")
 FLUX_OPTIONS_POSITION = 6                  # x, then timestep, context, y, guidance, ref_latents, control, options
 
 
 def apply_identity(model, adapter: IdentityAdapter, tokens: dict, weight: float, start_at: float, end_at: float,
                    mask: Optional[torch.Tensor] = None, blocks: BlockWeights = BlockWeights(),
-                   inject: str = "both"):
+                   inject: str = "both", weight_mode: str = "output"):
     """A clone of ``model`` with the adapter's identity injected; ``model`` is untouched."""
-    layers = host_layers(model)
+    layers = adapter_layers(model, adapter)
     check_fit(adapter, model, layers)
     sigma_start, sigma_end = sigma_window(model, start_at, end_at)
     patched = model.clone()
@@ -41,8 +45,9 @@ def apply_identity(model, adapter: IdentityAdapter, tokens: dict, weight: float,
         layer_weight = weight * blocks.weight(layer.group, layer.number)
         if layer_weight == 0.0:
             continue
-        keys, values = adapter.layer_kv(index, tokens)
-        injection = LayerInjection(keys, values, layer_weight, sigma_start, sigma_end, mask)
+        keys, values = adapter.layer_kv(index, tokens, layer.heads)
+        injection = LayerInjection(keys, values, layer_weight, sigma_start, sigma_end, mask, weight_mode,
+                                   adapter.config.attention)
         if flux:
             add_flux_injection(patched, layer.key, injection)
         else:
@@ -102,33 +107,44 @@ def record_flux_call(executor, x, *args, **kwargs):
 
 
 class FluxBlockPatch:
-    """dit replace patch: runs the block with our attention override switched on for it.
+    """dit replace patch: runs the block with our attention override switched on for it, then
+    adds the identity terms that go to the image stream after the block.
 
     Extra arguments a later ComfyUI may pass go on to a previous patch (which has this same
     interface); ComfyUI's own ``original_block`` takes the block arguments only."""
 
-    def __init__(self, injections: tuple[LayerInjection, ...], previous=None):
+    def __init__(self, injections: tuple[LayerInjection, ...], previous=None, kind: str = "double"):
         self.injections = injections
         self.previous = previous
+        self.kind = kind
 
     def with_injection(self, injection: LayerInjection) -> "FluxBlockPatch":
-        return FluxBlockPatch((*self.injections, injection), self.previous)
+        return FluxBlockPatch((*self.injections, injection), self.previous, self.kind)
 
     def __deepcopy__(self, memo) -> "FluxBlockPatch":
-        return FluxBlockPatch(self.injections, self.previous)
+        return FluxBlockPatch(self.injections, self.previous, self.kind)
 
     def to(self, device) -> "FluxBlockPatch":
-        return FluxBlockPatch(tuple(i.to(device) for i in self.injections), self.previous)
+        return FluxBlockPatch(tuple(i.to(device) for i in self.injections), self.previous, self.kind)
 
     def __call__(self, args: dict, extra: dict, *more, **kwargs) -> dict:
         options = dict(args.get("transformer_options") or {})
         options[FLUX_BLOCK] = self.injections
+        call = {"kind": self.kind, "pe": args.get("pe"), "residual": None}
+        options[FLUX_BLOCK_CALL] = call
         previous_override = options.get("optimized_attention_override")
         options["optimized_attention_override"] = FluxAttentionOverride(previous_override)
         args = {**args, "transformer_options": options}
         if self.previous is not None:
-            return self.previous(args, extra, *more, **kwargs)
-        return extra["original_block"](args)
+            out = self.previous(args, extra, *more, **kwargs)
+        else:
+            out = extra["original_block"](args)
+        residual = call["residual"]
+        if residual is not None and isinstance(out, dict) and torch.is_tensor(out.get("img")):
+            img = out["img"]
+            count = residual.shape[1]
+            out = {**out, "img": torch.cat([img[:, :count] + residual.to(img.dtype), img[:, count:]], dim=1)}
+        return out
 
 
 class FluxAttentionOverride:
@@ -145,10 +161,12 @@ class FluxAttentionOverride:
         state = options.get(FLUX_STATE)
         if not injections or not isinstance(state, dict) or q.ndim != 4:
             return out
-        for injection in injections:
-            if injection.active(options.get("sigmas")):
-                out = add_identity_to_joint_attention(out, q, state["txt_len"], injection, func,
-                                                      options.get("cond_or_uncond") or (), state["latent_hw"])
+        call = options.get(FLUX_BLOCK_CALL) or {"kind": "double", "pe": None, "residual": None}
+        out, residual = identity_terms(out, q, call.get("pe"), state["txt_len"], call.get("kind", "double"),
+                                       injections, func, options.get("cond_or_uncond") or (), state["latent_hw"],
+                                       options.get("sigmas"))
+        if residual is not None:
+            call["residual"] = residual if call.get("residual") is None else call["residual"] + residual
         return out
 
 
@@ -157,5 +175,5 @@ def add_flux_injection(model, key: tuple, injection: LayerInjection) -> None:
     if isinstance(existing, FluxBlockPatch):
         patch = existing.with_injection(injection)
     else:
-        patch = FluxBlockPatch((injection,), previous=existing)
+        patch = FluxBlockPatch((injection,), previous=existing, kind="double" if key[0] == "double_block" else "single")
     model.set_model_patch_replace(patch, "dit", key[0], key[1])

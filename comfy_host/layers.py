@@ -14,6 +14,7 @@ class HostLayer:
     group: str                 # input / middle / output / double / single
     number: int                # block number within its group
     inner_dim: int
+    heads: int = 0             # attention heads (InstantX's adapters normalise per head)
 
 
 def diffusion_model(model):
@@ -39,28 +40,41 @@ def unet_layers(model) -> list[HostLayer]:
                 if isinstance(module, SpatialTransformer):
                     for index, tb in enumerate(module.transformer_blocks):
                         if getattr(tb, "attn2", None) is not None:
-                            layers.append(HostLayer((group, number, index), group, number, tb.attn2.to_q.out_features))
+                            layers.append(HostLayer((group, number, index), group, number,
+                                                    tb.attn2.to_q.out_features, tb.attn2.heads))
     return layers
 
 
 def flux_layers(model) -> list[HostLayer]:
     dm = diffusion_model(model)
-    return ([HostLayer(("double_block", i), "double", i, dm.hidden_size) for i in range(len(dm.double_blocks))]
-            + [HostLayer(("single_block", i), "single", i, dm.hidden_size) for i in range(len(dm.single_blocks))])
+    heads = int(getattr(dm, "num_heads", 0))
+    return ([HostLayer(("double_block", i), "double", i, dm.hidden_size, heads) for i in range(len(dm.double_blocks))]
+            + [HostLayer(("single_block", i), "single", i, dm.hidden_size, heads) for i in range(len(dm.single_blocks))])
 
 
 def host_layers(model) -> list[HostLayer]:
     return flux_layers(model) if is_flux(model) else unet_layers(model)
 
 
+def adapter_layers(model, adapter: IdentityAdapter) -> list[HostLayer]:
+    """The host layers the adapter's layers map to, in the adapter's order (XLabs' FLUX adapters
+    cover the double blocks only)."""
+    layers = host_layers(model)
+    if is_flux(model) and adapter.config.flux_blocks == "double":
+        layers = [layer for layer in layers if layer.group == "double"]
+    return layers
+
+
 def check_fit(adapter: IdentityAdapter, model, layers: list[HostLayer]) -> None:
     family = "flux" if is_flux(model) else "unet"
     dims = [layer.inner_dim for layer in layers]
     if adapter.config.family != family or tuple(dims) != adapter.config.layer_dims:
+        which = " (double blocks)" if family == "flux" and adapter.config.flux_blocks == "double" else ""
         raise AdapterFitError(
             f"adapter '{adapter.name}' ({adapter.config.describe()}, layer widths "
             f"{_summary(adapter.config.layer_dims)}) does not fit the model {model_description(model)}, which has "
-            f"{len(dims)} {family} attention layers of widths {_summary(dims)}. Use an adapter made for this base model.")
+            f"{len(dims)} {family} attention layers{which} of widths {_summary(dims)}. Use an adapter made for this "
+            "base model.")
 
 
 def fit_summary(adapter: IdentityAdapter, embeds, model) -> str:

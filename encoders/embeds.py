@@ -6,8 +6,12 @@ An identity is a set of named tensors plus a little provenance:
 - ``clip`` (N, 257, C): CLIP penultimate tokens, one block per photo (the CLIP
   baseline; the adapter concatenates them, or its own projection reads them);
 - ``arcface`` (N, 512): ArcFace embeddings, one row per photo;
-- ``clip_uncond`` (1, 257, C): CLIP tokens of a zero image, the unconditional input of
-  IP-Adapter projections (stored by the encode nodes next to ``clip``).
+- ``clip_uncond`` (1, 257, C): CLIP tokens of the unconditional image, the unconditional
+  input of IP-Adapter projections (stored by the encode nodes next to ``clip``);
+- ``pooled`` (N, P): the image encoder's pooled embedding per photo (CLIP's projected image
+  embedding, SigLIP's attention-pooled output), read by h94's base and the FLUX IP-Adapters;
+- ``pooled_uncond`` (1, P): its unconditional counterpart.
+``info["image_encoder"]`` names the image encoder the CLIP parts came from, for error messages.
 Files are safetensors (never pickle) with a JSON header under ``omni_identity``.
 """
 from __future__ import annotations
@@ -22,7 +26,7 @@ from .checkpoint import METADATA_KEY, CheckpointError, atomic_save, read_info, r
 EMBEDS_FORMAT = "omni_identity.embeds"
 EMBEDS_VERSION = 1
 KINDS = ("omni_id", "clip", "arcface", "arcface_clip", "infinite_id")
-PARTS = ("tokens", "clip", "arcface", "clip_uncond")
+PARTS = ("tokens", "clip", "arcface", "clip_uncond", "pooled", "pooled_uncond")
 COMBINE_MODES = ("concat", "average")
 
 
@@ -49,7 +53,9 @@ class IdentityEmbeds:
 
     def describe(self) -> str:
         parts = ", ".join(f"{k} {tuple(v.shape)}" for k, v in self.tensors.items())
-        return f"{self.kind} identity from {self.num_images} photo(s): {parts}"
+        encoder = self.info.get("image_encoder")
+        return (f"{self.kind} identity from {self.num_images} photo(s): {parts}"
+                + (f" (image encoder: {encoder})" if encoder else ""))
 
 
 def save_embeds(embeds: IdentityEmbeds, path: str) -> None:

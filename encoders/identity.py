@@ -68,11 +68,14 @@ def infinite_id_embeds(encoder: IdentityEncoder, clip_last_tokens: torch.Tensor,
 def baseline_embeds(method: str, clip_tokens: Optional[torch.Tensor] = None,
                     arcface: Optional[torch.Tensor] = None, encoder: Optional[IdentityEncoder] = None,
                     arcface_merge: str = "concat", info: Optional[dict] = None,
-                    clip_uncond: Optional[torch.Tensor] = None) -> IdentityEmbeds:
+                    clip_uncond: Optional[torch.Tensor] = None, pooled: Optional[torch.Tensor] = None,
+                    pooled_uncond: Optional[torch.Tensor] = None) -> IdentityEmbeds:
     """The paper's baselines. Without an encoder, the raw features (what an IP-Adapter's own
     projection reads); with an encoder file of the method's architecture, also its
     projected 256 x 1280 ``tokens`` (the representation the paper compares).
-    ``clip_uncond``: CLIP tokens of a zero image, kept for IP-Adapter's unconditional branch."""
+    ``clip_uncond``: CLIP tokens of the unconditional image, kept for IP-Adapter's unconditional
+    branch; ``pooled`` / ``pooled_uncond``: the image encoder's pooled embeddings of the photos
+    and of the unconditional image (read by pooled-embedding adapters: h94 base, XLabs, InstantX)."""
     if method not in BASELINES:
         raise ValueError(f"baseline method must be one of {BASELINES}, not {method!r}")
     if arcface_merge not in ARCFACE_MERGES:
@@ -87,6 +90,10 @@ def baseline_embeds(method: str, clip_tokens: Optional[torch.Tensor] = None,
         tensors["clip"] = clip_tokens.float().cpu()
         if clip_uncond is not None:
             tensors["clip_uncond"] = clip_uncond.float().cpu()
+        if pooled is not None:
+            tensors["pooled"] = pooled.float().cpu()
+            if pooled_uncond is not None:
+                tensors["pooled_uncond"] = pooled_uncond.float().cpu()
     if needs_arcface:
         tensors["arcface"] = arcface.float().cpu()
     info = dict(info or {})

@@ -1,10 +1,21 @@
 """Identity adapters: per-layer K/V projections of identity tokens (plus an optional image
-projection), loaded from this pack's format or from h94 IP-Adapter checkpoints.
+projection). Files are read by ``adapter_files`` (this pack's format, h94's IP-Adapters,
+XLabs' and InstantX's FLUX IP-Adapters).
 
 Layers are listed in the canonical order of the host's cross-attention layers: for
 UNets the order of diffusers' attention processors (down blocks, up blocks, middle),
-for FLUX the double blocks then the single blocks. The host checks that count and
-widths match the model.
+for FLUX the double blocks then the single blocks (``flux_blocks="double"``: the double
+blocks only, as XLabs' adapters). The host checks that count and widths match the model.
+
+``attention`` says how a FLUX host uses the K/V (UNet hosts always use ``decoupled``):
+- ``decoupled``: the identity term is added to the joint attention's output of the image
+  tokens, queried with the attention's own (rotary-embedded) queries (this pack's adapters);
+- ``xlabs``: queried with the image tokens' queries before the rotary embedding, added to
+  the image stream at the end of the double block (XLabs' IPDoubleStreamBlockProcessor);
+- ``instantx``: keys and values RMS-normalised per head, queried before the rotary
+  embedding, added to the attention output before its projection, on the image tokens in
+  double blocks and on every token (text and image) in single blocks (InstantX's
+  IPAFluxAttnProcessor2_0).
 """
 from __future__ import annotations
 
@@ -15,11 +26,11 @@ from typing import Optional
 import torch
 import torch.nn as nn
 
-from ..encoders.checkpoint import (METADATA_KEY, CheckpointError, atomic_save, read_info, read_safetensors)
+from ..encoders.checkpoint import METADATA_KEY, CheckpointError, atomic_save
 from ..encoders.embeds import IdentityEmbeds
 from ..encoders.finite import require_finite
 from .decoupled import COND, UNCOND
-from .image_proj import PROJECTIONS, build_projection, infer_h94_projection
+from .image_proj import PROJECTIONS, build_projection, f32_linear
 
 class AdapterFitError(ValueError):
     """An adapter that does not fit the embeds or the model it is applied with."""
@@ -28,6 +39,9 @@ class AdapterFitError(ValueError):
 ADAPTER_FORMAT = "omni_identity.adapter"
 ADAPTER_VERSION = 1
 FAMILIES = ("unet", "flux")
+ATTENTION_STYLES = ("decoupled", "xlabs", "instantx")
+FLUX_BLOCK_SETS = ("all", "double")
+KV_NORM_EPS = 1e-5                       # InstantX's RMSNorm on the identity keys and values
 
 
 @dataclass(frozen=True)
@@ -38,13 +52,22 @@ class AdapterConfig:
     projection: str = "none"
     projection_args: dict = field(default_factory=dict)
     embeds_kind: str = "omni_id"         # for projection "none": the kind of embeds read
-    source: str = "omni_identity"        # or "h94"
+    source: str = "omni_identity"        # or "h94", "xlabs", "instantx"
+    attention: str = "decoupled"         # how a FLUX host uses the K/V (see the module docstring)
+    flux_blocks: str = "all"             # FLUX: the layers are all blocks, or the double blocks only
+    kv_bias: bool = False                # the K/V projections have biases (XLabs)
 
     def __post_init__(self):
         if self.family not in FAMILIES:
             raise ValueError(f"adapter family must be one of {FAMILIES}, not {self.family!r}")
         if self.projection not in PROJECTIONS:
             raise ValueError(f"adapter projection must be one of {PROJECTIONS}, not {self.projection!r}")
+        if self.attention not in ATTENTION_STYLES:
+            raise ValueError(f"adapter attention must be one of {ATTENTION_STYLES}, not {self.attention!r}")
+        if self.flux_blocks not in FLUX_BLOCK_SETS:
+            raise ValueError(f"adapter flux_blocks must be one of {FLUX_BLOCK_SETS}, not {self.flux_blocks!r}")
+        if self.attention != "decoupled" and self.family != "flux":
+            raise ValueError(f"the {self.attention} attention is for FLUX adapters only")
         object.__setattr__(self, "layer_dims", tuple(int(d) for d in self.layer_dims))
 
     def to_dict(self) -> dict:
@@ -55,20 +78,35 @@ class AdapterConfig:
     def needs(self) -> tuple[str, ...]:
         """The embeds parts this adapter reads."""
         return {"none": ("tokens",), "plus": ("clip",), "full_face": ("clip",), "faceid": ("arcface",),
-                "faceid_plusv2": ("arcface", "clip")}[self.projection]
+                "faceid_plusv2": ("arcface", "clip"), "pooled": ("pooled",), "pooled_mlp": ("pooled",)}[self.projection]
 
     def describe(self) -> str:
+        pooled = self.projection_args.get("pooled_dim")
         what = {"none": f"{self.embeds_kind} tokens of width {self.token_dim}", "plus": "CLIP tokens (IP-Adapter Plus)",
                 "full_face": "CLIP tokens (IP-Adapter Full Face)", "faceid": "ArcFace embeddings (IP-Adapter FaceID)",
-                "faceid_plusv2": "ArcFace embeddings + CLIP tokens (IP-Adapter FaceID Plus v2)"}[self.projection]
-        return f"{self.source} {self.family} adapter with {len(self.layer_dims)} layers reading {what}"
+                "faceid_plusv2": "ArcFace embeddings + CLIP tokens (IP-Adapter FaceID Plus v2)",
+                "pooled": f"pooled image embeddings of width {pooled} ({POOLED_ENCODERS.get(self.source, 'CLIP')})",
+                "pooled_mlp": f"pooled image embeddings of width {pooled} "
+                              f"({POOLED_ENCODERS.get(self.source, 'SigLIP')})"}[self.projection]
+        blocks = " (double blocks)" if self.family == "flux" and self.flux_blocks == "double" else ""
+        return f"{self.source} {self.family} adapter with {len(self.layer_dims)} layers{blocks} reading {what}"
+
+
+POOLED_ENCODERS = {"h94": "CLIP-H or bigG projected embedding", "xlabs": "CLIP-L projected embedding",
+                   "instantx": "SigLIP so400m pooled output"}
 
 
 class LayerKV(nn.Module):
-    def __init__(self, token_dim: int, inner_dim: int):
+    def __init__(self, token_dim: int, inner_dim: int, bias: bool = False):
         super().__init__()
-        self.to_k = nn.Linear(token_dim, inner_dim, bias=False)
-        self.to_v = nn.Linear(token_dim, inner_dim, bias=False)
+        self.to_k = nn.Linear(token_dim, inner_dim, bias=bias)
+        self.to_v = nn.Linear(token_dim, inner_dim, bias=bias)
+
+
+def rms_per_head(x: torch.Tensor, heads: int, eps: float = KV_NORM_EPS) -> torch.Tensor:
+    """(L, heads * d) -> each head's d values divided by their root mean square (RMSNorm, no weight)."""
+    split = x.float().view(*x.shape[:-1], heads, -1)
+    return (split * torch.rsqrt(split.pow(2).mean(-1, keepdim=True) + eps)).view(x.shape)
 
 
 class IdentityAdapter(nn.Module):
@@ -76,7 +114,7 @@ class IdentityAdapter(nn.Module):
         super().__init__()
         self.config = config
         self.name = name or "adapter"
-        self.layers = nn.ModuleList(LayerKV(config.token_dim, d) for d in config.layer_dims)
+        self.layers = nn.ModuleList(LayerKV(config.token_dim, d, config.kv_bias) for d in config.layer_dims)
         proj = build_projection(config.projection, config.projection_args)
         if proj is not None:
             self.image_proj = proj
@@ -87,12 +125,16 @@ class IdentityAdapter(nn.Module):
         problem = None
         if missing:
             problem = f"it needs {' and '.join(self.config.needs())}"
+            if "pooled" in missing:
+                problem += (" (the pooled embedding Encode Baseline stores when a vision model is connected; "
+                            "for SigLIP, only with its pooling head chosen in siglip_head)")
         elif self.config.projection == "none" and embeds.kind != self.config.embeds_kind:
             problem = f"it was trained on {self.config.embeds_kind} embeds"
         elif self.config.projection == "none" and embeds.tensors["tokens"].shape[-1] != self.config.token_dim:
             problem = f"it reads tokens of width {self.config.token_dim}"
         else:
-            expected = {"clip": self._clip_dim(), "arcface": self._arcface_dim()}
+            expected = {"clip": self._clip_dim(), "arcface": self._arcface_dim(),
+                        "pooled": self.config.projection_args.get("pooled_dim")}
             for part, dim in expected.items():
                 if part in self.config.needs() and dim and embeds.tensors[part].shape[-1] != dim:
                     problem = f"its projection reads {part} features of width {dim}"
@@ -111,21 +153,26 @@ class IdentityAdapter(nn.Module):
     def identity_tokens(self, embeds: IdentityEmbeds, faceid_v2_scale: float = 1.0) -> dict[int, torch.Tensor]:
         """{COND: (L, token_dim), UNCOND: (L', token_dim)} for the decoupled attention.
 
-        The unconditional identity is what IP-Adapter uses: the projection of zero inputs
-        (zero ArcFace embeddings; CLIP tokens of a zero image, stored by the encode nodes
-        as ``clip_uncond``); for unprojected tokens, zero tokens.
+        The unconditional identity is what IP-Adapter uses: the projection of the embeds'
+        unconditional inputs (zero ArcFace embeddings; ``clip_uncond`` and ``pooled_uncond``,
+        which the encode node makes from the unconditional image it was set to; zeros when
+        the embeds carry none); for unprojected tokens, zero tokens.
         """
         self.check_embeds(embeds)
         t = {k: require_finite(v.float(), f"identity embeds part '{k}'") for k, v in embeds.tensors.items()}
         kind = self.config.projection
         if kind == "none":
             return {COND: t["tokens"], UNCOND: torch.zeros_like(t["tokens"][:1])}
-        proj = self.image_proj.float()
+        # small projections run in float32 in place; the MLP ones compute in float32 from any dtype
+        proj = self.image_proj if kind in ("faceid", "pooled", "pooled_mlp") else self.image_proj.float()
         clip_uncond = t.get("clip_uncond", torch.zeros_like(t["clip"][:1])) if "clip" in t else None
         if kind in ("plus", "full_face"):
             cond, uncond = proj(t["clip"]), proj(clip_uncond[:1])
         elif kind == "faceid":
             cond, uncond = proj(t["arcface"]), proj(torch.zeros_like(t["arcface"][:1]))
+        elif kind in ("pooled", "pooled_mlp"):
+            pooled_uncond = t.get("pooled_uncond", torch.zeros_like(t["pooled"][:1]))
+            cond, uncond = proj(t["pooled"]), proj(pooled_uncond[:1])
         else:
             if t["arcface"].shape[0] != t["clip"].shape[0]:
                 raise ValueError("FaceID Plus v2 needs one ArcFace embedding per CLIP image in the embeds")
@@ -136,72 +183,33 @@ class IdentityAdapter(nn.Module):
                 UNCOND: require_finite(uncond.reshape(-1, uncond.shape[-1]), where)}
 
     @torch.no_grad()
-    def layer_kv(self, index: int, tokens: dict[int, torch.Tensor]):
-        layer = self.layers[index].float()
-        keys = {b: layer.to_k(tokens[b]) for b in (COND, UNCOND)}
-        values = {b: layer.to_v(tokens[b]) for b in (COND, UNCOND)}
+    def layer_kv(self, index: int, tokens: dict[int, torch.Tensor], heads: Optional[int] = None):
+        """The identity keys and values of layer ``index`` as its attention uses them:
+        {COND, UNCOND} -> (L, inner) each (RMS-normalised per head for InstantX's adapters,
+        which need the layer's number of ``heads``)."""
+        layer = self.layers[index]
+        keys = {b: f32_linear(tokens[b], layer.to_k) for b in (COND, UNCOND)}
+        values = {b: f32_linear(tokens[b], layer.to_v) for b in (COND, UNCOND)}
+        if self.config.attention == "instantx":
+            if not heads:
+                raise ValueError("InstantX adapters normalise keys and values per head: the layer's heads are needed")
+            keys = {b: rms_per_head(k, heads) for b, k in keys.items()}
+            values = {b: rms_per_head(v, heads) for b, v in values.items()}
         return keys, values
 
 
 # -- files ------------------------------------------------------------------------------
+ADAPTER_KIND = {"plus": "clip", "full_face": "clip", "faceid": "arcface", "faceid_plusv2": "arcface_clip",
+                "pooled": "clip", "pooled_mlp": "clip"}
+
+
 def save_adapter(adapter: IdentityAdapter, path: str, extra: Optional[dict] = None) -> None:
     info = {"format": ADAPTER_FORMAT, "version": ADAPTER_VERSION, "config": adapter.config.to_dict(), **(extra or {})}
     atomic_save(adapter.state_dict(), path, {METADATA_KEY: json.dumps(info)})
 
 
-def _read_h94_bin(path: str) -> dict[str, torch.Tensor]:
-    """An h94 ``.bin`` ({"image_proj": {...}, "ip_adapter": {...}}), read with weights_only=True."""
-    try:
-        data = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as exc:
-        raise CheckpointError(f"{path} could not be read as a plain tensor checkpoint (weights_only=True): {exc}") from exc
-    if not (isinstance(data, dict) and {"image_proj", "ip_adapter"} <= set(data)):
-        raise CheckpointError(f"{path} is not an IP-Adapter .bin (no image_proj / ip_adapter sections)")
-    return {f"{section}.{k}": v for section in ("image_proj", "ip_adapter") for k, v in data[section].items()}
-
-
-def load_adapter(path: str, name: str = "") -> IdentityAdapter:
-    """This pack's adapter format, or an h94 IP-Adapter checkpoint (.safetensors or .bin)."""
-    name = name or path
-    if path.endswith(".bin"):
-        return _from_h94(_read_h94_bin(path), path, name)
-    metadata, tensors = read_safetensors(path, "adapter")
-    if METADATA_KEY not in metadata and any(k.startswith("ip_adapter.") for k in tensors):
-        return _from_h94(tensors, path, name)
-    info = read_info(path, metadata, list(tensors), "adapter", ADAPTER_FORMAT)
-    if info.get("version", 0) > ADAPTER_VERSION:
-        raise CheckpointError(f"{path} is adapter format version {info['version']}; update ComfyUI-OmniIdentity")
-    try:
-        config = AdapterConfig(**info.get("config", {}))
-    except (TypeError, ValueError) as exc:
-        raise CheckpointError(f"{path}: invalid adapter config: {exc}") from exc
-    return _assemble(config, tensors, path, name)
-
-
-def _from_h94(tensors: dict, path: str, name: str) -> IdentityAdapter:
-    proj_state = {k[len("image_proj."):]: v for k, v in tensors.items() if k.startswith("image_proj.")}
-    try:
-        kind, args = infer_h94_projection(proj_state)
-    except ValueError as exc:
-        raise CheckpointError(f"{path}: {exc}") from exc
-    numbers = sorted({int(k.split(".")[1]) for k in tensors if k.startswith("ip_adapter.")})
-    layers = {}
-    for i, number in enumerate(numbers):
-        for ours, theirs in (("to_k", "to_k_ip"), ("to_v", "to_v_ip")):
-            key = f"ip_adapter.{number}.{theirs}.weight"
-            if key not in tensors:
-                raise CheckpointError(f"{path}: {key} is missing")
-            layers[f"layers.{i}.{ours}.weight"] = tensors[key]
-    dims = [layers[f"layers.{i}.to_k.weight"].shape[0] for i in range(len(numbers))]
-    token_dim = layers["layers.0.to_k.weight"].shape[1]
-    config = AdapterConfig(family="unet", token_dim=token_dim, layer_dims=tuple(dims), projection=kind,
-                           projection_args=args, embeds_kind={"plus": "clip", "full_face": "clip", "faceid": "arcface",
-                                                               "faceid_plusv2": "arcface_clip"}[kind], source="h94")
-    state = {**layers, **{f"image_proj.{k}": v for k, v in proj_state.items()}}
-    return _assemble(config, state, path, name)
-
-
-def _assemble(config: AdapterConfig, tensors: dict, path: str, name: str) -> IdentityAdapter:
+def assemble(config: AdapterConfig, tensors: dict, path: str, name: str) -> IdentityAdapter:
+    """An adapter of ``config`` holding ``tensors`` (our key names), every name and shape checked."""
     with torch.device("meta"):
         adapter = IdentityAdapter(config, name)
     expected = {k: tuple(v.shape) for k, v in adapter.state_dict().items()}

@@ -14,6 +14,10 @@ A host (ComfyUI, diffusers) supplies the attention function with ComfyUI's
 (B, N, heads * dim) tensors, and calls ``DecoupledAttention`` with the layer's
 projected q, k, v and its ``extra`` options (``n_heads``, ``sigmas``,
 ``cond_or_uncond``, ``original_shape``, ...).
+
+``weight_mode``: ``output`` scales the identity term (h94's and diffusers' IP-Adapter scale;
+IPAdapter_plus's "V only"); ``kv`` scales the identity keys and values instead
+(IPAdapter_plus's default "K+V"), which also sharpens the attention for weights above 1.
 """
 from __future__ import annotations
 
@@ -27,6 +31,7 @@ import torch.nn.functional as F
 
 AttentionFn = Callable[..., torch.Tensor]
 COND, UNCOND = 0, 1
+WEIGHT_MODES = ("output", "kv")
 
 
 def sdpa_attention(q, k, v, heads, mask=None, **_):
@@ -113,7 +118,13 @@ class LayerInjection:
     sigma_start: float = math.inf          # active while sigma_end <= sigma <= sigma_start
     sigma_end: float = 0.0
     mask: Optional[torch.Tensor] = None    # (B or 1, H, W) over the latent
+    weight_mode: str = "output"            # "output": w * Attn(q, K, V); "kv": Attn(q, w K, w V)
+    style: str = "decoupled"               # FLUX hosts: the adapter's attention (see guidance.adapter)
     _cast: dict = field(default_factory=dict, repr=False)
+
+    def __post_init__(self):
+        if self.weight_mode not in WEIGHT_MODES:
+            raise ValueError(f"weight_mode must be one of {WEIGHT_MODES}, not {self.weight_mode!r}")
 
     def active(self, sigmas: Optional[torch.Tensor]) -> bool:
         if self.weight == 0.0:
@@ -130,6 +141,8 @@ class LayerInjection:
         key = (branch, like.device, like.dtype, tracked)
         if key not in self._cast:
             pair = (self.keys[branch].to(like.device, like.dtype), self.values[branch].to(like.device, like.dtype))
+            if self.weight_mode == "kv":
+                pair = tuple(t * self.weight for t in pair)
             if tracked:
                 pair = tuple(t.clone() if t.is_inference() else t for t in pair)
             self._cast[key] = pair
@@ -138,11 +151,12 @@ class LayerInjection:
     def to(self, device) -> "LayerInjection":
         moved = {b: t.to(device) for b, t in self.keys.items()}, {b: t.to(device) for b, t in self.values.items()}
         return LayerInjection(moved[0], moved[1], self.weight, self.sigma_start, self.sigma_end,
-                              None if self.mask is None else self.mask.to(device))
+                              None if self.mask is None else self.mask.to(device), self.weight_mode, self.style)
 
-    def contribution(self, q: torch.Tensor, heads: int, attention: AttentionFn,
-                     cond_or_uncond: Sequence[int], latent_hw: Optional[tuple[int, int]]) -> torch.Tensor:
-        """w * m * Attn(q, K_id, V_id) for a batch laid out as chunks of ``cond_or_uncond``."""
+    def attend(self, q: torch.Tensor, heads: int, attention: AttentionFn,
+               cond_or_uncond: Sequence[int]) -> torch.Tensor:
+        """Attn(q, K_id, V_id) (keys and values scaled in ``kv`` mode) for a batch laid out as
+        chunks of ``cond_or_uncond``."""
         chunks = q.chunk(len(cond_or_uncond)) if cond_or_uncond else (q,)
         branches = cond_or_uncond if cond_or_uncond else (COND,)
         outs = []
@@ -150,18 +164,35 @@ class LayerInjection:
             k, v = self.kv(UNCOND if branch == UNCOND else COND, chunk)
             b = chunk.shape[0]
             outs.append(attention(chunk, k.expand(b, -1, -1), v.expand(b, -1, -1), heads))
-        out = torch.cat(outs)
-        if self.mask is not None:
-            if latent_hw is None:
-                raise ValueError("a spatial mask needs the latent's shape from the host")
-            weights = mask_for_layer(self.mask, q.shape[1], latent_hw).to(out.device, out.dtype)
-            if weights.shape[0] != 1:
-                per_chunk = out.shape[0] // len(branches)
-                if weights.shape[0] != per_chunk:
-                    raise ValueError(f"the mask batch ({weights.shape[0]}) must be 1 or the image batch ({per_chunk})")
-                weights = weights.repeat(len(branches), 1, 1)
+        return torch.cat(outs)
+
+    def spatial_weights(self, num_tokens: int, latent_hw: Optional[tuple[int, int]], batch: int,
+                        branches: int, like: torch.Tensor) -> Optional[torch.Tensor]:
+        """(batch or 1, num_tokens, 1) mask weights on a layer's token grid, or None without a mask."""
+        if self.mask is None:
+            return None
+        if latent_hw is None:
+            raise ValueError("a spatial mask needs the latent's shape from the host")
+        weights = mask_for_layer(self.mask, num_tokens, latent_hw).to(like.device, like.dtype)
+        if weights.shape[0] != 1:
+            per_chunk = batch // branches
+            if weights.shape[0] != per_chunk:
+                raise ValueError(f"the mask batch ({weights.shape[0]}) must be 1 or the image batch ({per_chunk})")
+            weights = weights.repeat(branches, 1, 1)
+        return weights
+
+    def finish(self, out: torch.Tensor, weights: Optional[torch.Tensor]) -> torch.Tensor:
+        """The attention term times the mask weights and (in ``output`` mode) the weight."""
+        if weights is not None:
             out = out * weights
-        return out * self.weight
+        return out * self.weight if self.weight_mode == "output" else out
+
+    def contribution(self, q: torch.Tensor, heads: int, attention: AttentionFn,
+                     cond_or_uncond: Sequence[int], latent_hw: Optional[tuple[int, int]]) -> torch.Tensor:
+        """w * m * Attn(q, K_id, V_id) for a batch laid out as chunks of ``cond_or_uncond``."""
+        out = self.attend(q, heads, attention, cond_or_uncond)
+        weights = self.spatial_weights(q.shape[1], latent_hw, out.shape[0], max(1, len(cond_or_uncond or ())), out)
+        return self.finish(out, weights)
 
 
 class ReplacePatch:

@@ -7,7 +7,11 @@ as they are; the modules are our own implementations of the published architectu
 - ``full_face``: an MLP over every CLIP token, then LayerNorm;
 - ``faceid``: an MLP from the 512-d ArcFace embedding to T tokens, then LayerNorm;
 - ``faceid_plusv2``: the FaceID tokens refined by a Perceiver resampler over the CLIP
-  tokens, added back with a scale (the "v2" shortcut).
+  tokens, added back with a scale (the "v2" shortcut);
+- ``pooled``: one linear layer from the image encoder's pooled embedding to T tokens, then
+  LayerNorm (h94's base IP-Adapter; XLabs' FLUX IP-Adapters, keys ``proj`` and ``norm``);
+- ``pooled_mlp``: an MLP from the pooled embedding to T tokens, then LayerNorm (InstantX's
+  FLUX.1-dev IP-Adapter over SigLIP's pooled output; the FaceID MLP on another input).
 """
 from __future__ import annotations
 
@@ -15,7 +19,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-PROJECTIONS = ("none", "plus", "full_face", "faceid", "faceid_plusv2")
+PROJECTIONS = ("none", "plus", "full_face", "faceid", "faceid_plusv2", "pooled", "pooled_mlp")
 
 
 class PerceiverAttention(nn.Module):
@@ -83,7 +87,25 @@ class FullFaceProjection(nn.Module):
         return self.proj(clip)
 
 
+def f32_linear(x: torch.Tensor, layer: nn.Linear, rows: int = 16384) -> torch.Tensor:
+    """``layer(x)`` computed in float32 from weights of any dtype, ``rows`` output features at a
+    time, so a half-precision projection of a billion weights is never copied whole to float32."""
+    x = x.float()
+    parts = []
+    for start in range(0, layer.out_features, rows):
+        weight = layer.weight[start:start + rows].float()
+        bias = None if layer.bias is None else layer.bias[start:start + rows].float()
+        parts.append(F.linear(x, weight, bias))
+    return torch.cat(parts, -1)
+
+
+def f32_layer_norm(x: torch.Tensor, norm: nn.LayerNorm) -> torch.Tensor:
+    return F.layer_norm(x.float(), norm.normalized_shape, norm.weight.float(), norm.bias.float(), norm.eps)
+
+
 class FaceIDProjection(nn.Module):
+    """Linear, GELU, Linear to T tokens, LayerNorm; computed in float32 whatever the weights' dtype."""
+
     def __init__(self, id_dim: int, hidden: int, output_dim: int, num_tokens: int):
         super().__init__()
         self.num_tokens, self.output_dim = num_tokens, output_dim
@@ -91,10 +113,13 @@ class FaceIDProjection(nn.Module):
         self.norm = nn.LayerNorm(output_dim)
 
     def forward(self, arcface: torch.Tensor) -> torch.Tensor:
-        return self.norm(self.proj(arcface).view(arcface.shape[0], self.num_tokens, self.output_dim))
+        x = f32_linear(F.gelu(f32_linear(arcface, self.proj[0])), self.proj[2])
+        return f32_layer_norm(x.view(arcface.shape[0], self.num_tokens, self.output_dim), self.norm)
 
 
 class FaceIDPlusProjection(FaceIDProjection):
+    """FaceID tokens refined by a Perceiver resampler over CLIP tokens (h94's ProjPlusModel)."""
+
     def __init__(self, id_dim, hidden, output_dim, num_tokens, dim, depth, heads, embedding_dim, ff_mult):
         if dim != output_dim:
             raise ValueError(f"FaceID Plus: the resampler width ({dim}) must equal the token width ({output_dim})")
@@ -103,7 +128,26 @@ class FaceIDPlusProjection(FaceIDProjection):
 
     def forward(self, arcface: torch.Tensor, clip: torch.Tensor, shortcut_scale: float = 1.0) -> torch.Tensor:
         tokens = super().forward(arcface)
-        return tokens + shortcut_scale * self.perceiver_resampler.run(tokens, clip)
+        return tokens + shortcut_scale * self.perceiver_resampler.run(tokens, clip.to(tokens.dtype))
+
+
+class PooledProjection(nn.Module):
+    def __init__(self, pooled_dim: int, output_dim: int, num_tokens: int):
+        super().__init__()
+        self.num_tokens, self.output_dim = num_tokens, output_dim
+        self.proj = nn.Linear(pooled_dim, output_dim * num_tokens)
+        self.norm = nn.LayerNorm(output_dim)
+
+    def forward(self, pooled: torch.Tensor) -> torch.Tensor:
+        x = f32_linear(pooled, self.proj).view(pooled.shape[0], self.num_tokens, self.output_dim)
+        return f32_layer_norm(x, self.norm)
+
+
+class PooledMLPProjection(FaceIDProjection):
+    """The FaceID MLP (Linear, GELU, Linear, LayerNorm per token) on a pooled image embedding."""
+
+    def __init__(self, pooled_dim: int, hidden: int, output_dim: int, num_tokens: int):
+        super().__init__(pooled_dim, hidden, output_dim, num_tokens)
 
 
 def build_projection(kind: str, hyper: dict) -> nn.Module | None:
@@ -117,6 +161,10 @@ def build_projection(kind: str, hyper: dict) -> nn.Module | None:
         return FaceIDProjection(**hyper)
     if kind == "faceid_plusv2":
         return FaceIDPlusProjection(**hyper)
+    if kind == "pooled":
+        return PooledProjection(**hyper)
+    if kind == "pooled_mlp":
+        return PooledMLPProjection(**hyper)
     raise ValueError(f"image projection must be one of {PROJECTIONS}, not {kind!r}")
 
 
@@ -148,8 +196,20 @@ def infer_h94_projection(state: dict[str, torch.Tensor]) -> tuple[str, dict]:
         out_dim = state["norm.weight"].shape[0]
         return "faceid", dict(id_dim=state["proj.0.weight"].shape[1], hidden=state["proj.0.weight"].shape[0],
                               output_dim=out_dim, num_tokens=state["proj.2.weight"].shape[0] // out_dim)
-    if "proj.weight" in keys:
-        raise ValueError("this is a base IP-Adapter (ip-adapter_sd15 / _sdxl): it reads CLIP's pooled image "
-                         "embedding, which identity embeds do not carry; use ip-adapter-plus(-face), "
-                         "full-face or faceid(-plusv2) checkpoints")
+    if "proj.weight" in keys and "norm.weight" in keys:
+        return "pooled", pooled_args(state)
     raise ValueError(f"unrecognised image_proj layout (keys {sorted(keys)[:6]} ...)")
+
+
+def pooled_args(state: dict[str, torch.Tensor]) -> dict:
+    """Constructor arguments of a ``pooled`` projection (keys ``proj.*``, ``norm.*``)."""
+    out_dim = state["norm.weight"].shape[0]
+    return dict(pooled_dim=state["proj.weight"].shape[1], output_dim=out_dim,
+                num_tokens=state["proj.weight"].shape[0] // out_dim)
+
+
+def pooled_mlp_args(state: dict[str, torch.Tensor]) -> dict:
+    """Constructor arguments of a ``pooled_mlp`` projection (keys ``proj.0``, ``proj.2``, ``norm``)."""
+    out_dim = state["norm.weight"].shape[0]
+    return dict(pooled_dim=state["proj.0.weight"].shape[1], hidden=state["proj.0.weight"].shape[0],
+                output_dim=out_dim, num_tokens=state["proj.2.weight"].shape[0] // out_dim)

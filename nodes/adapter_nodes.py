@@ -6,8 +6,9 @@ from comfy_api.latest import io, ui
 from ..comfy_host.folders import model_files, model_path
 from ..comfy_host.identity import INJECT_MODES, apply_identity, overlap_with_applied
 from ..comfy_host.layers import fit_summary
-from ..guidance.adapter import AdapterFitError, load_adapter
-from ..guidance.decoupled import BlockWeights
+from ..guidance.adapter import AdapterFitError
+from ..guidance.adapter_files import load_adapter
+from ..guidance.decoupled import WEIGHT_MODES, BlockWeights
 from .common import CATEGORY, LOG, IdentityAdapterType, IdentityEmbedsType, OmniNode, queued
 
 
@@ -18,12 +19,13 @@ class AdapterLoader(OmniNode):
             node_id="OmniIdentityAdapterLoader",
             display_name="Identity Adapter Loader (OmniIdentity)",
             category=f"{CATEGORY}/adapter",
-            description=("Loads an identity adapter from models/ipadapter: this pack's adapters (Omni-ID or a "
-                         "baseline, for SD1.5, SDXL or FLUX) or h94 IP-Adapter checkpoints (Plus, Plus-Face, "
-                         "Full-Face, FaceID, FaceID Plus v2) for SD1.5 and SDXL."),
+            description=("Loads an identity adapter from models/ipadapter, recognised by its keys: this pack's "
+                         "adapters (Omni-ID or a baseline, for SD1.5, SDXL or FLUX), h94 IP-Adapters for SD1.5 and "
+                         "SDXL (Plus, Plus-Face, Full-Face, FaceID, FaceID Plus v2, base) and the FLUX IP-Adapters "
+                         "of XLabs (v1, v2; CLIP-L) and InstantX (FLUX.1-dev-IP-Adapter; SigLIP)."),
             inputs=[io.Combo.Input("adapter_name", options=model_files("ipadapter"),
-                                   tooltip="Adapter file in models/ipadapter (.safetensors; h94 .bin files are "
-                                           "read as plain tensors only).")],
+                                   tooltip="Adapter file in models/ipadapter (.safetensors; .bin files are read as "
+                                           "plain tensors only).")],
             outputs=[IdentityAdapterType.Output(display_name="adapter", tooltip="The loaded identity adapter.")],
         )
 
@@ -89,19 +91,25 @@ class ApplyAdapter(OmniNode):
                                tooltip="FLUX only: inject into double (MM-DiT) blocks, single (DiT) blocks, or both."),
                 io.Float.Input("faceid_v2_scale", default=1.0, min=0.0, max=5.0, step=0.05, optional=True,
                                tooltip="FaceID Plus v2 adapters only: weight of the CLIP refinement."),
+                io.Combo.Input("weight_mode", options=list(WEIGHT_MODES), default="output", optional=True,
+                               tooltip="How weight acts: output scales the identity term (h94, diffusers; "
+                                       "IPAdapter_plus's 'V only'); kv scales the identity keys and values "
+                                       "(IPAdapter_plus's default 'K+V'). Equal at weight 1."),
             ],
             outputs=[io.Model.Output(display_name="model", tooltip="The model with the identity injected.")],
         )
 
     ORDERED = (("start_at", "end_at"),)
     PARSERS = {"blocks": BlockWeights.parse}
-    validate_inputs = queued("weight", "start_at", "end_at", "blocks", "flux_inject", "faceid_v2_scale")
+    validate_inputs = queued("weight", "start_at", "end_at", "blocks", "flux_inject", "faceid_v2_scale",
+                             "weight_mode")
 
     @classmethod
     def execute(cls, model, adapter, embeds, weight: float, start_at: float, end_at: float, attn_mask=None,
-                blocks: str = "all=1", flux_inject: str = "both", faceid_v2_scale: float = 1.0) -> io.NodeOutput:
+                blocks: str = "all=1", flux_inject: str = "both", faceid_v2_scale: float = 1.0,
+                weight_mode: str = "output") -> io.NodeOutput:
         return inject(apply_identity, model, adapter, embeds, weight, start_at, end_at, attn_mask, blocks,
-                      inject=flux_inject, faceid_v2_scale=faceid_v2_scale)
+                      inject=flux_inject, faceid_v2_scale=faceid_v2_scale, weight_mode=weight_mode)
 
 
 NODES = [AdapterLoader, ApplyAdapter]

@@ -3,9 +3,9 @@ from __future__ import annotations
 
 from comfy_api.latest import io, ui
 
-from ..comfy_host.clip_vision import ClipVision
+from ..comfy_host.clip_vision import CROP_MODES, UNCONDITIONAL, ClipVision, load_siglip_head
 from ..comfy_host.encoder_model import LoadedEncoder, require_encoder
-from ..comfy_host.folders import model_files, model_path
+from ..comfy_host.folders import clip_vision_files, model_files, model_path
 from ..comfy_host.progress import progress
 from ..encoders.checkpoint import load_encoder
 from ..encoders.face import crop_faces
@@ -49,6 +49,15 @@ FACE_ANALYSIS_TOOLTIP = ("Optional: detect and align the face in every photo her
 def padding_input():
     return io.Float.Input("padding", default=0.25, min=0.0, max=2.0, step=0.01, optional=True,
                           tooltip="Margin around the ArcFace face square when cropping here (see Face Crop).")
+
+
+def clip_crop_input():
+    return io.Combo.Input("clip_crop", options=list(CROP_MODES), default="center", optional=True,
+                          tooltip="How photos that are not square reach the vision model's input: center (CLIP's "
+                                  "own preprocessing, h94 and IPAdapter_plus: shorter side resized, centre "
+                                  "cropped), squash (whole photo resized, as SigLIP's processor for InstantX's "
+                                  "adapter) or pad (padded with black to a square, IPAdapter_plus's 'pad'). "
+                                  "Aligned face crops are square: every mode gives the same.")
 
 
 def crops_output():
@@ -95,6 +104,7 @@ class Encode(OmniNode):
                 io.Image.Input("images", tooltip=IMAGES_TOOLTIP),
                 io.FaceAnalysis.Input("face_analysis", optional=True, tooltip=FACE_ANALYSIS_TOOLTIP),
                 padding_input(),
+                clip_crop_input(),
             ],
             outputs=[
                 IdentityEmbedsType.Output(display_name="embeds", tooltip="The identity (256 x 1280 tokens)."),
@@ -102,13 +112,14 @@ class Encode(OmniNode):
             ],
         )
 
-    validate_inputs = queued("padding")
+    validate_inputs = queued("padding", "clip_crop")
 
     @classmethod
-    def execute(cls, encoder, clip_vision, images, face_analysis=None, padding: float = 0.25) -> io.NodeOutput:
+    def execute(cls, encoder, clip_vision, images, face_analysis=None, padding: float = 0.25,
+                clip_crop: str = "center") -> io.NodeOutput:
         require_encoder(encoder)
         crops, _, info = prepare_photos(images, face_analysis, padding)
-        tokens, fresh = ClipVision(clip_vision).cached_tokens(crops)
+        tokens, fresh = ClipVision(clip_vision).cached_tokens(crops, clip_crop)
         info["encoder"] = encoder.name
         embeds = omni_id_embeds(encoder.ready(), tokens, info)
         text = report(embeds, fresh, info["skipped_images"], len(images))
@@ -123,10 +134,12 @@ class EncodeBaseline(OmniNode):
             node_id="OmniIdentityEncodeBaseline",
             display_name="Baseline Identity Encode (OmniIdentity)",
             category=f"{CATEGORY}/encode",
-            description=("The Omni-ID paper's baselines. clip: CLIP-H penultimate tokens of every photo, "
-                         "concatenated (IP-Adapter Plus/Full). arcface: the 512-d ArcFace embedding per photo "
-                         "(IP-Adapter FaceID). arcface_clip: both (FaceIDPlus). With an encoder file of the same "
-                         "architecture the features are also projected to 256 x 1280 tokens, as in the paper."),
+            description=("The Omni-ID paper's baselines, and the input of the IP-Adapters users already have. clip: "
+                         "the vision model's penultimate tokens of every photo (IP-Adapter Plus/Full) and its pooled "
+                         "embedding (h94 base, XLabs FLUX with CLIP-L, InstantX FLUX with SigLIP). arcface: the "
+                         "512-d ArcFace embedding per photo (IP-Adapter FaceID). arcface_clip: both (FaceID Plus). "
+                         "With an encoder file of the same architecture the features are also projected to "
+                         "256 x 1280 tokens, as in the paper."),
             inputs=[
                 io.Combo.Input("method", options=list(BASELINES), default="clip",
                                tooltip="clip, arcface or arcface_clip."),
@@ -134,7 +147,9 @@ class EncodeBaseline(OmniNode):
                 io.FaceAnalysis.Input("face_analysis", optional=True,
                                       tooltip="Needed by the ArcFace methods (an insightface pack, or dlib with an "
                                               "ArcFace model); also aligns the photos."),
-                io.ClipVision.Input("clip_vision", optional=True, tooltip="CLIP-H; needed by clip and arcface_clip."),
+                io.ClipVision.Input("clip_vision", optional=True,
+                                    tooltip="Needed by clip and arcface_clip: CLIP-H for h94's adapters, CLIP-L for "
+                                            "XLabs' FLUX adapters, SigLIP so400m for InstantX's."),
                 OmniIdEncoderType.Input("encoder", optional=True,
                                         tooltip="Optional arcface / arcface_clip encoder file: adds the projected "
                                                 "256 x 1280 tokens."),
@@ -142,6 +157,16 @@ class EncodeBaseline(OmniNode):
                                tooltip="Several photos with an arcface encoder: concatenate their tokens (the "
                                        "paper's choice) or average the embeddings first."),
                 padding_input(),
+                clip_crop_input(),
+                io.Combo.Input("unconditional", options=list(UNCONDITIONAL), default="h94", optional=True,
+                               tooltip="The image behind the identity of CFG's unconditional branch: h94 (CLIP's "
+                                       "input of zeros after normalisation, and a zero pooled embedding, as h94's "
+                                       "IP-Adapter code) or black (a black image, as IPAdapter_plus and XLabs)."),
+                io.Combo.Input("siglip_head", options=["none", *clip_vision_files()], default="none", optional=True,
+                               tooltip="SigLIP only (InstantX's FLUX adapter): the SigLIP file whose attention-"
+                                       "pooling head gives the pooled embedding. ComfyUI's CLIP vision loader drops "
+                                       "that head; choose a file that keeps it (e.g. google/siglip-so400m-"
+                                       "patch14-384's model.safetensors)."),
             ],
             outputs=[
                 IdentityEmbedsType.Output(display_name="embeds", tooltip="The baseline identity."),
@@ -149,11 +174,12 @@ class EncodeBaseline(OmniNode):
             ],
         )
 
-    validate_inputs = queued("method", "arcface_merge", "padding")
+    validate_inputs = queued("method", "arcface_merge", "padding", "clip_crop", "unconditional", "siglip_head")
 
     @classmethod
     def execute(cls, method: str, images, face_analysis=None, clip_vision=None, encoder=None,
-                arcface_merge: str = "concat", padding: float = 0.25) -> io.NodeOutput:
+                arcface_merge: str = "concat", padding: float = 0.25, clip_crop: str = "center",
+                unconditional: str = "h94", siglip_head: str = "none") -> io.NodeOutput:
         needs_arcface = method in ("arcface", "arcface_clip")
         if needs_arcface and face_analysis is None:
             raise ValueError(f"the {method} baseline needs face_analysis connected (an insightface pack, or dlib "
@@ -164,16 +190,21 @@ class EncodeBaseline(OmniNode):
             require_encoder(encoder)
         crops, faces, info = prepare_photos(images, face_analysis, padding)
         arcface = arcface_from_faces(faces) if needs_arcface else None
-        tokens, fresh, uncond = None, 0, None
+        tokens, fresh, uncond, pooled, pooled_uncond = None, 0, None, None, None
         if clip_vision is not None and method != "arcface":
             vision = ClipVision(clip_vision)
-            tokens, fresh = vision.cached_tokens(crops)
-            uncond = vision.uncond_tokens()
+            if siglip_head != "none":
+                vision.head = load_siglip_head(model_path("clip_vision", siglip_head), vision.heads)
+            tokens, pooled, fresh = vision.cached_features(crops, clip_crop)
+            uncond, pooled_uncond = vision.unconditional(unconditional)
+            info.update(image_encoder=vision.describe(None if pooled is None else pooled.shape[-1], tokens),
+                        clip_crop=clip_crop, unconditional=unconditional)
         if encoder is not None:
             info["encoder"] = encoder.name
         embeds = baseline_embeds(method, clip_tokens=tokens, arcface=arcface,
                                  encoder=encoder.ready() if encoder is not None else None,
-                                 arcface_merge=arcface_merge, info=info, clip_uncond=uncond)
+                                 arcface_merge=arcface_merge, info=info, clip_uncond=uncond, pooled=pooled,
+                                 pooled_uncond=pooled_uncond)
         text = report(embeds, fresh, info["skipped_images"], len(images))
         return io.NodeOutput(embeds, crops, ui=ui.PreviewText(text))
 

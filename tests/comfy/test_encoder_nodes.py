@@ -104,8 +104,9 @@ def test_baselines(comfy, comfy_server):
     g.add("OmniIdentitySaveEmbeds", embeds=g.out(both), filename_prefix="base/arcface_clip")
     comfy.run(g.nodes, timeout=600)
     clip_t, _, _ = read_embeds(comfy_server, "base/clip")
-    assert set(clip_t) == {"clip", "clip_uncond"} and clip_t["clip"].shape == (3, 257, 1280)
+    assert set(clip_t) == {"clip", "clip_uncond", "pooled", "pooled_uncond"} and clip_t["clip"].shape == (3, 257, 1280)
     assert clip_t["clip_uncond"].shape == (1, 257, 1280)
+    assert clip_t["pooled"].shape == (3, 1024) and clip_t["pooled_uncond"].abs().max() == 0   # h94: zero pooled
     arc_t, _, _ = read_embeds(comfy_server, "base/arcface")
     assert arc_t["arcface"].shape == (3, 512) and arc_t["tokens"].shape == (3 * 16, 1280)
     both_t, _, _ = read_embeds(comfy_server, "base/arcface_clip")

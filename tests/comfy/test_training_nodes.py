@@ -43,7 +43,8 @@ def test_headless_training_writes_files_the_loaders_read(comfy, comfy_server, ti
     adapter_name = saved["10"].removeprefix("saved models/ipadapter/")
     # both stages changed the weights they train
     from omniid.encoders.checkpoint import load_encoder
-    from omniid.guidance.adapter import create_adapter, load_adapter
+    from omniid.guidance.adapter import create_adapter
+    from omniid.guidance.adapter_files import load_adapter
     models = comfy_server.base_directory / "models"
     stage1 = load_encoder(str(models / "omni_identity" / saved["4"].removeprefix("saved models/omni_identity/")))
     stage2 = load_encoder(str(models / "omni_identity" / encoder_name))

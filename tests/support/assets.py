@@ -180,6 +180,9 @@ TEST_ENCODERS = {
                                                  cross_depth=1, self_depth=1, mlp_ratio=1.0),
 }
 SYNTHETIC_FLAME_VERSION = 2     # omniid/flame_fixture.py's files; bump when they change
+FLUX_IP_FIXTURES = 1            # the XLabs-layout adapter of the tiny FLUX and the random CLIP-L; bump when they change
+TINY_FLUX_XLABS = "omniid_tiny_flux_xlabs.safetensors"     # XLabs v1 layout for the tiny FLUX (one double block)
+RANDOM_CLIP_L = "omniid_random_clip_vit_l.safetensors"
 TEST_ARCFACE_ONNX = "models/omniid_test/random_arcface.onnx"   # under models/insightface/
 TINY_UNET_ATTN2_DIMS = (320, 320, 320, 320)   # tests/comfy/tiny_models.py's UNet: input 1, output 0-1, middle
 TINY_SDXL_ATTN2_DIMS = (320,) * 22             # its SDXL-family UNet: input 2 + 5, output 5 + 5 + 2 + 2, middle 1
@@ -205,15 +208,17 @@ TEST_ADAPTERS = {
 
 
 def pack_test_models() -> Path:
-    """Random encoder files and an ArcFace-interface ONNX, made with the pack's own code.
+    """Random encoder and adapter files (the pack's own code), an ArcFace-interface ONNX, an XLabs-layout
+    adapter for the tiny FLUX and a random CLIP-L vision tower (written key by key in the authors'
+    layouts by support.ip_layouts).
 
-    Layout mirrors ComfyUI's models folder: omni_identity/*.safetensors and
+    Layout mirrors ComfyUI's models folder: omni_identity/, ipadapter/, clip_vision/, flame/ and
     insightface/models/omniid_test/random_arcface.onnx.
     """
     import hashlib
 
-    key = hashlib.sha1(json.dumps([TEST_ENCODERS, TEST_ADAPTERS, TINY_UNET_ATTN2_DIMS, SYNTHETIC_FLAME_VERSION],
-                                  sort_keys=True).encode()).hexdigest()[:10]
+    key = hashlib.sha1(json.dumps([TEST_ENCODERS, TEST_ADAPTERS, TINY_UNET_ATTN2_DIMS, SYNTHETIC_FLAME_VERSION,
+                                   FLUX_IP_FIXTURES], sort_keys=True).encode()).hexdigest()[:10]
     target = cache_dir() / "pack_models" / key
     if (target / "done").is_file():
         return target
@@ -237,6 +242,11 @@ def pack_test_models() -> Path:
             save_file(h94_state_dict(adapter), str(path))
         else:
             save_adapter(adapter, str(path), extra={"note": "random weights for tests"})
+    from .ip_layouts import random_clip_vision_l, xlabs_checkpoint
+    save_file(xlabs_checkpoint("xlabs_v1", 3072, 1, seed=7, width=4096, pooled=768),
+              str(staging / "ipadapter" / TINY_FLUX_XLABS))
+    (staging / "clip_vision").mkdir(parents=True, exist_ok=True)
+    save_file(random_clip_vision_l(), str(staging / "clip_vision" / RANDOM_CLIP_L))
     from .flame_fixture import write_synthetic_flame
     write_synthetic_flame(staging / "flame")
     (staging / "done").write_text("ok")

@@ -7,8 +7,8 @@ from safetensors.torch import save_file
 
 from omniid.encoders.checkpoint import CheckpointError
 from omniid.encoders.embeds import IdentityEmbeds
-from omniid.guidance.adapter import (AdapterConfig, create_adapter, h94_state_dict, load_adapter,
-                                     save_adapter)
+from omniid.guidance.adapter import AdapterConfig, create_adapter, h94_state_dict, save_adapter
+from omniid.guidance.adapter_files import load_adapter
 from omniid.guidance.decoupled import COND, UNCOND
 from omniid.guidance.image_proj import PerceiverAttention, build_projection
 
@@ -95,16 +95,20 @@ def test_h94_bin_files_are_read_as_plain_tensors(tmp_path):
     torch.save(nested, str(tmp_path / "faceid.bin"))
     assert load_adapter(str(tmp_path / "faceid.bin")).config.projection == "faceid"
     torch.save({"something": torch.zeros(1)}, str(tmp_path / "other.bin"))
-    with pytest.raises(CheckpointError, match="not an IP-Adapter .bin"):
+    with pytest.raises(CheckpointError, match="not an IP-Adapter file"):
         load_adapter(str(tmp_path / "other.bin"))
 
 
-def test_base_ip_adapter_is_refused_with_the_reason(tmp_path):
-    save_file({"image_proj.proj.weight": torch.zeros(3072, 1024), "image_proj.norm.weight": torch.zeros(768),
-               "image_proj.norm.bias": torch.zeros(768), "ip_adapter.1.to_k_ip.weight": torch.zeros(320, 768),
+def test_base_ip_adapter_reads_the_pooled_embedding(tmp_path):
+    save_file({"image_proj.proj.weight": torch.zeros(3072, 1024), "image_proj.proj.bias": torch.zeros(3072),
+               "image_proj.norm.weight": torch.zeros(768), "image_proj.norm.bias": torch.zeros(768),
+               "ip_adapter.1.to_k_ip.weight": torch.zeros(320, 768),
                "ip_adapter.1.to_v_ip.weight": torch.zeros(320, 768)}, str(tmp_path / "base.safetensors"))
-    with pytest.raises(CheckpointError, match="base IP-Adapter.*pooled"):
-        load_adapter(str(tmp_path / "base.safetensors"))
+    adapter = load_adapter(str(tmp_path / "base.safetensors"))
+    assert adapter.config.projection == "pooled" and adapter.config.needs() == ("pooled",)
+    assert adapter.config.projection_args == dict(pooled_dim=1024, output_dim=768, num_tokens=4)
+    with pytest.raises(ValueError, match="needs pooled"):
+        adapter.identity_tokens(clip_embeds(c=1024))
 
 
 def test_embeds_that_do_not_fit_are_named():

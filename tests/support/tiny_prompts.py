@@ -1,0 +1,58 @@
+"""Example API workflows made small: model files -> the tiny test models, photos -> the test photos,
+sizes and steps -> small (the real-ComfyUI tests run every example this way)."""
+from __future__ import annotations
+
+from .assets import TEST_ARCFACE_ONNX
+
+TINY_ENCODERS = {"omni_id.safetensors": "omniid_tiny_omni_id.safetensors",
+                 "arcface.safetensors": "omniid_tiny_arcface.safetensors",
+                 "arcface_clip.safetensors": "omniid_tiny_arcface_clip.safetensors"}
+TINY_CLIP_VISION = {"clip-vit-large-patch14.safetensors": "omniid_random_clip_vit_l.safetensors"}
+TINY_CHECKPOINTS = {"v1-5-pruned-emaonly.safetensors": "omniid_tiny_sd15.safetensors",
+                    "sd_xl_base_1.0.safetensors": "omniid_tiny_sdxl.safetensors"}
+TINY_ADAPTERS = {"omni_id_sd15.safetensors": "omniid_tiny_sd15_omni.safetensors",
+                 "omni_id_sdxl.safetensors": "omniid_tiny_sdxl_omni.safetensors",
+                 "omni_id_flux.safetensors": "omniid_tiny_flux_omni.safetensors",
+                 "flux-ip-adapter.safetensors": "omniid_tiny_flux_xlabs.safetensors",
+                 "clip_sd15.safetensors": "omniid_tiny_sd15_plus_h94.safetensors",
+                 "arcface_sd15.safetensors": "omniid_tiny_sd15_arcface.safetensors",
+                 "arcface_clip_sd15.safetensors": "omniid_tiny_sd15_arcface_clip.safetensors",
+                 "ip-adapter-plus-face_sd15.safetensors": "omniid_tiny_sd15_plus_h94.safetensors"}
+
+
+def tiny(prompt: dict) -> dict:
+    """Model files -> the tiny test models, photos -> the test photos, sizes and steps -> small."""
+    for node in prompt.values():
+        kind, inputs = node["class_type"], node["inputs"]
+        if kind == "CheckpointLoaderSimple":
+            inputs["ckpt_name"] = TINY_CHECKPOINTS[inputs["ckpt_name"]]
+        elif kind == "CLIPVisionLoader":
+            inputs["clip_name"] = TINY_CLIP_VISION.get(inputs["clip_name"], "omniid_random_clip_vit_h.safetensors")
+        elif kind == "UNETLoader":
+            inputs["unet_name"] = "omniid_tiny_flux.safetensors"
+        elif kind == "DualCLIPLoader":
+            inputs.update(clip_name1="omniid_tiny_clip_l.safetensors", clip_name2="omniid_random_t5xxl_fp8.safetensors")
+        elif kind == "VAELoader":
+            inputs["vae_name"] = "omniid_tiny_flux_ae.safetensors"
+        elif kind == "ControlNetLoader":
+            inputs["control_net_name"] = "omniid_tiny_controlnet.safetensors"
+        elif kind == "OmniIdentityEncoderLoader":
+            inputs["encoder_name"] = TINY_ENCODERS[inputs["encoder_name"]]
+        elif kind == "OmniIdentityAdapterLoader":
+            inputs["adapter_name"] = TINY_ADAPTERS.get(inputs["adapter_name"], inputs["adapter_name"])
+        elif kind == "OmniIdentityFaceAnalysisLoader" and inputs.get("arcface_model", "none") != "none":
+            inputs["arcface_model"] = TEST_ARCFACE_ONNX
+        elif kind == "LoadImage" and inputs["image"].startswith("person_"):
+            inputs["image"] = inputs["image"].replace("person_", "id_")
+        elif kind in ("EmptyLatentImage", "EmptySD3LatentImage"):
+            wide = inputs["width"] > inputs["height"]
+            inputs.update(width=128 if wide else 64, height=64)
+        elif kind == "KSampler":
+            inputs.update(steps=2, sampler_name="euler", scheduler="normal")
+        elif kind == "BasicScheduler":
+            inputs.update(steps=3)
+        elif kind == "OmniIdentityRBGuidance":
+            inputs.update(feature_block=1)
+        elif kind == "OmniIdentityFlameLandmarks":
+            inputs.update(width=128, height=128)
+    return prompt
