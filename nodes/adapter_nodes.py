@@ -9,7 +9,7 @@ from ..comfy_host.layers import fit_summary
 from ..guidance.adapter import AdapterFitError
 from ..guidance.adapter_files import load_adapter
 from ..guidance.decoupled import WEIGHT_MODES, BlockWeights
-from .common import CATEGORY, LOG, IdentityAdapterType, IdentityEmbedsType, OmniNode, queued
+from .common import CATEGORY, LOG, IdentityAdapterType, IdentityEmbedsType, OmniNode, queued, advanced
 
 
 class AdapterLoader(OmniNode):
@@ -87,14 +87,14 @@ class ApplyAdapter(OmniNode):
             inputs=[
                 io.Model.Input("model", tooltip="SD1.5, SDXL or FLUX model."),
                 *identity_inputs(),
-                io.Combo.Input("flux_inject", options=list(INJECT_MODES), default="both", optional=True,
-                               tooltip="FLUX only: inject into double (MM-DiT) blocks, single (DiT) blocks, or both."),
-                io.Float.Input("faceid_v2_scale", default=1.0, min=0.0, max=5.0, step=0.05, optional=True,
-                               tooltip="FaceID Plus v2 adapters only: weight of the CLIP refinement."),
-                io.Combo.Input("weight_mode", options=list(WEIGHT_MODES), default="output", optional=True,
+                advanced(io.Combo.Input("flux_inject", options=list(INJECT_MODES), default="both", optional=True,
+                               tooltip="FLUX only: inject into double (MM-DiT) blocks, single (DiT) blocks, or both.")),
+                advanced(io.Float.Input("faceid_v2_scale", default=1.0, min=0.0, max=5.0, step=0.05, optional=True,
+                               tooltip="FaceID Plus v2 adapters only: weight of the CLIP refinement.")),
+                advanced(io.Combo.Input("weight_mode", options=list(WEIGHT_MODES), default="output", optional=True,
                                tooltip="How weight acts: output scales the identity term (h94, diffusers; "
                                        "IPAdapter_plus's 'V only'); kv scales the identity keys and values "
-                                       "(IPAdapter_plus's default 'K+V'). Equal at weight 1."),
+                                       "(IPAdapter_plus's default 'K+V'). Equal at weight 1.")),
             ],
             outputs=[io.Model.Output(display_name="model", tooltip="The model with the identity injected.")],
         )

@@ -81,6 +81,14 @@ class OmniNode(io.ComfyNode):
         cls.execute = classmethod(execute)
 
 
+def advanced(spec):
+    """An input for another model family or for experts: a socket without a widget, so the editor shows
+    each graph only its own controls; unconnected, its default applies."""
+    spec.force_input = True
+    spec.tooltip = f"{spec.tooltip} Advanced: connect a value (e.g. a Primitive node) to change it."
+    return spec
+
+
 def queued(*names: str):
     """A ``validate_inputs`` that checks the named inputs when the prompt is queued.
 

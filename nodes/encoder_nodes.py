@@ -11,7 +11,8 @@ from ..encoders.checkpoint import load_encoder
 from ..encoders.face import crop_faces
 from ..encoders.identity import BASELINES, arcface_from_faces, baseline_embeds, infinite_id_embeds, omni_id_embeds
 from ..encoders.omni_id import ARCFACE_MERGES
-from .common import CATEGORY, IdentityEmbedsType, LOG, OmniIdEncoderType, OmniNode, check_face_analysis, queued
+from .common import (CATEGORY, LOG, IdentityEmbedsType, OmniIdEncoderType, OmniNode, advanced, check_face_analysis,
+                     queued)
 
 CROP_SIZE = 224            # CLIP-H's input size
 
@@ -162,11 +163,11 @@ class EncodeBaseline(OmniNode):
                                tooltip="The image behind the identity of CFG's unconditional branch: h94 (CLIP's "
                                        "input of zeros after normalisation, and a zero pooled embedding, as h94's "
                                        "IP-Adapter code) or black (a black image, as IPAdapter_plus and XLabs)."),
-                io.Combo.Input("siglip_head", options=["none", *clip_vision_files()], default="none", optional=True,
+                advanced(io.Combo.Input("siglip_head", options=["none", *clip_vision_files()], default="none", optional=True,
                                tooltip="SigLIP only (InstantX's FLUX adapter): the SigLIP file whose attention-"
                                        "pooling head gives the pooled embedding. ComfyUI's CLIP vision loader drops "
                                        "that head; choose a file that keeps it (e.g. google/siglip-so400m-"
-                                       "patch14-384's model.safetensors)."),
+                                       "patch14-384's model.safetensors).")),
             ],
             outputs=[
                 IdentityEmbedsType.Output(display_name="embeds", tooltip="The baseline identity."),

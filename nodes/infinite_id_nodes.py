@@ -7,7 +7,7 @@ from ..comfy_host.two_streams import TEXT_STREAMS, apply_mixed_attention, set_ad
 from ..guidance.decoupled import BlockWeights
 from ..guidance.infinite_id import ADAIN_MODES, AdaINSettings
 from .adapter_nodes import identity_inputs, inject
-from .common import CATEGORY, OmniNode, queued
+from .common import CATEGORY, OmniNode, queued, advanced
 
 
 class MixedAttention(OmniNode):
@@ -63,9 +63,9 @@ class AdaINMean(OmniNode):
                 io.Model.Input("model", tooltip="The model from Mixed Attention (OmniIdentity)."),
                 io.Float.Input("strength", default=1.0, min=0.0, max=1.0, step=0.05,
                                tooltip="0 = off, 1 = the identity features take the text stream's mean."),
-                io.Combo.Input("mode", options=list(ADAIN_MODES), default="adain_mean", optional=True,
+                advanced(io.Combo.Input("mode", options=list(ADAIN_MODES), default="adain_mean", optional=True,
                                tooltip="adain_mean (the paper) or adain: mean and variance (the paper's ablation, "
-                                       "which loses identity)."),
+                                       "which loses identity).")),
             ],
             outputs=[io.Model.Output(display_name="model", tooltip="The model with AdaIN-mean style alignment.")],
         )

@@ -10,7 +10,7 @@ from ..comfy_host.rb_guider import RBGuider
 from ..encoders.face import overlapping_pairs
 from ..guidance.rb_guidance import RBSettings
 from ..training.report import captioned
-from .common import CATEGORY, LOG, Faces, OmniNode, check_face_analysis, queued
+from .common import CATEGORY, LOG, Faces, OmniNode, check_face_analysis, queued, advanced
 
 
 def _tinted(image: torch.Tensor, mask) -> torch.Tensor:
@@ -61,9 +61,9 @@ class RBGuidance(OmniNode):
                 io.String.Input("subject", default="", optional=True,
                                 tooltip="The word naming the person; empty = the first of man, woman, person, boy, "
                                         "girl, ... in the prompt (or the pivot token of Apply Pivot ID)."),
-                io.Int.Input("subject_token", default=0, min=0, max=76, optional=True,
+                advanced(io.Int.Input("subject_token", default=0, min=0, max=76, optional=True,
                              tooltip="Expert: the subject's position among the prompt's CLIP tokens (1 = first word); "
-                                     "0 = find it from subject / prompt / Apply Pivot ID."),
+                                     "0 = find it from subject / prompt / Apply Pivot ID.")),
                 io.Combo.Input("mask_source", options=list(rb_setup.MASK_SOURCES), default="subject attention",
                                optional=True,
                                tooltip="Generated face mask: the subject word's attention (paper), or the positions "

@@ -36,7 +36,7 @@ def branch(prompt: dict, source: dict, model: list, weight: float, prefix: str) 
 
 
 def test_xlabs_workflow_runs_on_the_tiny_flux_and_the_identity_changes_the_image(comfy):
-    source = tiny(load_workflow("api/identity_flux_xlabs.json"))
+    source = tiny(load_workflow("api/start_flux_xlabs.json"))
     assert source["8"]["inputs"]["adapter_name"] == TINY_FLUX_XLABS and source["2"]["inputs"]["clip_name"] == RANDOM_CLIP_L
     prompt = json.loads(json.dumps(source))
     zero = branch(prompt, source, ["5", 0], 0.0, "zero_")
@@ -56,7 +56,7 @@ def fit_error(comfy, prompt) -> str:
 
 
 def test_a_wrong_pairing_names_encoder_adapter_and_model(comfy):
-    source = tiny(load_workflow("api/identity_flux_xlabs.json"))
+    source = tiny(load_workflow("api/start_flux_xlabs.json"))
     wrong_encoder = json.loads(json.dumps(source))
     wrong_encoder["2"]["inputs"]["clip_name"] = CLIP_H            # CLIP-H: pooled 1024, XLabs reads CLIP-L's 768
     message = fit_error(comfy, wrong_encoder)

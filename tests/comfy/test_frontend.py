@@ -40,6 +40,45 @@ def test_every_api_workflow_has_an_editor_twin_and_a_thumbnail():
         assert name in notes, name
 
 
+LAYOUT = """
+(() => {
+  const T = LiteGraph.NODE_TITLE_HEIGHT, groups = app.graph._groups, nodes = app.graph._nodes;
+  const box = n => [n.pos[0], n.pos[1] - T, n.pos[0] + n.size[0], n.pos[1] + n.size[1]];
+  const inside = (b, g) => b[0] >= g.pos[0] && b[1] >= g.pos[1] && b[2] <= g.pos[0] + g.size[0]
+                           && b[3] <= g.pos[1] + g.size[1];
+  const owner = nodes.map(n => groups.filter(g => inside(box(n), g)).map(g => groups.indexOf(g)));
+  const overlaps = [];
+  for (let i = 0; i < nodes.length; i++)
+    for (let j = i + 1; j < nodes.length; j++) {
+      const a = box(nodes[i]), b = box(nodes[j]);
+      if (a[0] < b[2] && b[0] < a[2] && a[1] < b[3] && b[1] < a[3]) overlaps.push([nodes[i].title, nodes[j].title]);
+    }
+  const groupOf = new Map(nodes.map((n, i) => [n.id, owner[i].length === 1 ? owner[i][0] : -1]));
+  const links = Object.values(app.graph.links || {}).filter(l => l).map(l => [groupOf.get(l.origin_id),
+                                                                             groupOf.get(l.target_id)]);
+  return {groups: groups.map(g => g.title), owners: nodes.map((n, i) => [n.title, owner[i]]), overlaps, links,
+          order: groups.map(g => g.pos[0])};
+})()
+"""
+
+
+@pytest.mark.parametrize("name", UI_WORKFLOWS)
+def test_editor_workflow_keeps_the_pack_layout(editor, name):
+    """Titled groups left to right, every node in exactly one of them, none overlapping, no wire spanning the
+    whole canvas (from the first stage to the last)."""
+    ui = json.loads((WORKFLOWS / f"{name}.json").read_text())
+    editor.evaluate(f"app.loadGraphData({json.dumps(ui)}, true, true, {json.dumps(name)})")
+    layout = editor.evaluate(LAYOUT)
+    assert layout["groups"][0] == "About" and len(layout["groups"]) >= 3, layout["groups"]
+    assert layout["order"] == sorted(layout["order"]), "groups are not laid out left to right"
+    outside = [(title, owner) for title, owner in layout["owners"] if len(owner) != 1]
+    assert not outside, f"{name}: nodes not inside exactly one group: {outside}"
+    assert not layout["overlaps"], f"{name}: overlapping nodes {layout['overlaps']}"
+    first, last = 1, len(layout["groups"]) - 1
+    if last - first >= 2:
+        assert [first, last] not in layout["links"], f"{name}: a wire runs from the first stage to the last"
+
+
 @pytest.mark.parametrize("name", UI_WORKFLOWS)
 def test_editor_workflow_loads_cleanly_and_matches_its_api_twin(editor, name):
     ui = json.loads((WORKFLOWS / f"{name}.json").read_text())

@@ -12,7 +12,7 @@ RUN_ELSEWHERE = {
     "similarity.json": "test_metrics_nodes.py",
     "flame_controlnet_grid.json": "test_flame_nodes.py",
     "train_omni_id.json": "test_training_nodes.py",
-    "identity_flux_xlabs.json": "test_flux_ip_adapters.py",
+    "start_flux_xlabs.json": "test_flux_ip_adapters.py",
 }
 
 

@@ -204,6 +204,17 @@ TEST_ADAPTERS = {
     "omniid_tiny_sd15_infinite_id.safetensors": dict(projection="none", token_dim=1280, embeds_kind="infinite_id"),
     # made for another UNet: the fit check must name adapter, embeds and model
     "omniid_tiny_other_unet.safetensors": dict(projection="none", token_dim=1280, layer_dims=(640, 640, 1280)),
+    # h94's published files, by their published names, in their layouts for the tiny SD1.5 and SDXL-family UNets
+    "ip-adapter-plus-face_sd15.safetensors": dict(
+        projection="plus", token_dim=768, projection_args=dict(dim=64, depth=1, heads=1, embedding_dim=1280,
+                                                               output_dim=768, ff_mult=2, num_queries=4)),
+    "ip-adapter-plus-face_sdxl_vit-h.safetensors": dict(
+        projection="plus", token_dim=2048, layer_dims=TINY_SDXL_ATTN2_DIMS, projection_args=dict(
+            dim=64, depth=1, heads=1, embedding_dim=1280, output_dim=2048, ff_mult=2, num_queries=4)),
+    "ip-adapter-faceid-plusv2_sdxl.bin": dict(
+        projection="faceid_plusv2", token_dim=2048, layer_dims=TINY_SDXL_ATTN2_DIMS, projection_args=dict(
+            id_dim=512, hidden=64, output_dim=2048, num_tokens=4, dim=2048, depth=1, heads=32, embedding_dim=1280,
+            ff_mult=1)),
 }
 
 
@@ -238,7 +249,12 @@ def pack_test_models() -> Path:
         adapter = create_adapter(AdapterConfig(source=source, **spec), seed=100 + seed)
         path = staging / "ipadapter" / name
         path.parent.mkdir(parents=True, exist_ok=True)
-        if source == "h94":
+        if source == "h94" and name.endswith(".bin"):      # h94's .bin layout: two sections of tensors
+            import torch
+            flat = h94_state_dict(adapter)
+            torch.save({section: {k.split(".", 1)[1]: v for k, v in flat.items() if k.startswith(section + ".")}
+                        for section in ("image_proj", "ip_adapter")}, str(path))
+        elif source == "h94":
             save_file(h94_state_dict(adapter), str(path))
         else:
             save_adapter(adapter, str(path), extra={"note": "random weights for tests"})

@@ -40,6 +40,8 @@ def tiny(prompt: dict) -> dict:
             inputs["encoder_name"] = TINY_ENCODERS[inputs["encoder_name"]]
         elif kind == "OmniIdentityAdapterLoader":
             inputs["adapter_name"] = TINY_ADAPTERS.get(inputs["adapter_name"], inputs["adapter_name"])
+        elif kind == "OmniIdentityFaceAnalysisLoader" and inputs["backend"].startswith("insightface/"):
+            inputs.update(backend="dlib", arcface_model=TEST_ARCFACE_ONNX)   # ArcFace embeddings without a pack
         elif kind == "OmniIdentityFaceAnalysisLoader" and inputs.get("arcface_model", "none") != "none":
             inputs["arcface_model"] = TEST_ARCFACE_ONNX
         elif kind == "LoadImage" and inputs["image"].startswith("person_"):

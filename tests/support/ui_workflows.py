@@ -1,15 +1,18 @@
 """Make the editor (UI) workflows and their thumbnails from the API-format workflows.
 
-    .venv/bin/python -m omniid.ui_workflows [--comfyui PATH]
+    PYTHONPATH=tests .venv/bin/python -m support.ui_workflows [--comfyui PATH] [--only NAME]
 
 For each ``workflows/api/<name>.json`` the real frontend, served by a ComfyUI started on
 the tiny test models and driven in headless Chromium, builds the graph
-(``app.loadApiJson``), lays it out, fixes the seeds, adds a note saying what the
-workflow is for and which model files go where, and serialises it to
-``workflows/<name>.json`` (where ComfyUI's template browser finds a pack's workflows),
-with a thumbnail ``workflows/<name>.jpg``. The UI files are thus exactly what the editor
-makes of the API twins; ``tests/comfy/test_frontend.py`` checks that they load and
-convert back.
+(``app.loadApiJson``), lays it out in the pack's one style (``ui_layout``: stages left to
+right in titled, coloured groups, a note heading each stage, an About note with what the
+workflow is for and exactly which model files its loaders ask for), fixes the seeds, and
+serialises it to ``workflows/<name>.json`` (where ComfyUI's template browser finds a
+pack's workflows), with a thumbnail ``workflows/<name>.jpg`` (``thumbnails``: its stages
+and their nodes) and a screenshot of the editor at 75 % zoom in ``docs/workflows/``. The
+UI files are thus exactly what the editor makes of the API twins;
+``tests/comfy/test_frontend.py`` checks that they load, keep their groups and convert
+back.
 """
 from __future__ import annotations
 
@@ -19,10 +22,16 @@ import sys
 import tempfile
 from pathlib import Path
 
-from . import assets
-from .browser import Chromium, Page
+import time
+
 from omniid.cli.server import comfyui_python, find_comfyui
+
+from . import assets, thumbnails, ui_layout
+from .browser import Chromium, Page
 from .testing import WORKFLOWS, populate_base, start_server
+
+ZOOM = 0.75
+SCREENSHOTS = WORKFLOWS.parent / "docs" / "workflows"     # the editor at 75 % zoom, shown in the README
 
 MODEL_FOLDERS = {
     "CheckpointLoaderSimple": {"ckpt_name": "checkpoints"},
@@ -40,17 +49,47 @@ READY = ("window.app && app.graph && window.LiteGraph && "
          "LiteGraph.registered_node_types['OmniIdentityEncode'] ? true : false")
 
 
+# where each published file comes from (the notes name them as published)
+SOURCES = {
+    "v1-5-pruned-emaonly.safetensors": "stable-diffusion-v1-5/stable-diffusion-v1-5 on Hugging Face",
+    "sd_xl_base_1.0.safetensors": "stabilityai/stable-diffusion-xl-base-1.0 on Hugging Face",
+    "CLIP-ViT-H-14-laion2B-s32B-b79K.safetensors": "h94/IP-Adapter, models/image_encoder/model.safetensors, "
+                                                   "saved under this name",
+    "clip-vit-large-patch14.safetensors": "openai/clip-vit-large-patch14, model.safetensors, saved under this name",
+    "ip-adapter-plus-face_sd15.safetensors": "h94/IP-Adapter, models/",
+    "ip-adapter-plus-face_sdxl_vit-h.safetensors": "h94/IP-Adapter, sdxl_models/",
+    "ip-adapter-faceid-plusv2_sdxl.bin": "h94/IP-Adapter-FaceID",
+    "ip-adapter-faceid-plusv2_sd15.bin": "h94/IP-Adapter-FaceID",
+    "flux-ip-adapter.safetensors": "XLabs-AI/flux-ip-adapter (ip_adapter.safetensors), saved under this name",
+    "flux1-dev.safetensors": "black-forest-labs/FLUX.1-dev",
+    "clip_l.safetensors": "comfyanonymous/flux_text_encoders",
+    "t5xxl_fp16.safetensors": "comfyanonymous/flux_text_encoders",
+    "ae.safetensors": "black-forest-labs/FLUX.1-dev",
+    "control_v11p_sd15_openpose.pth": "lllyasviel/ControlNet-v1-1",
+    "omni_id.safetensors": "trained: the train_omni_id workflow",
+    "arcface.safetensors": "trained: the train_omni_id workflow (arcface method)",
+    "arcface_clip.safetensors": "trained: the train_omni_id workflow (arcface_clip method)",
+}
+TRAINED = ("**Omni-ID's weights are not public**: the encoder and adapter files this workflow loads come from "
+           "training them yourself with the `train_omni_id` template (README: Training the encoder). To try the "
+           "pack without training, start with a `start_...` template: they run on h94's and XLabs' public files.")
+
+
 def model_lines(api: dict) -> list[str]:
     lines = []
     for node in api.values():
         for field, folder in MODEL_FOLDERS.get(node["class_type"], {}).items():
             value = node["inputs"].get(field)
             if isinstance(value, str) and value != "none":
-                line = f"- `models/{folder}/{value}` ({node['_meta']['title']})"
+                source = SOURCES.get(value)
+                line = f"- `models/{folder}/{value}` ({node['_meta']['title']}" + (f"; from {source})" if source else ")")
                 if line not in lines:
                     lines.append(line)
-        if node["class_type"] == "OmniIdentityFaceAnalysisLoader" and node["inputs"].get("backend") == "dlib":
-            line = "- face analysis: dlib is bundled, no file needed"
+        if node["class_type"] == "OmniIdentityFaceAnalysisLoader":
+            backend = node["inputs"].get("backend", "dlib")
+            line = ("- face analysis: dlib is bundled, no file needed" if backend == "dlib" else
+                    f"- `models/insightface/models/{backend.split('/', 1)[1]}/` (the insightface pack's .onnx files; "
+                    "needs `requirements-insightface.txt`)")
             if line not in lines:
                 lines.append(line)
     return lines
@@ -64,51 +103,18 @@ def template_notes() -> dict:
 
 def note_text(name: str, api: dict, notes: dict) -> str:
     info = notes[name]
-    text = [f"## {info['title']}", "", info["purpose"], "", "**Model files** (rename in the loaders if yours differ):"]
+    text = [f"## {info['title']}", "", info["purpose"]]
+    if info.get("trained"):
+        text += ["", TRAINED]
+    if info.get("duration"):
+        text += ["", info["duration"]]
+    text += ["", "**Model files** (rename in the loaders if yours differ):"]
     text += model_lines(api) or ["- none"]
     inputs = sorted({n["inputs"]["image"] for n in api.values() if n["class_type"] == "LoadImage"})
     if inputs:
         text += ["", "**Photos**: load your own in " + ", ".join(f"`{i}`" for i in inputs) + "."]
     text += ["", "Pack: ComfyUI-OmniIdentity. API twin: `workflows/api/" + name + ".json`."]
     return "\n".join(text)
-
-
-BUILD = """
-(async () => {
-  const api = %(api)s;
-  app.loadApiJson(api, %(name)s);
-  for (const node of app.graph._nodes)
-    for (const w of node.widgets || [])
-      if (w.name === "control_after_generate") w.value = "fixed";
-  const nodes = app.graph._nodes;
-  const minX = Math.min(...nodes.map(n => n.pos[0])), minY = Math.min(...nodes.map(n => n.pos[1]));
-  const note = LiteGraph.createNode("MarkdownNote");
-  note.title = "About this workflow";
-  note.widgets[0].value = %(note)s;
-  note.size = [520, 340];
-  note.pos = [minX, minY - 400];
-  app.graph.add(note);
-  app.graph.setDirtyCanvas(true, true);
-  return app.graph.serialize();
-})()
-"""
-
-FIT = """
-(() => {
-  const nodes = app.graph._nodes;
-  const x0 = Math.min(...nodes.map(n => n.pos[0])) - 40, y0 = Math.min(...nodes.map(n => n.pos[1])) - 80;
-  app.canvas.low_quality_zoom_threshold = 0.05;
-  const x1 = Math.max(...nodes.map(n => n.pos[0] + n.size[0])) + 40;
-  const y1 = Math.max(...nodes.map(n => n.pos[1] + n.size[1])) + 40;
-  const el = app.canvas.canvas, rect = el.getBoundingClientRect();
-  const scale = Math.min(rect.width / (x1 - x0), rect.height / (y1 - y0));
-  app.canvas.ds.scale = scale;
-  app.canvas.ds.offset = [-x0 + (rect.width / scale - (x1 - x0)) / 2, -y0 + (rect.height / scale - (y1 - y0)) / 2];
-  app.canvas.setDirty(true, true);
-  app.canvas.draw(true, true);
-  return {x: rect.left, y: rect.top, width: rect.width, height: rect.height};
-})()
-"""
 
 
 def open_editor(browser: Chromium, url: str) -> Page:
@@ -125,8 +131,13 @@ def open_editor(browser: Chromium, url: str) -> Page:
     return page
 
 
-def build_all(url: str, names: list[str] | None = None, thumbnails: bool = True) -> list[Path]:
-    from PIL import Image
+def _stage_rows(ui: dict, groups: list[dict], api: dict) -> list[tuple[str, str, list[str]]]:
+    titles = {int(i): node["_meta"]["title"] for i, node in api.items()}
+    return [(g["title"], g["color"], [titles[i] for i in g["ids"]]) for g in groups]
+
+
+def build_all(url: str, names: list[str] | None = None, pictures: bool = True) -> list[Path]:
+    """Editor workflow, thumbnail and 75 % screenshot of each API workflow (or of ``names``)."""
     notes = template_notes()
     written = []
     with Chromium(width=1600, height=1000) as browser:
@@ -136,20 +147,26 @@ def build_all(url: str, names: list[str] | None = None, thumbnails: bool = True)
             if names and name not in names:
                 continue
             api = json.loads(api_path.read_text())
-            ui = page.evaluate(BUILD % {"api": json.dumps(api), "name": json.dumps(name),
-                                        "note": json.dumps(note_text(name, api, notes))})
+            info = notes[name]
+            groups = ui_layout.plan(api, info.get("stages", {}), info.get("stage_notes", {}))
+            ui = page.evaluate(ui_layout.build_script(name, api, groups, note_text(name, api, notes)))
             target = WORKFLOWS / f"{name}.json"
             target.write_text(json.dumps(ui, indent=1) + "\n")
             written.append(target)
-            if thumbnails:
-                clip = page.evaluate(FIT)
-                import time
-                time.sleep(0.5)
-                shot = WORKFLOWS / f"{name}.jpg"
-                page.screenshot(shot, clip=clip)
-                with Image.open(shot) as image:
-                    image.convert("RGB").resize((640, int(640 * image.height / image.width))).save(shot, quality=82)
-                written.append(shot)
+            if not pictures:
+                continue
+            written.append(thumbnails.thumbnail(WORKFLOWS / f"{name}.jpg", info["title"],
+                                                _stage_rows(ui, groups, api)))
+            box = page.evaluate(ui_layout.AT_ZOOM % {"scale": ZOOM})
+            # room for the editor's menus around the canvas
+            page.send("Emulation.setDeviceMetricsOverride", width=box["width"] + 200, height=box["height"] + 300,
+                      deviceScaleFactor=1, mobile=False)
+            time.sleep(0.5)
+            clip = page.evaluate(ui_layout.DRAW % {"scale": ZOOM, **box})
+            time.sleep(0.5)
+            SCREENSHOTS.mkdir(parents=True, exist_ok=True)
+            written.append(page.screenshot(SCREENSHOTS / f"{name}.jpg", clip=clip, quality=80))
+            page.send("Emulation.clearDeviceMetricsOverride")
         page.close()
     return written
 
