@@ -125,10 +125,10 @@ class ClipVision:
             with torch.no_grad():
                 parts.append(self.clip_vision.encode_image(images[start:start + PHOTOS_PER_CALL],
                                                            crop=crop != "squash"))
-        if len(parts) == 1:
-            return parts[0]
-        return {key: torch.cat([part[key] for part in parts]) for key in parts[0].keys()
-                if torch.is_tensor(parts[0][key])}
+        # ComfyUI returns an attribute bag (comfy.clip_vision.Output), not a dict
+        parts = [part if isinstance(part, dict) else vars(part) for part in parts]
+        return {key: torch.cat([part[key] for part in parts]) for key, value in parts[0].items()
+                if torch.is_tensor(value)}
 
     def _encode_pixels(self, pixel_values: torch.Tensor) -> dict:
         """Outputs for normalised pixel values given directly (no resizing or rounding)."""

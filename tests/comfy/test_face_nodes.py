@@ -84,6 +84,9 @@ def test_invalid_inputs_are_rejected_before_running(comfy):
                                          "Face crop.selection=random", "Face crop.crop_size=8",
                                          "Face analysis.backend=insightface/nope"))
     text = str(rejected.value)
-    assert "selection: 'random' is not one of ['largest'" in text
+    # The pack's own queue-time check (comfy_host/inputs.py) answers for the inputs a node's
+    # validate_inputs takes, naming the node, the input, the value and what is valid;
+    # ComfyUI's own check answers for the rest.
+    assert "selection is 'random', not one of its options ['largest'" in text
     assert "crop_size" in text and "smaller than min of 64" in text
-    assert "backend: 'insightface/nope' is not one of ['dlib'" in text
+    assert "backend is 'insightface/nope', not one of its options ['dlib'" in text
