@@ -20,8 +20,12 @@ TINY_ADAPTERS = {"omni_id_sd15.safetensors": "omniid_tiny_sd15_omni.safetensors"
                  "ip-adapter-plus-face_sd15.safetensors": "omniid_tiny_sd15_plus_h94.safetensors"}
 
 
-def tiny(prompt: dict) -> dict:
-    """Model files -> the tiny test models, photos -> the test photos, sizes and steps -> small."""
+def tiny(prompt: dict, flux_text_encoders: bool = False) -> dict:
+    """Model files -> the tiny test models, photos -> the test photos, sizes and steps -> small.
+
+    Unless ``flux_text_encoders``, CLIP Text Encode on FLUX's text encoders becomes the test
+    node OmniTestFluxText (same conditioning layout, no full-size T5-XXL on the CPU).
+    """
     for node in prompt.values():
         kind, inputs = node["class_type"], node["inputs"]
         if kind == "CheckpointLoaderSimple":
@@ -57,4 +61,19 @@ def tiny(prompt: dict) -> dict:
             inputs.update(feature_block=1)
         elif kind == "OmniIdentityFlameLandmarks":
             inputs.update(width=128, height=128)
+    if not flux_text_encoders:
+        _without_flux_text_encoders(prompt)
     return prompt
+
+
+def _without_flux_text_encoders(prompt: dict) -> None:
+    loaders = {node_id for node_id, node in prompt.items()
+               if node["class_type"] == "DualCLIPLoader" and node["inputs"].get("type") == "flux"}
+    for node in prompt.values():
+        clip = node["inputs"].get("clip")
+        if node["class_type"] == "CLIPTextEncode" and isinstance(clip, list) and clip[0] in loaders:
+            node["class_type"] = "OmniTestFluxText"
+            node["inputs"] = {"text": node["inputs"]["text"], "tokens": 8}
+    still_used = {value[0] for node in prompt.values() for value in node["inputs"].values() if isinstance(value, list)}
+    for node_id in loaders - still_used:
+        del prompt[node_id]

@@ -4,8 +4,13 @@
 shape filled with a number, NaN or Inf, or an object of another pack (a dict): values the pack
 must refuse. ``OmniTestRerun`` passes a model through and is never cached, so the nodes after
 it run again on every prompt while the checkpoint loader before it stays cached.
+``OmniTestFluxText`` stands in for CLIP Text Encode on FLUX's CLIP-L + T5-XXL: ComfyUI builds
+T5-XXL at full size whatever the file holds (about 40 s to load and over a minute per prompt on
+a 2-core CPU), so most FLUX graphs in the tests get a conditioning of FLUX's layout
+(tokens x 4096, pooled 768) drawn from the text instead; one test keeps the real encoders.
 """
 import json
+import zlib
 
 import torch
 
@@ -49,4 +54,22 @@ class OmniTestRerun:
         return (model,)
 
 
-NODE_CLASS_MAPPINGS = {"OmniTestValue": OmniTestValue, "OmniTestRerun": OmniTestRerun}
+class OmniTestFluxText:
+    CATEGORY = "testing"
+    RETURN_TYPES = ("CONDITIONING",)
+    FUNCTION = "encode"
+
+    @classmethod
+    def INPUT_TYPES(cls):
+        return {"required": {"text": ("STRING", {"multiline": True}),
+                             "tokens": ("INT", {"default": 8, "min": 1, "max": 512})}}
+
+    def encode(self, text, tokens):
+        generator = torch.Generator().manual_seed(zlib.crc32(text.encode("utf-8")))
+        context = torch.randn(1, tokens, 4096, generator=generator)
+        pooled = torch.randn(1, 768, generator=generator)
+        return ([[context, {"pooled_output": pooled}]],)
+
+
+NODE_CLASS_MAPPINGS = {"OmniTestValue": OmniTestValue, "OmniTestRerun": OmniTestRerun,
+                       "OmniTestFluxText": OmniTestFluxText}
