@@ -16,7 +16,9 @@ from ..guidance.rb_guidance import SUBJECT_TOKEN_KEY
 from ..training.dataset import FewToManySampler, SamplerConfig
 from ..training.pivot import ETA, PivotObjective
 from ..training.report import loss_plot
+from ..training.recipes import pivot_stage
 from ..training.trainer import TrainConfig, Trainer
+from .training_nodes import apply_recipe, recipe_input
 from .common import CATEGORY, IdentityDatasetType, LOG, OmniNode, PivotEncoderType, check_face_analysis, queued
 
 
@@ -69,21 +71,24 @@ class TrainPivotEncoder(OmniNode):
                                 tooltip="Checkpoint name in output/omni_identity_training/; the same name resumes."),
                 io.Boolean.Input("resume", default=True, tooltip="Continue from the run's checkpoint when there is one."),
                 io.Int.Input("save_every", default=100, min=0, max=1_000_000, tooltip="Steps between checkpoints."),
+                recipe_input("OmniPortrait pivot: 80K steps SD1.5 / 60K SDXL at 1024 px, AdamW 2e-5"),
             ],
             outputs=[PivotEncoderType.Output(display_name="pivot_encoder", tooltip="The trained pivot encoder."),
                      io.Image.Output(display_name="loss_plot", tooltip="Loss per step and its running mean.")],
         )
 
-    validate_inputs = queued("eta", "lr")
+    validate_inputs = queued("eta", "lr", "recipe")
 
     @classmethod
     def execute(cls, model, vae, clip_vision, dataset, face_analysis, positive, class_token: int, eta: float,
                 image_size: int, steps: int, lr: float, batch: int, targets: int, seed: int, run_name: str,
-                resume: bool, save_every: int, pivot_encoder=None) -> io.NodeOutput:
+                resume: bool, save_every: int, pivot_encoder=None, recipe: str = "custom") -> io.NodeOutput:
         if is_flux(model):
             raise ValueError("the pivot encoder replaces a word of a CLIP text conditioning: use an SD1.5 or SDXL model")
-        host = ComfyDenoiserHost(model, vae, positive, image_size)
         text = positive[0][0]
+        run = apply_recipe(pivot_stage(text.shape[-1]), recipe, steps, lr, image_size, batch, 1)
+        steps, lr, image_size, batch = run.steps, run.lr, run.image_size, run.batch
+        host = ComfyDenoiserHost(model, vae, positive, image_size)
         embed_fn = ClipVision(clip_vision).image_embeds
         check_face_analysis(face_analysis)
         with torch.inference_mode(False), torch.enable_grad():

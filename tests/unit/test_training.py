@@ -446,3 +446,11 @@ def test_fidelity_a_trained_clip_adapter_reads_the_photos_concatenated_clip_toke
     assert tokens[UNCOND].abs().sum() == 0
     with pytest.raises(ValueError, match="does not fit these embeds: it needs clip"):
         adapter.identity_tokens(IdentityEmbeds("omni_id", {"tokens": torch.randn(4, 64)}))
+
+
+def test_fidelity_omniid_train_prints_the_recipe_it_runs(dataset_dir, tmp_path, tiny_open_clip):
+    done = run(train_command(dataset_dir, tmp_path / "enc.safetensors", tmp_path / "ckpt.pt", 1, tiny_open_clip,
+                             extra=("--recipe", "quick")))
+    assert "recipe quick (mtd): 1 steps, global batch 2 (batch 2 x accum 1 x 1 process(es)), 56 px, lr 0.001" \
+        in done.stderr
+    assert "kept as given: batch, image_size, lr, steps" in done.stderr
