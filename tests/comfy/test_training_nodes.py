@@ -8,6 +8,7 @@ import torch
 
 from omniid.cli.client import ExecutionFailed, PromptRejected
 from omniid.cli.graph import Graph
+from support.assets import TEST_ARCFACE_ONNX
 from support.testing import images_of, load_workflow
 
 TINY = ("CLIP vision.clip_name=omniid_random_clip_vit_h.safetensors",
@@ -152,3 +153,83 @@ def test_pivot_encoder_trains_with_localisation_and_conditions_generation(comfy,
     result = comfy.run(g.nodes, timeout=600)
     with_pivot, without = images_of(comfy, result, ids["save"])[0], images_of(comfy, result, plain["save"])[0]
     assert with_pivot.shape == without.shape and (with_pivot != without).any()
+
+
+@pytest.mark.parametrize("method", ["clip", "arcface"])
+def test_fidelity_flow_matching_node_trains_a_paper_baseline_that_generates(comfy, comfy_server, tiny_people, method):
+    """Omni-ID A.1: the baselines train in the same flow-matching stage; clip has no encoder (only the adapter's
+    projections train), arcface starts a new ArcFace projection. The saved adapter then applies to Encode
+    Baseline's embeds of that method. The paper recipe is logged but explicit-free widgets are overridden, so
+    these runs stay on custom."""
+    g = Graph()
+    ckpt = g.checkpoint()
+    clip = g.out(g.add("CLIPVisionLoader", clip_name="omniid_random_clip_vit_h.safetensors"))
+    faces = g.out(g.add("OmniIdentityFaceAnalysisLoader", backend="dlib", provider="CPU", det_size=640,
+                        arcface_model=TEST_ARCFACE_ONNX))
+    dataset = g.out(g.add("OmniIdentityDataset", folder=tiny_people, min_photos=2))
+    positive = g.out(g.add("CLIPTextEncode", clip=g.out(ckpt, 1), text="a photo of a person"))
+    trained = g.add("OmniIdentityTrainFlowMatching", model=g.out(ckpt, 0), vae=g.out(ckpt, 2), clip_vision=clip,
+                    dataset=dataset, positive=positive, mode="omni_id", image_size=64, steps=2, lr=1e-3, batch=2,
+                    grad_accum=1, inputs_min=1, inputs_max=2, targets=2, precision="fp32", seed=0,
+                    run_name=f"baseline_{method}", resume=False, save_every=0, method=method,
+                    encoder_size="tiny (1 cross + 1 self, 128 wide, 16 queries)", face_analysis=faces,
+                    arcface_merge="concat", recipe="custom")
+    saved = g.add("OmniIdentitySaveAdapter", adapter=g.out(trained, 1), filename_prefix=f"trained/{method}")
+    if method != "clip":
+        g.add("OmniIdentitySaveEncoder", encoder=g.out(trained, 0), filename_prefix=f"trained/{method}_encoder")
+    g.add("SaveImage", images=g.out(trained, 2), filename_prefix=f"{method}_loss")
+    result = comfy.run(g.nodes, timeout=900)
+    adapter_name = result.outputs[saved]["text"][0].removeprefix("saved models/ipadapter/")
+    from omniid.guidance.adapter import create_adapter
+    from omniid.guidance.adapter_files import load_adapter
+    adapter = load_adapter(str(comfy_server.base_directory / "models" / "ipadapter" / adapter_name))
+    assert adapter.config.embeds_kind == method and adapter.config.projection == "none"
+    assert adapter.config.token_dim == (1280 if method == "clip" else 128)
+    start = create_adapter(adapter.config, seed=0)
+    assert all(not torch.equal(a, b) for a, b in zip(adapter.state_dict().values(), start.state_dict().values()))
+
+    g = Graph()
+    ckpt = g.checkpoint()
+    inputs = dict(method=method, images=g.photos("id_3.png"))
+    if method == "clip":
+        inputs["clip_vision"] = g.out(g.add("CLIPVisionLoader", clip_name="omniid_random_clip_vit_h.safetensors"))
+    else:
+        encoder_name = next(v["text"][0] for k, v in result.outputs.items()
+                            if k != saved and "text" in v).removeprefix("saved models/omni_identity/")
+        inputs["encoder"] = g.out(g.add("OmniIdentityEncoderLoader", encoder_name=encoder_name))
+        inputs["face_analysis"] = g.out(g.add("OmniIdentityFaceAnalysisLoader", backend="dlib", provider="CPU",
+                                              det_size=640, arcface_model=TEST_ARCFACE_ONNX))
+    embeds = g.out(g.add("OmniIdentityEncodeBaseline", **inputs))
+    loaded = g.out(g.add("OmniIdentityAdapterLoader", adapter_name=adapter_name))
+    model = g.out(g.add("OmniIdentityApplyAdapter", model=g.out(ckpt, 0), adapter=loaded, embeds=embeds,
+                        weight=1.0, start_at=0.0, end_at=1.0))
+    ids = g.sd_sampling(model=model, ckpt=ckpt, steps=2)
+    result = comfy.run(g.nodes, timeout=600)
+    assert len(images_of(comfy, result, ids["save"])) == 1
+
+
+def test_fidelity_training_nodes_log_the_paper_recipe_they_run(comfy, comfy_server, tiny_people):
+    """recipe=paper replaces the widgets by the paper's values and says so at start (the run is then cancelled)."""
+    g = Graph()
+    dataset = g.out(g.add("OmniIdentityDataset", folder=tiny_people, min_photos=2))
+    clip = g.out(g.add("CLIPVisionLoader", clip_name="omniid_random_clip_vit_h.safetensors"))
+    node = g.add("OmniIdentityTrainEncoderMTD", dataset=dataset, clip_vision=clip,
+                 encoder_size="tiny (1 cross + 1 self, 128 wide, 16 queries)",
+                 decoder_size="tiny (1 cross + 1 self, 64 wide)", image_size=28, mask_ratio=0.95,
+                 sampler="few_to_many", steps=3, lr=1e-3, batch=1, grad_accum=1, inputs_min=1, inputs_max=2,
+                 targets=2, precision="fp32", seed=3, run_name="recipe_paper", resume=False, save_every=1,
+                 recipe="paper")
+    g.add("SaveImage", images=g.out(node, 1), filename_prefix="recipe_plot")
+    checkpoint = comfy_server.base_directory / "output" / "omni_identity_training" / "recipe_paper.mtd.pt"
+    prompt_id = comfy.queue_prompt(g.nodes)
+    line = "recipe paper (mtd): 250000 steps, global batch 256 (batch 1 x accum 256 x 1 process(es)), 448 px, lr 0.0001"
+    deadline = time.monotonic() + 600
+    while time.monotonic() < deadline and line not in comfy_server.log_text():
+        time.sleep(0.2)
+    comfy.interrupt()                                   # Cancel: the trainer saves its checkpoint and stops
+    with pytest.raises(ExecutionFailed):
+        comfy.wait(prompt_id, timeout=600)
+    assert line in comfy_server.log_text()
+    state = torch.load(checkpoint, weights_only=True)
+    # the paper's global batch 256 as batch 1 x 256 accumulations and its lr, not the widgets' 1e-3
+    assert (state["config"]["batch"], state["config"]["grad_accum"], state["config"]["lr"]) == (1, 256, 1e-4)
