@@ -123,36 +123,58 @@ def test_training_cancels_and_resumes_from_its_checkpoint_and_bad_datasets_are_r
     assert "no identity had 8 faces with distinct poses" in message and json.dumps("images_without_face") in message
 
 
-def test_pivot_encoder_trains_with_localisation_and_conditions_generation(comfy, comfy_server, tiny_people):
+def test_fidelity_pivot_encoder_trains_its_visual_encoder_and_apply_pivot_uses_it(comfy, comfy_server, tiny_people):
+    """OmniPortrait trains the visual encoder with the linear layer: the saved pivot file carries the trained
+    vision tensors (format 2), and Apply Pivot ID embeds the reference with them, not with the plain CLIP."""
     g = Graph()
     ckpt = g.checkpoint()
     clip = g.out(g.add("CLIPVisionLoader", clip_name="omniid_random_clip_vit_h.safetensors"))
     faces = g.out(g.add("OmniIdentityFaceAnalysisLoader", backend="dlib", provider="CPU", det_size=640))
     dataset = g.out(g.add("OmniIdentityDataset", folder=tiny_people, min_photos=2))
     positive = g.out(g.add("CLIPTextEncode", clip=g.out(ckpt, 1), text="a photo of a person"))
+    empty = g.out(g.add("CLIPTextEncode", clip=g.out(ckpt, 1), text=""))
     trained = g.add("OmniIdentityTrainPivotEncoder", model=g.out(ckpt, 0), vae=g.out(ckpt, 2), clip_vision=clip,
                     dataset=dataset, face_analysis=faces, positive=positive, class_token=5, eta=0.002,
                     image_size=64, steps=2, lr=1e-3, batch=1, targets=2, seed=0, run_name="pivot_test",
-                    resume=False, save_every=0)
+                    resume=False, save_every=0, vision_blocks=1, gradient_checkpointing=True,
+                    condition_dropout=0.1, unconditional=empty)
     saved = g.add("OmniIdentitySavePivotEncoder", pivot_encoder=g.out(trained), filename_prefix="trained/pivot")
     g.add("SaveImage", images=g.out(trained, 1), filename_prefix="pivot_loss")
     result = comfy.run(g.nodes, timeout=900)
     name = result.outputs[saved]["text"][0].removeprefix("saved models/omni_identity/")
-    from omniid.encoders.pivot import load_pivot
-    pivot = load_pivot(str(comfy_server.base_directory / "models" / "omni_identity" / name))
+    from omniid.encoders.pivot import PivotConfig, PivotIDEncoder, load_pivot, save_pivot
+    folder = comfy_server.base_directory / "models" / "omni_identity"
+    pivot = load_pivot(str(folder / name))
     assert (pivot.config.image_dim, pivot.config.text_dim) == (1024, 768)
+    assert (pivot.config.vision_blocks, pivot.config.vision_layout) == (1, "comfy_clip_vision")
+    layers = {int(k.split(".")[3]) for k in pivot.vision_state if k.startswith("vision_model.encoder.layers.")}
+    assert len(layers) == 1 and "visual_projection.weight" in pivot.vision_state      # the last block + the head
+    # the same linear layer without the visual encoder, and with a visual encoder whose projection is zero
+    plain = PivotIDEncoder(PivotConfig(1024, 768))
+    plain.load_state_dict(pivot.state_dict())
+    save_pivot(plain, str(folder / "trained" / "pivot_plain.safetensors"))
+    zeroed = PivotIDEncoder(pivot.config, {**pivot.vision_state,
+                                           "visual_projection.weight": pivot.vision_state["visual_projection.weight"] * 0})
+    zeroed.load_state_dict(pivot.state_dict())
+    save_pivot(zeroed, str(folder / "trained" / "pivot_zeroed.safetensors"))
 
     g = Graph()
     ckpt = g.checkpoint()
     clip = g.out(g.add("CLIPVisionLoader", clip_name="omniid_random_clip_vit_h.safetensors"))
-    ids = g.sd_sampling(ckpt=ckpt, steps=2)
-    pivoted = g.add("OmniIdentityApplyPivot", conditioning=g.out(ids["positive"]), pivot_name=name, clip_vision=clip,
-                    reference=g.photos("id_2.png"), class_token=5)
-    g.nodes[ids["sampler"]]["inputs"]["positive"] = g.out(pivoted)
-    plain = g.sd_sampling(ckpt=ckpt, steps=2, prefix="plain")
-    result = comfy.run(g.nodes, timeout=600)
-    with_pivot, without = images_of(comfy, result, ids["save"])[0], images_of(comfy, result, plain["save"])[0]
-    assert with_pivot.shape == without.shape and (with_pivot != without).any()
+    runs = {}
+    for label, file in (("trained", name), ("plain", "trained/pivot_plain.safetensors"),
+                        ("zeroed", "trained/pivot_zeroed.safetensors")):
+        ids = g.sd_sampling(ckpt=ckpt, steps=2, prefix=label)
+        pivoted = g.add("OmniIdentityApplyPivot", conditioning=g.out(ids["positive"]), pivot_name=file,
+                        clip_vision=clip, reference=g.photos("id_2.png"), class_token=5)
+        g.nodes[ids["sampler"]]["inputs"]["positive"] = g.out(pivoted)
+        runs[label] = ids["save"]
+    plain = g.sd_sampling(ckpt=ckpt, steps=2, prefix="nopivot")
+    result = comfy.run(g.nodes, timeout=900)
+    images = {label: images_of(comfy, result, save)[0] for label, save in runs.items()}
+    without = images_of(comfy, result, plain["save"])[0]
+    assert images["trained"].shape == without.shape and (images["trained"] != without).any()
+    assert (images["zeroed"] != images["plain"]).any()          # the file's visual encoder is what embeds the face
 
 
 @pytest.mark.parametrize("method", ["clip", "arcface"])
