@@ -2,6 +2,8 @@
 
     python -m omniid train --data DIR --clip open_clip:ViT-H-14:CLIP.bin --out encoder.safetensors
     torchrun --nproc_per_node 8 -m omniid train ...   (DDP; the global batch is batch x accum x processes)
+    python -m omniid train --recipe paper ...         (Omni-ID's MTD recipe: global batch 256, 250K steps,
+                                                       448 px, lr 1e-4; flags given explicitly still win)
 
 The encoder file it writes is what OmniIdentityEncoderLoader reads. ``--clip`` names an
 open_clip model, or an open_clip model config file (``open_clip:my_vit.json``), and
