@@ -197,8 +197,10 @@ def test_fidelity_flow_matching_node_trains_a_paper_baseline_that_generates(comf
                     encoder_size="tiny (1 cross + 1 self, 128 wide, 16 queries)", face_analysis=faces,
                     arcface_merge="concat", recipe="custom")
     saved = g.add("OmniIdentitySaveAdapter", adapter=g.out(trained, 1), filename_prefix=f"trained/{method}")
+    saved_encoder = None
     if method != "clip":
-        g.add("OmniIdentitySaveEncoder", encoder=g.out(trained, 0), filename_prefix=f"trained/{method}_encoder")
+        saved_encoder = g.add("OmniIdentitySaveEncoder", encoder=g.out(trained, 0),
+                              filename_prefix=f"trained/{method}_encoder")
     g.add("SaveImage", images=g.out(trained, 2), filename_prefix=f"{method}_loss")
     result = comfy.run(g.nodes, timeout=900)
     adapter_name = result.outputs[saved]["text"][0].removeprefix("saved models/ipadapter/")
@@ -216,8 +218,7 @@ def test_fidelity_flow_matching_node_trains_a_paper_baseline_that_generates(comf
     if method == "clip":
         inputs["clip_vision"] = g.out(g.add("CLIPVisionLoader", clip_name="omniid_random_clip_vit_h.safetensors"))
     else:
-        encoder_name = next(v["text"][0] for k, v in result.outputs.items()
-                            if k != saved and "text" in v).removeprefix("saved models/omni_identity/")
+        encoder_name = result.outputs[saved_encoder]["text"][0].removeprefix("saved models/omni_identity/")
         inputs["encoder"] = g.out(g.add("OmniIdentityEncoderLoader", encoder_name=encoder_name))
         inputs["face_analysis"] = g.out(g.add("OmniIdentityFaceAnalysisLoader", backend="dlib", provider="CPU",
                                               det_size=640, arcface_model=TEST_ARCFACE_ONNX))
