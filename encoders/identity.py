@@ -107,3 +107,27 @@ def baseline_embeds(method: str, clip_tokens: Optional[torch.Tensor] = None,
                                         arcface, arcface_merge=arcface_merge)
         info["arcface_merge"] = arcface_merge
     return IdentityEmbeds(method, tensors, info)
+
+
+def arcface_of_photos(analyzer, name: str = "face analysis"):
+    """A function (B, H, W, 3) in [0, 1] -> (B, 512): the ArcFace embedding of each photo's largest face.
+
+    For training the ArcFace baselines (their photos are the dataset's face photos). A photo
+    without a face, or a backend without ArcFace, is an error that names the fix."""
+    from .face.crop import to_uint8
+    from .face.types import NoFaceFoundError
+
+    def embed(images: torch.Tensor) -> torch.Tensor:
+        rows = []
+        for image in images:
+            found = analyzer.detect(to_uint8(image), with_embedding=True)
+            if not found:
+                raise NoFaceFoundError(f"{name} found no face in a training photo of the ArcFace baseline; "
+                                       "build the dataset with Build Identity Dataset (face crops)")
+            face = max(found, key=lambda f: f.area)
+            if face.embedding_kind != "arcface512":
+                raise ValueError(f"ArcFace embeddings are needed, but {name} gives {face.embedding_kind}: use an "
+                                 "insightface pack, or the dlib backend with an ArcFace model")
+            rows.append(torch.from_numpy(np.asarray(face.embedding, dtype=np.float32)))
+        return torch.stack(rows)
+    return embed

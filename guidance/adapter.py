@@ -77,12 +77,15 @@ class AdapterConfig:
 
     def needs(self) -> tuple[str, ...]:
         """The embeds parts this adapter reads."""
+        if self.projection == "none" and self.embeds_kind == "clip":
+            return ("clip",)                 # the CLIP baseline: the photos' tokens, concatenated (IP-Adapter Full)
         return {"none": ("tokens",), "plus": ("clip",), "full_face": ("clip",), "faceid": ("arcface",),
                 "faceid_plusv2": ("arcface", "clip"), "pooled": ("pooled",), "pooled_mlp": ("pooled",)}[self.projection]
 
     def describe(self) -> str:
         pooled = self.projection_args.get("pooled_dim")
-        what = {"none": f"{self.embeds_kind} tokens of width {self.token_dim}", "plus": "CLIP tokens (IP-Adapter Plus)",
+        what = {"none": f"{self.embeds_kind} tokens of width {self.token_dim}"
+                        + (" (the photos' CLIP tokens, concatenated)" if self.embeds_kind == "clip" else ""), "plus": "CLIP tokens (IP-Adapter Plus)",
                 "full_face": "CLIP tokens (IP-Adapter Full Face)", "faceid": "ArcFace embeddings (IP-Adapter FaceID)",
                 "faceid_plusv2": "ArcFace embeddings + CLIP tokens (IP-Adapter FaceID Plus v2)",
                 "pooled": f"pooled image embeddings of width {pooled} ({POOLED_ENCODERS.get(self.source, 'CLIP')})",
@@ -130,7 +133,8 @@ class IdentityAdapter(nn.Module):
                             "for SigLIP, only with its pooling head chosen in siglip_head)")
         elif self.config.projection == "none" and embeds.kind != self.config.embeds_kind:
             problem = f"it was trained on {self.config.embeds_kind} embeds"
-        elif self.config.projection == "none" and embeds.tensors["tokens"].shape[-1] != self.config.token_dim:
+        elif (self.config.projection == "none"
+              and embeds.tensors[self.config.needs()[0]].shape[-1] != self.config.token_dim):
             problem = f"it reads tokens of width {self.config.token_dim}"
         else:
             expected = {"clip": self._clip_dim(), "arcface": self._arcface_dim(),
@@ -162,7 +166,8 @@ class IdentityAdapter(nn.Module):
         t = {k: require_finite(v.float(), f"identity embeds part '{k}'") for k, v in embeds.tensors.items()}
         kind = self.config.projection
         if kind == "none":
-            return {COND: t["tokens"], UNCOND: torch.zeros_like(t["tokens"][:1])}
+            tokens = t[self.config.needs()[0]].reshape(-1, self.config.token_dim)   # clip: (N, T, C) -> (N * T, C)
+            return {COND: tokens, UNCOND: torch.zeros_like(tokens[:1])}
         # small projections run in float32 in place; the MLP ones compute in float32 from any dtype
         proj = self.image_proj if kind in ("faceid", "pooled", "pooled_mlp") else self.image_proj.float()
         clip_uncond = t.get("clip_uncond", torch.zeros_like(t["clip"][:1])) if "clip" in t else None

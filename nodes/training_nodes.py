@@ -17,12 +17,16 @@ from ..comfy_host.progress import run_training, trainable_copy
 from ..encoders.omni_id import EncoderConfig, create_encoder
 from ..guidance.adapter import AdapterConfig, create_adapter
 from ..training.dataset import FewToManySampler, SamplerConfig
-from ..training.flow_matching import FM_MODES, FlowMatchingObjective
+from ..encoders.identity import arcface_of_photos
+from ..encoders.omni_id import ARCFACE_MERGES
+from ..training.flow_matching import FM_METHODS, FM_MODES, FlowMatchingObjective
+from ..training.recipes import RECIPES, Settings, flow_stage, resolve
 from ..training.mtd import MTDConfig
 from ..training.report import loss_plot
 from ..training.run import mtd_trainer
 from ..training.trainer import PRECISIONS, TrainConfig, Trainer
-from .common import CATEGORY, IdentityAdapterType, IdentityDatasetType, LOG, OmniIdEncoderType, OmniNode, queued
+from .common import (CATEGORY, IdentityAdapterType, IdentityDatasetType, LOG, OmniIdEncoderType, OmniNode,
+                     check_face_analysis, queued)
 
 ENCODER_SIZES = {
     "paper (4 cross + 2 self, 1280 wide)": {},
@@ -54,6 +58,22 @@ def _common_training_inputs(steps_default: int) -> list:
         io.Boolean.Input("resume", default=True, tooltip="Continue from the run's checkpoint when there is one."),
         io.Int.Input("save_every", default=100, min=0, max=1_000_000, tooltip="Steps between checkpoints."),
     ]
+
+
+def recipe_input(stage: str) -> io.Combo.Input:
+    return io.Combo.Input("recipe", options=list(RECIPES), default="custom", optional=True,
+                          tooltip=("custom: the steps, lr, batch and image size set here. quick: practical values for "
+                                   "one machine. paper: the paper's steps, global batch (batch x grad_accum), "
+                                   f"resolution and learning rate for this stage ({stage}); the node logs what it "
+                                   "uses at start."))
+
+
+def apply_recipe(stage: str, recipe: str, steps: int, lr: float, image_size: int, batch: int,
+                 grad_accum: int) -> Settings:
+    settings, line = resolve(stage, recipe, Settings(steps, lr, image_size, batch, grad_accum))
+    LOG.info("%s", line)
+    print(f"[OmniIdentity] {line}", flush=True)
+    return settings
 
 
 def _train_config(steps, lr, batch, grad_accum, precision, seed, save_every) -> TrainConfig:
@@ -88,6 +108,7 @@ class TrainEncoderMTD(OmniNode):
                 io.Combo.Input("sampler", options=["few_to_many", "eight_to_eight", "one_to_one"],
                                default="few_to_many", tooltip="The paper's sampling and its ablations."),
                 *_common_training_inputs(1000),
+                recipe_input("Omni-ID MTD: global batch 256, 250K steps, 448 px, lr 1e-4"),
             ],
             outputs=[OmniIdEncoderType.Output(display_name="encoder", tooltip="The trained encoder (save it with Save Encoder)."),
                      io.Image.Output(display_name="loss_plot", tooltip="Loss per step and its running mean.")],
@@ -95,13 +116,15 @@ class TrainEncoderMTD(OmniNode):
 
     ORDERED = (("inputs_min", "inputs_max"),)
     validate_inputs = queued("encoder_size", "decoder_size", "precision", "sampler", "mask_ratio", "lr",
-                             "inputs_min", "inputs_max")
+                             "inputs_min", "inputs_max", "recipe")
 
     @classmethod
     def execute(cls, dataset, clip_vision, encoder_size: str, decoder_size: str, image_size: int, mask_ratio: float,
                 sampler: str, steps: int, lr: float, batch: int, grad_accum: int, inputs_min: int, inputs_max: int,
                 targets: int, precision: str, seed: int, run_name: str, resume: bool, save_every: int,
-                encoder=None) -> io.NodeOutput:
+                encoder=None, recipe: str = "custom") -> io.NodeOutput:
+        run = apply_recipe("mtd", recipe, steps, lr, image_size, batch, grad_accum)
+        steps, lr, image_size, batch, grad_accum = run.steps, run.lr, run.image_size, run.batch, run.grad_accum
         token_fn = ClipVision(clip_vision).tokens
         with torch.inference_mode(False), torch.enable_grad():
             probe = token_fn(torch.zeros(1, 224, 224, 3))
@@ -136,12 +159,17 @@ class TrainFlowMatching(OmniNode):
             description=("Omni-ID stage 2: the identity adapter on a frozen base model. The encoder and the adapter's "
                          "per-layer K/V projections train with the model's own denoising loss (flow matching on "
                          "FLUX, epsilon on SD1.5/SDXL), few inputs to all targets. 'identity_enhanced' is "
-                         "Infinite-ID's identity-enhanced training: text cross-attention off (UNet models)."),
+                         "Infinite-ID's identity-enhanced training: text cross-attention off (UNet models). "
+                         "'method' trains the paper's baselines the same way: arcface (ArcFace projection), "
+                         "arcface_clip (FaceIDPlus-style transformer), clip (no encoder: only the projections)."),
             inputs=[
                 io.Model.Input("model", tooltip="The frozen base model (SD1.5, SDXL or FLUX)."),
                 io.Vae.Input("vae", tooltip="The base model's VAE (targets are encoded once)."),
                 io.ClipVision.Input("clip_vision", tooltip="CLIP-H, as for Encode."),
-                OmniIdEncoderType.Input("encoder", tooltip="The omni_id encoder to train (e.g. from the MTD stage)."),
+                OmniIdEncoderType.Input("encoder", optional=True,
+                                        tooltip="The encoder to train: omni_id from the MTD stage (required for "
+                                                "omni_id); arcface / arcface_clip to continue one (else a new one "
+                                                "starts); none for clip."),
                 IdentityDatasetType.Input("dataset", tooltip="From Identity Dataset or Build Identity Dataset."),
                 io.Conditioning.Input("positive", tooltip="Text conditioning for the targets, e.g. 'a photo of a person'."),
                 IdentityAdapterType.Input("adapter", optional=True,
@@ -150,41 +178,84 @@ class TrainFlowMatching(OmniNode):
                                tooltip="omni_id: text + identity attention; identity_enhanced: text cross-attention off."),
                 io.Int.Input("image_size", default=512, min=64, max=2048, step=64, tooltip="Target resolution."),
                 *_common_training_inputs(1000),
+                io.Combo.Input("method", options=list(FM_METHODS), default="omni_id", optional=True,
+                               tooltip="The representation trained (Omni-ID's table rows): omni_id, arcface (ArcFace "
+                                       "projected to tokens), clip (CLIP tokens straight into K/V: only the adapter "
+                                       "trains), arcface_clip (ArcFace queries over CLIP tokens)."),
+                io.Combo.Input("encoder_size", options=list(ENCODER_SIZES), default=list(ENCODER_SIZES)[0],
+                               optional=True,
+                               tooltip="A new arcface / arcface_clip encoder's size (paper: 256 tokens x 1280)."),
+                io.FaceAnalysis.Input("face_analysis", optional=True,
+                                      tooltip="arcface and arcface_clip: computes each photo's ArcFace embedding "
+                                              "(an insightface pack, or dlib with an ArcFace model)."),
+                io.Combo.Input("arcface_merge", options=list(ARCFACE_MERGES), default="concat", optional=True,
+                               tooltip="arcface: several photos' tokens concatenated (the paper) or the embeddings "
+                                       "averaged first."),
+                recipe_input("Omni-ID flow stage: global batch 32, 5K steps (ArcFace 75K), 512 px, lr 1e-4"),
             ],
-            outputs=[OmniIdEncoderType.Output(display_name="encoder", tooltip="The encoder after stage 2."),
+            outputs=[OmniIdEncoderType.Output(display_name="encoder",
+                                              tooltip="The encoder after stage 2 (none for the clip method)."),
                      IdentityAdapterType.Output(display_name="adapter", tooltip="The trained adapter (Save Adapter)."),
                      io.Image.Output(display_name="loss_plot", tooltip="Loss per step and its running mean.")],
         )
 
     ORDERED = (("inputs_min", "inputs_max"),)
-    validate_inputs = queued("mode", "precision", "lr", "inputs_min", "inputs_max")
+    validate_inputs = queued("mode", "precision", "lr", "inputs_min", "inputs_max", "method", "encoder_size",
+                             "arcface_merge", "recipe")
 
     @classmethod
-    def execute(cls, model, vae, clip_vision, encoder, dataset, positive, mode: str, image_size: int, steps: int,
+    def execute(cls, model, vae, clip_vision, dataset, positive, mode: str, image_size: int, steps: int,
                 lr: float, batch: int, grad_accum: int, inputs_min: int, inputs_max: int, targets: int,
-                precision: str, seed: int, run_name: str, resume: bool, save_every: int,
-                adapter=None) -> io.NodeOutput:
+                precision: str, seed: int, run_name: str, resume: bool, save_every: int, encoder=None,
+                adapter=None, method: str = "omni_id", encoder_size: str = list(ENCODER_SIZES)[0],
+                face_analysis=None, arcface_merge: str = "concat", recipe: str = "custom") -> io.NodeOutput:
+        if method == "omni_id" and encoder is None:
+            raise ValueError("the omni_id method trains an omni_id encoder: connect one (from the MTD stage or the "
+                             "Encoder Loader)")
+        if method == "clip" and encoder is not None:
+            raise ValueError("the clip method has no encoder (CLIP tokens go straight into the adapter's K/V): "
+                             "disconnect the encoder")
+        arcface_fn = None
+        if method in ("arcface", "arcface_clip"):
+            if face_analysis is None:
+                raise ValueError(f"the {method} method needs face_analysis connected (an insightface pack, or dlib "
+                                 "with an ArcFace model) for the photos' ArcFace embeddings")
+            arcface_fn = arcface_of_photos(check_face_analysis(face_analysis), "the face analysis")
+        run = apply_recipe(flow_stage(method), recipe, steps, lr, image_size, batch, grad_accum)
+        steps, lr, image_size, batch, grad_accum = run.steps, run.lr, run.image_size, run.batch, run.grad_accum
         host = ComfyDenoiserHost(model, vae, positive, image_size)
         layers = host_layers(model)
+        token_fn = ClipVision(clip_vision).tokens
         with torch.inference_mode(False), torch.enable_grad():
-            trained_encoder = trainable_copy(lambda: create_encoder(encoder.config), encoder.model.state_dict())
+            trained_encoder = None
+            if encoder is not None:
+                trained_encoder = trainable_copy(lambda: create_encoder(encoder.config), encoder.model.state_dict())
+            elif method != "clip":
+                probe = token_fn(torch.zeros(1, 224, 224, 3))
+                trained_encoder = create_encoder(EncoderConfig(architecture=method, clip_dim=probe.shape[-1],
+                                                               tokens_per_image=probe.shape[1],
+                                                               **ENCODER_SIZES[encoder_size]), seed=seed)
             if adapter is not None:
                 trained_adapter = trainable_copy(lambda: create_adapter(adapter.config), adapter.state_dict())
             else:
-                config = AdapterConfig(family="flux" if is_flux(model) else "unet", token_dim=encoder.config.dim,
-                                       layer_dims=tuple(layer.inner_dim for layer in layers))
+                token_dim = (trained_encoder.config.dim if trained_encoder is not None
+                             else token_fn(torch.zeros(1, 224, 224, 3)).shape[-1])
+                config = AdapterConfig(family="flux" if is_flux(model) else "unet", token_dim=token_dim,
+                                       layer_dims=tuple(layer.inner_dim for layer in layers), embeds_kind=method)
                 trained_adapter = create_adapter(config, seed=seed)
             host.check_adapter(trained_adapter)
             sampler = FewToManySampler(dataset, SamplerConfig("few_to_many", inputs_min, inputs_max, targets), seed)
-            objective = FlowMatchingObjective(trained_encoder, trained_adapter, host, sampler,
-                                              ClipVision(clip_vision).tokens, seed=seed, mode=mode)
+            objective = FlowMatchingObjective(trained_encoder, trained_adapter, host, sampler, token_fn, seed=seed,
+                                              mode=mode, method=method, arcface_fn=arcface_fn,
+                                              arcface_merge=arcface_merge)
             trainer = Trainer(objective, _train_config(steps, lr, batch, grad_accum, precision, seed, save_every),
                               run_checkpoint(run_name, "flow"))
             run_training(trainer, resume)
         trained_adapter.name = f"{run_name} (trained)"
-        plot = loss_plot(trainer.losses, f"Flow matching ({mode}) - {run_name}")
-        return io.NodeOutput(LoadedEncoder(trained_encoder.eval(), f"{run_name} (trained)"), trained_adapter.eval(),
-                             plot)
+        plot = loss_plot(trainer.losses, f"Flow matching ({method}, {mode}) - {run_name}")
+        encoder_out = (None if trained_encoder is None
+                       else LoadedEncoder(trained_encoder.eval(), f"{run_name} (trained)"))
+        return io.NodeOutput(encoder_out, trained_adapter.eval(), plot)
 
 
 NODES = [TrainEncoderMTD, TrainFlowMatching]

@@ -8,6 +8,7 @@ import torch
 
 from omniid.cli.client import ExecutionFailed, PromptRejected
 from omniid.cli.graph import Graph
+from support.assets import TEST_ARCFACE_ONNX
 from support.testing import images_of, load_workflow
 
 TINY = ("CLIP vision.clip_name=omniid_random_clip_vit_h.safetensors",
@@ -122,33 +123,136 @@ def test_training_cancels_and_resumes_from_its_checkpoint_and_bad_datasets_are_r
     assert "no identity had 8 faces with distinct poses" in message and json.dumps("images_without_face") in message
 
 
-def test_pivot_encoder_trains_with_localisation_and_conditions_generation(comfy, comfy_server, tiny_people):
+def test_fidelity_pivot_encoder_trains_its_visual_encoder_and_apply_pivot_uses_it(comfy, comfy_server, tiny_people):
+    """OmniPortrait trains the visual encoder with the linear layer: the saved pivot file carries the trained
+    vision tensors (format 2), and Apply Pivot ID embeds the reference with them, not with the plain CLIP."""
     g = Graph()
     ckpt = g.checkpoint()
     clip = g.out(g.add("CLIPVisionLoader", clip_name="omniid_random_clip_vit_h.safetensors"))
     faces = g.out(g.add("OmniIdentityFaceAnalysisLoader", backend="dlib", provider="CPU", det_size=640))
     dataset = g.out(g.add("OmniIdentityDataset", folder=tiny_people, min_photos=2))
     positive = g.out(g.add("CLIPTextEncode", clip=g.out(ckpt, 1), text="a photo of a person"))
+    empty = g.out(g.add("CLIPTextEncode", clip=g.out(ckpt, 1), text=""))
     trained = g.add("OmniIdentityTrainPivotEncoder", model=g.out(ckpt, 0), vae=g.out(ckpt, 2), clip_vision=clip,
                     dataset=dataset, face_analysis=faces, positive=positive, class_token=5, eta=0.002,
                     image_size=64, steps=2, lr=1e-3, batch=1, targets=2, seed=0, run_name="pivot_test",
-                    resume=False, save_every=0)
+                    resume=False, save_every=0, vision_blocks=1, gradient_checkpointing=True,
+                    condition_dropout=0.1, unconditional=empty)
     saved = g.add("OmniIdentitySavePivotEncoder", pivot_encoder=g.out(trained), filename_prefix="trained/pivot")
     g.add("SaveImage", images=g.out(trained, 1), filename_prefix="pivot_loss")
     result = comfy.run(g.nodes, timeout=900)
     name = result.outputs[saved]["text"][0].removeprefix("saved models/omni_identity/")
-    from omniid.encoders.pivot import load_pivot
-    pivot = load_pivot(str(comfy_server.base_directory / "models" / "omni_identity" / name))
+    from omniid.encoders.pivot import PivotConfig, PivotIDEncoder, load_pivot, save_pivot
+    folder = comfy_server.base_directory / "models" / "omni_identity"
+    pivot = load_pivot(str(folder / name))
     assert (pivot.config.image_dim, pivot.config.text_dim) == (1024, 768)
+    assert (pivot.config.vision_blocks, pivot.config.vision_layout) == (1, "comfy_clip_vision")
+    layers = {int(k.split(".")[3]) for k in pivot.vision_state if k.startswith("vision_model.encoder.layers.")}
+    assert len(layers) == 1 and "visual_projection.weight" in pivot.vision_state      # the last block + the head
+    # the same linear layer without the visual encoder, and with a visual encoder whose projection is zero
+    plain = PivotIDEncoder(PivotConfig(1024, 768))
+    plain.load_state_dict(pivot.state_dict())
+    save_pivot(plain, str(folder / "trained" / "pivot_plain.safetensors"))
+    zeroed = PivotIDEncoder(pivot.config, {**pivot.vision_state,
+                                           "visual_projection.weight": pivot.vision_state["visual_projection.weight"] * 0})
+    zeroed.load_state_dict(pivot.state_dict())
+    save_pivot(zeroed, str(folder / "trained" / "pivot_zeroed.safetensors"))
 
     g = Graph()
     ckpt = g.checkpoint()
     clip = g.out(g.add("CLIPVisionLoader", clip_name="omniid_random_clip_vit_h.safetensors"))
-    ids = g.sd_sampling(ckpt=ckpt, steps=2)
-    pivoted = g.add("OmniIdentityApplyPivot", conditioning=g.out(ids["positive"]), pivot_name=name, clip_vision=clip,
-                    reference=g.photos("id_2.png"), class_token=5)
-    g.nodes[ids["sampler"]]["inputs"]["positive"] = g.out(pivoted)
-    plain = g.sd_sampling(ckpt=ckpt, steps=2, prefix="plain")
+    runs = {}
+    for label, file in (("trained", name), ("plain", "trained/pivot_plain.safetensors"),
+                        ("zeroed", "trained/pivot_zeroed.safetensors")):
+        ids = g.sd_sampling(ckpt=ckpt, steps=2, prefix=label)
+        pivoted = g.add("OmniIdentityApplyPivot", conditioning=g.out(ids["positive"]), pivot_name=file,
+                        clip_vision=clip, reference=g.photos("id_2.png"), class_token=5)
+        g.nodes[ids["sampler"]]["inputs"]["positive"] = g.out(pivoted)
+        runs[label] = ids["save"]
+    plain = g.sd_sampling(ckpt=ckpt, steps=2, prefix="nopivot")
+    result = comfy.run(g.nodes, timeout=900)
+    images = {label: images_of(comfy, result, save)[0] for label, save in runs.items()}
+    without = images_of(comfy, result, plain["save"])[0]
+    assert images["trained"].shape == without.shape and (images["trained"] != without).any()
+    assert (images["zeroed"] != images["plain"]).any()          # the file's visual encoder is what embeds the face
+
+
+@pytest.mark.parametrize("method", ["clip", "arcface"])
+def test_fidelity_flow_matching_node_trains_a_paper_baseline_that_generates(comfy, comfy_server, tiny_people, method):
+    """Omni-ID A.1: the baselines train in the same flow-matching stage; clip has no encoder (only the adapter's
+    projections train), arcface starts a new ArcFace projection. The saved adapter then applies to Encode
+    Baseline's embeds of that method. The paper recipe is logged but explicit-free widgets are overridden, so
+    these runs stay on custom."""
+    g = Graph()
+    ckpt = g.checkpoint()
+    clip = g.out(g.add("CLIPVisionLoader", clip_name="omniid_random_clip_vit_h.safetensors"))
+    faces = g.out(g.add("OmniIdentityFaceAnalysisLoader", backend="dlib", provider="CPU", det_size=640,
+                        arcface_model=TEST_ARCFACE_ONNX))
+    dataset = g.out(g.add("OmniIdentityDataset", folder=tiny_people, min_photos=2))
+    positive = g.out(g.add("CLIPTextEncode", clip=g.out(ckpt, 1), text="a photo of a person"))
+    trained = g.add("OmniIdentityTrainFlowMatching", model=g.out(ckpt, 0), vae=g.out(ckpt, 2), clip_vision=clip,
+                    dataset=dataset, positive=positive, mode="omni_id", image_size=64, steps=2, lr=1e-3, batch=2,
+                    grad_accum=1, inputs_min=1, inputs_max=2, targets=2, precision="fp32", seed=0,
+                    run_name=f"baseline_{method}", resume=False, save_every=0, method=method,
+                    encoder_size="tiny (1 cross + 1 self, 128 wide, 16 queries)", face_analysis=faces,
+                    arcface_merge="concat", recipe="custom")
+    saved = g.add("OmniIdentitySaveAdapter", adapter=g.out(trained, 1), filename_prefix=f"trained/{method}")
+    saved_encoder = None
+    if method != "clip":
+        saved_encoder = g.add("OmniIdentitySaveEncoder", encoder=g.out(trained, 0),
+                              filename_prefix=f"trained/{method}_encoder")
+    g.add("SaveImage", images=g.out(trained, 2), filename_prefix=f"{method}_loss")
+    result = comfy.run(g.nodes, timeout=900)
+    adapter_name = result.outputs[saved]["text"][0].removeprefix("saved models/ipadapter/")
+    from omniid.guidance.adapter import create_adapter
+    from omniid.guidance.adapter_files import load_adapter
+    adapter = load_adapter(str(comfy_server.base_directory / "models" / "ipadapter" / adapter_name))
+    assert adapter.config.embeds_kind == method and adapter.config.projection == "none"
+    assert adapter.config.token_dim == (1280 if method == "clip" else 128)
+    start = create_adapter(adapter.config, seed=0)
+    assert all(not torch.equal(a, b) for a, b in zip(adapter.state_dict().values(), start.state_dict().values()))
+
+    g = Graph()
+    ckpt = g.checkpoint()
+    inputs = dict(method=method, images=g.photos("id_3.png"))
+    if method == "clip":
+        inputs["clip_vision"] = g.out(g.add("CLIPVisionLoader", clip_name="omniid_random_clip_vit_h.safetensors"))
+    else:
+        encoder_name = result.outputs[saved_encoder]["text"][0].removeprefix("saved models/omni_identity/")
+        inputs["encoder"] = g.out(g.add("OmniIdentityEncoderLoader", encoder_name=encoder_name))
+        inputs["face_analysis"] = g.out(g.add("OmniIdentityFaceAnalysisLoader", backend="dlib", provider="CPU",
+                                              det_size=640, arcface_model=TEST_ARCFACE_ONNX))
+    embeds = g.out(g.add("OmniIdentityEncodeBaseline", **inputs))
+    loaded = g.out(g.add("OmniIdentityAdapterLoader", adapter_name=adapter_name))
+    model = g.out(g.add("OmniIdentityApplyAdapter", model=g.out(ckpt, 0), adapter=loaded, embeds=embeds,
+                        weight=1.0, start_at=0.0, end_at=1.0))
+    ids = g.sd_sampling(model=model, ckpt=ckpt, steps=2)
     result = comfy.run(g.nodes, timeout=600)
-    with_pivot, without = images_of(comfy, result, ids["save"])[0], images_of(comfy, result, plain["save"])[0]
-    assert with_pivot.shape == without.shape and (with_pivot != without).any()
+    assert len(images_of(comfy, result, ids["save"])) == 1
+
+
+def test_fidelity_training_nodes_log_the_paper_recipe_they_run(comfy, comfy_server, tiny_people):
+    """recipe=paper replaces the widgets by the paper's values and says so at start (the run is then cancelled)."""
+    g = Graph()
+    dataset = g.out(g.add("OmniIdentityDataset", folder=tiny_people, min_photos=2))
+    clip = g.out(g.add("CLIPVisionLoader", clip_name="omniid_random_clip_vit_h.safetensors"))
+    node = g.add("OmniIdentityTrainEncoderMTD", dataset=dataset, clip_vision=clip,
+                 encoder_size="tiny (1 cross + 1 self, 128 wide, 16 queries)",
+                 decoder_size="tiny (1 cross + 1 self, 64 wide)", image_size=28, mask_ratio=0.95,
+                 sampler="few_to_many", steps=3, lr=1e-3, batch=1, grad_accum=1, inputs_min=1, inputs_max=2,
+                 targets=2, precision="fp32", seed=3, run_name="recipe_paper", resume=False, save_every=1,
+                 recipe="paper")
+    g.add("SaveImage", images=g.out(node, 1), filename_prefix="recipe_plot")
+    checkpoint = comfy_server.base_directory / "output" / "omni_identity_training" / "recipe_paper.mtd.pt"
+    prompt_id = comfy.queue_prompt(g.nodes)
+    line = "recipe paper (mtd): 250000 steps, global batch 256 (batch 1 x accum 256 x 1 process(es)), 448 px, lr 0.0001"
+    deadline = time.monotonic() + 600
+    while time.monotonic() < deadline and line not in comfy_server.log_text():
+        time.sleep(0.2)
+    comfy.interrupt()                                   # Cancel: the trainer saves its checkpoint and stops
+    with pytest.raises(ExecutionFailed):
+        comfy.wait(prompt_id, timeout=600)
+    assert line in comfy_server.log_text()
+    state = torch.load(checkpoint, weights_only=True)
+    # the paper's global batch 256 as batch 1 x 256 accumulations and its lr, not the widgets' 1e-3
+    assert (state["config"]["batch"], state["config"]["grad_accum"], state["config"]["lr"]) == (1, 256, 1e-4)

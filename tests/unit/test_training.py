@@ -20,6 +20,7 @@ from omniid.training.run import train_mtd
 from omniid.training.trainer import TrainConfig
 from support.synthetic_faces import write_identity_dataset
 from support.testing import tiny_clip_tokens
+from support.tiny_training import TinyHost, TinyPivotHost
 
 ROOT = Path(__file__).resolve().parents[2]
 ENCODER = {"clip_dim": 64, "tokens_per_image": 50, "dim": 64, "num_queries": 16, "num_heads": 4,
@@ -177,45 +178,6 @@ def test_two_torchrun_processes_match_one_with_the_same_global_batch(dataset_dir
                for k in one)                                                    # it did train
 
 
-class TinyHost:
-    """A small epsilon-prediction denoiser with cross-attention layers, standing in for a base model."""
-    image_size = 32
-
-    def __init__(self, layers=(32, 32), seed=0):
-        g = torch.Generator().manual_seed(seed)
-        self.layers = layers
-        self.text = torch.randn(4, 32, generator=g)
-        self.w_in = [torch.randn(3, d, generator=g) * 0.5 for d in layers]
-        self.w_text = [(torch.randn(32, d, generator=g) * 0.2, torch.randn(32, d, generator=g) * 0.2) for d in layers]
-        self.w_out = [torch.randn(d, 3, generator=g) * 0.2 for d in layers]
-        self.text_calls = []
-
-    def encode(self, images):
-        return torch.nn.functional.avg_pool2d(images.permute(0, 3, 1, 2) * 2 - 1, 4)   # (B, 3, 8, 8)
-
-    def sigma_at(self, u):
-        return 0.05 + 2.0 * (1 - u)
-
-    def noise(self, x0, sigma, eps):
-        return x0 + sigma.reshape(-1, 1, 1, 1) * eps
-
-    def denoise(self, x_t, sigma, identity_kv, text_attention):
-        self.text_calls.append(text_attention)
-        b = x_t.shape[0]
-        h = (x_t / (1 + sigma.reshape(-1, 1, 1, 1) ** 2).sqrt()).flatten(2).transpose(1, 2)   # (B, 64, 3)
-        eps = torch.zeros_like(h)
-        for i, (k_id, v_id) in enumerate(identity_kv):
-            q = h @ self.w_in[i]
-            out = torch.nn.functional.scaled_dot_product_attention(q, k_id, v_id)
-            if text_attention:
-                k_t, v_t = (self.text @ w for w in self.w_text[i])
-                out = out + torch.nn.functional.scaled_dot_product_attention(q, k_t.expand(b, -1, -1),
-                                                                             v_t.expand(b, -1, -1))
-            eps = eps + out @ self.w_out[i]
-        eps = eps.transpose(1, 2).reshape(x_t.shape)
-        return x_t - sigma.reshape(-1, 1, 1, 1) * eps
-
-
 @pytest.mark.parametrize("mode", ["omni_id", "identity_enhanced"])
 def test_flow_matching_stage_trains_encoder_and_projections(dataset_dir, mode):
     from omniid.guidance.adapter import AdapterConfig, create_adapter
@@ -305,22 +267,6 @@ def test_dataset_builder_groups_people_and_writes_their_crops(photos, tmp_path):
     assert len(IdentityDataset(tmp_path)) == 1
 
 
-class TinyPivotHost(TinyHost):
-    """TinyHost whose text tokens come from the given conditioning; reports one token's attention map."""
-
-    def denoise_conditioned(self, x_t, sigma, conditioning, token):
-        h = (x_t / (1 + sigma.reshape(-1, 1, 1, 1) ** 2).sqrt()).flatten(2).transpose(1, 2)
-        eps, maps = torch.zeros_like(h), []
-        for i in range(len(self.layers)):
-            q = h @ self.w_in[i]
-            k, v = (conditioning @ w for w in self.w_text[i])
-            probs = torch.softmax(q @ k.transpose(1, 2) / q.shape[-1] ** 0.5, -1)
-            maps.append(probs[..., token])
-            eps = eps + (probs @ v) @ self.w_out[i]
-        eps = eps.transpose(1, 2).reshape(x_t.shape)
-        return x_t - sigma.reshape(-1, 1, 1, 1) * eps, torch.stack(maps).mean(0), (8, 8)
-
-
 def test_localisation_loss_is_zero_where_attention_is_the_mask_and_grows_off_it():
     from omniid.training.pivot import localisation_loss
     mask = torch.zeros(1, 32, 32)
@@ -366,3 +312,11 @@ def test_mtd_loss_is_the_l1_error_over_each_targets_masked_patches():
     mask = torch.tensor([[True, True, False], [False, True, True]])
     torch.testing.assert_close(mtd_loss(predicted, target, mask), torch.tensor([1.5, 1.5]))
     torch.testing.assert_close(mtd_loss(predicted, target, mask, "all"), torch.tensor([8 / 3, 4 / 3]))
+
+
+def test_fidelity_omniid_train_prints_the_recipe_it_runs(dataset_dir, tmp_path, tiny_open_clip):
+    done = run(train_command(dataset_dir, tmp_path / "enc.safetensors", tmp_path / "ckpt.pt", 1, tiny_open_clip,
+                             extra=("--recipe", "quick")))
+    assert "recipe quick (mtd): 1 steps, global batch 2 (batch 2 x accum 1 x 1 process(es)), 56 px, lr 0.001" \
+        in done.stderr
+    assert "kept as given: batch, image_size, lr, steps" in done.stderr
