@@ -1,10 +1,14 @@
 """Tiny diffusers models with the real layouts (few layers, small widths, random weights).
 
     PYTHONPATH=tests python -m support.tiny_diffusers {sd15,sdxl,flux} FOLDER [--seed N]
+    PYTHONPATH=tests python -m support.tiny_diffusers data FOLDER
 
-writes a model folder ``omniid train --stage flow --model FOLDER`` reads: ``unet/`` (SD1.5,
+The first writes a model folder ``omniid train --stage flow --model FOLDER`` reads: ``unet/`` (SD1.5,
 SDXL) or ``transformer/`` (FLUX) and ``vae/``, saved with diffusers' ``save_pretrained``, and
-``text_embeds.safetensors``, a fixed random prompt conditioning of the model's widths.
+``text_embeds.safetensors``, a fixed random prompt conditioning of the model's widths. The
+second writes what the rest of a smoke run needs: ``identities/`` (six synthetic identities of
+eight photos) and ``tiny_vit.json`` (a small random open_clip ViT for ``--clip open_clip:...``),
+with ``encoder.json``, a matching small encoder config for ``--encoder-config``.
 """
 from __future__ import annotations
 
@@ -15,6 +19,10 @@ import sys
 import torch
 
 KINDS = ("sd15", "sdxl", "flux")
+TINY_OPEN_CLIP = {"embed_dim": 32, "vision_cfg": {"image_size": 224, "layers": 2, "width": 64, "patch_size": 32},
+                  "text_cfg": {"context_length": 77, "vocab_size": 49408, "width": 64, "heads": 2, "layers": 1}}
+TINY_ENCODER = {"clip_dim": 64, "tokens_per_image": 50, "dim": 64, "num_queries": 16, "num_heads": 4,
+                "cross_depth": 1, "self_depth": 1, "mlp_ratio": 2.0}
 IMAGE_SIZE = 32                   # the tiny VAE downsamples by 2: 16 x 16 latents
 
 
@@ -85,13 +93,28 @@ def write_model_folder(kind: str, folder, seed: int = 0) -> str:
     return folder
 
 
+def write_smoke_data(folder) -> str:
+    import json
+    from .synthetic_faces import write_identity_dataset
+    os.makedirs(folder, exist_ok=True)
+    write_identity_dataset(os.path.join(folder, "identities"), identities=6, photos=8, size=IMAGE_SIZE)
+    with open(os.path.join(folder, "tiny_vit.json"), "w") as f:
+        json.dump(TINY_OPEN_CLIP, f)
+    with open(os.path.join(folder, "encoder.json"), "w") as f:
+        json.dump(TINY_ENCODER, f)
+    return str(folder)
+
+
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("kind", choices=KINDS)
+    parser.add_argument("kind", choices=(*KINDS, "data"))
     parser.add_argument("folder")
     parser.add_argument("--seed", type=int, default=0)
     args = parser.parse_args(argv)
-    print(write_model_folder(args.kind, args.folder, args.seed))
+    if args.kind == "data":
+        print(write_smoke_data(args.folder))
+    else:
+        print(write_model_folder(args.kind, args.folder, args.seed))
     return 0
 
 

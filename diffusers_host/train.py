@@ -1,0 +1,75 @@
+"""Stage 2 (flow matching) on a diffusers base model, single process or under torchrun.
+
+The objective is ``training.flow_matching.FlowMatchingObjective`` and the loop
+``training.trainer.Trainer`` (AdamW, accumulation, bf16 autocast, atomic checkpoints, resume,
+the loss log), exactly as in the ComfyUI node; only the denoiser host differs. Parallelism:
+
+- ``ddp``: every process holds the whole frozen base; the trainable encoder + adapter are
+  wrapped in DistributedDataParallel by the trainer;
+- ``fsdp``: the frozen base is sharded with ``torch.distributed.fsdp.fully_shard`` (per
+  transformer block / UNet level, then the root), each process keeping 1/world of its
+  weights and gathering a block's weights just for its forward; the trainable part is still
+  replicated and averaged by DDP. Same samples, same updates: only the memory differs.
+"""
+from __future__ import annotations
+
+from typing import Optional
+
+import torch
+import torch.distributed as dist
+
+from ..guidance.adapter import AdapterConfig, create_adapter
+from ..training.dataset import FewToManySampler
+from ..training.flow_matching import FlowMatchingObjective
+from ..training.trainer import TrainConfig, Trainer
+from .denoiser import DiffusersDenoiserHost
+from .layers import host_layers, is_flux
+
+PARALLEL = ("ddp", "fsdp")
+
+
+def shard_units(model) -> list:
+    """The submodules FSDP shards one by one (their weights are gathered together for their forward)."""
+    if is_flux(model):
+        return [*model.transformer_blocks, *model.single_transformer_blocks]
+    return [*model.down_blocks, *([model.mid_block] if model.mid_block is not None else []), *model.up_blocks]
+
+
+def shard_frozen_base(model, device) -> None:
+    from torch.distributed.device_mesh import init_device_mesh
+    from torch.distributed.fsdp import fully_shard
+    mesh = init_device_mesh(device.type, (dist.get_world_size(),))
+    for unit in shard_units(model):
+        fully_shard(unit, mesh=mesh, reshard_after_forward=True)
+    fully_shard(model, mesh=mesh, reshard_after_forward=True)
+
+
+def flow_adapter_config(model, token_dim: int) -> AdapterConfig:
+    return AdapterConfig(family="flux" if is_flux(model) else "unet", token_dim=token_dim,
+                         layer_dims=tuple(layer.inner_dim for layer in host_layers(model)))
+
+
+def flow_trainer(base, encoder, token_fn, dataset, train: TrainConfig, sampler_config, image_size: int,
+                 checkpoint_path: Optional[str] = None, device=None, parallel: str = "ddp",
+                 gradient_checkpointing: bool = False, mode: str = "omni_id", adapter=None,
+                 guidance: float = 1.0) -> Trainer:
+    """The stage-2 trainer for ``base`` (a ``models.BaseModel``), not yet run."""
+    if parallel not in PARALLEL:
+        raise ValueError(f"parallel must be one of {PARALLEL}, not {parallel!r}")
+    device = torch.device(device or "cpu")
+    dtype = torch.bfloat16 if train.precision == "bf16" else torch.float32
+    model = base.model.to(device, dtype)
+    if gradient_checkpointing:
+        model.enable_gradient_checkpointing()
+    if parallel == "fsdp" and dist.is_initialized() and dist.get_world_size() > 1:
+        shard_frozen_base(model, device)
+    host = DiffusersDenoiserHost(base, image_size, device=device, dtype=dtype, guidance=guidance)
+    if adapter is None:
+        adapter = create_adapter(flow_adapter_config(model, encoder.config.dim), seed=train.seed + 1)
+    host.check_adapter(adapter)
+    adapter.train().requires_grad_(True)
+    encoder.train().requires_grad_(True)
+    sampler = FewToManySampler(dataset, sampler_config, seed=train.seed)
+    objective = FlowMatchingObjective(encoder, adapter, host, sampler, token_fn, seed=train.seed, mode=mode,
+                                      clip_size=224)
+    return Trainer(objective, train, checkpoint_path, device=device)
