@@ -65,6 +65,11 @@ def cmd_train_flow(args) -> int:
                                gradient_checkpointing=args.gradient_checkpointing, mode=args.mode,
                                guidance=args.guidance)
 
+        from ..diffusers_host.train import base_parameters
+        total, local = base_parameters(base.model)
+        print(f"rank {rank}: {args.parallel}, frozen base {total} parameters, {local} held here"
+              f"{', gradient checkpointing' if args.gradient_checkpointing else ''}", file=sys.stderr, flush=True)
+
         def report(step, loss):
             if rank == 0:
                 print(f"step {step}/{args.steps} loss {loss:.5f}", file=sys.stderr, flush=True)

@@ -44,6 +44,15 @@ def shard_frozen_base(model, device) -> None:
     fully_shard(model, mesh=mesh, reshard_after_forward=True)
 
 
+def base_parameters(model) -> tuple[int, int]:
+    """(parameters of the frozen base, of them held by this process): equal under DDP, 1/world under FSDP."""
+    total = local = 0
+    for p in model.parameters():
+        total += p.numel()
+        local += p.to_local().numel() if hasattr(p, "to_local") else p.numel()
+    return total, local
+
+
 def flow_adapter_config(model, token_dim: int) -> AdapterConfig:
     return AdapterConfig(family="flux" if is_flux(model) else "unet", token_dim=token_dim,
                          layer_dims=tuple(layer.inner_dim for layer in host_layers(model)))
