@@ -1,6 +1,6 @@
 """Tiny diffusers models with the real layouts (few layers, small widths, random weights).
 
-    PYTHONPATH=tests python -m support.tiny_diffusers {sd15,sdxl,flux} FOLDER [--seed N]
+    PYTHONPATH=tests python -m support.tiny_diffusers {sd15,sdxl,flux,comfy_sd15} FOLDER [--seed N]
     PYTHONPATH=tests python -m support.tiny_diffusers data FOLDER
 
 The first writes a model folder ``omniid train --stage flow --model FOLDER`` reads: ``unet/`` (SD1.5,
@@ -18,7 +18,7 @@ import sys
 
 import torch
 
-KINDS = ("sd15", "sdxl", "flux")
+KINDS = ("sd15", "sdxl", "flux", "comfy_sd15")
 TINY_OPEN_CLIP = {"embed_dim": 32, "vision_cfg": {"image_size": 224, "layers": 2, "width": 64, "patch_size": 32},
                   "text_cfg": {"context_length": 77, "vocab_size": 49408, "width": 64, "heads": 2, "layers": 1}}
 TINY_ENCODER = {"clip_dim": 64, "tokens_per_image": 50, "dim": 64, "num_queries": 16, "num_heads": 4,
@@ -63,10 +63,21 @@ def flux_transformer(latent_channels: int = 16):
                                   pooled_projection_dim=24, guidance_embeds=True, axes_dims_rope=(4, 6, 6))
 
 
+def comfy_sd15_unet():
+    """The diffusers twin of tests/comfy's small SD1.5-layout UNet (width 320, context 768, one level):
+    ComfyUI's input block 1, output blocks 0 and 1, and the middle block have cross-attention."""
+    from diffusers import UNet2DConditionModel
+    return UNet2DConditionModel(sample_size=16, in_channels=4, out_channels=4, layers_per_block=1,
+                                down_block_types=("CrossAttnDownBlock2D",), up_block_types=("CrossAttnUpBlock2D",),
+                                block_out_channels=(320,), cross_attention_dim=768, attention_head_dim=8)
+
+
 def text_embeds(kind: str, seed: int = 0) -> dict:
     g = torch.Generator().manual_seed(seed + 7)
     if kind == "sd15":
         return {"encoder_hidden_states": torch.randn(1, 7, 32, generator=g)}
+    if kind == "comfy_sd15":
+        return {"encoder_hidden_states": torch.randn(1, 7, 768, generator=g)}
     if kind == "sdxl":
         return {"encoder_hidden_states": torch.randn(1, 7, 48, generator=g), "text_embeds": torch.randn(1, 24, generator=g)}
     return {"encoder_hidden_states": torch.randn(1, 7, 40, generator=g), "pooled_projections": torch.randn(1, 24, generator=g)}
@@ -78,7 +89,8 @@ def make_model(kind: str, seed: int = 0):
         raise ValueError(f"kind must be one of {KINDS}")
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)
-        base = {"sd15": sd15_unet, "sdxl": sdxl_unet, "flux": flux_transformer}[kind]()
+        base = {"sd15": sd15_unet, "sdxl": sdxl_unet, "flux": flux_transformer,
+                "comfy_sd15": comfy_sd15_unet}[kind]()
         autoencoder = vae(16 if kind == "flux" else 4)
     return base.eval(), autoencoder.eval()
 
