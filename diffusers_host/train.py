@@ -7,7 +7,7 @@ the loss log), exactly as in the ComfyUI node; only the denoiser host differs. P
 - ``ddp``: every process holds the whole frozen base; the trainable encoder + adapter are
   wrapped in DistributedDataParallel by the trainer;
 - ``fsdp``: the frozen base is sharded with ``torch.distributed.fsdp.fully_shard`` (per
-  transformer block / UNet level, then the root), each process keeping 1/world of its
+  transformer block / UNet resnet and transformer, then the root), each process keeping 1/world of its
   weights and gathering a block's weights just for its forward; the trainable part is still
   replicated and averaged by DDP. Same samples, same updates: only the memory differs.
 """
@@ -32,7 +32,8 @@ def shard_units(model) -> list:
     """The submodules FSDP shards one by one (their weights are gathered together for their forward)."""
     if is_flux(model):
         return [*model.transformer_blocks, *model.single_transformer_blocks]
-    return [*model.down_blocks, *([model.mid_block] if model.mid_block is not None else []), *model.up_blocks]
+    blocks = [*model.down_blocks, *([model.mid_block] if model.mid_block is not None else []), *model.up_blocks]
+    return [unit for block in blocks for unit in (*(getattr(block, "attentions", None) or []), *block.resnets)]
 
 
 def shard_frozen_base(model, device) -> None:
