@@ -87,7 +87,7 @@ def training_device():
 def cmd_train(args) -> int:
     if getattr(args, "stage", "mtd") == "flow":
         from .train_flow import cmd_train_flow
-        return cmd_train_flow(args)
+        return cmd_train_flow(args, token_source, training_device)
     import torch
     import torch.distributed as dist
 

@@ -19,7 +19,8 @@ def default_encoder_out(out: str) -> str:
     return f"{stem}_encoder{ext or '.safetensors'}"
 
 
-def cmd_train_flow(args) -> int:
+def cmd_train_flow(args, token_source, training_device) -> int:
+    """``token_source`` and ``training_device`` are stage 1's (cli/train.py), handed over by its cmd_train."""
     import torch
     import torch.distributed as dist
 
@@ -30,7 +31,6 @@ def cmd_train_flow(args) -> int:
     from ..guidance.adapter import save_adapter
     from ..training.dataset import IdentityDataset, SamplerConfig
     from ..training.trainer import TrainConfig
-    from .train import token_source, training_device
 
     if not args.model:
         raise SystemExit("error: --stage flow needs --model (a diffusers folder or single file)")
