@@ -23,7 +23,7 @@ How the estimate is made (nothing here downloads or loads real weights):
 Not counted: the CUDA context and allocator slack (~1-3 GiB), the VAE and CLIP (their
 outputs are cached once per photo).
 
-    python benchmarks/training_memory.py [--gpus 8] [--images-per-gpu 32] [--size 512]
+    python benchmarks/training_memory.py [--gpus 8] [--images-per-gpu 32] [--size 512] [--quick]
 
 Last line: RESULT {json}, GiB per GPU, and the FSDP / DDP ratio measured in the same run.
 """
@@ -191,6 +191,7 @@ def main() -> None:
     parser.add_argument("--gpus", type=int, default=8)
     parser.add_argument("--images-per-gpu", type=int, default=32, help="identities x targets per GPU per micro-batch")
     parser.add_argument("--size", type=int, default=512)
+    parser.add_argument("--quick", action="store_true", help="the same estimate (it takes well under a minute)")
     args = parser.parse_args()
     torch.manual_seed(0)
     result = {}

@@ -68,7 +68,7 @@ def flow_trainer(base, encoder, token_fn, dataset, train: TrainConfig, sampler_c
         raise ValueError(f"parallel must be one of {PARALLEL}, not {parallel!r}")
     device = torch.device(device or "cpu")
     dtype = torch.bfloat16 if train.precision == "bf16" else torch.float32
-    model = base.model.to(device, dtype)
+    model = base.model.to(device)              # loaded in its training dtype by models.load_base
     if gradient_checkpointing:
         model.enable_gradient_checkpointing()
     if parallel == "fsdp" and dist.is_initialized() and dist.get_world_size() > 1:
