@@ -42,9 +42,10 @@ def add_parser(sub) -> None:
 
 def add_stage_arguments(p) -> None:
     """``--stage`` and the arguments of stage 2 (flow matching on a diffusers base model)."""
-    p.add_argument("--stage", choices=("mtd", "flow"), default="mtd",
+    p.add_argument("--stage", choices=("mtd", "flow", "pivot"), default="mtd",
                    help="mtd: stage 1 (the encoder with the masked transformer decoder); flow: stage 2 (encoder + "
-                        "adapter on a frozen diffusers model; --out is then the adapter file)")
+                        "adapter on a frozen diffusers model; --out is then the adapter file); pivot: OmniPortrait's pivot "
+                        "encoder on a frozen diffusers SD1.5/SDXL UNet (--out is the pivot encoder file)")
     p.add_argument("--model", help="flow: the frozen base model, a diffusers folder (unet/ or transformer/ and vae/) "
                                    "or a single .safetensors file (with --model-config)")
     p.add_argument("--model-config", help="flow: the diffusers config folder of a single-file model")
@@ -60,6 +61,10 @@ def add_stage_arguments(p) -> None:
                    help="flow: ddp (every GPU holds the frozen base) or fsdp (the base sharded across the GPUs)")
     p.add_argument("--gradient-checkpointing", action="store_true", help="flow: recompute the base's activations")
     p.add_argument("--guidance", type=float, default=1.0, help="flow: FLUX-dev's guidance input")
+    p.add_argument("--class-token", type=int, help="pivot: the index of the class word in --text-embeds' prompt")
+    p.add_argument("--face-mask", default="dlib", help="pivot: the targets' face masks from a face analyser (dlib, "
+                   "insightface/<pack>), or 'ellipse' (a centred ellipse: aligned face crops only)")
+    p.add_argument("--eta", type=float, default=2e-3, help="pivot: weight of the face-localisation loss")
 
 
 def token_source(spec: str, device, seed: int):
@@ -85,6 +90,9 @@ def training_device():
 
 
 def cmd_train(args) -> int:
+    if getattr(args, "stage", "mtd") == "pivot":
+        from .train_flow import cmd_train_pivot
+        return cmd_train_pivot(args, token_source, training_device)
     if getattr(args, "stage", "mtd") == "flow":
         from .train_flow import cmd_train_flow
         return cmd_train_flow(args, token_source, training_device)

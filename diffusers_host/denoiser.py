@@ -111,6 +111,34 @@ class DiffusersDenoiserHost:
             injection = LayerInjection({COND: keys, UNCOND: keys}, {COND: values, UNCOND: values}, 1.0)
             set_layer_injections(self.model, layer, (injection,), identity_only=not text_attention)
 
+    def denoise_conditioned(self, x_t, sigma, conditioning, token: int):
+        """``training.pivot.PivotHost``: D(x_t) with the prompt's conditioning replaced (per sample), and
+        ``token``'s cross-attention map (B, h*w) at the grid nearest 1/16 of the latent, and that grid."""
+        from ..guidance.attention_capture import AttentionMaps
+        from ..guidance.decoupled import token_grid
+        if self.flux:
+            raise ValueError("the pivot encoder replaces a word of a CLIP text conditioning: use an SD1.5 or SDXL model")
+        for layer in self.layers:              # plain cross-attention, with the maps recorded
+            set_layer_injections(self.model, layer, ())
+        maps = AttentionMaps(token=token, track_grad=True)
+        x = x_t.to(self.device, torch.float32)
+        s = sigma.to(self.device, torch.float32)
+        state = call_state(self.model)
+        state.sigmas, state.cond_or_uncond, state.latent_shape, state.maps = s, (), tuple(x.shape), maps
+        try:
+            text = self._text(x.shape[0])
+            text["encoder_hidden_states"] = conditioning.to(self.device, self.dtype)
+            c_in = 1 / (s ** 2 + 1).sqrt()
+            eps = self.model((x * c_in.reshape(-1, 1, 1, 1)).to(self.dtype), self.timestep_of_sigma(s),
+                             **text).sample.float()
+        finally:
+            state.maps = None
+        out = x - s.reshape(-1, 1, 1, 1) * eps
+        n = maps.nearest(max(1, x.shape[-2] * x.shape[-1] // 16))
+        if n is None or maps.cross_map(n) is None:
+            raise ValueError("the model made no cross-attention call to record")
+        return out.float().cpu(), maps.cross_map(n).cpu(), token_grid(n, *x.shape[-2:])
+
     def denoise(self, x_t, sigma, identity_kv, text_attention: bool) -> torch.Tensor:
         if self.flux and not text_attention:
             raise ValueError("identity-enhanced training (text attention off) needs a UNet model (SD1.5/SDXL): "

@@ -27,6 +27,7 @@ class CallState:
     latent_shape: Optional[tuple] = None       # (B, C, H, W) of the latent (masks, FLUX image tokens)
     txt_len: Optional[int] = None              # FLUX: text tokens in front of the image tokens
     residuals: dict = field(default_factory=dict)   # FLUX XLabs: block -> term for the image stream
+    maps: Optional[object] = None              # a guidance.attention_capture.AttentionMaps fed by attn2
 
     def extra(self, heads: int) -> dict:
         return {"n_heads": heads, "sigmas": self.sigmas, "cond_or_uncond": list(self.cond_or_uncond),
@@ -62,6 +63,8 @@ class UNetIdentityProcessor:
         if encoder_hidden_states is not None and attn.norm_cross:
             context = attn.norm_encoder_hidden_states(context)
         q, k, v = attn.to_q(hidden_states), attn.to_k(context), attn.to_v(context)
+        if self.state.maps is not None:
+            self.state.maps.record(q, k, attn.heads)
         out = self.patch(q, k, v, self.state.extra(attn.heads)).to(q.dtype)
         out = attn.to_out[1](attn.to_out[0](out))
         if input_ndim == 4:

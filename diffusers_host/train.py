@@ -59,11 +59,9 @@ def flow_adapter_config(model, token_dim: int) -> AdapterConfig:
                          layer_dims=tuple(layer.inner_dim for layer in host_layers(model)))
 
 
-def flow_trainer(base, encoder, token_fn, dataset, train: TrainConfig, sampler_config, image_size: int,
-                 checkpoint_path: Optional[str] = None, device=None, parallel: str = "ddp",
-                 gradient_checkpointing: bool = False, mode: str = "omni_id", adapter=None,
-                 guidance: float = 1.0) -> Trainer:
-    """The stage-2 trainer for ``base`` (a ``models.BaseModel``), not yet run."""
+def prepare_host(base, train: TrainConfig, image_size: int, device=None, parallel: str = "ddp",
+                 gradient_checkpointing: bool = False, guidance: float = 1.0) -> DiffusersDenoiserHost:
+    """The frozen base on this process's device (sharded under FSDP) as a denoiser host."""
     if parallel not in PARALLEL:
         raise ValueError(f"parallel must be one of {PARALLEL}, not {parallel!r}")
     device = torch.device(device or "cpu")
@@ -73,7 +71,34 @@ def flow_trainer(base, encoder, token_fn, dataset, train: TrainConfig, sampler_c
         model.enable_gradient_checkpointing()
     if parallel == "fsdp" and dist.is_initialized() and dist.get_world_size() > 1:
         shard_frozen_base(model, device)
-    host = DiffusersDenoiserHost(base, image_size, device=device, dtype=dtype, guidance=guidance)
+    return DiffusersDenoiserHost(base, image_size, device=device, dtype=dtype, guidance=guidance)
+
+
+def pivot_trainer(base, pivot, image_embed_fn, face_mask_fn, dataset, train: TrainConfig, targets: int,
+                  class_token: int, image_size: int, checkpoint_path: Optional[str] = None, device=None,
+                  parallel: str = "ddp", gradient_checkpointing: bool = False, eta: float = 2e-3) -> Trainer:
+    """OmniPortrait's pivot encoder on a frozen diffusers UNet (``training.pivot.PivotObjective``), not yet run."""
+    from ..training.dataset import SamplerConfig
+    from ..training.pivot import PivotObjective
+    if "encoder_hidden_states" not in base.text:
+        raise ValueError("the pivot stage needs the prompt's conditioning (--text-embeds with encoder_hidden_states) "
+                         "whose class word --class-token points at")
+    host = prepare_host(base, train, image_size, device, parallel, gradient_checkpointing)
+    pivot.train().requires_grad_(True)
+    sampler = FewToManySampler(dataset, SamplerConfig("few_to_many", 1, 1, targets), seed=train.seed)
+    objective = PivotObjective(pivot, host, sampler, image_embed_fn, face_mask_fn, base.text["encoder_hidden_states"],
+                               class_token, seed=train.seed, eta=eta)
+    return Trainer(objective, train, checkpoint_path, device=host.device)
+
+
+def flow_trainer(base, encoder, token_fn, dataset, train: TrainConfig, sampler_config, image_size: int,
+                 checkpoint_path: Optional[str] = None, device=None, parallel: str = "ddp",
+                 gradient_checkpointing: bool = False, mode: str = "omni_id", adapter=None,
+                 guidance: float = 1.0) -> Trainer:
+    """The stage-2 trainer for ``base`` (a ``models.BaseModel``), not yet run."""
+    host = prepare_host(base, train, image_size, device, parallel, gradient_checkpointing, guidance)
+    device = host.device
+    model = host.model
     if adapter is None:
         adapter = create_adapter(flow_adapter_config(model, encoder.config.dim), seed=train.seed + 1)
     host.check_adapter(adapter)
