@@ -112,10 +112,15 @@ def test_unet_layers_carry_comfyui_block_numbers():
 
 
 class HandFluxProcessor:
-    """FLUX joint attention by hand (explicit softmax), plus w * softmax(q_img K_id^T / sqrt(d)) V_id."""
+    """FLUX joint attention by hand (explicit softmax), plus the identity term w * softmax(q K_id^T / sqrt(d)) V_id:
+    decoupled, rotated queries of the image tokens, added to the attention output; instantx, the queries before
+    the rotation (image tokens in double blocks, every token in single blocks), K/V RMS-normalised per head;
+    xlabs (double blocks), the image tokens' queries before the rotation, kept for the image stream after the
+    block (``residual``, added by the test's block hook)."""
 
-    def __init__(self, keys, values, weight, txt_len):
+    def __init__(self, keys, values, weight, txt_len, style="decoupled", kind="double"):
         self.keys, self.values, self.weight, self.txt_len = keys, values, weight, txt_len
+        self.style, self.kind, self.residual = style, kind, None
 
     def __call__(self, attn, hidden_states, encoder_hidden_states=None, attention_mask=None, image_rotary_emb=None):
         from diffusers.models.embeddings import apply_rotary_emb
@@ -130,16 +135,24 @@ class HandFluxProcessor:
             q = torch.cat([attn.norm_added_q(eq), q], 1)
             k = torch.cat([attn.norm_added_k(ek), k], 1)
             v = torch.cat([ev, v], 1)
+        plain_q = q
         q = apply_rotary_emb(q, image_rotary_emb, sequence_dim=1)
         k = apply_rotary_emb(k, image_rotary_emb, sequence_dim=1)
         d = q.shape[-1]
         probs = torch.softmax(torch.einsum("blhd,bmhd->bhlm", q, k) / math.sqrt(d), -1)
         out = torch.einsum("bhlm,bmhd->blhd", probs, v)
         kid, vid = (t.view(-1, heads, d) for t in (self.keys, self.values))
-        img_q = q[:, self.txt_len:]
-        id_probs = torch.softmax(torch.einsum("blhd,mhd->bhlm", img_q, kid) / math.sqrt(d), -1)
-        out = torch.cat([out[:, :self.txt_len], out[:, self.txt_len:] + self.weight *
-                         torch.einsum("bhlm,mhd->blhd", id_probs, vid)], 1).flatten(2)
+        if self.style == "instantx":
+            kid, vid = (t / (t.pow(2).mean(-1, keepdim=True) + 1e-5).sqrt() for t in (kid, vid))
+        start = 0 if (self.style == "instantx" and self.kind == "single") else self.txt_len
+        query = (q if self.style == "decoupled" else plain_q)[:, start:]
+        id_probs = torch.softmax(torch.einsum("blhd,mhd->bhlm", query, kid) / math.sqrt(d), -1)
+        term = self.weight * torch.einsum("bhlm,mhd->blhd", id_probs, vid)
+        if self.style == "xlabs":
+            self.residual = term.flatten(2) if self.kind == "double" else None
+        else:
+            out = torch.cat([out[:, :start], out[:, start:] + term], 1)
+        out = out.flatten(2)
         if encoder_hidden_states is None:
             return out
         txt, img = out[:, :self.txt_len], out[:, self.txt_len:]
@@ -172,5 +185,39 @@ def test_flux_processors_equal_a_hand_computation_in_double_and_single_blocks():
             layer.attention.set_processor(HandFluxProcessor(kv.to_k(tokens[COND]), kv.to_v(tokens[COND]),
                                                             0.9 * blocks.weight(layer.group, layer.number), 7))
         reference = model(**inputs).sample
+    assert not torch.allclose(reference, plain, atol=1e-3)
+    torch.testing.assert_close(ours, reference, atol=2e-5, rtol=1e-4)
+
+
+@pytest.mark.parametrize("style", ["instantx", "xlabs"])
+def test_flux_instantx_and_xlabs_attentions_equal_a_hand_computation(style):
+    from omniid.guidance.adapter import AdapterConfig, create_adapter
+    model, _ = make_model("flux")
+    inputs = flux_inputs()
+    layers = host_layers(model)
+    if style == "xlabs":
+        layers = [l for l in layers if l.group == "double"]
+    adapter = create_adapter(AdapterConfig(family="flux", token_dim=TOKEN_DIM, layer_dims=tuple(l.inner_dim for l in layers),
+                                           attention=style, flux_blocks="double" if style == "xlabs" else "all",
+                                           kv_bias=style == "xlabs"), seed=3)
+    tokens = identity_tokens()
+    with torch.no_grad():
+        plain = model(**inputs).sample
+        apply_identity(model, adapter, tokens, weight=0.9)
+        ours = model(**inputs).sample
+        remove_identity(model)
+        hooks = []
+        for index, layer in enumerate(layers):
+            kv = adapter.layers[index]
+            hand = HandFluxProcessor(kv.to_k(tokens[COND]), kv.to_v(tokens[COND]), 0.9, 7, style, layer.group)
+            layer.attention.set_processor(hand)
+            if style == "xlabs":
+                def add(block, args, output, hand=hand):
+                    context, image = output
+                    return context, image + hand.residual
+                hooks.append(layer.block.register_forward_hook(add))
+        reference = model(**inputs).sample
+        for hook in hooks:
+            hook.remove()
     assert not torch.allclose(reference, plain, atol=1e-3)
     torch.testing.assert_close(ours, reference, atol=2e-5, rtol=1e-4)
