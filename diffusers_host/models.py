@@ -4,7 +4,8 @@
 - a model folder (``config.json``) with ``vae`` given separately,
 - a single checkpoint file (``from_single_file``); ``config`` names a folder with the model's
   diffusers config (a pipeline folder or its ``unet``/``transformer`` folder) so no download
-  is needed, ``vae`` a VAE folder or file.
+  is needed (its ``vae/``, ``scheduler/`` and ``text_embeds.safetensors`` are used too), ``vae``
+  a VAE folder or file.
 
 A ``text_embeds.safetensors`` beside the model (or given) is the prompt conditioning of the
 training stage: ``encoder_hidden_states`` and, for SDXL, ``text_embeds`` (pooled), for FLUX
@@ -73,6 +74,7 @@ def load_base(path: str, dtype=torch.float32, config: Optional[str] = None, vae:
             kwargs["subfolder"] = sub
         model = cls.from_single_file(path, **kwargs)
         vae = vae or (os.path.join(config, "vae") if os.path.isdir(os.path.join(config, "vae")) else None)
+        root = config                              # its scheduler/ and text_embeds.safetensors, if any
     if vae is None or not os.path.exists(vae):
         raise ValueError(f"no VAE for {path}: give one with --vae")
     scheduler = {}

@@ -140,3 +140,18 @@ def test_pivot_stage_on_a_diffusers_unet_learns_e_mix_and_localises_it(smoke, tm
     save_pivot(pivot, str(tmp_path / "pivot.safetensors"))
     loaded = load_pivot(str(tmp_path / "pivot.safetensors"))
     assert all(torch.equal(a, b) for a, b in zip(loaded.state_dict().values(), pivot.state_dict().values()))
+
+
+@pytest.mark.parametrize("kind", ["flux", "sdxl"])
+def test_a_single_file_model_loads_with_its_config_folder(smoke, tmp_path, kind):
+    """--model FILE --model-config FOLDER: the same weights as the folder (a file with diffusers' key names;
+    original-layout files go through diffusers' own conversion)."""
+    from safetensors.torch import save_file
+    from omniid.diffusers_host.models import load_base
+    folder = load_base(str(smoke / kind))
+    single = tmp_path / "model.safetensors"
+    save_file({k: v.contiguous() for k, v in folder.model.state_dict().items()}, str(single))
+    loaded = load_base(str(single), config=str(smoke / kind))
+    assert loaded.family == folder.family and loaded.text.keys() == folder.text.keys()
+    expected = folder.model.state_dict()
+    assert all(torch.equal(v, expected[k]) for k, v in loaded.model.state_dict().items())
