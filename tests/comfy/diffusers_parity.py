@@ -98,7 +98,28 @@ def main() -> None:
         from omniid.diffusers_host.identity import remove_identity
         remove_identity(unet)
         d_plain = unet(x, t, encoder_hidden_states=context).sample
-    print(json.dumps({
+    # a mask and a sigma window: the node's start_at/end_at become sigmas with ComfyUI's schedule; the
+    # diffusers host is given those sigmas, and both are run inside and outside the window
+    mask = torch.zeros(1, 32, 32)
+    mask[:, :, 10:] = 1.0
+    masked = ApplyAdapter.execute(model=model, adapter=adapter, embeds=embeds, weight=0.8, start_at=0.2, end_at=0.6,
+                                  attn_mask=mask, blocks="all=1").args[0]
+    first = masked.model_options["transformer_options"]["patches_replace"]["attn2"][comfy_layers[0].key].injections[0]
+    window = (first.sigma_start, first.sigma_end)
+    diffusers_apply(unet, adapter, adapter.identity_tokens(embeds), 0.8, sigma_start=window[0], sigma_end=window[1],
+                    mask=mask)
+    masked_diff = {}
+    with torch.no_grad():
+        for name, sigma in (("inside", (window[0] * window[1]) ** 0.5), ("outside", window[0] * 1.5)):
+            options = {**masked.model_options["transformer_options"], "cond_or_uncond": [COND, UNCOND],
+                       "sigmas": torch.tensor([sigma, sigma])}
+            c_out = base.diffusion_model(x, timesteps=t, context=context, transformer_options=options)
+            with identity_call(unet, sigmas=torch.tensor([sigma]), cond_or_uncond=[COND, UNCOND]):
+                d_out = unet(x, t, encoder_hidden_states=context).sample
+            masked_diff[name] = float((c_out - d_out).abs().max())
+            masked_diff[name + "_effect"] = float((d_out - d_plain).abs().max())
+        remove_identity(unet)
+    print(json.dumps({"window": list(window), "masked": masked_diff,
         "comfy_layers": [[l.group, l.number] for l in comfy_layers], "diffusers_layers": [[l.group, l.number] for l in d_layers],
         "converted": len(converted), "missing": len(missing), "unexpected": len(unexpected),
         "kv_equal": kv_equal, "weights": weights,

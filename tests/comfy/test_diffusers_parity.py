@@ -53,6 +53,16 @@ def test_the_two_hosts_give_the_same_unet_output(facts):
     assert facts["identity_diff"] < 1e-5 * facts["scale"] * 10
 
 
+def test_masks_and_the_sigma_window_mean_the_same_in_both_hosts(facts):
+    """ApplyAdapter with attn_mask, start_at 0.2, end_at 0.6; the diffusers host with the same mask and the
+    sigmas the node chose: equal outputs inside the window, and the plain model's outside it."""
+    start, end = facts["window"]
+    assert start > end > 0
+    masked = facts["masked"]
+    assert masked["inside_effect"] > 1e-2 and masked["outside_effect"] == 0.0
+    assert masked["inside"] < 1e-4 * facts["scale"] and masked["outside"] < 1e-4 * facts["scale"]
+
+
 PROBE = r'''
 import importlib, json, pkgutil, sys
 sys.path.insert(0, sys.argv[1])
