@@ -31,6 +31,26 @@ def ddpm_sigmas(scheduler: dict) -> torch.Tensor:
     return ((1 - alphas) / alphas).sqrt()
 
 
+def unet_sigma_window(start_at: float, end_at: float, scheduler: dict | None = None) -> tuple[float, float]:
+    """(sigma_start, sigma_end) of an SD1.5/SDXL start_at/end_at (fractions of the schedule), as ComfyUI's
+    discrete model_sampling turns them into sigmas: percent p is the sigma at timestep (1 - p) x 999,
+    interpolated in log sigma."""
+    sigmas = ddpm_sigmas(scheduler or {}).float()
+    log = sigmas.log()
+
+    def at(percent: float) -> float:
+        if percent <= 0.0:
+            return 999999999.9
+        if percent >= 1.0:
+            return 0.0
+        t = (1.0 - percent) * (len(sigmas) - 1)
+        low = min(int(t), len(sigmas) - 2)
+        w = t - low
+        return float((log[low] * (1 - w) + log[low + 1] * w).exp())
+
+    return at(start_at), at(end_at)
+
+
 class DiffusersDenoiserHost:
     def __init__(self, base, image_size: int, device=None, dtype=torch.float32, guidance: float = 1.0):
         self.base, self.model, self.vae = base, base.model, base.vae

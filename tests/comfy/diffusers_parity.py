@@ -106,6 +106,8 @@ def main() -> None:
                                   attn_mask=mask, blocks="all=1").args[0]
     first = masked.model_options["transformer_options"]["patches_replace"]["attn2"][comfy_layers[0].key].injections[0]
     window = (first.sigma_start, first.sigma_end)
+    from omniid.diffusers_host.denoiser import unet_sigma_window
+    own_window = unet_sigma_window(0.2, 0.6)
     diffusers_apply(unet, adapter, adapter.identity_tokens(embeds), 0.8, sigma_start=window[0], sigma_end=window[1],
                     mask=mask)
     masked_diff = {}
@@ -119,7 +121,7 @@ def main() -> None:
             masked_diff[name] = float((c_out - d_out).abs().max())
             masked_diff[name + "_effect"] = float((d_out - d_plain).abs().max())
         remove_identity(unet)
-    print(json.dumps({"window": list(window), "masked": masked_diff,
+    print(json.dumps({"window": list(window), "own_window": list(own_window), "masked": masked_diff,
         "comfy_layers": [[l.group, l.number] for l in comfy_layers], "diffusers_layers": [[l.group, l.number] for l in d_layers],
         "converted": len(converted), "missing": len(missing), "unexpected": len(unexpected),
         "kv_equal": kv_equal, "weights": weights,
