@@ -6,10 +6,14 @@ processors ``apply_identity`` uses, and runs the model. SD1.5/SDXL are epsilon m
 DDPM schedule, written in sigma form as ComfyUI does: x_t = x0 + sigma eps, the UNet reads
 x_t / sqrt(sigma^2 + 1) at the timestep of sigma, D(x_t) = x_t - sigma eps_hat. FLUX is a
 flow model: x_t = (1 - sigma) x0 + sigma eps, the transformer reads the packed latent at
-timestep sigma and predicts the velocity v, D(x_t) = x_t - sigma v.
+timestep sigma and predicts the velocity v, D(x_t) = x_t - sigma v. Noise levels are drawn as the
+ComfyUI host draws them: u -> its model_sampling's percent_to_sigma (the discrete schedule in
+log sigma; FLUX's shifted schedule with mu = 1.15), both checked against ComfyUI's in
+tests/comfy/test_diffusers_parity.py.
 """
 from __future__ import annotations
 
+import math
 from typing import Optional
 
 import torch
@@ -51,6 +55,25 @@ def unet_sigma_window(start_at: float, end_at: float, scheduler: dict | None = N
     return at(start_at), at(end_at)
 
 
+FLUX_SHIFT = 1.15          # FLUX's time shift mu, ComfyUI's default for FLUX models
+
+
+def flux_percent_to_sigma(percent: float, shift: float = FLUX_SHIFT) -> float:
+    """FLUX's shifted schedule: the sigma at fraction ``percent`` of sampling, t = 1 - percent mapped to
+    e^mu / (e^mu + 1/t - 1) (SD3/FLUX's time shift), 1 at the start and 0 at the end."""
+    if percent <= 0.0:
+        return 1.0
+    if percent >= 1.0:
+        return 0.0
+    t = 1.0 - percent
+    return math.exp(shift) / (math.exp(shift) + (1.0 / t - 1.0))
+
+
+def flux_sigma_window(start_at: float, end_at: float, shift: float = FLUX_SHIFT) -> tuple[float, float]:
+    """(sigma_start, sigma_end) of a FLUX start_at/end_at, as ComfyUI's FLUX model_sampling makes them."""
+    return flux_percent_to_sigma(start_at, shift), flux_percent_to_sigma(end_at, shift)
+
+
 class DiffusersDenoiserHost:
     def __init__(self, base, image_size: int, device=None, dtype=torch.float32, guidance: float = 1.0):
         self.base, self.model, self.vae = base, base.model, base.vae
@@ -82,8 +105,9 @@ class DiffusersDenoiserHost:
         return ((latent - shift) * self.vae.config.scaling_factor).float().cpu()
 
     def sigma_at(self, u: torch.Tensor) -> torch.Tensor:
+        """u in (0, 1) -> sigma, as the ComfyUI host draws them (its model_sampling's percent_to_sigma)."""
         if self.flux:
-            return 1 - u.float()
+            return torch.tensor([flux_percent_to_sigma(float(x)) for x in u.reshape(-1)])
         return self.sigma_of_timestep((1 - u.float()) * (len(self.sigmas) - 1))
 
     def sigma_of_timestep(self, t: torch.Tensor) -> torch.Tensor:

@@ -5,7 +5,7 @@ adapter's layers (stacking on identities already applied, as the ComfyUI host st
 the same layer weights (weight x block multiplier, ``BlockWeights`` in ComfyUI's block names),
 the same masks and ``weight_mode``, and the same sigma window (``sigma_start`` >= sigma >=
 ``sigma_end``; in ComfyUI the node turns start_at/end_at into these with the model's schedule;
-for SD1.5/SDXL ``denoiser.unet_sigma_window(start_at, end_at)`` gives the same sigmas).
+``denoiser.unet_sigma_window`` (SD1.5/SDXL) and ``denoiser.flux_sigma_window`` give the same sigmas).
 diffusers gives processors no sigma: ``identity_call(model, sigmas=..., cond_or_uncond=...)``
 says them for the calls inside it (without it, every window is open and the whole batch is
 conditional). ``remove_identity`` puts diffusers' default processors back.

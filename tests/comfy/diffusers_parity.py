@@ -121,7 +121,12 @@ def main() -> None:
             masked_diff[name] = float((c_out - d_out).abs().max())
             masked_diff[name + "_effect"] = float((d_out - d_plain).abs().max())
         remove_identity(unet)
-    print(json.dumps({"window": list(window), "own_window": list(own_window), "masked": masked_diff,
+    import comfy.model_sampling
+    from omniid.diffusers_host.denoiser import flux_percent_to_sigma
+    flux_sampling = comfy.model_sampling.ModelSamplingFlux(None)
+    percents = [0.0, 0.001, 0.2, 0.5, 0.6, 0.999, 1.0]
+    flux_sigmas = [[float(flux_sampling.percent_to_sigma(p)), flux_percent_to_sigma(p)] for p in percents]
+    print(json.dumps({"window": list(window), "own_window": list(own_window), "flux_sigmas": flux_sigmas, "masked": masked_diff,
         "comfy_layers": [[l.group, l.number] for l in comfy_layers], "diffusers_layers": [[l.group, l.number] for l in d_layers],
         "converted": len(converted), "missing": len(missing), "unexpected": len(unexpected),
         "kv_equal": kv_equal, "weights": weights,

@@ -59,6 +59,8 @@ def test_masks_and_the_sigma_window_mean_the_same_in_both_hosts(facts):
     start, end = facts["window"]
     assert start > end > 0
     assert facts["own_window"] == pytest.approx([start, end], rel=1e-5)     # diffusers_host.unet_sigma_window
+    for comfy_sigma, own in facts["flux_sigmas"]:                           # and flux_percent_to_sigma
+        assert own == pytest.approx(comfy_sigma, rel=1e-6, abs=1e-9)
     masked = facts["masked"]
     assert masked["inside_effect"] > 1e-2 and masked["outside_effect"] == 0.0
     assert masked["inside"] < 1e-4 * facts["scale"] and masked["outside"] < 1e-4 * facts["scale"]
