@@ -34,6 +34,8 @@ def distributed(training_device):
         dist.init_process_group(backend)
     try:
         yield (dist.get_rank() if dist.is_initialized() else 0), device
+        if dist.is_initialized():
+            dist.barrier()          # no rank leaves (closing its connections) while rank 0 still writes the files
     finally:
         if dist.is_initialized():
             dist.destroy_process_group()
