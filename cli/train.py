@@ -11,6 +11,7 @@ CPUs over gloo.
 """
 from __future__ import annotations
 
+import argparse
 import json
 import os
 import sys
@@ -54,7 +55,11 @@ def add_stage_arguments(p) -> None:
                                          "text_embeds.safetensors, else zeros)")
     p.add_argument("--encoder", help="flow: start from this encoder file (stage 1's output); default a new encoder")
     p.add_argument("--encoder-out", help="flow: where the trained encoder goes (default: OUT with _encoder)")
-    p.add_argument("--image-size", type=int, default=512, help="flow: training image size in pixels")
+    try:                           # stage 1 may define it already (its target resolution)
+        p.add_argument("--image-size", type=int, default=None, help="training image size in pixels (flow, pivot: "
+                                                                  "default 512)")
+    except argparse.ArgumentError:
+        pass
     p.add_argument("--mode", choices=("omni_id", "identity_enhanced"), default="omni_id",
                    help="flow: omni_id (text + identity) or identity_enhanced (Infinite-ID, UNets only)")
     p.add_argument("--parallel", choices=("ddp", "fsdp"), default="ddp",

@@ -41,6 +41,16 @@ def distributed(training_device):
             dist.destroy_process_group()
 
 
+STAGE2_DEFAULTS = {"steps": 1000, "batch": 8, "grad_accum": 1, "lr": 1e-4, "image_size": 512}
+
+
+def stage2_settings(args) -> dict:
+    """steps, batch, grad_accum, lr, image_size: as given, else stage 2's defaults (``--recipe`` is stage 1's)."""
+    if getattr(args, "recipe", None) not in (None, "custom"):
+        raise SystemExit(f"error: --recipe is for --stage mtd; give --stage {args.stage} its settings as flags")
+    return {k: default if getattr(args, k, None) is None else getattr(args, k) for k, default in STAGE2_DEFAULTS.items()}
+
+
 def _common(args, rank):
     import torch
     from ..diffusers_host.models import load_base
@@ -50,8 +60,10 @@ def _common(args, rank):
         raise SystemExit(f"error: --stage {args.stage} needs --model (a diffusers folder or single file)")
     if args.threads:
         torch.set_num_threads(args.threads)
-    train = TrainConfig(steps=args.steps, batch=args.batch, grad_accum=args.grad_accum, lr=args.lr,
-                        precision=args.precision, seed=args.seed, save_every=args.save_every)
+    settings = stage2_settings(args)
+    args.image_size = settings["image_size"]
+    train = TrainConfig(steps=settings["steps"], batch=settings["batch"], grad_accum=settings["grad_accum"],
+                        lr=settings["lr"], precision=args.precision, seed=args.seed, save_every=args.save_every)
     dataset = IdentityDataset(args.data)
     if rank == 0:
         print(dataset.describe(), file=sys.stderr)
@@ -68,7 +80,7 @@ def _run(args, trainer, base, rank) -> None:
 
     def report(step, loss):
         if rank == 0:
-            print(f"step {step}/{args.steps} loss {loss:.5f}", file=sys.stderr, flush=True)
+            print(f"step {step}/{trainer.config.steps} loss {loss:.5f}", file=sys.stderr, flush=True)
 
     trainer.resume()
     trainer.run(on_step=report)
