@@ -13,6 +13,7 @@ CPUs over gloo.
 """
 from __future__ import annotations
 
+import argparse
 import json
 import os
 import sys
@@ -60,6 +61,38 @@ def add_parser(sub) -> None:
     p.add_argument("--inputs", default="1-3", help="range of input photos per identity, e.g. 1-3")
     p.add_argument("--targets", type=int, default=8)
     p.add_argument("--threads", type=int, default=0, help="torch CPU threads (0: torch's default)")
+    add_stage_arguments(p)
+
+
+def add_stage_arguments(p) -> None:
+    """``--stage`` and the arguments of stage 2 (flow matching on a diffusers base model)."""
+    p.add_argument("--stage", choices=("mtd", "flow", "pivot"), default="mtd",
+                   help="mtd: stage 1 (the encoder with the masked transformer decoder); flow: stage 2 (encoder + "
+                        "adapter on a frozen diffusers model; --out is then the adapter file); pivot: OmniPortrait's pivot "
+                        "encoder on a frozen diffusers SD1.5/SDXL UNet (--out is the pivot encoder file)")
+    p.add_argument("--model", help="flow: the frozen base model, a diffusers folder (unet/ or transformer/ and vae/) "
+                                   "or a single .safetensors file (with --model-config)")
+    p.add_argument("--model-config", help="flow: the diffusers config folder of a single-file model")
+    p.add_argument("--vae", help="flow: VAE folder or file (default: the model folder's vae/)")
+    p.add_argument("--text-embeds", help="flow: prompt conditioning .safetensors (default: the model folder's "
+                                         "text_embeds.safetensors, else zeros)")
+    p.add_argument("--encoder", help="flow: start from this encoder file (stage 1's output); default a new encoder")
+    p.add_argument("--encoder-out", help="flow: where the trained encoder goes (default: OUT with _encoder)")
+    try:                           # stage 1 may define it already (its target resolution)
+        p.add_argument("--image-size", type=int, default=None, help="training image size in pixels (flow, pivot: "
+                                                                  "default 512)")
+    except argparse.ArgumentError:
+        pass
+    p.add_argument("--mode", choices=("omni_id", "identity_enhanced"), default="omni_id",
+                   help="flow: omni_id (text + identity) or identity_enhanced (Infinite-ID, UNets only)")
+    p.add_argument("--parallel", choices=("ddp", "fsdp"), default="ddp",
+                   help="flow: ddp (every GPU holds the frozen base) or fsdp (the base sharded across the GPUs)")
+    p.add_argument("--gradient-checkpointing", action="store_true", help="flow: recompute the base's activations")
+    p.add_argument("--guidance", type=float, default=1.0, help="flow: FLUX-dev's guidance input")
+    p.add_argument("--class-token", type=int, help="pivot: the index of the class word in --text-embeds' prompt")
+    p.add_argument("--face-mask", default="dlib", help="pivot: the targets' face masks from a face analyser (dlib, "
+                   "insightface/<pack>), or 'ellipse' (a centred ellipse: aligned face crops only)")
+    p.add_argument("--eta", type=float, default=2e-3, help="pivot: weight of the face-localisation loss")
 
 
 def token_source(spec: str, device, seed: int):
@@ -85,6 +118,12 @@ def training_device():
 
 
 def cmd_train(args) -> int:
+    if getattr(args, "stage", "mtd") == "pivot":
+        from .train_flow import cmd_train_pivot
+        return cmd_train_pivot(args, token_source, training_device)
+    if getattr(args, "stage", "mtd") == "flow":
+        from .train_flow import cmd_train_flow
+        return cmd_train_flow(args, token_source, training_device)
     import torch
     import torch.distributed as dist
 

@@ -16,23 +16,11 @@ import torch
 from comfy.ldm.modules import attention as comfy_attention
 
 from ..guidance.attention_capture import AttentionMaps
-from ..guidance.decoupled import COND, UNCOND, DecoupledAttention, LayerInjection, token_grid
+from ..guidance.decoupled import COND, UNCOND, IdentityOnlyAttention, LayerInjection, token_grid
 from .attention import record_attention
 from .gradients import gradient_ready
 from .identity import add_flux_injection, add_unet_injection, track_flux_calls
 from .layers import host_layers, is_flux
-
-
-class IdentityOnlyAttention(DecoupledAttention):
-    """Cross-attention that is the identity term alone (text attention off)."""
-
-    def __call__(self, q, k, v, extra: dict, *args, **kwargs) -> torch.Tensor:
-        cond_or_uncond = extra.get("cond_or_uncond") or ()
-        out = None
-        for injection in self.injections:
-            term = injection.contribution(q, extra["n_heads"], self.attention, cond_or_uncond, None)
-            out = term if out is None else out + term
-        return out
 
 
 class ComfyDenoiserHost:

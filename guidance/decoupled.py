@@ -247,6 +247,18 @@ class DecoupledAttention(ReplacePatch):
         return out
 
 
+class IdentityOnlyAttention(DecoupledAttention):
+    """Cross-attention that is the identity term alone (text attention off)."""
+
+    def __call__(self, q, k, v, extra: dict, *args, **kwargs) -> torch.Tensor:
+        cond_or_uncond = extra.get("cond_or_uncond") or ()
+        out = None
+        for injection in self.injections:
+            term = injection.contribution(q, extra["n_heads"], self.attention, cond_or_uncond, None)
+            out = term if out is None else out + term
+        return out
+
+
 def add_identity_to_joint_attention(out: torch.Tensor, q: torch.Tensor, txt_len: int, injection: LayerInjection,
                                     attention: AttentionFn, cond_or_uncond: Sequence[int],
                                     latent_hw: Optional[tuple[int, int]], patch_size: int = 2) -> torch.Tensor:

@@ -7,7 +7,8 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[2]
 CORE = ("encoders", "guidance", "training")
 HOST = ("nodes", "comfy_host")                 # the only packages that import ComfyUI
-PACK_PACKAGES = (*HOST, *CORE)
+DIFFUSERS_HOST = "diffusers_host"              # the second host: the only package that imports diffusers
+PACK_PACKAGES = (*HOST, *CORE, DIFFUSERS_HOST)
 PRODUCT = (*PACK_PACKAGES, "cli")              # plus the root __init__.py and __main__.py
 COMFY_MODULES = {"comfy", "comfy_api", "comfy_execution", "comfy_extras", "folder_paths", "server",
                  "execution", "nodes", "node_helpers", "latent_preview"}
@@ -58,6 +59,18 @@ def _resolve(path: Path, level: int, module: str) -> str:
         package = package[:-1]
     base = package[:len(package) - (level - 1)]
     return ".".join(base + ([module] if module else []))
+
+
+def test_only_the_diffusers_host_imports_diffusers_and_nothing_on_the_comfyui_path_imports_it():
+    """The core and the ComfyUI path never import diffusers nor the diffusers host (the running check of the
+    ComfyUI path is tests/comfy/test_diffusers_parity.py)."""
+    for path in python_files(*HOST, *CORE):
+        for level, name in imports(path):
+            where = path.relative_to(ROOT)
+            assert not (level == 0 and name.split(".")[0] == "diffusers"), f"{where} imports diffusers"
+            assert DIFFUSERS_HOST not in name.split("."), f"{where} imports the diffusers host"
+    for path in (ROOT / "__init__.py", ROOT / "__main__.py"):
+        assert all(DIFFUSERS_HOST not in name and name.split(".")[0] != "diffusers" for _, name in imports(path))
 
 
 def test_no_import_circle_in_the_product():

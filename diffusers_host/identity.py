@@ -1,0 +1,143 @@
+"""Identity injection on diffusers models, with the ComfyUI host's semantics.
+
+``apply_identity(model, adapter, tokens, weight, ...)`` installs the pack's processors on the
+adapter's layers (stacking on identities already applied, as the ComfyUI host stacks patches):
+the same layer weights (weight x block multiplier, ``BlockWeights`` in ComfyUI's block names),
+the same masks and ``weight_mode``, and the same sigma window (``sigma_start`` >= sigma >=
+``sigma_end``; in ComfyUI the node turns start_at/end_at into these with the model's schedule;
+``denoiser.unet_sigma_window`` (SD1.5/SDXL) and ``denoiser.flux_sigma_window`` give the same sigmas).
+diffusers gives processors no sigma: ``identity_call(model, sigmas=..., cond_or_uncond=...)``
+says them for the calls inside it (without it, every window is open and the whole batch is
+conditional). ``remove_identity`` puts diffusers' default processors back.
+"""
+from __future__ import annotations
+
+import math
+from contextlib import contextmanager
+from typing import Optional
+
+import torch
+
+from ..guidance.decoupled import BlockWeights, DecoupledAttention, LayerInjection, sdpa_attention
+from .layers import adapter_layers, check_fit, host_layers, is_flux
+from .processors import CallState, FluxIdentityProcessor, UNetIdentityProcessor
+
+STATE_ATTR = "_omni_identity_state"
+HOOK_ATTR = "_omni_identity_hooks"
+
+
+def call_state(model) -> CallState:
+    """The model's CallState, created (with the hooks that record each call's sizes) on first use."""
+    state = getattr(model, STATE_ATTR, None)
+    if state is None:
+        state = CallState()
+        object.__setattr__(model, STATE_ATTR, state)
+        hooks = [model.register_forward_pre_hook(_record_call, with_kwargs=True)]
+        if is_flux(model):
+            for block in model.transformer_blocks:
+                hooks.append(block.register_forward_hook(_add_residual, with_kwargs=True))
+        object.__setattr__(model, HOOK_ATTR, hooks)
+    return state
+
+
+def _record_call(model, args, kwargs):
+    state: CallState = getattr(model, STATE_ATTR)
+    sample = args[0] if args else kwargs.get("sample", kwargs.get("hidden_states"))
+    if is_flux(model):
+        context = args[1] if len(args) > 1 else kwargs.get("encoder_hidden_states")
+        state.txt_len = int(context.shape[1]) if torch.is_tensor(context) else None
+    elif torch.is_tensor(sample) and sample.ndim == 4:
+        state.latent_shape = tuple(sample.shape)
+    state.residuals.clear()
+
+
+def _add_residual(block, args, kwargs, output):
+    """FLUX double block (XLabs adapters): the identity term that goes to the image stream after the block."""
+    for model_state in _states_of(block):
+        residual = model_state.residuals.pop(id(block.attn), None)
+        if residual is not None:
+            context, image = output
+            count = residual.shape[1]
+            image = torch.cat([image[:, :count] + residual.to(image.dtype), image[:, count:]], dim=1)
+            return context, image
+    return output
+
+
+def _states_of(block):
+    processor = getattr(block.attn, "processor", None)
+    return [processor.state] if isinstance(processor, FluxIdentityProcessor) else []
+
+
+@contextmanager
+def identity_call(model, sigmas: Optional[torch.Tensor] = None, cond_or_uncond=(),
+                  latent_shape: Optional[tuple] = None):
+    """The sigma, the batch's cond/uncond chunks and (FLUX, for masks) the latent's (B, C, H, W) of
+    the calls inside; ComfyUI gives its patches the same in transformer_options."""
+    state = call_state(model)
+    saved = (state.sigmas, state.cond_or_uncond, state.latent_shape)
+    state.sigmas = None if sigmas is None else torch.as_tensor(sigmas).reshape(-1)
+    state.cond_or_uncond = tuple(cond_or_uncond)
+    if latent_shape is not None:
+        state.latent_shape = tuple(latent_shape)
+    try:
+        yield state
+    finally:
+        state.sigmas, state.cond_or_uncond, state.latent_shape = saved
+
+
+def set_layer_injections(model, layer, injections, identity_only: bool = False) -> None:
+    """Install (or replace) the identity processor of one layer with exactly ``injections``."""
+    from ..guidance.decoupled import IdentityOnlyAttention
+    state = call_state(model)
+    current = layer.attention.processor
+    if layer.group in ("double", "single"):
+        base = current.base if isinstance(current, FluxIdentityProcessor) else current
+        layer.attention.set_processor(FluxIdentityProcessor(injections, state, layer.group, id(layer.attention), base))
+        return
+    kind = IdentityOnlyAttention if identity_only else DecoupledAttention
+    patch = kind(sdpa_attention, injections)
+    if isinstance(current, UNetIdentityProcessor):
+        current.patch = patch
+    else:
+        layer.attention.set_processor(UNetIdentityProcessor(patch, state))
+
+
+def current_injections(layer) -> tuple:
+    processor = layer.attention.processor
+    if isinstance(processor, FluxIdentityProcessor):
+        return processor.injections
+    if isinstance(processor, UNetIdentityProcessor):
+        return processor.patch.injections
+    return ()
+
+
+def apply_identity(model, adapter, tokens: dict, weight: float = 1.0, sigma_start: float = math.inf,
+                   sigma_end: float = 0.0, mask: Optional[torch.Tensor] = None,
+                   blocks: BlockWeights = BlockWeights(), inject: str = "both", weight_mode: str = "output"):
+    """Inject the identity ``tokens`` (``adapter.identity_tokens(embeds)``) into ``model`` (in place,
+    as diffusers' IP-Adapters do; ``remove_identity`` undoes it). Returns the model."""
+    layers = adapter_layers(model, adapter)
+    check_fit(adapter, model, layers)
+    flux = is_flux(model)
+    for index, layer in enumerate(layers):
+        if flux and inject != "both" and layer.group != inject:
+            continue
+        layer_weight = weight * blocks.weight(layer.group, layer.number)
+        if layer_weight == 0.0:
+            continue
+        keys, values = adapter.layer_kv(index, tokens, layer.heads)
+        injection = LayerInjection(keys, values, layer_weight, sigma_start, sigma_end, mask, weight_mode,
+                                   adapter.config.attention)
+        set_layer_injections(model, layer, (*current_injections(layer), injection))
+    return model
+
+
+def remove_identity(model) -> None:
+    """diffusers' default processors back on every layer the pack patched."""
+    for layer in host_layers(model):
+        processor = layer.attention.processor
+        if isinstance(processor, FluxIdentityProcessor):
+            layer.attention.set_processor(processor.base)
+        elif isinstance(processor, UNetIdentityProcessor):
+            from diffusers.models.attention_processor import AttnProcessor2_0
+            layer.attention.set_processor(AttnProcessor2_0())

@@ -1,0 +1,86 @@
+"""The attention layers of a diffusers model that identity adapters inject into, in adapter order.
+
+UNets: the cross-attention (attn2) layers in the order of ``unet.attn_processors`` (down blocks,
+up blocks, middle block), the order h94's ``ip_adapter.N`` keys and this pack's adapters use.
+Each layer also carries ComfyUI's block name (``input``/``output``/``middle`` and the block
+number in ComfyUI's ``input_blocks``/``output_blocks``), so block weights mean the same in
+both hosts. FLUX: the double blocks (``transformer_blocks``) then the single blocks.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch.nn as nn
+
+
+@dataclass(frozen=True)
+class DiffusersLayer:
+    name: str                  # the attention module's name in the model
+    attention: nn.Module       # the diffusers Attention / FluxAttention module
+    group: str                 # input / middle / output / double / single
+    number: int                # block number within its group (ComfyUI's numbering)
+    inner_dim: int
+    heads: int
+    block: nn.Module = None    # FLUX: the transformer block holding the attention
+
+
+def is_flux(model) -> bool:
+    return hasattr(model, "transformer_blocks") and hasattr(model, "single_transformer_blocks")
+
+
+def _cross_attentions(prefix: str, block, group: str, first_number: int, layers: list) -> int:
+    """Append ``block``'s attn2 layers; return the next ComfyUI block number."""
+    resnets = len(getattr(block, "resnets", []))
+    attentions = getattr(block, "attentions", None) or []
+    for j, transformer in enumerate(attentions):
+        for t, tb in enumerate(transformer.transformer_blocks):
+            attn = getattr(tb, "attn2", None)
+            if attn is not None:
+                layers.append(DiffusersLayer(f"{prefix}.attentions.{j}.transformer_blocks.{t}.attn2", attn, group,
+                                             first_number + j, attn.to_q.out_features, attn.heads))
+    return first_number + resnets + (1 if group == "input" and getattr(block, "downsamplers", None) else 0)
+
+
+def unet_layers(unet) -> list[DiffusersLayer]:
+    layers: list[DiffusersLayer] = []
+    number = 1                                    # ComfyUI's input_blocks[0] is conv_in
+    for i, block in enumerate(unet.down_blocks):
+        number = _cross_attentions(f"down_blocks.{i}", block, "input", number, layers)
+    number = 0
+    for i, block in enumerate(unet.up_blocks):
+        number = _cross_attentions(f"up_blocks.{i}", block, "output", number, layers)
+    if getattr(unet, "mid_block", None) is not None:
+        _cross_attentions("mid_block", unet.mid_block, "middle", 0, layers)
+    return layers
+
+
+def flux_layers(model) -> list[DiffusersLayer]:
+    out = []
+    for kind, prefix, blocks in (("double", "transformer_blocks", model.transformer_blocks),
+                                 ("single", "single_transformer_blocks", model.single_transformer_blocks)):
+        for i, block in enumerate(blocks):
+            out.append(DiffusersLayer(f"{prefix}.{i}.attn", block.attn, kind, i, block.attn.to_q.out_features,
+                                      block.attn.heads, block))
+    return out
+
+
+def host_layers(model) -> list[DiffusersLayer]:
+    return flux_layers(model) if is_flux(model) else unet_layers(model)
+
+
+def adapter_layers(model, adapter) -> list[DiffusersLayer]:
+    """The layers the adapter's layers map to (XLabs' FLUX adapters: the double blocks only)."""
+    layers = host_layers(model)
+    if is_flux(model) and adapter.config.flux_blocks == "double":
+        layers = [layer for layer in layers if layer.group == "double"]
+    return layers
+
+
+def check_fit(adapter, model, layers: list[DiffusersLayer]) -> None:
+    from ..guidance.adapter import AdapterFitError
+    family = "flux" if is_flux(model) else "unet"
+    dims = tuple(layer.inner_dim for layer in layers)
+    if adapter.config.family != family or dims != adapter.config.layer_dims:
+        raise AdapterFitError(f"adapter '{adapter.name}' ({adapter.config.describe()}, layer widths "
+                              f"{list(adapter.config.layer_dims)[:8]}) does not fit this {type(model).__name__}, "
+                              f"which has {len(dims)} {family} attention layers of widths {list(dims)[:8]}")
