@@ -35,7 +35,14 @@ TOKEN_CACHE = TokenCache(capacity=TOKEN_CACHE_PHOTOS)
 CROP_MODES = ("center", "squash", "pad")
 UNCONDITIONAL = ("h94", "black")
 _KEYS: "weakref.WeakKeyDictionary[object, str]" = weakref.WeakKeyDictionary()
+
 _UNCOND: dict = {}             # (model key, mode) -> unconditional (tokens, pooled); a few entries per model
+
+
+def _forget(key: str) -> None:
+    TOKEN_CACHE.forget(key)
+    for cached in [cached for cached in _UNCOND if cached[0].startswith(key)]:
+        _UNCOND.pop(cached, None)
 
 
 _HEADS: dict = {}              # (path, size, mtime, heads) -> SigLIP pooling head
@@ -87,6 +94,9 @@ class ClipVision:
         key = _KEYS.get(self.clip_vision)
         if key is None:
             key = _KEYS[self.clip_vision] = uuid.uuid4().hex
+            # a model ComfyUI unloads and loads again is a new object with a new key: its old
+            # tokens can never be asked for again, so they go with the object
+            weakref.finalize(self.clip_vision, _forget, key)
         return key
 
     @property

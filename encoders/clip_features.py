@@ -100,6 +100,11 @@ class TokenCache:
     def clear(self) -> None:
         self._items.clear()
 
+    def forget(self, model_key: str) -> None:
+        """Drop every photo held for one model (its keys' first part starts with ``model_key``)."""
+        for key in [key for key in self._items if str(key[0]).startswith(model_key)]:
+            self._items.pop(key, None)
+
     def lookup(self, keys: list[tuple], compute: Callable[[list[int]], torch.Tensor]) -> tuple[torch.Tensor, int]:
         """Features (N, ...) for ``keys``; ``compute(indices)`` makes those of the keys not held.
 

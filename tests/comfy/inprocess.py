@@ -174,6 +174,29 @@ def two_stream_facts(torch, comfy, apply_mixed_attention, unet_layers, TwoStream
             "own_vs_shared": float((identity - a).abs().max())}
 
 
+def token_cache_facts(torch) -> dict:
+    """Photos' tokens stay cached while their CLIP vision model lives and go with it."""
+    import gc
+    from omniid.comfy_host import clip_vision as host
+
+    class Reloaded:                                   # what ComfyUI's loader returns after an unload
+        def encode_image(self, images, crop=True):
+            tokens = images.mean((1, 2))[:, None, :].repeat(1, 5, 1)
+            return {"penultimate_hidden_states": tokens, "last_hidden_state": tokens, "image_embeds": tokens[:, 0]}
+
+    photos = torch.rand(3, 16, 16, 3, generator=torch.Generator().manual_seed(7))
+    before = len(host.TOKEN_CACHE)
+    first, second = host.ClipVision(Reloaded()), host.ClipVision(Reloaded())
+    _, encoded_first = first.cached_tokens(photos)
+    _, encoded_again = first.cached_tokens(photos)
+    second.cached_tokens(photos[:1])
+    held = len(host.TOKEN_CACHE) - before
+    del first
+    gc.collect()
+    return {"encoded": [encoded_first, encoded_again], "held": held,
+            "after_first_dies": len(host.TOKEN_CACHE) - before}
+
+
 def main() -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument("--comfyui", required=True)
@@ -265,6 +288,7 @@ def main() -> None:
         "two_streams": two_stream_facts(torch, comfy, apply_mixed_attention, unet_layers, TwoStreams, STREAMS_KEY,
                                         create_adapter, AdapterConfig, IdentityEmbeds),
         "rb_guidance": rb_facts(torch),
+        "token_cache": token_cache_facts(torch),
     }
     print(json.dumps(facts))
 

@@ -80,3 +80,9 @@ def test_rb_guidance_guides_only_late_steps_with_one_reference_pass_per_run(fact
     assert rb["finite"] and rb["guided_vs_plain"] > 0
     assert 0 < rb["guided_steps"] == rb["expected_steps"] < rb["steps"]
     assert rb["reference_passes"] == [1, 2]
+
+
+def test_a_reloaded_clip_vision_frees_the_tokens_of_the_one_before(facts):
+    # ComfyUI loads CLIP vision again after an unload as a new object: without this the old
+    # object's tokens stayed until the LRU bound (the soak's RSS drift)
+    assert facts["token_cache"] == {"encoded": [3, 0], "held": 4, "after_first_dies": 1}

@@ -128,3 +128,5 @@ def test_token_cache_encodes_only_new_photos():
     torch.testing.assert_close(again[:3], first[[2, 0, 1]])
     _, other_model = cache.encode(photos[:1], encode, "clip-b")
     assert other_model == 1 and len(cache) == 3              # LRU capacity holds
+    cache.forget("clip-a")
+    assert len(cache) == 1 and cache.encode(photos[:1], encode, "clip-b")[1] == 0
