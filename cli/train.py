@@ -44,9 +44,11 @@ def add_parser(sub) -> None:
     p.add_argument("--encoder-config", default="{}", help="JSON overrides of the encoder config")
     p.add_argument("--decoder-config", default="{}", help="JSON overrides of the MTD config")
     p.add_argument("--recipe", choices=("custom", "quick", "paper"), default="custom",
-                   help="paper: Omni-ID's MTD stage (global batch 256 = batch x grad-accum x processes, 250K steps, "
-                        "448 px, lr 1e-4); quick: a short single-machine run; custom: the flags below. Flags given "
-                        "explicitly always win over the recipe. The settings used are printed at start.")
+                   help="paper: the paper's settings for the --stage (mtd: global batch 256 = batch x grad-accum x "
+                        "processes, 250K steps, 448 px, lr 1e-4; flow: 32, 5K steps (75K for an arcface encoder), "
+                        "512 px, 1e-4; pivot: 80K steps at 512 px (SD) or 60K at 1024 px (SDXL), lr 2e-5, batch as "
+                        "given); quick: a short single-machine run; custom: the flags below. Flags given explicitly "
+                        "always win over the recipe. The settings used are printed at start.")
     p.add_argument("--steps", type=int, default=None, help=f"optimizer updates (default {DEFAULTS['steps']})")
     p.add_argument("--batch", type=int, default=None,
                    help=f"identities per process per micro-batch (default {DEFAULTS['batch']})")

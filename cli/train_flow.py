@@ -44,14 +44,21 @@ def distributed(training_device):
 STAGE2_DEFAULTS = {"steps": 1000, "batch": 8, "grad_accum": 1, "lr": 1e-4, "image_size": 512}
 
 
-def stage2_settings(args) -> dict:
-    """steps, batch, grad_accum, lr, image_size: as given, else stage 2's defaults (``--recipe`` is stage 1's)."""
-    if getattr(args, "recipe", None) not in (None, "custom"):
-        raise SystemExit(f"error: --recipe is for --stage mtd; give --stage {args.stage} its settings as flags")
-    return {k: default if getattr(args, k, None) is None else getattr(args, k) for k, default in STAGE2_DEFAULTS.items()}
+def stage2_settings(args, stage: str, world: int):
+    """(Settings, the line printed at start): ``--recipe`` for ``stage`` (a row of training/recipes.py),
+    the flags given explicitly winning, else stage 2's defaults."""
+    from ..training.recipes import Settings, resolve
+    given = {k: getattr(args, k, None) for k in STAGE2_DEFAULTS}
+    explicit = frozenset(k for k, v in given.items() if v is not None)
+    settings = Settings(**{k: STAGE2_DEFAULTS[k] if v is None else v for k, v in given.items()})
+    try:
+        return resolve(stage, getattr(args, "recipe", None) or "custom", settings, explicit, world)
+    except ValueError as exc:
+        raise SystemExit(f"error: {exc}") from exc
 
 
-def _common(args, rank):
+def _common(args, rank, stage_of):
+    """(TrainConfig, dataset, base); ``stage_of(base)`` names the recipe row of this run."""
     import torch
     from ..diffusers_host.models import load_base
     from ..training.dataset import IdentityDataset
@@ -60,16 +67,21 @@ def _common(args, rank):
         raise SystemExit(f"error: --stage {args.stage} needs --model (a diffusers folder or single file)")
     if args.threads:
         torch.set_num_threads(args.threads)
-    settings = stage2_settings(args)
-    args.image_size = settings["image_size"]
-    train = TrainConfig(steps=settings["steps"], batch=settings["batch"], grad_accum=settings["grad_accum"],
-                        lr=settings["lr"], precision=args.precision, seed=args.seed, save_every=args.save_every)
-    dataset = IdentityDataset(args.data)
-    if rank == 0:
-        print(dataset.describe(), file=sys.stderr)
     dtype = torch.bfloat16 if args.precision == "bf16" else torch.float32
     base = load_base(args.model, dtype=dtype, config=args.model_config, vae=args.vae, text_embeds=args.text_embeds)
+    settings, line = stage2_settings(args, stage_of(base), int(os.environ.get("WORLD_SIZE", "1")))
+    args.image_size = settings.image_size
+    train = TrainConfig(steps=settings.steps, batch=settings.batch, grad_accum=settings.grad_accum,
+                        lr=settings.lr, precision=args.precision, seed=args.seed, save_every=args.save_every)
+    dataset = IdentityDataset(args.data)
+    if rank == 0:
+        print(line, file=sys.stderr)
+        print(dataset.describe(), file=sys.stderr)
     return train, dataset, base
+
+
+def text_dim_of(base) -> int:
+    return base.text["encoder_hidden_states"].shape[-1] if "encoder_hidden_states" in base.text else 0
 
 
 def _run(args, trainer, base, rank) -> None:
@@ -93,15 +105,16 @@ def cmd_train_flow(args, token_source, training_device) -> int:
     from ..encoders.omni_id import EncoderConfig, create_encoder
     from ..guidance.adapter import save_adapter
     from ..training.dataset import SamplerConfig
+    from ..training.recipes import flow_stage
 
     with distributed(training_device) as (rank, device):
-        train, dataset, base = _common(args, rank)
-        low, _, high = args.inputs.partition("-")
-        sampler = SamplerConfig(args.sampler, int(low), int(high or low), args.targets)
         if args.encoder:
             encoder = load_encoder(args.encoder)
         else:
             encoder = create_encoder(EncoderConfig(**json.loads(args.encoder_config)), seed=args.seed)
+        train, dataset, base = _common(args, rank, lambda base: flow_stage(encoder.config.architecture))
+        low, _, high = args.inputs.partition("-")
+        sampler = SamplerConfig(args.sampler, int(low), int(high or low), args.targets)
         tokens = token_source(args.clip, device, args.seed)
         if tokens.width != encoder.config.clip_dim:
             raise SystemExit(f"error: {args.clip} gives {tokens.width}-wide tokens; the encoder reads clip_dim="
@@ -149,11 +162,12 @@ def cmd_train_pivot(args, token_source, training_device) -> int:
     from ..diffusers_host.train import pivot_trainer
     from ..encoders.clip_features import clip_preprocess
     from ..encoders.pivot import PivotConfig, PivotIDEncoder, load_pivot, save_pivot
+    from ..training.recipes import pivot_stage
 
     if args.class_token is None:
         raise SystemExit("error: --stage pivot needs --class-token (the class word's index in --text-embeds)")
     with distributed(training_device) as (rank, device):
-        train, dataset, base = _common(args, rank)
+        train, dataset, base = _common(args, rank, lambda base: pivot_stage(text_dim_of(base)))
         clip = token_source(args.clip, device, args.seed)
 
         @torch.no_grad()
@@ -162,7 +176,7 @@ def cmd_train_pivot(args, token_source, training_device) -> int:
                                                            clip.std)).float().cpu()
 
         image_dim = image_embeds(torch.zeros(1, 224, 224, 3)).shape[-1]
-        text_dim = base.text["encoder_hidden_states"].shape[-1] if "encoder_hidden_states" in base.text else 0
+        text_dim = text_dim_of(base)
         config = PivotConfig(image_dim=image_dim, text_dim=text_dim)
         if args.encoder:
             pivot = load_pivot(args.encoder)

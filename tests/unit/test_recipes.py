@@ -62,3 +62,18 @@ def test_fidelity_omniid_train_accepts_a_recipe_and_keeps_explicit_flags():
     assert "kept as given: image_size, steps" in line
     settings, _ = run_settings(parser.parse_args(base), {}, 1)
     assert (settings.steps, settings.batch, settings.grad_accum, settings.image_size) == (1000, 8, 1, 448)
+
+
+def test_fidelity_recipe_sets_the_diffusers_stages_too():
+    from argparse import Namespace
+    from omniid.cli.train_flow import stage2_settings
+    from omniid.training.recipes import Settings
+
+    unset = dict(steps=None, batch=None, grad_accum=None, lr=None, image_size=None)
+    flow, line = stage2_settings(Namespace(recipe="paper", **unset), "flow", world=2)
+    assert flow == Settings(steps=5000, lr=1e-4, image_size=512, batch=8, grad_accum=2)
+    assert line.startswith("recipe paper (flow): 5000 steps, global batch 32")
+    pivot, _ = stage2_settings(Namespace(recipe="paper", **dict(unset, steps=3)), "pivot_sdxl", world=1)
+    assert pivot == Settings(steps=3, lr=2e-5, image_size=1024, batch=8, grad_accum=1)
+    custom, _ = stage2_settings(Namespace(recipe="custom", **unset), "flow", world=1)
+    assert custom == Settings(steps=1000, lr=1e-4, image_size=512, batch=8, grad_accum=1)
