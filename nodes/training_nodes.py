@@ -14,12 +14,11 @@ from ..comfy_host.encoder_model import LoadedEncoder
 from ..comfy_host.folders import run_checkpoint
 from ..comfy_host.layers import host_layers, is_flux
 from ..comfy_host.progress import run_training, trainable_copy
-from ..encoders.omni_id import EncoderConfig, create_encoder
+from ..encoders.omni_id import ARCFACE_MERGES, EncoderConfig, create_encoder
 from ..guidance.adapter import AdapterConfig, create_adapter
 from ..training.dataset import FewToManySampler, SamplerConfig
 from ..encoders.identity import arcface_of_photos
-from ..encoders.omni_id import ARCFACE_MERGES
-from ..training.flow_matching import FM_METHODS, FM_MODES, FlowMatchingObjective
+from ..training.flow_matching import ARCFACE_METHODS, FM_METHODS, FM_MODES, FlowMatchingObjective
 from ..training.recipes import RECIPES, Settings, flow_stage, resolve
 from ..training.mtd import MTDConfig
 from ..training.report import loss_plot
@@ -161,7 +160,9 @@ class TrainFlowMatching(OmniNode):
                          "FLUX, epsilon on SD1.5/SDXL), few inputs to all targets. 'identity_enhanced' is "
                          "Infinite-ID's identity-enhanced training: text cross-attention off (UNet models). "
                          "'method' trains the paper's baselines the same way: arcface (ArcFace projection), "
-                         "arcface_clip (FaceIDPlus-style transformer), clip (no encoder: only the projections)."),
+                         "arcface_clip (FaceIDPlus-style transformer), clip (no encoder: only the projections); "
+                         "infinite_id trains Infinite-ID's identity extractor (with identity_enhanced: its own "
+                         "training)."),
             inputs=[
                 io.Model.Input("model", tooltip="The frozen base model (SD1.5, SDXL or FLUX)."),
                 io.Vae.Input("vae", tooltip="The base model's VAE (targets are encoded once)."),
@@ -181,12 +182,14 @@ class TrainFlowMatching(OmniNode):
                 io.Combo.Input("method", options=list(FM_METHODS), default="omni_id", optional=True,
                                tooltip="The representation trained (Omni-ID's table rows): omni_id, arcface (ArcFace "
                                        "projected to tokens), clip (CLIP tokens straight into K/V: only the adapter "
-                                       "trains), arcface_clip (ArcFace queries over CLIP tokens)."),
+                                       "trains), arcface_clip (ArcFace queries over CLIP tokens), infinite_id "
+                                       "(Infinite-ID's CLIP last-layer and face mappers, concatenated)."),
                 io.Combo.Input("encoder_size", options=list(ENCODER_SIZES), default=list(ENCODER_SIZES)[0],
                                optional=True,
-                               tooltip="A new arcface / arcface_clip encoder's size (paper: 256 tokens x 1280)."),
+                               tooltip="A new arcface / arcface_clip / infinite_id encoder's size (paper: 256 tokens "
+                                       "x 1280)."),
                 io.FaceAnalysis.Input("face_analysis", optional=True,
-                                      tooltip="arcface and arcface_clip: computes each photo's ArcFace embedding "
+                                      tooltip="arcface, arcface_clip and infinite_id: computes each photo's ArcFace embedding "
                                               "(an insightface pack, or dlib with an ArcFace model)."),
                 io.Combo.Input("arcface_merge", options=list(ARCFACE_MERGES), default="concat", optional=True,
                                tooltip="arcface: several photos' tokens concatenated (the paper) or the embeddings "
@@ -216,7 +219,7 @@ class TrainFlowMatching(OmniNode):
             raise ValueError("the clip method has no encoder (CLIP tokens go straight into the adapter's K/V): "
                              "disconnect the encoder")
         arcface_fn = None
-        if method in ("arcface", "arcface_clip"):
+        if method in ARCFACE_METHODS:
             if face_analysis is None:
                 raise ValueError(f"the {method} method needs face_analysis connected (an insightface pack, or dlib "
                                  "with an ArcFace model) for the photos' ArcFace embeddings")
@@ -225,7 +228,8 @@ class TrainFlowMatching(OmniNode):
         steps, lr, image_size, batch, grad_accum = run.steps, run.lr, run.image_size, run.batch, run.grad_accum
         host = ComfyDenoiserHost(model, vae, positive, image_size)
         layers = host_layers(model)
-        token_fn = ClipVision(clip_vision).tokens
+        vision = ClipVision(clip_vision)
+        token_fn = vision.last_tokens if method == "infinite_id" else vision.tokens    # Infinite-ID reads the last layer
         with torch.inference_mode(False), torch.enable_grad():
             trained_encoder = None
             if encoder is not None:

@@ -22,6 +22,9 @@ Decoder stage"), ``method``:
   projections train;
 - ``clip``: no encoder: the CLIP tokens of all input photos, concatenated, go straight into
   the K/V projections, and only those train (IP-Adapter Full).
+- ``infinite_id``: Infinite-ID's identity extractor (its CLIP and face mappers over the photos'
+  CLIP *last*-layer features and ArcFace embeddings, concatenated) and the projections train;
+  with ``mode = identity_enhanced`` this is Infinite-ID's own training.
 
 Identities of one batch may then have different token counts (concatenation over 1-3
 photos): the targets are denoised in groups of equal length, so no padding token is ever
@@ -42,7 +45,8 @@ from .mtd import ImageCache
 from .trainer import sample_seed, sum_of_sample_means
 
 FM_MODES = ("omni_id", "identity_enhanced")
-FM_METHODS = ("omni_id", "arcface", "clip", "arcface_clip")     # the rows of Omni-ID's tables
+FM_METHODS = ("omni_id", "arcface", "clip", "arcface_clip", "infinite_id")   # Omni-ID's table rows, Infinite-ID
+ARCFACE_METHODS = ("arcface", "arcface_clip", "infinite_id")                  # those that read ArcFace embeddings
 
 
 class DenoiserHost(Protocol):
@@ -132,7 +136,7 @@ class FlowMatchingObjective:
         if mode not in FM_MODES:
             raise ValueError(f"mode must be one of {FM_MODES}, not {mode!r}")
         check_representation(method, encoder, adapter)
-        needs_arcface = method in ("arcface", "arcface_clip")
+        needs_arcface = method in ARCFACE_METHODS
         if needs_arcface and arcface_fn is None:
             raise ValueError(f"the {method} representation needs ArcFace embeddings of the photos: connect a "
                              "face analysis with an ArcFace model")

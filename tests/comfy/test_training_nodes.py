@@ -177,11 +177,12 @@ def test_fidelity_pivot_encoder_trains_its_visual_encoder_and_apply_pivot_uses_i
     assert (images["zeroed"] != images["plain"]).any()          # the file's visual encoder is what embeds the face
 
 
-@pytest.mark.parametrize("method", ["clip", "arcface"])
+@pytest.mark.parametrize("method", ["clip", "arcface", "infinite_id"])
 def test_fidelity_flow_matching_node_trains_a_paper_baseline_that_generates(comfy, comfy_server, tiny_people, method):
     """Omni-ID A.1: the baselines train in the same flow-matching stage; clip has no encoder (only the adapter's
     projections train), arcface starts a new ArcFace projection. The saved adapter then applies to Encode
-    Baseline's embeds of that method. The paper recipe is logged but explicit-free widgets are overridden, so
+    Baseline's embeds of that method (Infinite-ID Encode's for infinite_id, trained as Infinite-ID trains: identity
+    enhanced, text cross-attention off). The paper recipe is logged but explicit-free widgets are overridden, so
     these runs stay on custom."""
     g = Graph()
     ckpt = g.checkpoint()
@@ -191,7 +192,9 @@ def test_fidelity_flow_matching_node_trains_a_paper_baseline_that_generates(comf
     dataset = g.out(g.add("OmniIdentityDataset", folder=tiny_people, min_photos=2))
     positive = g.out(g.add("CLIPTextEncode", clip=g.out(ckpt, 1), text="a photo of a person"))
     trained = g.add("OmniIdentityTrainFlowMatching", model=g.out(ckpt, 0), vae=g.out(ckpt, 2), clip_vision=clip,
-                    dataset=dataset, positive=positive, mode="omni_id", image_size=64, steps=2, lr=1e-3, batch=2,
+                    dataset=dataset, positive=positive,
+                    mode="identity_enhanced" if method == "infinite_id" else "omni_id", image_size=64, steps=2, lr=1e-3,
+                    batch=2,
                     grad_accum=1, inputs_min=1, inputs_max=2, targets=2, precision="fp32", seed=0,
                     run_name=f"baseline_{method}", resume=False, save_every=0, method=method,
                     encoder_size="tiny (1 cross + 1 self, 128 wide, 16 queries)", face_analysis=faces,
@@ -214,15 +217,18 @@ def test_fidelity_flow_matching_node_trains_a_paper_baseline_that_generates(comf
 
     g = Graph()
     ckpt = g.checkpoint()
-    inputs = dict(method=method, images=g.photos("id_3.png"))
-    if method == "clip":
+    inputs = dict(images=g.photos("id_3.png"))
+    if method != "infinite_id":
+        inputs["method"] = method
+    if method in ("clip", "infinite_id"):
         inputs["clip_vision"] = g.out(g.add("CLIPVisionLoader", clip_name="omniid_random_clip_vit_h.safetensors"))
-    else:
+    if method != "clip":
         encoder_name = result.outputs[saved_encoder]["text"][0].removeprefix("saved models/omni_identity/")
         inputs["encoder"] = g.out(g.add("OmniIdentityEncoderLoader", encoder_name=encoder_name))
         inputs["face_analysis"] = g.out(g.add("OmniIdentityFaceAnalysisLoader", backend="dlib", provider="CPU",
                                               det_size=640, arcface_model=TEST_ARCFACE_ONNX))
-    embeds = g.out(g.add("OmniIdentityEncodeBaseline", **inputs))
+    encode = "OmniIdentityEncodeInfiniteID" if method == "infinite_id" else "OmniIdentityEncodeBaseline"
+    embeds = g.out(g.add(encode, **inputs))
     loaded = g.out(g.add("OmniIdentityAdapterLoader", adapter_name=adapter_name))
     model = g.out(g.add("OmniIdentityApplyAdapter", model=g.out(ckpt, 0), adapter=loaded, embeds=embeds,
                         weight=1.0, start_at=0.0, end_at=1.0))
