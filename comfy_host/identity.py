@@ -18,7 +18,7 @@ import comfy.patcher_extension
 import torch
 
 from ..guidance.adapter import IdentityAdapter
-from ..guidance.decoupled import BlockWeights, DecoupledAttention, LayerInjection
+from ..guidance.decoupled import BlockWeights, DecoupledAttention, LayerInjection, layer_injections
 from ..guidance.flux_identity import identity_terms
 from .layers import adapter_layers, check_fit, existing_patch, is_flux, sigma_window
 from .options import find_options
@@ -39,15 +39,8 @@ def apply_identity(model, adapter: IdentityAdapter, tokens: dict, weight: float,
     sigma_start, sigma_end = sigma_window(model, start_at, end_at)
     patched = model.clone()
     flux = is_flux(model)
-    for index, layer in enumerate(layers):
-        if flux and inject != "both" and layer.group != inject:
-            continue
-        layer_weight = weight * blocks.weight(layer.group, layer.number)
-        if layer_weight == 0.0:
-            continue
-        keys, values = adapter.layer_kv(index, tokens, layer.heads)
-        injection = LayerInjection(keys, values, layer_weight, sigma_start, sigma_end, mask, weight_mode,
-                                   adapter.config.attention)
+    for layer, injection in layer_injections(adapter, layers, tokens, weight, sigma_start, sigma_end, mask, blocks,
+                                             inject, weight_mode, flux=flux):
         if flux:
             add_flux_injection(patched, layer.key, injection)
         else:

@@ -18,7 +18,7 @@ from typing import Optional
 
 import torch
 
-from ..guidance.decoupled import BlockWeights, DecoupledAttention, LayerInjection, sdpa_attention
+from ..guidance.decoupled import BlockWeights, DecoupledAttention, layer_injections, sdpa_attention
 from .layers import adapter_layers, check_fit, host_layers, is_flux
 from .processors import CallState, FluxIdentityProcessor, UNetIdentityProcessor
 
@@ -118,16 +118,8 @@ def apply_identity(model, adapter, tokens: dict, weight: float = 1.0, sigma_star
     as diffusers' IP-Adapters do; ``remove_identity`` undoes it). Returns the model."""
     layers = adapter_layers(model, adapter)
     check_fit(adapter, model, layers)
-    flux = is_flux(model)
-    for index, layer in enumerate(layers):
-        if flux and inject != "both" and layer.group != inject:
-            continue
-        layer_weight = weight * blocks.weight(layer.group, layer.number)
-        if layer_weight == 0.0:
-            continue
-        keys, values = adapter.layer_kv(index, tokens, layer.heads)
-        injection = LayerInjection(keys, values, layer_weight, sigma_start, sigma_end, mask, weight_mode,
-                                   adapter.config.attention)
+    for layer, injection in layer_injections(adapter, layers, tokens, weight, sigma_start, sigma_end, mask, blocks,
+                                             inject, weight_mode, flux=is_flux(model)):
         set_layer_injections(model, layer, (*current_injections(layer), injection))
     return model
 

@@ -195,6 +195,23 @@ class LayerInjection:
         return self.finish(out, weights)
 
 
+
+def layer_injections(adapter, layers, tokens: dict, weight: float, sigma_start: float, sigma_end: float,
+                     mask: Optional[torch.Tensor] = None, blocks: BlockWeights = BlockWeights(),
+                     inject: str = "both", weight_mode: str = "output", flux: bool = False):
+    """(layer, LayerInjection) for each layer the identity reaches, for either host to register:
+    on FLUX only the ``inject`` group when it names one, and no layer whose block weight is 0."""
+    for index, layer in enumerate(layers):
+        if flux and inject != "both" and layer.group != inject:
+            continue
+        layer_weight = weight * blocks.weight(layer.group, layer.number)
+        if layer_weight == 0.0:
+            continue
+        keys, values = adapter.layer_kv(index, tokens, layer.heads)
+        yield layer, LayerInjection(keys, values, layer_weight, sigma_start, sigma_end, mask, weight_mode,
+                                    adapter.config.attention)
+
+
 class ReplacePatch:
     """Base of the pack's attention replace patches: ``patch(q, k, v, extra)``, as ComfyUI calls
     attn1/attn2 replace patches; arguments a later ComfyUI adds are accepted and passed on.
