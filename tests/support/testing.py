@@ -3,7 +3,10 @@ from __future__ import annotations
 
 import io
 import shutil
+import signal
+import time
 from pathlib import Path
+from typing import Optional
 
 import numpy as np
 
@@ -91,3 +94,21 @@ def tiny_clip_tokens(width: int = 64, seed: int = 0):
         return torch.cat([patches.mean(1, keepdim=True), patches], 1)
 
     return tokens
+
+
+def kill_at_checkpoint_step(process, checkpoint: Path, step: int, timeout: float = 300.0) -> Optional[int]:
+    """SIGKILL a training ``process`` once its ``checkpoint`` holds ``step`` or more (then wait for it);
+    the step it was killed at, or None when it ended (or the time ran out) first."""
+    import torch
+    deadline = time.time() + timeout
+    killed_at = None
+    while time.time() < deadline and process.poll() is None:
+        if checkpoint.exists():
+            reached = torch.load(checkpoint, weights_only=True)["step"]
+            if reached >= step:
+                process.send_signal(signal.SIGKILL)
+                killed_at = reached
+                break
+        time.sleep(0.02)
+    process.wait()
+    return killed_at

@@ -8,16 +8,15 @@ stage; single-file models.
 import json
 import os
 import re
-import signal
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import pytest
 import torch
 from safetensors.torch import load_file
 
+from support.testing import kill_at_checkpoint_step
 from support.tiny_diffusers import write_model_folder, write_smoke_data
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -88,16 +87,7 @@ def test_a_run_killed_with_sigkill_resumes_bit_identical(smoke, tmp_path):
     run(command(smoke, "sdxl", straight, steps=steps))
     process = subprocess.Popen([sys.executable, *command(smoke, "sdxl", killed, steps=steps)], cwd=ROOT, env=ENV,
                                stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    checkpoint, killed_at, deadline = killed / "run.pt", None, time.time() + 300
-    while time.time() < deadline and process.poll() is None:
-        if checkpoint.exists():
-            step = torch.load(checkpoint, weights_only=True)["step"]
-            if step >= 2:
-                process.send_signal(signal.SIGKILL)
-                killed_at = step
-                break
-        time.sleep(0.02)
-    process.wait()
+    killed_at = kill_at_checkpoint_step(process, killed / "run.pt", 2)
     assert killed_at is not None and killed_at < steps, "the run ended before it could be killed"
     assert not (killed / "adapter.safetensors").exists()
     run(command(smoke, "sdxl", killed, steps=steps))

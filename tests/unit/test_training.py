@@ -1,10 +1,8 @@
 """Stage-1 training: sampler, masking, MTD, resume after SIGKILL, DDP equivalence."""
 import json
 import os
-import signal
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import numpy as np
@@ -19,7 +17,7 @@ from omniid.training.mtd import (MTDConfig, create_decoder, masked_count, patchi
 from omniid.training.run import train_mtd
 from omniid.training.trainer import TrainConfig
 from support.synthetic_faces import write_identity_dataset
-from support.testing import tiny_clip_tokens
+from support.testing import kill_at_checkpoint_step, tiny_clip_tokens
 from support.tiny_training import TinyHost, TinyPivotHost
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -144,17 +142,7 @@ def test_a_run_killed_with_sigkill_resumes_to_the_same_weights(dataset_dir, tmp_
     process = subprocess.Popen(train_command(dataset_dir, tmp_path / "resumed.safetensors", checkpoint, steps,
                                              tiny_open_clip),
                                cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
-    deadline = time.time() + 300
-    killed_at = None
-    while time.time() < deadline and process.poll() is None:
-        if checkpoint.exists():
-            step = torch.load(checkpoint, weights_only=True)["step"]
-            if step >= 3:
-                process.send_signal(signal.SIGKILL)
-                killed_at = step
-                break
-        time.sleep(0.05)
-    process.wait()
+    killed_at = kill_at_checkpoint_step(process, checkpoint, 3)
     assert killed_at is not None and killed_at < steps, "the run ended before it could be killed"
     assert not (tmp_path / "resumed.safetensors").exists()
     run(train_command(dataset_dir, tmp_path / "resumed.safetensors", checkpoint, steps, tiny_open_clip))
