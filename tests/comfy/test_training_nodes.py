@@ -70,19 +70,24 @@ def test_headless_training_writes_files_the_loaders_read(comfy, comfy_server, ti
     assert len(images_of(comfy, result, ids["save"])) == 1
 
 
+def tiny_mtd_graph(tiny_people, steps: int, run_name: str, resume: bool, **extra) -> Graph:
+    """Train Encoder (MTD) on the tiny people with a tiny encoder and decoder, its loss plot saved."""
+    g = Graph()
+    dataset = g.out(g.add("OmniIdentityDataset", folder=tiny_people, min_photos=2))
+    clip = g.out(g.add("CLIPVisionLoader", clip_name="omniid_random_clip_vit_h.safetensors"))
+    node = g.add("OmniIdentityTrainEncoderMTD", dataset=dataset, clip_vision=clip,
+                 encoder_size="tiny (1 cross + 1 self, 128 wide, 16 queries)",
+                 decoder_size="tiny (1 cross + 1 self, 64 wide)", image_size=28, mask_ratio=0.95,
+                 sampler="few_to_many", steps=steps, lr=1e-3, batch=1, grad_accum=1, inputs_min=1, inputs_max=2,
+                 targets=2, precision="fp32", seed=3, run_name=run_name, resume=resume, save_every=1, **extra)
+    g.add("SaveImage", images=g.out(node, 1), filename_prefix=f"{run_name}_plot")
+    return g
+
+
 def test_training_cancels_and_resumes_from_its_checkpoint_and_bad_datasets_are_refused(comfy, comfy_server,
                                                                                          tiny_people):
     def mtd_graph(steps):
-        g = Graph()
-        dataset = g.out(g.add("OmniIdentityDataset", folder=tiny_people, min_photos=2))
-        clip = g.out(g.add("CLIPVisionLoader", clip_name="omniid_random_clip_vit_h.safetensors"))
-        node = g.add("OmniIdentityTrainEncoderMTD", dataset=dataset, clip_vision=clip,
-                     encoder_size="tiny (1 cross + 1 self, 128 wide, 16 queries)",
-                     decoder_size="tiny (1 cross + 1 self, 64 wide)", image_size=28, mask_ratio=0.95,
-                     sampler="few_to_many", steps=steps, lr=1e-3, batch=1, grad_accum=1, inputs_min=1, inputs_max=2,
-                     targets=2, precision="fp32", seed=3, run_name="resume_me", resume=True, save_every=1)
-        g.add("SaveImage", images=g.out(node, 1), filename_prefix="resume_plot")
-        return g.nodes
+        return tiny_mtd_graph(tiny_people, steps, "resume_me", resume=True).nodes
 
     # Cancel mid-run: the node stops after its current step and leaves a checkpoint that resumes
     prompt_id = comfy.queue_prompt(mtd_graph(100000))
@@ -239,16 +244,7 @@ def test_fidelity_flow_matching_node_trains_a_paper_baseline_that_generates(comf
 
 def test_fidelity_training_nodes_log_the_paper_recipe_they_run(comfy, comfy_server, tiny_people):
     """recipe=paper replaces the widgets by the paper's values and says so at start (the run is then cancelled)."""
-    g = Graph()
-    dataset = g.out(g.add("OmniIdentityDataset", folder=tiny_people, min_photos=2))
-    clip = g.out(g.add("CLIPVisionLoader", clip_name="omniid_random_clip_vit_h.safetensors"))
-    node = g.add("OmniIdentityTrainEncoderMTD", dataset=dataset, clip_vision=clip,
-                 encoder_size="tiny (1 cross + 1 self, 128 wide, 16 queries)",
-                 decoder_size="tiny (1 cross + 1 self, 64 wide)", image_size=28, mask_ratio=0.95,
-                 sampler="few_to_many", steps=3, lr=1e-3, batch=1, grad_accum=1, inputs_min=1, inputs_max=2,
-                 targets=2, precision="fp32", seed=3, run_name="recipe_paper", resume=False, save_every=1,
-                 recipe="paper")
-    g.add("SaveImage", images=g.out(node, 1), filename_prefix="recipe_plot")
+    g = tiny_mtd_graph(tiny_people, 3, "recipe_paper", resume=False, recipe="paper")
     checkpoint = comfy_server.base_directory / "output" / "omni_identity_training" / "recipe_paper.mtd.pt"
     prompt_id = comfy.queue_prompt(g.nodes)
     line = "recipe paper (mtd): 250000 steps, global batch 256 (batch 1 x accum 256 x 1 process(es)), 448 px, lr 0.0001"
