@@ -10,7 +10,7 @@ The problem is least squares: landmark residuals in units of each photo's intero
 distance, plus Gaussian priors on the codes (FLAME's codes are in standard deviations,
 so ``prior * NOISE**2 * |code|^2`` is the MAP penalty for landmark noise of NOISE
 interocular distances). It is solved by Levenberg-Marquardt with exact Jacobians from
-torch.func, from a rigid start found in closed form.
+torch.func (``jacobian``), from a rigid start found in closed form.
 """
 from __future__ import annotations
 
@@ -174,14 +174,26 @@ def fit_flame(model: FlameModel, observations: list[np.ndarray], *, shape_prior:
                        model_name=model.name, image_sizes=list(image_sizes or []), residual_iod=rms)
 
 
+def jacobian(function, x: torch.Tensor) -> torch.Tensor:
+    """The exact Jacobian of ``function`` (a vector of any length) at ``x``, by forward-mode AD.
+
+    ComfyUI runs every node under ``torch.inference_mode()``, which switches forward-mode AD off.
+    torch 2.14's torch.func copes; on torch 2.11 it fails or lies whatever ``function`` computes:
+    jacfwd's own ``_make_dual`` of ``x`` raises "Batching rule not implemented for aten::_make_dual",
+    and jacrev returns zeros. So the derivatives are taken with inference mode off, as outside
+    ComfyUI. Inference tensors (a model loaded by a node, the fit's observations) may be read there;
+    they are never written, and as nothing requires grad, nothing is saved for backward."""
+    with torch.inference_mode(False):
+        return torch.func.jacfwd(function)(x.clone())
+
+
 def levenberg_marquardt(residuals, x: torch.Tensor, iterations: int, tolerance: float = 1e-15) -> torch.Tensor:
     """Minimises |residuals(x)|^2 with exact Jacobians (forward mode)."""
-    jacobian = torch.func.jacfwd(residuals)
     damping = 1e-3
     r = residuals(x)
     cost = float(r @ r)
     for _ in range(iterations):
-        jac = jacobian(x)
+        jac = jacobian(residuals, x)
         gradient = jac.T @ r
         normal = jac.T @ jac
         diagonal = torch.diagonal(normal).clamp_min(1e-12)

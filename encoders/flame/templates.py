@@ -15,7 +15,7 @@ from pathlib import Path
 import torch
 
 from ..face.pose import rotation_from_angles
-from .fit import FlameParams
+from .fit import FlameParams, jacobian
 from .mean_face import MEAN_FACE_68, interocular
 from .model import FlameModel, FlamePose, matrix_to_axis_angle
 
@@ -89,7 +89,7 @@ def expression_for_offsets(model: FlameModel, shape: torch.Tensor, offsets: dict
         return model.landmarks(p)[0] - base
 
     zero = torch.zeros(model.n_expression, dtype=model.dtype)
-    basis = torch.func.jacfwd(lambda c: moved(c).reshape(-1))(zero)          # (K*3, E)
+    basis = jacobian(lambda c: moved(c).reshape(-1), zero)                    # (K*3, E)
     normal = basis.T @ basis
     damping = regularisation * torch.diagonal(normal).mean()
     return torch.linalg.solve(normal + damping * torch.eye(len(zero), dtype=model.dtype),

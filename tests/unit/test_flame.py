@@ -162,6 +162,27 @@ def test_reposing_keeps_the_shape_and_turns_the_head_by_the_template_angles(mode
     assert (fit_flame(model, [observed.numpy()], **TINY).shape - shape).abs().max() < 1e-3
 
 
+def test_fit_and_templates_work_under_comfyui_inference_mode(flame_files, model):
+    """ComfyUI runs every node under torch.inference_mode(), which turns forward-mode AD off: there
+    torch.func's jacfwd failed on torch 2.11 ("Batching rule not implemented for aten::_make_dual") and
+    jacrev returns zeros. A model loaded, fitted and re-posed inside it gives what it gives outside."""
+    pose = random_pose(model, seed=6)
+    observed = project(model.landmarks(pose), torch.tensor([3000.0]), torch.tensor([[256.0, 256.0, 5.0]]))[0].numpy()
+    templates = [single_template(20, -5, 0, 0.1, 1.0)]                # offsets: solved for an expression code
+    outside = fit_flame(model, [observed], **TINY)
+    outside_posed = repose(model, outside.shape, templates)
+    with torch.inference_mode():
+        loaded = FlameModel.from_files(str(flame_files["model"]), str(flame_files["embedding"]),
+                                       n_shape=100, n_expression=30)
+        inside = fit_flame(loaded, [observed], **TINY)
+        inside_posed = repose(loaded, inside.shape, templates)
+    assert (inside.shape - pose.shape[0]).abs().max() < 1e-3
+    for name in ("shape", "expression", "global_pose", "jaw_pose", "scale", "translation"):
+        torch.testing.assert_close(getattr(inside, name), getattr(outside, name), rtol=0, atol=1e-12)
+    assert outside_posed.expression.abs().max() > 0.1                 # the smile's code is not zero
+    torch.testing.assert_close(inside_posed.expression, outside_posed.expression, rtol=0, atol=1e-12)
+
+
 def test_bundled_grid_expressions_move_the_mouth(model):
     grid = load_grid()
     assert len(grid) == 9 and {t.yaw for t in grid} == {-30, 0, 30}
