@@ -1,21 +1,33 @@
 #!/usr/bin/env bash
 # Set up everything `serve`, `run`, the tests and the benchmarks need, from this repository's
-# own files:
-#   .venv/              torch 2.14.1 + torchvision 0.29.1, requirements.txt, the optional insightface
-#                       backend (requirements-insightface.txt; the tests use it), the test tools, and this
-#                       folder as the importable package `omniid` (pip install -e .)
-#   ComfyUI             $COMFYUI_PATH, else /opt/ComfyUI, else the embedded copy .comfyui/ComfyUI
-#                       (unpacked from the pinned archive in ../shared/vendor, sha256 checked, or
-#                       cloned at the pinned commit); the choice is recorded in .comfyui/selected.json
-#   ComfyUI's Python    the checkout's own venv if it has one, else .venv (shared): it gets
-#                       ComfyUI's requirements (torchaudio left out) and this pack's requirements.txt
+# own files, for one pinned ComfyUI host (cli/provision.py HOSTS):
+#   ./scripts/setup.sh                   ComfyUI 0.33.0 (the default, what users run) in .venv
+#   ./scripts/setup.sh --host 0.3.64     ComfyUI 0.3.64 (the oldest supported) in .venv-0.3.64
+#   (or OMNIID_COMFYUI_HOST=0.3.64)
+# Each host's environment gets its torch pins, requirements.txt, the optional insightface backend
+# (requirements-insightface.txt; the tests use it), the test tools, and this folder as the
+# importable package `omniid` (pip install -e .).
+#   ComfyUI             $COMFYUI_PATH, else /opt/ComfyUI (default host), else the embedded copy
+#                       .comfyui/ComfyUI-<version> (unpacked from the pinned archive in
+#                       ../shared/vendor, sha256 checked, or cloned at the pinned commit); the choice is
+#                       recorded in .comfyui/selected-<version>.json
+#   ComfyUI's Python    the checkout's own venv if it has one, else the host's environment: it gets
+#                       ComfyUI's requirements and this pack's requirements (insightface included, so
+#                       the tests that drive that ComfyUI find the backend)
 # Re-running it changes nothing when all is in place: each pip step is skipped while the
 # files it installed from are unchanged.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
 PYTHON="${PYTHON:-python3}"
-TORCH_SPEC="${TORCH_SPEC:-torch==2.14.1 torchvision==0.29.1}"
+if [ "${1:-}" = "--host" ]; then
+    export OMNIID_COMFYUI_HOST="$2"
+    shift 2
+fi
+{ read -r HOST; read -r VENV; read -r HOST_TORCH; } < <("$PYTHON" cli/provision.py --describe)
+TORCH_SPEC="${TORCH_SPEC:-$HOST_TORCH}"
+export OMNIID_COMFYUI_HOST="$HOST"
+echo "== host: ComfyUI $HOST in $VENV ($TORCH_SPEC)"
 PIP=(-m pip install --quiet --disable-pip-version-check)
 
 # pip_step NAME PYTHON ARGS...: run `PYTHON -m pip install ARGS` unless the same NAME ran with the
@@ -35,27 +47,29 @@ pip_step() {
     echo "$digest" > "$stamp"
 }
 
-if [ ! -x .venv/bin/python ]; then
-    echo "== creating .venv with $($PYTHON --version)"
-    "$PYTHON" -m venv .venv
+PY="$VENV/bin/python"
+if [ ! -x "$PY" ]; then
+    echo "== creating $VENV with $($PYTHON --version)"
+    "$PYTHON" -m venv "$VENV"
 fi
-pip_step torch .venv/bin/python $TORCH_SPEC
-pip_step pack .venv/bin/python -r requirements.txt -r requirements-insightface.txt -r requirements-test.txt
+pip_step torch "$PY" $TORCH_SPEC
+pip_step pack "$PY" $TORCH_SPEC -r requirements.txt -r requirements-insightface.txt -r requirements-test.txt
 # this folder as the package `omniid` (python -m omniid, the tests, the benchmarks); an editable link, no copy
-pip_step omniid .venv/bin/python --no-deps -e .
+pip_step omniid "$PY" --no-deps -e .
 
-REQS=.comfyui/comfyui-requirements.txt
+REQS=".comfyui/comfyui-requirements-$HOST.txt"
 mkdir -p .comfyui
 { read -r COMFYUI; read -r COMFY_PY; read -r SOURCE; } < <(
-    .venv/bin/python -m omniid.cli.provision --requirements-out "$REQS")
+    "$PY" -m omniid.cli.provision --host "$HOST" --requirements-out "$REQS")
 echo "== ComfyUI: $COMFYUI ($SOURCE), run by $COMFY_PY"
 same_env() { [ "$("$1" -c 'import sys; print(sys.prefix)')" = "$("$2" -c 'import sys; print(sys.prefix)')" ]; }
-if same_env "$COMFY_PY" .venv/bin/python; then
-    pip_step comfyui .venv/bin/python $TORCH_SPEC -r "$REQS" -r requirements.txt
+if same_env "$COMFY_PY" "$PY"; then
+    pip_step comfyui "$PY" $TORCH_SPEC -r "$REQS" -r requirements.txt
 else
     # the checkout's own environment: ComfyUI is the user's; the pack's requirements go in, as for any custom
-    # node, and the `omniid` link for the tests that run inside ComfyUI's Python
-    pip_step pack "$COMFY_PY" -r requirements.txt
+    # node (with the insightface backend the tests use), and the `omniid` link for the tests that run inside
+    # ComfyUI's Python
+    pip_step pack "$COMFY_PY" -r requirements.txt -r requirements-insightface.txt
     pip_step omniid "$COMFY_PY" --no-deps -e .
 fi
-echo "== setup done: '.venv/bin/python -m omniid serve' serves ComfyUI with this pack; ./scripts/test.sh tests it"
+echo "== setup done: '$PY -m omniid serve' serves ComfyUI $HOST with this pack; OMNIID_COMFYUI_HOST=$HOST ./scripts/test.sh tests it"

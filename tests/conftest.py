@@ -12,7 +12,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from omniid.cli.provision import find_comfyui
+from omniid.cli.provision import find_comfyui, host_name
 from support import assets
 
 CI = bool(os.environ.get("CI"))
@@ -20,10 +20,12 @@ CI = bool(os.environ.get("CI"))
 
 def pytest_report_header(config):
     comfyui = find_comfyui()
+    import torch
+    lines = [f"host: {host_name()} (torch {torch.__version__})"]
     if comfyui is None:
-        return ("ComfyUI: NOT FOUND (run ./scripts/setup.sh, or set COMFYUI_PATH) -- the real-ComfyUI tests in "
-                "tests/comfy will " + ("FAIL (CI is set)" if CI else "be SKIPPED"))
-    return f"ComfyUI: {comfyui} -- the real-ComfyUI tests in tests/comfy will run"
+        return lines + ["ComfyUI: NOT FOUND (run ./scripts/setup.sh, or set COMFYUI_PATH) -- the real-ComfyUI tests in "
+                        "tests/comfy will " + ("FAIL (CI is set)" if CI else "be SKIPPED")]
+    return lines + [f"ComfyUI: {comfyui} -- the real-ComfyUI tests in tests/comfy will run"]
 
 
 @pytest.hookimpl(hookwrapper=True)
@@ -52,8 +54,10 @@ def pytest_terminal_summary(terminalreporter):
     passed = [r for r in terminalreporter.stats.get("passed", []) if r.when == "call"]
     comfy = sum(1 for r in passed if "comfy" in r.keywords)
     frontend = sum(1 for r in passed if "frontend" in r.keywords)
-    terminalreporter.write_line(f"{comfy} passed tests drove the real ComfyUI, {frontend} of them its frontend in "
-                                f"headless Chromium; {len(passed) - comfy} were unit tests")
+    import torch
+    terminalreporter.write_line(f"host {host_name()} (torch {torch.__version__}): {comfy} passed tests drove the real "
+                                f"ComfyUI, {frontend} of them its frontend in headless Chromium; {len(passed) - comfy} "
+                                "were unit tests")
 
 
 @pytest.fixture(scope="session")
