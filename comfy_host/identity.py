@@ -20,6 +20,7 @@ import torch
 from ..guidance.adapter import IdentityAdapter
 from ..guidance.decoupled import BlockWeights, DecoupledAttention, LayerInjection, layer_injections
 from ..guidance.flux_identity import identity_terms
+from .compat import flux_options_position
 from .layers import adapter_layers, check_fit, existing_patch, is_flux, sigma_window
 from .options import find_options
 
@@ -27,7 +28,6 @@ FLUX_STATE = "omni_identity_flux"          # per model call: text length, latent
 FLUX_BLOCK = "omni_identity_flux_block"    # per block: the injections to add
 FLUX_BLOCK_CALL = "omni_identity_flux_block_call"   # per block call: kind, rotary embedding, residual terms
 INJECT_MODES = ("both", "double", "single")
-FLUX_OPTIONS_POSITION = 6                  # x, then timestep, context, y, guidance, ref_latents, control, options
 
 
 def apply_identity(model, adapter: IdentityAdapter, tokens: dict, weight: float, start_at: float, end_at: float,
@@ -92,7 +92,7 @@ def track_flux_calls(model) -> None:
 
 def record_flux_call(executor, x, *args, **kwargs):
     """DIFFUSION_MODEL wrapper: remember the text length and latent size of this call."""
-    options = find_options(args, kwargs, FLUX_OPTIONS_POSITION)
+    options = find_options(args, kwargs, flux_options_position())
     context = args[1] if len(args) > 1 else kwargs.get("context")
     if options is not None and torch.is_tensor(context):
         options[FLUX_STATE] = {"txt_len": int(context.shape[1]), "latent_hw": tuple(x.shape[-2:])}

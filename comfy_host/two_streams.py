@@ -22,10 +22,10 @@ from ..guidance.adapter import IdentityAdapter
 from ..guidance.decoupled import COND, UNCOND, BlockWeights, LayerInjection
 from ..guidance.infinite_id import (STREAMS_KEY, STYLE_KEY, AdaINSettings, MixedSelfAttention, StreamCrossAttention,
                                     StreamLayout)
+from .compat import unet_options_position
 from .layers import check_fit, existing_patch, is_flux, model_description, sigma_window, unet_layers
 from .options import find_options, with_options
 
-UNET_OPTIONS_POSITION = 4                  # x, then timesteps, context, y, control, transformer_options
 TEXT_STREAMS = ("own trajectory", "shared latent")
 TRAJECTORY_KEY = "omni_identity_text_trajectory"
 
@@ -62,14 +62,14 @@ class TwoStreams:
 
     def __call__(self, executor, x, *args, **kwargs):
         batch = x.shape[0]
-        original = find_options(args, kwargs, UNET_OPTIONS_POSITION)
+        original = find_options(args, kwargs, unet_options_position())
         options = original or {}
         rows = self.text_rows(batch, list(options.get("cond_or_uncond") or []))
         index = torch.tensor(rows, dtype=torch.long)
         options = {**options, STREAMS_KEY: StreamLayout(batch, tuple(rows))}
         args = tuple(a if a is original else _take(a, batch, index) for a in args)
         kwargs = {k: (v if k == "transformer_options" else _take(v, batch, index)) for k, v in kwargs.items()}
-        args, kwargs = with_options(args, kwargs, UNET_OPTIONS_POSITION, options)
+        args, kwargs = with_options(args, kwargs, unet_options_position(), options)
         return executor(_take(x, batch, index), *args, **kwargs)[:batch]
 
 
@@ -95,7 +95,7 @@ class TwoTrajectories:
 
     def __call__(self, executor, x, *args, **kwargs):
         batch = x.shape[0]
-        original = find_options(args, kwargs, UNET_OPTIONS_POSITION)
+        original = find_options(args, kwargs, unet_options_position())
         options = original or {}
         branches = list(options.get("cond_or_uncond") or []) or [COND]
         chunk = batch // len(branches)
@@ -107,7 +107,7 @@ class TwoTrajectories:
         options = {**options, STREAMS_KEY: StreamLayout(batch // 2, tuple(range(batch // 2)))}
         args = tuple(a if a is original else _reorder(a, batch, order) for a in args)
         kwargs = {k: (v if k == "transformer_options" else _reorder(v, batch, order)) for k, v in kwargs.items()}
-        args, kwargs = with_options(args, kwargs, UNET_OPTIONS_POSITION, options)
+        args, kwargs = with_options(args, kwargs, unet_options_position(), options)
         out = executor(x[order.to(x.device)], *args, **kwargs)
         return out[torch.argsort(order).to(out.device)]
 

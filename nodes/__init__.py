@@ -3,6 +3,7 @@ from __future__ import annotations
 
 from comfy_api.latest import ComfyExtension, io
 
+from ..comfy_host import compat
 from ..comfy_host.folders import register_model_folders
 from . import (adapter_nodes, dataset_nodes, embeds_nodes, encoder_nodes, face_nodes, flame_nodes, infinite_id_nodes,
                metrics_nodes, pivot_nodes, rb_guidance_nodes, save_nodes, training_nodes)
@@ -26,5 +27,8 @@ NODES: list[type[io.ComfyNode]] = [
 
 
 class OmniIdentityExtension(ComfyExtension):
+    async def on_load(self) -> None:
+        compat.LOG.info(compat.describe())
+
     async def get_node_list(self) -> list[type[io.ComfyNode]]:
         return list(NODES)
