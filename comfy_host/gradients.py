@@ -1,22 +1,81 @@
-"""Clones of a ComfyUI model that autograd can differentiate through."""
+"""Clones of a ComfyUI model that autograd can differentiate through, and the context a tracked
+forward runs in.
+
+ComfyUI runs nodes in inference mode, so the weights its loaders load are inference tensors,
+which autograd cannot save for backward. A weight function on every diffusion-model layer of a
+clone makes each forward see an ordinary copy instead:
+- on a plain ModelPatcher, ComfyUI casts a copy of a weight whenever a weight function is set,
+  and the copy made outside inference mode is already ordinary;
+- with dynamic VRAM (ComfyUI 0.33+ on a GPU, ``is_dynamic()``), weights stream from resident
+  storage and weight functions may see the stored tensors themselves. Such a model is first
+  exchanged for its non-dynamic delegate (``get_non_dynamic_delegate()``, what ComfyUI's own
+  CFGGuider uses where dynamic loading cannot serve), and the weight function copies any
+  inference tensor it is handed explicitly, so neither path depends on how ComfyUI casts.
+"""
 from __future__ import annotations
+
+import contextlib
+
+import torch
+
+
+class GradientSupportError(RuntimeError):
+    """This ComfyUI cannot give a model whose weights autograd can save."""
 
 
 def gradient_ready(model):
-    """A clone whose every diffusion-model layer uses a fresh copy of its weights.
-
-    ComfyUI runs nodes in inference mode, so the loaded weights are inference tensors that
-    autograd cannot save; with a weight function set, ComfyUI casts a copy per call, and a
-    copy made outside inference mode is an ordinary tensor. Gradients then flow through
-    the frozen model to its inputs and to patches (RB-Guidance, adapter training)."""
-    patched = model.clone()
-    for key in model.model_state_dict():
+    """A clone whose every diffusion-model layer uses a fresh, ordinary copy of its weights, so
+    gradients flow through the frozen model to its inputs and to patches (RB-Guidance, adapter
+    training). ``model`` itself is unchanged."""
+    patched = non_dynamic(model).clone()
+    for key in patched.model_state_dict():
         if key.startswith("diffusion_model.") and key.endswith((".weight", ".bias")):
             patched.add_weight_wrapper(key, fresh_copy)
     return patched
 
 
+def non_dynamic(model):
+    """``model``, or its non-dynamic delegate when ComfyUI manages it with dynamic VRAM."""
+    is_dynamic = getattr(model, "is_dynamic", None)
+    if is_dynamic is None or not is_dynamic():
+        return model
+    delegate = getattr(model, "get_non_dynamic_delegate", None)
+    if delegate is None:
+        raise GradientSupportError(
+            f"{_comfyui_version()} manages this model with dynamic VRAM and offers no non-dynamic delegate, so "
+            "gradients cannot flow through it; start ComfyUI with --disable-dynamic-vram for RB-Guidance and training")
+    return delegate()
+
+
 def fresh_copy(weight, *args, **kwargs):
-    # ComfyUI's cast copies a weight as soon as a weight function is set; the copy made
-    # outside inference mode is an ordinary tensor autograd can save.
+    """Weight function: an ordinary tensor for autograd (a copy where ComfyUI handed over an inference
+    tensor; ComfyUI's own cast copy otherwise, which is ordinary already)."""
+    if torch.is_tensor(weight) and weight.is_inference():
+        with torch.inference_mode(False):
+            return weight.clone()
     return weight
+
+
+@contextlib.contextmanager
+def tracked_forward():
+    """Run model calls whose graph autograd keeps: out of inference mode, gradients on, and ComfyUI's
+    training flag set where it has one (its quantized layers then take their differentiable path)."""
+    import comfy.model_management as mm
+    has_flag = hasattr(mm, "in_training")
+    before = getattr(mm, "in_training", False)
+    with torch.inference_mode(False), torch.enable_grad():
+        if has_flag:
+            mm.in_training = True
+        try:
+            yield
+        finally:
+            if has_flag:
+                mm.in_training = before
+
+
+def _comfyui_version() -> str:
+    try:
+        import comfyui_version
+        return f"ComfyUI {comfyui_version.__version__}"
+    except Exception:
+        return "this ComfyUI"

@@ -23,6 +23,7 @@ from ..guidance.decoupled import token_grid
 from ..guidance.rb_guidance import (LatentScales, RBSettings, apply_guidance, generation_mask, grid_for,
                                     guidance_gradient, mask_to_latent, resize_mask)
 from .attention import record_attention
+from .gradients import tracked_forward
 
 ATTENTION_FACTOR = 4      # attention maps at latent / 4: the paper's 16 x 16 for SD1.5 at 512 px
 MAX_ATTENTION_TOKENS = 1024   # self-attention maps are N x N: finer grids are not recorded
@@ -170,7 +171,7 @@ class RBGuider(comfy.samplers.CFGGuider):
         """
         cond, uncond = self.conds.get("positive"), self.conds.get("negative")
         latent_hw = tuple(x.shape[-2:])
-        with torch.inference_mode(False):
+        with tracked_forward():
             x_tracked, sigma = x.clone(), timestep.clone()
             if self.reference is None:
                 self.reference = self._reference(model_options, x_tracked)

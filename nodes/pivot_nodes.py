@@ -7,6 +7,7 @@ from comfy_api.latest import io
 from ..comfy_host.clip_vision import ClipVision
 from ..comfy_host.denoiser import ComfyDenoiserHost
 from ..comfy_host.folders import model_files, model_path, run_checkpoint
+from ..comfy_host.gradients import tracked_forward
 from ..comfy_host.layers import is_flux
 from ..comfy_host.pivot_vision import LAYOUT, ComfyVisionTower, pivot_image_embeds
 from ..comfy_host.progress import run_training, trainable_copy
@@ -112,7 +113,7 @@ class TrainPivotEncoder(OmniNode):
         host = ComfyDenoiserHost(model, vae, positive, image_size)
         embed_fn = ClipVision(clip_vision).image_embeds
         check_face_analysis(face_analysis)
-        with torch.inference_mode(False), torch.enable_grad():
+        with tracked_forward():
             image_dim = embed_fn(torch.zeros(1, 224, 224, 3)).shape[-1]
             tower = None
             if vision_blocks != 0:

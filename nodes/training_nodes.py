@@ -12,6 +12,7 @@ from ..comfy_host.clip_vision import ClipVision
 from ..comfy_host.denoiser import ComfyDenoiserHost
 from ..comfy_host.encoder_model import LoadedEncoder
 from ..comfy_host.folders import run_checkpoint
+from ..comfy_host.gradients import tracked_forward
 from ..comfy_host.layers import host_layers, is_flux
 from ..comfy_host.progress import run_training, trainable_copy
 from ..encoders.omni_id import ARCFACE_MERGES, EncoderConfig, create_encoder
@@ -125,7 +126,7 @@ class TrainEncoderMTD(OmniNode):
         run = apply_recipe("mtd", recipe, steps, lr, image_size, batch, grad_accum)
         steps, lr, image_size, batch, grad_accum = run.steps, run.lr, run.image_size, run.batch, run.grad_accum
         token_fn = ClipVision(clip_vision).tokens
-        with torch.inference_mode(False), torch.enable_grad():
+        with tracked_forward():
             probe = token_fn(torch.zeros(1, 224, 224, 3))
             if encoder is not None:
                 config = encoder.config
@@ -230,7 +231,7 @@ class TrainFlowMatching(OmniNode):
         layers = host_layers(model)
         vision = ClipVision(clip_vision)
         token_fn = vision.last_tokens if method == "infinite_id" else vision.tokens    # Infinite-ID reads the last layer
-        with torch.inference_mode(False), torch.enable_grad():
+        with tracked_forward():
             trained_encoder = None
             if encoder is not None:
                 trained_encoder = trainable_copy(lambda: create_encoder(encoder.config), encoder.model.state_dict())

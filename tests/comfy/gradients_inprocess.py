@@ -1,0 +1,117 @@
+"""Gradients through a ComfyUI model on both weight paths: run with the Python that runs ComfyUI.
+
+    python tests/comfy/gradients_inprocess.py --comfyui PATH
+
+- A model whose weights were loaded in inference mode (as every ComfyUI loader does) takes a
+  backward pass through ``gradient_ready`` + ``tracked_forward``, and not without them.
+- Dynamic VRAM (ComfyUI 0.33+ on a GPU) cannot run on a CPU, so its contract is played by a
+  stand-in patcher that reports ``is_dynamic()``: ``gradient_ready`` must take its non-dynamic
+  delegate, and a dynamic model with no delegate is a clear error. The weight function, handed a
+  stored inference tensor itself (no cast copy, as dynamic loading may do), must copy it.
+- ``tracked_forward`` sets ComfyUI's training flag where it has one, and restores it.
+Prints one JSON line of facts that tests/comfy/test_gradients.py asserts.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser()
+    parser.add_argument("--comfyui", required=True)
+    args = parser.parse_args()
+    sys.path.insert(0, str(Path(args.comfyui).resolve()))
+    sys.path.insert(0, str(Path(__file__).resolve().parent))          # tests/comfy: inprocess
+    sys.argv = sys.argv[:1]
+    import comfy.cli_args
+    comfy.cli_args.args.cpu = True
+    import comfy.model_management as mm
+    import comfy.model_patcher
+    import torch
+
+    from omniid.comfy_host.gradients import GradientSupportError, fresh_copy, gradient_ready, tracked_forward
+    from inprocess import small_sd15
+
+    facts = {}
+    with torch.inference_mode():                      # as ComfyUI's loaders run
+        model, _ = small_sd15(torch, seed=3)
+    dm = model.get_model_object("diffusion_model")
+    facts["loaded_as_inference_tensors"] = all(p.is_inference() for p in dm.parameters())
+
+    def backward_through(patcher) -> str:
+        """'ok', or the error a backward pass through ``patcher``'s UNet raises."""
+        generator = torch.Generator().manual_seed(0)
+        x = torch.randn(1, 4, 8, 8, generator=generator)
+        context = torch.randn(1, 3, 768, generator=generator)
+        mm.load_models_gpu([patcher])
+        try:
+            with tracked_forward():
+                x = x.clone().requires_grad_(True)
+                out = patcher.model.diffusion_model(x, torch.tensor([500.0]), context, transformer_options={})
+                out.square().mean().backward()
+            return "ok" if x.grad is not None and bool(torch.isfinite(x.grad).all()) else "no gradient"
+        except RuntimeError as exc:
+            return str(exc).splitlines()[0]
+
+    facts["plain_clone"] = backward_through(model.clone())
+    facts["gradient_ready"] = backward_through(gradient_ready(model))
+
+    class DynamicStandIn(comfy.model_patcher.ModelPatcher):
+        """Reports dynamic VRAM; its delegate is an ordinary clone."""
+        delegations = 0
+
+        def is_dynamic(self):
+            return True
+
+        def get_non_dynamic_delegate(self):
+            DynamicStandIn.delegations += 1
+            return comfy.model_patcher.ModelPatcher(self.model, load_device=self.load_device,
+                                                    offload_device=self.offload_device)
+
+    cpu = torch.device("cpu")
+    dynamic = DynamicStandIn(model.model, load_device=cpu, offload_device=cpu)
+    ready = gradient_ready(dynamic)
+    facts["delegations"] = DynamicStandIn.delegations
+    facts["ready_is_dynamic"] = bool(getattr(ready, "is_dynamic", lambda: False)())
+    facts["delegate_backward"] = backward_through(ready)
+
+    class DynamicWithoutDelegate(comfy.model_patcher.ModelPatcher):
+        def is_dynamic(self):
+            return True
+
+    DynamicWithoutDelegate.get_non_dynamic_delegate = None
+    try:
+        gradient_ready(DynamicWithoutDelegate(model.model, load_device=cpu, offload_device=cpu))
+        facts["no_delegate_error"] = ""
+    except GradientSupportError as exc:
+        facts["no_delegate_error"] = str(exc)
+
+    # a weight function handed the stored inference tensor itself, as dynamic loading may do
+    with torch.inference_mode():
+        stored = torch.randn(4, 4, generator=torch.Generator().manual_seed(1))
+    with tracked_forward():
+        copied = fresh_copy(stored)
+        x = torch.ones(2, 4, requires_grad=True)
+        (x @ copied).sum().backward()
+        facts["fresh_copy"] = {"inference": bool(copied.is_inference()), "equal": bool(torch.equal(copied, stored)),
+                               "grad": bool(torch.allclose(x.grad, stored.sum(1).expand(2, 4)))}
+        try:
+            y = torch.ones(2, 4, requires_grad=True)
+            (y @ stored).sum().backward()
+            facts["stored_backward"] = "ok"
+        except RuntimeError as exc:
+            facts["stored_backward"] = str(exc).splitlines()[0]
+
+    has_flag = hasattr(mm, "in_training")
+    inside = []
+    with tracked_forward():
+        inside.append(getattr(mm, "in_training", None))
+    facts["training_flag"] = {"has": has_flag, "inside": inside[0], "after": getattr(mm, "in_training", None)}
+    print(json.dumps(facts))
+
+
+if __name__ == "__main__":
+    main()

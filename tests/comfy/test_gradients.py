@@ -1,0 +1,33 @@
+"""Gradients through ComfyUI's models: weights loaded in inference mode, and the dynamic-VRAM contract
+(played by a stand-in, since dynamic VRAM needs a GPU): see gradients_inprocess.py."""
+import json
+import subprocess
+from pathlib import Path
+
+from omniid.cli.server import comfyui_python
+
+SCRIPT = Path(__file__).with_name("gradients_inprocess.py")
+
+
+def test_gradients_flow_through_loaded_weights_and_dynamic_models_use_their_delegate(comfyui):
+    done = subprocess.run([comfyui_python(comfyui), str(SCRIPT), "--comfyui", str(comfyui)],
+                          capture_output=True, text=True, timeout=600)
+    assert done.returncode == 0, done.stderr[-4000:]
+    facts = json.loads(done.stdout.strip().splitlines()[-1])
+    assert facts["loaded_as_inference_tensors"]
+    # without the weight functions autograd meets the loaded inference tensors; with them it does not
+    assert "Inference tensors cannot be saved for backward" in facts["plain_clone"]
+    assert facts["gradient_ready"] == "ok"
+    # a dynamic model is exchanged for its non-dynamic delegate once, and gradients flow through that
+    assert facts["delegations"] == 1 and not facts["ready_is_dynamic"]
+    assert facts["delegate_backward"] == "ok"
+    assert "dynamic VRAM" in facts["no_delegate_error"] and "--disable-dynamic-vram" in facts["no_delegate_error"]
+    assert "ComfyUI" in facts["no_delegate_error"]
+    # handed the stored inference tensor itself, the weight function gives an ordinary, equal copy
+    assert facts["fresh_copy"] == {"inference": False, "equal": True, "grad": True}
+    assert "Inference tensors cannot be saved for backward" in facts["stored_backward"]
+    flag = facts["training_flag"]
+    if flag["has"]:
+        assert flag == {"has": True, "inside": True, "after": False}
+    else:
+        assert flag["inside"] is None
