@@ -30,13 +30,33 @@ def trainable_copy(module_factory, state: dict):
 
 
 def run_training(trainer: Trainer, resume: bool) -> None:
-    """Resume if asked, train with a progress bar; Cancel saves a checkpoint, then stops the prompt."""
+    """Resume if asked, train with a progress bar; Cancel saves a checkpoint, then stops the prompt.
+
+    Where ComfyUI's progress hook itself raises on Cancel (and clears the flag while doing so), the
+    exception is caught here and remembered, so the trainer still stops at its next step boundary
+    and writes its checkpoint before the prompt ends."""
     if resume:
         trainer.resume()
     steps = trainer.config.steps
     bar = comfy.utils.ProgressBar(steps)
+    cancelled = False
+
+    def on_step(step: int, _loss: float) -> None:
+        nonlocal cancelled
+        try:
+            bar.update_absolute(step, steps)
+        except mm.InterruptProcessingException:
+            cancelled = True
+
+    def should_stop() -> bool:
+        return cancelled or mm.processing_interrupted()
+
     try:
-        trainer.run(on_step=lambda step, loss: bar.update_absolute(step, steps), should_stop=mm.processing_interrupted)
-    except TrainingCancelled:
-        mm.throw_exception_if_processing_interrupted()
+        trainer.run(on_step=on_step, should_stop=should_stop)
+    except TrainingCancelled as stopped:
+        raise mm.InterruptProcessingException() from stopped
+    except mm.InterruptProcessingException:
+        # Cancel raised inside a step (by a ComfyUI model the step calls): the optimizer has not
+        # stepped yet, so the module and the step counter still agree; keep them.
+        trainer.save()
         raise
