@@ -35,6 +35,7 @@ def main() -> None:
     parser.add_argument("--adapter", required=True)
     args = parser.parse_args()
     sys.path.insert(0, str(Path(args.comfyui).resolve()))
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1]))      # tests/: support
     sys.argv = sys.argv[:1]
     import comfy.cli_args
     comfy.cli_args.args.cpu = True
@@ -121,9 +122,10 @@ def main() -> None:
             masked_diff[name] = float((c_out - d_out).abs().max())
             masked_diff[name + "_effect"] = float((d_out - d_plain).abs().max())
         remove_identity(unet)
-    import comfy.model_sampling
     from omniid.diffusers_host.denoiser import flux_percent_to_sigma
-    flux_sampling = comfy.model_sampling.ModelSamplingFlux(None)
+    from support.flux_layout import comfy_flux, flux_state_dict
+    tiny_flux = comfy_flux(flux_state_dict(hidden=64, heads=4, depth=1, single=1, context=48, vec=32), 4, (4, 6, 6))
+    flux_sampling = tiny_flux.get_model_object("model_sampling")     # FLUX dev's schedule, as ComfyUI detects it
     percents = [0.0, 0.001, 0.2, 0.5, 0.6, 0.999, 1.0]
     flux_sigmas = [[float(flux_sampling.percent_to_sigma(p)), flux_percent_to_sigma(p)] for p in percents]
     print(json.dumps({"window": list(window), "own_window": list(own_window), "flux_sigmas": flux_sigmas, "masked": masked_diff,

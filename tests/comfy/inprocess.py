@@ -2,8 +2,8 @@
 
     python tests/comfy/inprocess.py --comfyui /opt/ComfyUI
 
-- FLUX: ComfyUI's FLUX model (comfy.supported_models.Flux) with a small config and random
-  weights, sampled with ComfyUI's own sampler (CFG, so both branches run), plain and with
+- FLUX: ComfyUI's FLUX model, small random FLUX.1-layout weights loaded through ComfyUI's
+  detection (support.flux_layout), sampled with ComfyUI's own sampler (CFG, so both branches run), plain and with
   identity adapters;
 - UNet layouts: the cross-attention layers the adapter host finds in the real SD1.5 and
   SDXL UNets (built on the meta device), which h94 checkpoints number 1, 3, 5, ...
@@ -22,9 +22,9 @@ import json
 import sys
 from pathlib import Path
 
-FLUX_CONFIG = {"image_model": "flux", "in_channels": 16, "out_channels": 16, "vec_in_dim": 32, "context_in_dim": 48,
-               "hidden_size": 64, "mlp_ratio": 2.0, "num_heads": 4, "depth": 2, "depth_single_blocks": 2,
-               "axes_dim": [4, 6, 6], "theta": 10000, "patch_size": 2, "qkv_bias": True, "guidance_embed": False}
+# a FLUX.1 schnell-layout model, small: built from weights through ComfyUI's detection (support.flux_layout)
+FLUX_LAYOUT = dict(hidden=64, heads=4, depth=2, single=2, context=48, vec=32, guidance=False, mlp_ratio=2.0)
+FLUX_AXES = (4, 6, 6)
 
 
 SD15_UNET = dict(image_size=32, in_channels=4, out_channels=4, model_channels=320, num_res_blocks=[2, 2, 2, 2],
@@ -202,6 +202,7 @@ def main() -> None:
     parser.add_argument("--comfyui", required=True)
     args = parser.parse_args()
     sys.path.insert(0, str(Path(args.comfyui).resolve()))
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1]))      # tests/: support
     sys.argv = sys.argv[:1]
     import comfy.cli_args
     comfy.cli_args.args.cpu = True
@@ -219,19 +220,11 @@ def main() -> None:
     from omniid.comfy_host.two_streams import TwoStreams, apply_mixed_attention
     from omniid.guidance.infinite_id import STREAMS_KEY
 
+    from support.flux_layout import comfy_flux, flux_state_dict
+
     torch.manual_seed(0)
-    model_config = comfy.supported_models.Flux(dict(FLUX_CONFIG))
-    model_config.set_inference_dtype(torch.float32, None)
-    base = model_config.get_model({})
+    model = comfy_flux(flux_state_dict(seed=1, dtype=torch.float32, **FLUX_LAYOUT), FLUX_LAYOUT["heads"], FLUX_AXES)
     generator = torch.Generator().manual_seed(1)
-    with torch.no_grad():
-        for name, param in base.diffusion_model.named_parameters():
-            if param.ndim >= 2:
-                param.copy_(torch.randn(param.shape, generator=generator) * param[0].numel() ** -0.5)
-            else:
-                param.copy_(torch.ones_like(param) if "norm" in name or "scale" in name else torch.zeros_like(param))
-    cpu = torch.device("cpu")
-    model = comfy.model_patcher.ModelPatcher(base, load_device=cpu, offload_device=cpu)
 
     layers = flux_layers(model)
     adapter = create_adapter(AdapterConfig(family="flux", token_dim=16, layer_dims=tuple(l.inner_dim for l in layers)),

@@ -18,7 +18,8 @@ Writes, under DIR:
       at width 320 on every level, SDXL's CLIP-L + CLIP-G text encoders at full size (their
       configs are fixed), TAESD-layout VAE
   diffusion_models/omniid_tiny_flux.safetensors  FLUX dev layout with one double and one
-      single block (ComfyUI fixes FLUX's width at 3072, so only the depth is small)
+      single block, written key by key (support.flux_layout; ComfyUI 0.3.64's detection fixes
+      FLUX's width at 3072, so only the depth is small)
   text_encoders/omniid_random_t5xxl_fp8.safetensors  T5-XXL at full size (its config is
       fixed) in float8, as the fp8 files users run
   text_encoders/omniid_tiny_clip_l.safetensors  the CLIP-L text encoder alone
@@ -32,7 +33,7 @@ import json
 import os
 import sys
 
-VERSION = 4  # bump when the layouts below change, so cached files are rebuilt
+VERSION = 5  # bump when the layouts below change, so cached files are rebuilt
 SEED = 20251122
 
 UNET_CONFIG = dict(
@@ -142,13 +143,10 @@ def flux_files(generator, ops) -> dict:
     """The FLUX pieces: a shallow DiT, its autoencoder and a random full-size T5-XXL in float8."""
     import torch
     import comfy.text_encoders.t5
-    from comfy.ldm.flux.model import Flux
     from comfy.ldm.models.autoencoder import AutoencodingEngine
+    from support.flux_layout import flux_state_dict
 
-    flux = Flux(in_channels=16, out_channels=16, vec_in_dim=768, context_in_dim=4096, hidden_size=3072,
-                mlp_ratio=4.0, num_heads=24, depth=1, depth_single_blocks=1, axes_dim=[16, 56, 56], theta=10000,
-                patch_size=2, qkv_bias=True, guidance_embed=True, operations=ops)
-    initialise(flux, generator)
+    flux = flux_state_dict(hidden=3072, heads=24, depth=1, single=1, seed=SEED)
     ddconfig = {"double_z": True, "z_channels": 16, "resolution": 256, "in_channels": 3, "out_ch": 3, "ch": 128,
                 "ch_mult": [1, 2, 4, 4], "num_res_blocks": 2, "attn_resolutions": [], "dropout": 0.0}
     ae = AutoencodingEngine(
@@ -167,7 +165,7 @@ def flux_files(generator, ops) -> dict:
         else:
             t5[key] = torch.ones(meta.shape).to(torch.float8_e4m3fn)
     half = lambda state: {k: v.detach().to(torch.float16).contiguous() for k, v in state.items()}
-    return {"diffusion_models/omniid_tiny_flux.safetensors": half(flux.state_dict()),
+    return {"diffusion_models/omniid_tiny_flux.safetensors": flux,
             "vae/omniid_tiny_flux_ae.safetensors": half(ae.state_dict()),
             "text_encoders/omniid_random_t5xxl_fp8.safetensors": t5}
 
@@ -178,6 +176,7 @@ def main() -> None:
     parser.add_argument("--out", required=True)
     args = parser.parse_args()
     sys.path.insert(0, os.path.abspath(args.comfyui))
+    sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))   # tests/: support
     sys.argv = sys.argv[:1]
     counts = build(args.out)
     print(json.dumps({"version": VERSION, "parameters": counts}))

@@ -203,13 +203,6 @@ def diffusers_flux(joint_dim: int, seed: int = 1):
     return randomise(model, seed)
 
 
-def comfy_flux_config(joint_dim: int) -> dict:
-    return {"image_model": "flux", "in_channels": 16, "out_channels": 16, "vec_in_dim": FLUX["pooled_text"],
-            "context_in_dim": joint_dim, "hidden_size": FLUX["hidden"], "mlp_ratio": 4.0, "num_heads": FLUX["heads"],
-            "depth": FLUX["depth"], "depth_single_blocks": FLUX["single"], "axes_dim": list(FLUX["axes"]),
-            "theta": 10000, "patch_size": 2, "qkv_bias": True, "guidance_embed": True}
-
-
 def load_h94_into_diffusers(unet, nested: dict):
     """diffusers' own h94 reader (UNet2DConditionLoadersMixin._load_ip_adapter_weights)."""
     unet._load_ip_adapter_weights([{section: {k: v.float() for k, v in part.items()}

@@ -10,7 +10,7 @@ from pathlib import Path
 import torch
 
 from . import ip_layouts as L
-from .ip_reference import CASES, InstantXProcessor, MLPProjModel, comfy_model, comfy_prediction, relative
+from .ip_reference import CASES, InstantXProcessor, MLPProjModel, comfy_prediction, relative
 
 LATENT = 8          # latent height and width: a 4 x 4 grid of image tokens
 TEXT = 7
@@ -19,11 +19,11 @@ TEXT = 7
 @functools.lru_cache(maxsize=None)
 def flux_pair(joint_dim: int):
     import comfy.model_detection
-    import comfy.supported_models
+    from .flux_layout import comfy_flux
     transformer = L.diffusers_flux(joint_dim)
     state = comfy.model_detection.convert_diffusers_mmdit({k: v.clone() for k, v in transformer.state_dict().items()},
                                                           "")
-    return transformer, comfy_model(comfy.supported_models.Flux, L.comfy_flux_config(joint_dim), state)
+    return transformer, comfy_flux(state, L.FLUX["heads"], L.FLUX["axes"])
 
 
 def pack(x: torch.Tensor) -> torch.Tensor:
