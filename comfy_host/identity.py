@@ -20,7 +20,7 @@ import torch
 from ..guidance.adapter import IdentityAdapter
 from ..guidance.decoupled import BlockWeights, DecoupledAttention, LayerInjection, layer_injections
 from ..guidance.flux_identity import identity_terms
-from .compat import flux_options_position
+from .compat import comfyui_version, flux_options_position
 from .layers import adapter_layers, check_fit, existing_patch, is_flux, sigma_window
 from .options import find_options
 
@@ -91,12 +91,37 @@ def track_flux_calls(model) -> None:
 
 
 def record_flux_call(executor, x, *args, **kwargs):
-    """DIFFUSION_MODEL wrapper: remember the text length and latent size of this call."""
+    """DIFFUSION_MODEL wrapper: remember the text length and latent size of this call, and check after it
+    that ComfyUI ran the pack's block patches and their attention override (a release that stopped
+    honouring either would otherwise drop the identity silently)."""
     options = find_options(args, kwargs, flux_options_position())
     context = args[1] if len(args) > 1 else kwargs.get("context")
+    state = None
     if options is not None and torch.is_tensor(context):
-        options[FLUX_STATE] = {"txt_len": int(context.shape[1]), "latent_hw": tuple(x.shape[-2:])}
-    return executor(x, *args, **kwargs)
+        state = {"txt_len": int(context.shape[1]), "latent_hw": tuple(x.shape[-2:]), "blocks": 0, "attention": 0}
+        options[FLUX_STATE] = state
+    out = executor(x, *args, **kwargs)
+    if state is not None:
+        check_injection_points(state, options)
+    return out
+
+
+def check_injection_points(state: dict, options: dict) -> None:
+    expected = any(isinstance(patch, FluxBlockPatch)
+                   for patch in options.get("patches_replace", {}).get("dit", {}).values())
+    if not expected:
+        return
+    if state.get("blocks", 0) == 0:
+        raise InjectionPointMissing(f"ComfyUI {comfyui_version()} did not call the pack's FLUX block patches "
+                                    "(patches_replace['dit']): the identity cannot be injected on this release")
+    if state.get("attention", 0) == 0:
+        raise InjectionPointMissing(f"ComfyUI {comfyui_version()} ran FLUX's blocks without the attention override "
+                                    "the pack sets (transformer_options['optimized_attention_override']): the "
+                                    "identity cannot be injected on this release")
+
+
+class InjectionPointMissing(RuntimeError):
+    """This ComfyUI no longer calls a patch point the pack injects through."""
 
 
 class FluxBlockPatch:
@@ -122,6 +147,8 @@ class FluxBlockPatch:
 
     def __call__(self, args: dict, extra: dict, *more, **kwargs) -> dict:
         options = dict(args.get("transformer_options") or {})
+        if isinstance(options.get(FLUX_STATE), dict):
+            options[FLUX_STATE]["blocks"] = options[FLUX_STATE].get("blocks", 0) + 1
         options[FLUX_BLOCK] = self.injections
         call = {"kind": self.kind, "pe": args.get("pe"), "residual": None}
         options[FLUX_BLOCK_CALL] = call
@@ -152,6 +179,8 @@ class FluxAttentionOverride:
         options = kwargs.get("transformer_options") or {}
         injections = options.get(FLUX_BLOCK)
         state = options.get(FLUX_STATE)
+        if isinstance(state, dict) and injections:
+            state["attention"] = state.get("attention", 0) + 1
         if not injections or not isinstance(state, dict) or q.ndim != 4:
             return out
         call = options.get(FLUX_BLOCK_CALL) or {"kind": "double", "pe": None, "residual": None}

@@ -197,6 +197,30 @@ def token_cache_facts(torch) -> dict:
             "after_first_dies": len(host.TOKEN_CACHE) - before}
 
 
+def missing_injection_point_errors(torch, patched, FluxBlockPatch, record_flux_call) -> list[str]:
+    """What a FLUX model call says when ComfyUI skipped the block patches, or their attention override."""
+    options = {"patches_replace": patched.model_options["transformer_options"]["patches_replace"]}
+    x, context = torch.zeros(1, 16, 4, 4), torch.zeros(1, 3, 48)
+    patch = next(iter(options["patches_replace"]["dit"].values()))
+    errors = []
+
+    def no_blocks(x, *args, **kwargs):
+        return x
+
+    def blocks_without_override(x, timestep, context, *args, transformer_options=None, **kwargs):
+        patch({"img": x, "txt": context, "transformer_options": transformer_options},
+              {"original_block": lambda args: {"img": args["img"], "txt": args["txt"]}})
+        return x
+
+    for executor in (no_blocks, blocks_without_override):
+        try:
+            record_flux_call(executor, x, torch.ones(1), context, transformer_options=dict(options))
+            errors.append("")
+        except RuntimeError as exc:
+            errors.append(str(exc))
+    return errors
+
+
 def main() -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument("--comfyui", required=True)
@@ -215,7 +239,7 @@ def main() -> None:
     from omniid.encoders.embeds import IdentityEmbeds
     from omniid.guidance.adapter import AdapterConfig, create_adapter
     from omniid.guidance.decoupled import BlockWeights
-    from omniid.comfy_host.identity import apply_identity
+    from omniid.comfy_host.identity import FluxBlockPatch, apply_identity, record_flux_call
     from omniid.comfy_host.layers import flux_layers, unet_layers
     from omniid.comfy_host.two_streams import TwoStreams, apply_mixed_attention
     from omniid.guidance.infinite_id import STREAMS_KEY
@@ -259,6 +283,7 @@ def main() -> None:
     chained = run(apply_identity(patched(), other, tokens2, 1.0, 0.0, 1.0))
     second_alone = run(apply_identity(model, other, tokens2, 1.0, 0.0, 1.0))
     plain_after = run(model)
+    missing_points = missing_injection_point_errors(torch, patched(), FluxBlockPatch, record_flux_call)
 
     def differs(a, b):
         return float((a - b).abs().max())
@@ -275,6 +300,7 @@ def main() -> None:
         "chained_vs_first": differs(chained, both),
         "chained_vs_second": differs(chained, second_alone),
         "plain_after_equal": bool(torch.equal(plain_after, plain)),
+        "missing_points": missing_points,
         "finite": bool(torch.isfinite(both).all()),
         "unet_layers": {name: [l.inner_dim for l in unet_layers(MetaUNet(config))]
                         for name, config in (("sd15", SD15_UNET), ("sdxl", SDXL_UNET))},

@@ -29,6 +29,12 @@ def test_identity_changes_sampling_and_weight_zero_does_not(facts):
     assert facts["zero_equal"] and facts["masked_out_equal"] and facts["no_blocks_equal"]
 
 
+def test_a_release_that_skips_an_injection_point_is_an_error_naming_it(facts):
+    no_blocks, no_override = facts["missing_points"]
+    assert "did not call the pack's FLUX block patches" in no_blocks and "ComfyUI " in no_blocks
+    assert "without the attention override" in no_override and "ComfyUI " in no_override
+
+
 def test_mm_dit_only_dit_only_and_both(facts):
     assert facts["double_vs_plain"] > 1e-3 and facts["single_vs_plain"] > 1e-3 and facts["double_vs_single"] > 1e-3
 
