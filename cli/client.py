@@ -1,16 +1,23 @@
-"""A small client for ComfyUI's HTTP and websocket API (stdlib + websocket-client)."""
+"""A small client for ComfyUI's HTTP and websocket API (stdlib + websocket-client).
+
+Nothing here can block for long, whatever the server does: every HTTP request ends by a
+deadline (its own ``timeout``, and the client's ``deadline`` when one is set), counted over
+the whole request rather than per socket read, and the websocket is read on a daemon thread
+that the caller only ever waits on with a bound (see transport.py).
+"""
 from __future__ import annotations
 
+import http.client
 import json
 import mimetypes
 import time
-import urllib.error
 import urllib.parse
-import urllib.request
 import uuid
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable, Optional
+
+from .transport import DeadlineConnection, EventStream
 
 
 FILE_KEYS = ("images", "gifs", "audio", "video", "files", "embeds")
@@ -91,28 +98,54 @@ class RunResult:
 
 
 class ComfyClient:
-    def __init__(self, url: str, client_id: Optional[str] = None, timeout: float = 30.0):
+    """ComfyUI's API. Each request ends within ``timeout`` seconds, and none outlives
+    ``deadline`` (a ``time.monotonic()`` value) when it is set: past it they raise TimeoutError."""
+
+    def __init__(self, url: str, client_id: Optional[str] = None, timeout: float = 30.0,
+                 deadline: Optional[float] = None):
         self.url = url.rstrip("/")
         self.client_id = client_id or uuid.uuid4().hex
         self.timeout = timeout
+        self.deadline = deadline
+        parts = urllib.parse.urlsplit(self.url)
+        if parts.scheme not in ("http", "https") or not parts.hostname:
+            raise ComfyClientError(f"not an http(s) URL of a ComfyUI server: {url!r}")
+        self._tls = parts.scheme == "https"
+        self._host = parts.hostname
+        self._port = parts.port or (443 if self._tls else 80)
+        self._prefix = parts.path
 
     # -- plain HTTP ---------------------------------------------------------------
     def _request(self, path: str, data: Optional[bytes] = None, headers: Optional[dict] = None,
-                 method: Optional[str] = None):
-        request = urllib.request.Request(self.url + path, data=data, headers=headers or {}, method=method)
+                 method: Optional[str] = None, deadline: Optional[float] = None):
+        method = method or ("GET" if data is None else "POST")
+        own_limit = time.monotonic() + self.timeout
+        limit = min(d for d in (own_limit, deadline, self.deadline) if d is not None)
+        connection = DeadlineConnection(self._host, self._port, limit, self._tls)
+        response = None
         try:
-            with urllib.request.urlopen(request, timeout=self.timeout) as response:
-                return response.status, response.read()
-        except urllib.error.HTTPError as exc:
-            return exc.code, exc.read()
-        except (urllib.error.URLError, ConnectionError, TimeoutError, OSError) as exc:
+            connection.request(method, self._prefix + path, body=data, headers=headers or {})
+            response = connection.getresponse()
+            return response.status, response.read()
+        except TimeoutError:
+            if limit < own_limit:
+                raise TimeoutError(f"{method} {path} had no complete answer from {self.url} before the deadline") from None
+            raise ComfyClientError(f"ComfyUI at {self.url} did not answer {method} {path} within {self.timeout:g}s") from None
+        except (http.client.HTTPException, OSError) as exc:
             raise ComfyClientError(f"cannot reach ComfyUI at {self.url}: {exc}") from exc
+        finally:
+            if response is not None:
+                response.close()
+            connection.close()
 
-    def get_json(self, path: str) -> Any:
-        status, body = self._request(path)
+    def get_json(self, path: str, deadline: Optional[float] = None) -> Any:
+        status, body = self._request(path, deadline=deadline)
         if status != 200:
             raise ComfyClientError(f"GET {path} answered {status}: {body[:300]!r}")
-        return json.loads(body)
+        try:
+            return json.loads(body)
+        except (json.JSONDecodeError, UnicodeDecodeError) as exc:
+            raise ComfyClientError(f"GET {path} answered something that is not JSON: {body[:300]!r}") from exc
 
     def post_json(self, path: str, payload: Any) -> tuple[int, Any]:
         status, body = self._request(path, json.dumps(payload).encode(), {"Content-Type": "application/json"})
@@ -181,19 +214,21 @@ class ComfyClient:
         return f"{info['subfolder']}/{info['name']}" if info.get("subfolder") else info["name"]
 
     # -- running prompts ----------------------------------------------------------
-    def open_events(self):
-        """A websocket for this client's progress events, or None (no websocket-client, or refused)."""
+    def open_events(self, wait: float = 10.0) -> Optional[EventStream]:
+        """This client's websocket events, or None: no websocket-client, refused, or no handshake
+        within ``wait`` seconds (bounded by the deadline too). Progress is optional; runs go on without."""
         try:
-            import websocket  # websocket-client
+            import websocket  # noqa: F401 (websocket-client)
         except ImportError:
             return None
-        ws_url = self.url.replace("http://", "ws://").replace("https://", "wss://")
-        try:
-            sock = websocket.create_connection(f"{ws_url}/ws?clientId={self.client_id}", timeout=self.timeout)
-        except Exception:
-            return None
-        sock.settimeout(0.5)
-        return sock
+        ws_url = self.url.replace("http://", "ws://", 1).replace("https://", "wss://", 1)
+        stream = EventStream(f"{ws_url}/ws?clientId={self.client_id}", self.timeout)
+        if self.deadline is not None:
+            wait = min(wait, max(0.0, self.deadline - time.monotonic()))
+        if stream.wait_connected(wait):
+            return stream
+        stream.close(wait=0)
+        return None
 
     def run(self, prompt: dict, timeout: float = 600.0,
             on_event: Optional[Callable[[str, dict], None]] = None) -> RunResult:
@@ -203,49 +238,38 @@ class ComfyClient:
         (progress, executing, executed, ...) when websocket-client is installed.
         Raises PromptRejected, ExecutionFailed, or TimeoutError.
         """
-        sock = self.open_events() if on_event is not None else None
+        events = self.open_events() if on_event is not None else None
         try:
             prompt_id = self.queue_prompt(prompt)
-            return self.wait(prompt_id, timeout, on_event, sock)
+            return self.wait(prompt_id, timeout, on_event, events)
         finally:
-            if sock is not None:
-                sock.close()
+            if events is not None:
+                events.close()
 
     def wait(self, prompt_id: str, timeout: float = 600.0,
-             on_event: Optional[Callable[[str, dict], None]] = None, sock=None) -> RunResult:
-        deadline = time.monotonic() + timeout
-        next_poll = 0.0
-        while time.monotonic() < deadline:
-            if sock is not None:
-                self._pump(sock, prompt_id, on_event)
-            else:
-                time.sleep(0.2)
-            if time.monotonic() >= next_poll:
-                entry = self.history(prompt_id)
-                if entry is not None and entry.get("status"):
-                    if entry["status"].get("status_str") == "success":
-                        return RunResult(prompt_id, entry)
-                    raise ExecutionFailed(prompt_id, entry["status"])
-                next_poll = time.monotonic() + (1.0 if sock is not None else 0.0)
-        raise TimeoutError(f"prompt {prompt_id} did not finish within {timeout:.0f}s")
+             on_event: Optional[Callable[[str, dict], None]] = None,
+             events: Optional[EventStream] = None) -> RunResult:
+        """Poll the prompt's history until it ends, handing ``events`` to ``on_event`` meanwhile.
 
-    @staticmethod
-    def _pump(sock, prompt_id: str, on_event) -> None:
-        import websocket
+        Returns or raises within ``timeout`` seconds (and by the client's deadline):
+        ExecutionFailed, TimeoutError, or ComfyClientError when the server stops answering.
+        """
+        start = time.monotonic()
+        deadline = min(d for d in (start + timeout, self.deadline) if d is not None)
+        interval = 1.0 if events is not None else 0.2
         while True:
             try:
-                message = sock.recv()
-            except websocket.WebSocketTimeoutException:
-                return
-            except Exception:
-                time.sleep(0.2)
-                return
-            if not isinstance(message, str):
-                continue  # binary preview frames
-            try:
-                event = json.loads(message)
-            except json.JSONDecodeError:
-                continue
-            data = event.get("data") or {}
-            if data.get("prompt_id") in (None, prompt_id) and on_event is not None:
-                on_event(event.get("type", ""), data)
+                entry = self.get_json(f"/history/{prompt_id}", deadline).get(prompt_id)
+            except TimeoutError:
+                entry = None
+            if entry is not None and entry.get("status"):
+                if entry["status"].get("status_str") == "success":
+                    return RunResult(prompt_id, entry)
+                raise ExecutionFailed(prompt_id, entry["status"])
+            next_poll = min(time.monotonic() + interval, deadline)
+            if events is not None:
+                events.deliver(prompt_id, on_event, until=next_poll)
+            else:
+                time.sleep(max(0.0, next_poll - time.monotonic()))
+            if time.monotonic() >= deadline:
+                raise TimeoutError(f"prompt {prompt_id} did not finish within {time.monotonic() - start:.0f}s")

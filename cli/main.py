@@ -8,9 +8,12 @@ Exit codes (stable, for scripts):
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import signal
 import sys
+import threading
+import time
 from pathlib import Path
 from typing import Optional
 
@@ -95,42 +98,50 @@ def save_outputs(client: ComfyClient, result, output_dir: Path) -> list[Path]:
     return saved
 
 
+CANCEL_SECONDS = 5.0   # the best-effort cancel on the way out: the server may be why we are leaving
+STOP_SECONDS = 3.0     # a ComfyUI that `run` started gets this long after SIGTERM, then SIGKILL
+
+
 def cmd_run(args) -> int:
     prompt = apply_overrides(load_api_workflow(Path(args.workflow)), args.set or [])
     missing = [image for image in args.upload or [] if not Path(image).is_file()]
     if missing:
         raise UsageError(f"--upload: no such file: {', '.join(missing)}")
+    with _signals_interrupt():
+        try:
+            return _run(args, prompt)
+        except KeyboardInterrupt:      # one more signal while winding down
+            return EXIT_INTERRUPTED
+
+
+def _run(args, prompt: dict) -> int:
+    """Everything from here ends by ``--timeout``: starting ComfyUI, every request, the wait."""
+    deadline = time.monotonic() + args.timeout
     server: Optional[ComfyServer] = None
     client: Optional[ComfyClient] = None
     prompt_id: Optional[str] = None
-    signal.signal(signal.SIGTERM, _raise_keyboard_interrupt)
     try:
         if args.server:
             url = args.server
         else:
-            comfyui = find_comfyui(args.comfyui)
-            if comfyui is None:
-                raise ComfyUIError("no ComfyUI found: pass --server URL of a running one, or --comfyui PATH "
-                                   "(or set COMFYUI_PATH) to start one")
-            server = ComfyServer(comfyui, base_directory=Path(args.base_directory) if args.base_directory else None,
-                                 cpu=not args.gpu)
-            print(f"starting ComfyUI from {comfyui} ...", file=sys.stderr, flush=True)
-            server.start()
+            server = _new_server(args)
+            print(f"starting ComfyUI from {server.comfyui} ...", file=sys.stderr, flush=True)
+            _start(server, deadline)
             url = server.url
-        client = ComfyClient(url)
+        client = ComfyClient(url, deadline=deadline)
         client.system_stats()
         for image in args.upload or []:
             name = client.upload_image(image)
             print(f"uploaded {image} as {name}", file=sys.stderr, flush=True)
         on_event = None if args.quiet else (lambda kind, data: _print_event(kind, data, prompt))
-        sock = client.open_events() if on_event is not None else None
+        events = client.open_events() if on_event is not None else None
         try:
             prompt_id = client.queue_prompt(prompt)
             print(f"queued {args.workflow} on {url} as {prompt_id}", file=sys.stderr, flush=True)
-            result = client.wait(prompt_id, args.timeout, on_event, sock)
+            result = client.wait(prompt_id, args.timeout, on_event, events)
         finally:
-            if sock is not None:
-                sock.close()
+            if events is not None:
+                events.close()
         output_dir = Path(args.output) / result.prompt_id
         for path in save_outputs(client, result, output_dir):
             print(path)
@@ -143,31 +154,93 @@ def cmd_run(args) -> int:
         print(f"error: {exc}", file=sys.stderr)
         return EXIT_INTERRUPTED if exc.interrupted and not exc.error else EXIT_FAILED
     except TimeoutError as exc:
-        _cancel(client, prompt_id)
-        print(f"error: {exc}; cancelled it on the server", file=sys.stderr)
+        _ignore_signals()
+        print(f"error: timed out (--timeout {args.timeout:g}s): {exc}", file=sys.stderr, flush=True)
+        _wind_down(client, prompt_id, server)
         return EXIT_TIMEOUT
     except KeyboardInterrupt:
-        _cancel(client, prompt_id)
-        print("interrupted" + (f": cancelled prompt {prompt_id} on the server" if prompt_id else ""), file=sys.stderr)
+        _ignore_signals()
+        print("interrupted", file=sys.stderr, flush=True)
+        _wind_down(client, prompt_id, server)
         return EXIT_INTERRUPTED
     except (ComfyUIError, ComfyClientError) as exc:
         print(f"error: {exc}", file=sys.stderr)
         return EXIT_COMFYUI
     finally:
         if server is not None:
+            _ignore_signals()
             server.cleanup()
+
+
+def _new_server(args) -> ComfyServer:
+    comfyui = find_comfyui(args.comfyui)
+    if comfyui is None:
+        raise ComfyUIError("no ComfyUI found: pass --server URL of a running one, or --comfyui PATH "
+                           "(or set COMFYUI_PATH) to start one")
+    return ComfyServer(comfyui, base_directory=Path(args.base_directory) if args.base_directory else None,
+                       cpu=not args.gpu, stop_timeout=STOP_SECONDS)
+
+
+def _start(server: ComfyServer, deadline: float, most: float = 180.0) -> None:
+    left = deadline - time.monotonic()
+    try:
+        server.start(timeout=min(most, left))
+    except ComfyUIError as exc:
+        if left < most and time.monotonic() >= deadline:
+            raise TimeoutError(str(exc)) from None
+        raise
+
+
+def _wind_down(client: Optional[ComfyClient], prompt_id: Optional[str], server: Optional[ComfyServer]) -> None:
+    """Say what happens to the prompt; cancel it on a server we did not start (a few seconds at most)."""
+    if server is not None:
+        print("stopping the ComfyUI that run started", file=sys.stderr, flush=True)
+        return
+    if client is None or prompt_id is None:
+        return
+    client.deadline = time.monotonic() + CANCEL_SECONDS
+    try:
+        client.cancel(prompt_id)
+        print(f"cancelled prompt {prompt_id} on the server", file=sys.stderr)
+    except (ComfyClientError, OSError) as exc:
+        print(f"warning: could not cancel prompt {prompt_id} on the server: {exc}", file=sys.stderr)
 
 
 def _raise_keyboard_interrupt(*_args) -> None:
     raise KeyboardInterrupt
 
 
-def _cancel(client: Optional[ComfyClient], prompt_id: Optional[str]) -> None:
-    if client is not None and prompt_id is not None:
-        try:
-            client.cancel(prompt_id)
-        except (ComfyClientError, OSError) as exc:
-            print(f"warning: could not cancel prompt {prompt_id} on the server: {exc}", file=sys.stderr)
+STOP_SIGNALS = (signal.SIGINT, signal.SIGTERM)
+
+
+@contextlib.contextmanager
+def _signals_interrupt():
+    """SIGINT and SIGTERM raise KeyboardInterrupt inside the block; the old handlers come back after.
+
+    SIGINT is set explicitly because a process that a non-interactive shell starts in the
+    background inherits SIGINT ignored: Python then keeps ignoring it, and neither Ctrl-C nor
+    ``kill -INT`` would stop a run until its --timeout.
+    """
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+    saved = {sig: signal.getsignal(sig) for sig in STOP_SIGNALS}
+    for sig in STOP_SIGNALS:
+        signal.signal(sig, _raise_keyboard_interrupt)
+    try:
+        yield
+    finally:
+        for sig, handler in saved.items():
+            if handler is not None:
+                signal.signal(sig, handler)
+
+
+def _ignore_signals() -> None:
+    """While winding down (bounded: a cancel, stopping a server), another Ctrl-C must not cut the
+    cleanup short and leave a ComfyUI running."""
+    if threading.current_thread() is threading.main_thread():
+        for sig in STOP_SIGNALS:
+            signal.signal(sig, signal.SIG_IGN)
 
 
 def cmd_serve(args) -> int:
@@ -212,7 +285,9 @@ def build_parser() -> argparse.ArgumentParser:
                      help="override an input; NODE is a node id, title or class_type; VALUE is JSON or text")
     run.add_argument("--upload", action="append", metavar="IMAGE", help="upload an image to ComfyUI's input folder first")
     run.add_argument("--output", default="omniid-output", help="folder for the outputs (a subfolder per prompt)")
-    run.add_argument("--timeout", type=float, default=3600.0, help="seconds to wait for the prompt")
+    run.add_argument("--timeout", type=float, default=3600.0,
+                     help="seconds the whole run may take (starting ComfyUI, uploads, the prompt, downloads); "
+                          "at the end the prompt is cancelled and run exits with code 7")
     run.add_argument("--quiet", action="store_true", help="no progress on stderr")
     from .train import add_parser
     add_parser(sub)

@@ -12,12 +12,11 @@ import socket
 import subprocess
 import tempfile
 import time
-import urllib.error
-import urllib.request
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Optional
 
+from .client import ComfyClient, ComfyClientError
 from .provision import PACK_ROOT, ComfyUIError, comfyui_python, find_comfyui  # noqa: F401 (re-exported)
 
 PACK_LINK_NAME = "ComfyUI-OmniIdentity"
@@ -58,6 +57,7 @@ class ComfyServer:
     env: dict[str, str] = field(default_factory=dict)
     log_path: Optional[Path] = None
     console: bool = False                 # ComfyUI's output to this terminal instead of log_path
+    stop_timeout: float = 20.0            # stop(): seconds between SIGTERM and SIGKILL
     process: Optional[subprocess.Popen] = None
     _tempdir: Optional[str] = None
 
@@ -108,17 +108,17 @@ class ComfyServer:
 
     def wait_ready(self, timeout: float) -> None:
         deadline = time.monotonic() + timeout
+        probe = ComfyClient(self.url, timeout=2.0, deadline=deadline)
         while time.monotonic() < deadline:
             if self.process is not None and self.process.poll() is not None:
                 raise ComfyUIError(f"ComfyUI exited with code {self.process.returncode} while starting; "
                                    f"log tail:\n{self.log_tail()}")
             try:
-                with urllib.request.urlopen(self.url + "/system_stats", timeout=2) as response:
-                    if response.status == 200:
-                        return
-            except (urllib.error.URLError, ConnectionError, TimeoutError, OSError):
+                probe.system_stats()
+                return
+            except (ComfyClientError, TimeoutError):
                 pass
-            time.sleep(0.5)
+            time.sleep(min(0.5, max(0.0, deadline - time.monotonic())))
         self.stop()
         raise ComfyUIError(f"ComfyUI did not answer on {self.url} within {timeout:.0f}s; log tail:\n{self.log_tail()}")
 
@@ -133,14 +133,20 @@ class ComfyServer:
     def alive(self) -> bool:
         return self.process is not None and self.process.poll() is None
 
-    def stop(self, timeout: float = 20.0) -> None:
+    def stop(self, timeout: Optional[float] = None) -> None:
+        """Terminate ComfyUI, kill it if it is still there after ``timeout`` seconds (default
+        ``stop_timeout``); returns within twice that even if the process cannot be reaped."""
+        timeout = self.stop_timeout if timeout is None else timeout
         if self.process is not None and self.process.poll() is None:
             self.process.terminate()
             try:
                 self.process.wait(timeout)
             except subprocess.TimeoutExpired:
                 self.process.kill()
-                self.process.wait(timeout)
+                try:
+                    self.process.wait(timeout)
+                except subprocess.TimeoutExpired:
+                    pass
         self.process = None
 
     def cleanup(self) -> None:
