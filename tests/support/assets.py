@@ -273,11 +273,10 @@ def pack_test_models() -> Path:
 
 
 def tiny_models(comfyui: Path, python: str) -> Path:
-    """The tiny checkpoints for ``comfyui``, built once per layout version and ComfyUI version."""
-    version_file = comfyui / "comfyui_version.py"
-    comfy_version = version_file.read_text().strip().split("=")[-1].strip(" '\"") if version_file.exists() else "unknown"
+    """The tiny checkpoints, built once per layout version with the first ComfyUI that asks and shared by
+    every host: they are files in the published layouts, which each ComfyUI detects for itself."""
     script_version = _script_version()
-    target = cache_dir() / "tiny_models" / f"v{script_version}-comfyui-{comfy_version}"
+    target = cache_dir() / "tiny_models" / f"v{script_version}"
     stamp = target / "done.json"
     if stamp.is_file():
         return target
