@@ -81,7 +81,11 @@ class RBGuidance(OmniNode):
                 Faces.Input("layout_faces", optional=True,
                             tooltip="Several people: Face Crop (selection 'all') of the layout image; face i of it "
                                     "is guided toward reference photo i (one energy term per pair)."),
-                io.Int.Input("seed", default=0, min=0, max=2**31 - 1, optional=True,
+                # control_after_generate stated, not left to the editor's rule for inputs named seed: frontend
+                # 1.49's loader (migrateWidgetsValues) counts only stated controls, so with one forceInput socket
+                # (subject_token) the counts matched, it dropped a saved value as a pre-1.16 forceInput one and
+                # shifted the rest (seed read "fixed")
+                io.Int.Input("seed", default=0, min=0, max=2**31 - 1, optional=True, control_after_generate=True,
                              tooltip="Seed of the noise added to the reference."),
             ],
             outputs=[

@@ -1,8 +1,10 @@
 """The editor workflows in the real frontend (comfyui-frontend-package served by ComfyUI, headless Chromium).
 
 Each workflows/<name>.json must load with every node type known (no missing-node dialog),
-without a console error or exception, and the frontend's graphToPrompt of it must equal
-its API twin workflows/api/<name>.json.
+without a console error or exception, show its saved widget values (the seeds' control
+widgets included), keep its layout with the users' photos shown, and the frontend's
+graphToPrompt of it must equal its API twin workflows/api/<name>.json. Run on each
+supported host, so on each frontend it serves (1.27 with ComfyUI 0.3.64, 1.49 with 0.33).
 """
 import json
 
@@ -10,6 +12,7 @@ import pytest
 
 from support.browser import Chromium, find_chromium
 from support.testing import WORKFLOWS
+from support.ui_layout import SHOW_PHOTOS
 from support.ui_workflows import open_editor, template_notes
 
 UI_WORKFLOWS = sorted(p.stem for p in WORKFLOWS.glob("*.json"))
@@ -64,10 +67,11 @@ LAYOUT = """
 
 @pytest.mark.parametrize("name", UI_WORKFLOWS)
 def test_editor_workflow_keeps_the_pack_layout(editor, name):
-    """Titled groups left to right, every node in exactly one of them, none overlapping, no wire spanning the
-    whole canvas (from the first stage to the last)."""
+    """Titled groups left to right, every node in exactly one of them, none overlapping (with a photo in every
+    Load Image, which then grows by its preview), no wire spanning the whole canvas (first stage to last)."""
     ui = json.loads((WORKFLOWS / f"{name}.json").read_text())
     editor.evaluate(f"app.loadGraphData({json.dumps(ui)}, true, true, {json.dumps(name)})")
+    editor.evaluate(SHOW_PHOTOS)                # a user's photo in every Load Image, which grows by its preview
     layout = editor.evaluate(LAYOUT)
     assert layout["groups"][0] == "About" and len(layout["groups"]) >= 3, layout["groups"]
     assert layout["order"] == sorted(layout["order"]), "groups are not laid out left to right"
@@ -109,3 +113,65 @@ def test_editor_workflow_loads_cleanly_and_matches_its_api_twin(editor, name):
         assert {k: v for k, v in got["inputs"].items() if k in expected} == expected, (name, node_id)
         for key, value in extra.items():
             assert defaults.get(key) == value, f"{name} node {node_id}: {key}={value!r} is not the default"
+
+
+# what the editor shows after loading: each node's widgets (name, value) and its widgets_values re-serialised
+SHOWN = """
+Object.fromEntries(app.graph._nodes.map(n => [String(n.id), {
+  type: n.type, widgets: (n.widgets || []).map(w => [w.name, w.value]),
+  controls: (n.widgets || []).filter(w => (w.linkedWidgets || []).length).map(w => [w.name, w.linkedWidgets[0].value]),
+  saved: n.serialize().widgets_values ?? null}]))
+"""
+
+
+@pytest.mark.parametrize("name", UI_WORKFLOWS)
+def test_editor_workflow_shows_the_saved_widget_values(editor, name):
+    """The widgets show what the file saved, read by name against the API twin (not by position, which is how
+    a frontend misreads a file): every literal input of the twin, every seed's control widget at "fixed" (the
+    templates fix their seeds), and each node's widgets_values written back exactly as saved."""
+    ui = json.loads((WORKFLOWS / f"{name}.json").read_text())
+    editor.evaluate(f"app.loadGraphData({json.dumps(ui)}, true, true, {json.dumps(name)})")
+    shown = editor.evaluate(SHOWN)
+    api = json.loads((WORKFLOWS / "api" / f"{name}.json").read_text())
+    for node_id, node in api.items():
+        widgets = dict(shown[node_id]["widgets"])
+        for key, value in node["inputs"].items():
+            if not isinstance(value, list) and key in widgets:
+                assert widgets[key] == value, f"{name} node {node_id} ({node['class_type']}): {key} shows " \
+                                              f"{widgets[key]!r}, saved {value!r}"
+        controls = dict(shown[node_id]["controls"])
+        for seed in ("seed", "noise_seed"):
+            if seed in widgets:
+                assert controls.get(seed) == "fixed", \
+                    f"{name} node {node_id}: the control of {seed} shows {controls.get(seed)!r}, saved 'fixed'"
+    for node in ui["nodes"]:
+        if "widgets_values" in node:
+            assert shown[str(node["id"])]["saved"] == node["widgets_values"], \
+                f"{name} node {node['id']} ({node['type']}): widgets_values read back differently"
+
+
+ROUND_TRIP = """
+(() => {
+  const differ = [];
+  for (const type of Object.keys(LiteGraph.registered_node_types).filter(t => t.startsWith("OmniIdentity"))) {
+    const made = LiteGraph.createNode(type), read = LiteGraph.createNode(type);
+    if (!(made.widgets || []).length) continue;
+    app.graph.add(made);
+    app.graph.add(read);
+    read.configure({...JSON.parse(JSON.stringify(made.serialize())), id: read.id});
+    const a = made.widgets.map(w => [w.name, w.value]), b = read.widgets.map(w => [w.name, w.value]);
+    if (JSON.stringify(a) !== JSON.stringify(b)) differ.push({type, made: a, read: b});
+    app.graph.remove(made);
+    app.graph.remove(read);
+  }
+  return differ;
+})()
+"""
+
+
+def test_every_pack_node_reads_back_what_the_editor_saves(editor):
+    """A node saved by this frontend and loaded again shows the same widget values, for every node of the pack:
+    the frontend's loader must not take its saved values for an older layout (frontend 1.49 did for RB-Guidance
+    while its seed's control widget was implied by the name seed, not stated)."""
+    editor.evaluate("app.graph.clear()")
+    assert editor.evaluate(ROUND_TRIP) == []

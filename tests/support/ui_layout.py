@@ -64,22 +64,67 @@ def plan(api: dict, overrides: dict, stage_notes: dict) -> list[dict]:
     return groups
 
 
+# A Load Image node whose photo is in ComfyUI's input folder grows by the photo's preview (220 px), in every
+# frontend: when the node is drawn with the photo loaded (1.27), or at once (1.49). showPhotos(pick) waits until
+# each Load Image shows its photo, drawing each node in view until then; pick: first point each at a photo the
+# server lists (the test's "a user's photo in every Load Image"); else each must already name one.
+SHOW_PHOTOS_JS = """
+async function showPhotos(pick) {
+  const values = w => (typeof w.options?.values === "function" ? w.options.values() : w.options?.values) || [];
+  const loaders = app.graph._nodes.filter(n => n.type === "LoadImage");
+  for (const n of loaders) {
+    const w = n.widgets.find(w => w.name === "image");
+    const photo = pick ? values(w).find(v => /[.](png|jpe?g|webp)$/i.test(v)) : w.value;
+    if (!values(w).includes(photo)) throw new Error(`${n.title}: no photo ${photo ?? ""} in the input folder`);
+    if (pick) {
+      w.value = photo;
+      w.callback?.(photo);
+    }
+  }
+  const shown = n => n.imgs?.length && n.imgs.every(i => i.complete && i.naturalWidth > 0)
+                     && n.widgets.some(w => w.name === "$$canvas-image-preview");
+  const c = app.canvas, view = [c.ds.scale, [...c.ds.offset]];
+  for (let tries = 0; !loaders.every(shown); tries++) {
+    if (tries > 300)
+      throw new Error("Load Image previews not shown: " + loaders.filter(n => !shown(n)).map(n => n.title));
+    for (const n of loaders.filter(n => !shown(n))) {
+      c.ds.scale = 1;
+      c.ds.offset = [40 - n.pos[0], 80 - n.pos[1]];
+      c.setDirty(true, true);
+      c.draw(true, true);
+    }
+    await new Promise(r => setTimeout(r, 50));
+  }
+  c.ds.scale = view[0];
+  c.ds.offset = view[1];
+  c.setDirty(true, true);
+  c.draw(true, true);
+  return loaders.length;
+}
+"""
+
+# for the tests: a user's photo in every Load Image, shown
+SHOW_PHOTOS = "(async () => { %s; return await showPhotos(true); })()" % SHOW_PHOTOS_JS
+
 BUILD = """
 (async () => {
+  %(show_photos)s
   const api = %(api)s, groups = %(groups)s, about = %(about)s;
-  app.loadApiJson(api, %(name)s);
+  app.clean();                                 // 1.27's loadApiJson keeps the last graph's previews, by node id
+  await app.loadApiJson(api, %(name)s);        // a promise in newer frontends (1.49: nodes made after an await)
   const graph = app.graph;
+  await showPhotos(false);                     // Load Image nodes placed at their size with the photo shown
   for (const node of graph._nodes)
     for (const w of node.widgets || [])
       if (w.name === "control_after_generate") w.value = "fixed";
   const GAP = 40, HEADER = 56, PAD = 24, NOTE_H = 96, MAX_H = 1100, TITLE = LiteGraph.NODE_TITLE_HEIGHT;
-  const byId = new Map(graph._nodes.map(n => [n.id, n]));
+  const byId = new Map(graph._nodes.map(n => [String(n.id), n]));    // API ids are numbers, or strings
   const columns = [{title: "About", color: "#444444", note: about, ids: [], about: true}, ...groups];
   for (const column of columns) {
     const n = LiteGraph.createNode("MarkdownNote");
-    n.widgets[0].value = column.note;
     n.title = column.about ? "About this workflow" : column.title + ": what it does";
     graph.add(n);
+    n.widgets[0].value = column.note;          // after add: 1.49 gives an added node's widgets stored values
     column.header = n;
     column.group = new LiteGraph.LGraphGroup(column.title);
     column.group.color = column.color;
@@ -93,7 +138,7 @@ BUILD = """
   const place = () => {
     let x = 0;
     for (const column of columns) {
-      const members = column.ids.map(id => byId.get(id));
+      const members = column.ids.map(id => byId.get(String(id)));
       members.forEach(settle);
       const width = Math.max(360, ...members.map(n => n.size[0]));
       const lanes = [[]];                     // a tall stage becomes sub-columns: readable at 75 %%
@@ -124,6 +169,8 @@ BUILD = """
   place();
   app.canvas.draw(true, true);                // widgets measure themselves on the first draw
   place();
+  app.canvas.ds.scale = %(zoom)s;               // the view saved with it: from the top left, at this zoom
+  app.canvas.ds.offset = [40, 40];
   graph.setDirtyCanvas(true, true);
   return graph.serialize();
 })()
@@ -155,6 +202,6 @@ DRAW = """
 """
 
 
-def build_script(name: str, api: dict, groups: list[dict], about: str) -> str:
+def build_script(name: str, api: dict, groups: list[dict], about: str, zoom: float = 0.75) -> str:
     return BUILD % {"api": json.dumps(api), "name": json.dumps(name), "groups": json.dumps(groups),
-                    "about": json.dumps(about)}
+                    "about": json.dumps(about), "zoom": json.dumps(zoom), "show_photos": SHOW_PHOTOS_JS}

@@ -1,6 +1,6 @@
 """Make the editor (UI) workflows and their thumbnails from the API-format workflows.
 
-    PYTHONPATH=tests .venv/bin/python -m support.ui_workflows [--comfyui PATH] [--only NAME]
+    PYTHONPATH=tests .venv/bin/python -m support.ui_workflows [--comfyui PATH] [--only NAME] [--json-only]
 
 For each ``workflows/api/<name>.json`` the real frontend, served by a ComfyUI started on
 the tiny test models and driven in headless Chromium, builds the graph
@@ -9,21 +9,31 @@ right in titled, coloured groups, a note heading each stage, an About note with 
 workflow is for and exactly which model files its loaders ask for), fixes the seeds, and
 serialises it to ``workflows/<name>.json`` (where ComfyUI's template browser finds a
 pack's workflows), with a thumbnail ``workflows/<name>.jpg`` (``thumbnails``: its stages
-and their nodes) and a screenshot of the editor at 75 % zoom in ``docs/workflows/``. The
-UI files are thus exactly what the editor makes of the API twins;
-``tests/comfy/test_frontend.py`` checks that they load, keep their groups and convert
-back.
+and their nodes) and a screenshot of the editor at 75 % zoom in ``docs/workflows/``
+(``--json-only``: the workflows alone). The server has a stand-in photo under every name a Load
+Image node asks for, so the editor sizes those nodes with their photo's preview, as a user who
+put photos in ComfyUI's input folder sees them. The UI files are thus exactly what the editor
+makes of the API twins;
+``tests/comfy/test_frontend.py`` checks, in the frontend of every supported host, that they
+load with their saved values, keep their groups and convert back.
+
+The files are written by the frontend of the oldest supported host (ComfyUI 0.3.64, frontend
+1.27) unless ``--comfyui``, $COMFYUI_PATH or $OMNIID_COMFYUI_HOST say otherwise: newer frontends
+read what older ones write, not the reverse (frontend 1.49 on ComfyUI 0.33 adds fields and
+slots 0.3.64 lacks, e.g. an output on Save Image).
 """
 from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
 import tempfile
 from pathlib import Path
 
 import time
 
+from omniid.cli.provision import HOST_VARIABLE, HOSTS
 from omniid.cli.server import comfyui_python, find_comfyui
 
 from . import assets, thumbnails, ui_layout
@@ -136,12 +146,34 @@ def _stage_rows(ui: dict, groups: list[dict], api: dict) -> list[tuple[str, str,
     return [(g["title"], g["color"], [titles[i] for i in g["ids"]]) for g in groups]
 
 
+def oldest_host() -> str:
+    return min(HOSTS, key=lambda version: tuple(int(part) for part in version.split(".")))
+
+
+def example_photos(folder: Path) -> dict[str, Path]:
+    """A stand-in photo in ``folder`` for every image name the API workflows' Load Image nodes ask for: a grey
+    square saying "your photo" (the preview the editor adds has one height whatever the photo)."""
+    from PIL import Image, ImageDraw, ImageFont
+    wanted = sorted({node["inputs"]["image"] for path in (WORKFLOWS / "api").glob("*.json")
+                     for node in json.loads(path.read_text()).values() if node["class_type"] == "LoadImage"})
+    photos = {}
+    for name in wanted:
+        image = Image.new("RGB", (512, 512), (90, 92, 96))
+        ImageDraw.Draw(image).text((256, 256), f"your photo\n{name}", fill=(230, 230, 230), anchor="mm",
+                                   align="center", font=ImageFont.load_default(size=40))
+        photos[name] = folder / name
+        image.save(photos[name])
+    return photos
+
+
 def build_all(url: str, names: list[str] | None = None, pictures: bool = True) -> list[Path]:
     """Editor workflow, thumbnail and 75 % screenshot of each API workflow (or of ``names``)."""
     notes = template_notes()
     written = []
     with Chromium(width=1600, height=1000) as browser:
         page = open_editor(browser, url)
+        print("written by frontend", page.evaluate("window.__COMFYUI_FRONTEND_VERSION__ || 'unknown'"),
+              file=sys.stderr)
         for api_path in sorted((WORKFLOWS / "api").glob("*.json")):
             name = api_path.stem
             if names and name not in names:
@@ -149,7 +181,7 @@ def build_all(url: str, names: list[str] | None = None, pictures: bool = True) -
             api = json.loads(api_path.read_text())
             info = notes[name]
             groups = ui_layout.plan(api, info.get("stages", {}), info.get("stage_notes", {}))
-            ui = page.evaluate(ui_layout.build_script(name, api, groups, note_text(name, api, notes)))
+            ui = page.evaluate(ui_layout.build_script(name, api, groups, note_text(name, api, notes), ZOOM))
             target = WORKFLOWS / f"{name}.json"
             target.write_text(json.dumps(ui, indent=1) + "\n")
             written.append(target)
@@ -175,16 +207,21 @@ def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--comfyui", help="ComfyUI checkout (default: $COMFYUI_PATH, else the one scripts/setup.sh recorded)")
     parser.add_argument("--only", action="append", help="workflow names to rebuild (default: all)")
+    parser.add_argument("--json-only", action="store_true",
+                        help="write the editor workflows only (no thumbnails, no editor screenshots)")
     args = parser.parse_args(argv)
+    if not args.comfyui:
+        os.environ.setdefault(HOST_VARIABLE, oldest_host())
     comfyui = Path(args.comfyui) if args.comfyui else find_comfyui()
     if comfyui is None:
         print("error: no ComfyUI checkout (set COMFYUI_PATH)", file=sys.stderr)
         return 3
     tiny = assets.tiny_models(comfyui, comfyui_python(comfyui))
-    base = populate_base(Path(tempfile.mkdtemp(prefix="omniid-ui-")), tiny, {})
+    base = populate_base(Path(tempfile.mkdtemp(prefix="omniid-ui-")), tiny,
+                         example_photos(Path(tempfile.mkdtemp(prefix="omniid-ui-photos-"))))
     server = start_server(comfyui, base)
     try:
-        for path in build_all(server.url, args.only):
+        for path in build_all(server.url, args.only, pictures=not args.json_only):
             print(path.relative_to(WORKFLOWS.parent))
     finally:
         server.cleanup()
