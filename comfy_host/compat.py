@@ -59,6 +59,19 @@ def has_attention_containers() -> bool:
     return hasattr(comfy.ldm.modules.attention, "AttentionTensorContainer")
 
 
+def clip_preprocess():
+    """ComfyUI's CLIP image preprocessing: in comfy.clip_model where it lives now, else in comfy.clip_vision."""
+    import importlib
+    for name in ("comfy.clip_model", "comfy.clip_vision"):
+        try:
+            module = importlib.import_module(name)
+        except ImportError:
+            continue
+        if callable(getattr(module, "clip_preprocess", None)):
+            return module.clip_preprocess
+    raise RuntimeError(f"ComfyUI {comfyui_version()} has no clip_preprocess in comfy.clip_model or comfy.clip_vision")
+
+
 def adaptations() -> list[str]:
     """One line per touchpoint where this ComfyUI needs the pack to take a particular path."""
     found = []
@@ -68,6 +81,8 @@ def adaptations() -> list[str]:
         found.append("training flag: tracked forwards set comfy.model_management.in_training")
     if has_attention_containers():
         found.append("attention tensor containers: attention overrides receive q/k/v taken from them")
+    if clip_preprocess().__module__ != "comfy.clip_vision":
+        found.append(f"CLIP preprocessing from {clip_preprocess().__module__}")
     flux, unet = flux_options_position(), unet_options_position()
     if (flux, unet) != (6, 4):
         found.append(f"model call arguments: transformer_options at position {flux} (FLUX) and {unet} (UNet)")

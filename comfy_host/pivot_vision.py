@@ -10,12 +10,12 @@ from __future__ import annotations
 
 import copy
 
-import comfy.clip_vision
 import comfy.model_management as mm
 import torch
 import torch.nn as nn
 
 from ..encoders.pivot import VisionTower, load_vision_state
+from .compat import clip_preprocess
 
 LAYOUT = "comfy_clip_vision"
 
@@ -71,8 +71,8 @@ class ComfyVisionTower(VisionTower):
         """(B, H, W, 3) in [0, 1] -> the projected image embeddings (B, D), as ClipVision.image_embeds."""
         device = next(self.vision_model.parameters()).device
         with torch.no_grad():
-            pixels = comfy.clip_vision.clip_preprocess(images[..., :3].to(device), size=self.image_size,
-                                                       mean=self.mean, std=self.std, crop=True).float()
+            pixels = clip_preprocess()(images[..., :3].to(device), size=self.image_size,
+                                       mean=self.mean, std=self.std, crop=True).float()
         pooled = self.vision_model(pixels, intermediate_output=None)[2]
         return self.visual_projection(pooled)           # as CLIPVisionModelProjection.forward
 
