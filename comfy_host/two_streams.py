@@ -120,8 +120,28 @@ def sample_text_trajectory(executor, noise, latent_image, sampler, sigmas, denoi
     def doubled(t):
         return torch.cat([t, t]) if torch.is_tensor(t) and t.ndim > 0 and t.shape[0] == batch else t
 
+    args, kwargs = _doubled_latent_shapes(args, kwargs, batch)
     out = executor(doubled(noise), doubled(latent_image), sampler, sigmas, doubled(denoise_mask), *args, **kwargs)
     return out[:batch]
+
+
+LATENT_SHAPES_POSITION = 3              # after denoise_mask: callback, disable_pbar, seed, latent_shapes
+
+
+def _doubled_latent_shapes(args: tuple, kwargs: dict, batch: int) -> tuple[tuple, dict]:
+    """The latent_shapes argument of ComfyUI releases that pass one (0.33+), describing the doubled batch."""
+    positional = "latent_shapes" not in kwargs and len(args) > LATENT_SHAPES_POSITION
+    shapes = args[LATENT_SHAPES_POSITION] if positional else kwargs.get("latent_shapes")
+    if shapes is None:
+        return args, kwargs
+    if len(shapes) != 1:
+        raise ValueError("Infinite-ID's two streams sample one image latent; this model samples "
+                         f"{len(shapes)} packed latents")
+    shape = tuple(shapes[0])
+    doubled = [type(shapes[0])((2 * shape[0], *shape[1:])) if shape and shape[0] == batch else shapes[0]]
+    if positional:
+        return (*args[:LATENT_SHAPES_POSITION], doubled, *args[LATENT_SHAPES_POSITION + 1:]), kwargs
+    return args, {**kwargs, "latent_shapes": doubled}
 
 
 def apply_mixed_attention(model, adapter: IdentityAdapter, tokens: dict, weight: float, start_at: float,
