@@ -3,6 +3,8 @@ from __future__ import annotations
 
 from typing import Callable
 
+import logging
+
 import comfy.model_management as mm
 import comfy.utils
 import torch
@@ -51,6 +53,8 @@ def run_training(trainer: Trainer, resume: bool) -> None:
     def should_stop() -> bool:
         return cancelled or mm.processing_interrupted()
 
+    logging.getLogger("OmniIdentity").info("training from step %d to %d; Cancel keeps a checkpoint at %s", trainer.step,
+                                           steps, trainer.checkpoint_path)
     try:
         trainer.run(on_step=on_step, should_stop=should_stop)
     except TrainingCancelled as stopped:
