@@ -15,6 +15,19 @@ def test_log_shows_the_pack_loaded_without_import_errors(comfy_server, comfy):
     assert "Error while calling comfy_entrypoint" not in log
 
 
+def test_log_names_the_comfyui_found_and_each_adaptation(comfy_server, comfyui):
+    version = (comfyui / "comfyui_version.py").read_text().split("=")[-1].strip(" '\"\n")
+    lines = [l for l in comfy_server.log_text().splitlines() if f"ComfyUI-OmniIdentity: ComfyUI {version};" in l]
+    assert len(lines) == 1, comfy_server.log_text()[-3000:]
+    # each adaptation is named exactly where this ComfyUI has the feature
+    features = {"dynamic VRAM": "def is_dynamic", "training flag": "in_training"}
+    sources = {"dynamic VRAM": "comfy/model_patcher.py", "training flag": "comfy/model_management.py"}
+    for name, marker in features.items():
+        assert (name in lines[0]) == (marker in (comfyui / sources[name]).read_text()), (name, lines[0])
+    if "adapted to" not in lines[0]:
+        assert lines[0].endswith("no adaptation needed")
+
+
 def test_object_info_describes_every_node_and_input(comfy):
     info = comfy.object_info()
     ours = sorted(n for n in info if n.startswith("OmniIdentity"))
