@@ -13,6 +13,8 @@ manager, through its public extension points only, with public names.
 - ``encoder_model``: identity encoders under ComfyUI's memory manager.
 - ``folders``: the pack's model folders, dataset folders, and one naming rule for files it saves.
 - ``progress``: progress bars, cancel checks and the training loop inside a node.
+- ``compat``: the touchpoints where supported ComfyUI releases differ, each detected (never
+  inferred from a version), and the line the pack logs at load.
 
 ``nodes/`` and this package are the only code of the pack that imports ComfyUI; the core
 (encoders/, guidance/, training/) never imports either.
