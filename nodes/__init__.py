@@ -27,8 +27,7 @@ NODES: list[type[io.ComfyNode]] = [
 
 
 class OmniIdentityExtension(ComfyExtension):
-    async def on_load(self) -> None:
-        compat.LOG.info(compat.describe())
-
     async def get_node_list(self) -> list[type[io.ComfyNode]]:
+        # every supported ComfyUI asks for the node list once at load (0.3.64 never calls on_load)
+        compat.LOG.info(compat.describe())
         return list(NODES)
