@@ -64,10 +64,6 @@ def host_name() -> str:
     return DEFAULT_HOST
 
 
-def pin(name: Optional[str] = None) -> dict:
-    return HOSTS[name or host_name()]
-
-
 def embedded_comfyui(name: Optional[str] = None) -> Path:
     return EMBEDDED_DIR / f"ComfyUI-{name or host_name()}"
 

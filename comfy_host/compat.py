@@ -81,8 +81,9 @@ def adaptations() -> list[str]:
         found.append("training flag: tracked forwards set comfy.model_management.in_training")
     if has_attention_containers():
         found.append("attention tensor containers: attention overrides receive q/k/v taken from them")
-    if clip_preprocess().__module__ != "comfy.clip_vision":
-        found.append(f"CLIP preprocessing from {clip_preprocess().__module__}")
+    preprocess_module = clip_preprocess().__module__
+    if preprocess_module != "comfy.clip_vision":
+        found.append(f"CLIP preprocessing from {preprocess_module}")
     flux, unet = flux_options_position(), unet_options_position()
     if (flux, unet) != (6, 4):
         found.append(f"model call arguments: transformer_options at position {flux} (FLUX) and {unet} (UNet)")

@@ -18,6 +18,8 @@ import contextlib
 
 import torch
 
+from .compat import comfyui_version
+
 
 class GradientSupportError(RuntimeError):
     """This ComfyUI cannot give a model whose weights autograd can save."""
@@ -42,7 +44,7 @@ def non_dynamic(model):
     delegate = getattr(model, "get_non_dynamic_delegate", None)
     if delegate is None:
         raise GradientSupportError(
-            f"{_comfyui_version()} manages this model with dynamic VRAM and offers no non-dynamic delegate, so "
+            f"ComfyUI {comfyui_version()} manages this model with dynamic VRAM and offers no non-dynamic delegate, so "
             "gradients cannot flow through it; start ComfyUI with --disable-dynamic-vram for RB-Guidance and training")
     return delegate()
 
@@ -71,11 +73,3 @@ def tracked_forward():
         finally:
             if has_flag:
                 mm.in_training = before
-
-
-def _comfyui_version() -> str:
-    try:
-        import comfyui_version
-        return f"ComfyUI {comfyui_version.__version__}"
-    except Exception:
-        return "this ComfyUI"

@@ -111,10 +111,10 @@ def check_injection_points(state: dict, options: dict) -> None:
                    for patch in options.get("patches_replace", {}).get("dit", {}).values())
     if not expected:
         return
-    if state.get("blocks", 0) == 0:
+    if state["blocks"] == 0:
         raise InjectionPointMissing(f"ComfyUI {comfyui_version()} did not call the pack's FLUX block patches "
                                     "(patches_replace['dit']): the identity cannot be injected on this release")
-    if state.get("attention", 0) == 0:
+    if state["attention"] == 0:
         raise InjectionPointMissing(f"ComfyUI {comfyui_version()} ran FLUX's blocks without the attention override "
                                     "the pack sets (transformer_options['optimized_attention_override']): the "
                                     "identity cannot be injected on this release")

@@ -1,9 +1,8 @@
 """Progress bars and Cancel for long nodes, and the training loop inside a node."""
 from __future__ import annotations
 
-from typing import Callable
-
 import logging
+from typing import Callable
 
 import comfy.model_management as mm
 import comfy.utils
