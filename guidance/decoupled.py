@@ -16,8 +16,10 @@ projected q, k, v and its ``extra`` options (``n_heads``, ``sigmas``,
 ``cond_or_uncond``, ``original_shape``, ...).
 
 ``weight_mode``: ``output`` scales the identity term (h94's and diffusers' IP-Adapter scale;
-IPAdapter_plus's "V only"); ``kv`` scales the identity keys and values instead
-(IPAdapter_plus's default "K+V"), which also sharpens the attention for weights above 1.
+IPAdapter_plus's "V only", the default of its ``embeds_scaling`` on every apply node); ``kv``
+scales the identity keys and values instead (IPAdapter_plus's "K+V", an option there, never its
+default), which also sharpens the attention for weights above 1. IPAdapter_plus's two "w/ C
+penalty" scalings are ``PENALTY_MODES`` (see ``LayerInjection``), used by its compatible apply.
 """
 from __future__ import annotations
 

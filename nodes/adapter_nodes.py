@@ -93,8 +93,8 @@ class ApplyAdapter(OmniNode):
                                tooltip="FaceID Plus v2 adapters only: weight of the CLIP refinement.")),
                 advanced(io.Combo.Input("weight_mode", options=list(WEIGHT_MODES), default="output", optional=True,
                                tooltip="How weight acts: output scales the identity term (h94, diffusers; "
-                                       "IPAdapter_plus's 'V only'); kv scales the identity keys and values "
-                                       "(IPAdapter_plus's default 'K+V'). Equal at weight 1.")),
+                                       "IPAdapter_plus's 'V only', its default); kv scales the identity keys and "
+                                       "values (IPAdapter_plus's 'K+V' option). Equal at weight 1.")),
             ],
             outputs=[io.Model.Output(display_name="model", tooltip="The model with the identity injected.")],
         )
