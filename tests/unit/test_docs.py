@@ -167,7 +167,7 @@ def test_every_relative_link_resolves_inside_the_repository(page):
             broken.append(f"{link} (no such file)")
         elif anchor and path.suffix == ".md" and anchor not in anchors(path):
             broken.append(f"{link} (no heading #{anchor} in {path.relative_to(ROOT)})")
-    assert broken == []
+    assert broken == [], "broken links:\n" + "\n".join(broken)
 
 
 @pytest.mark.parametrize("page", PAGES, ids=lambda p: str(p.relative_to(ROOT)))
