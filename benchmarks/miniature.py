@@ -29,19 +29,20 @@ def deterministic() -> None:
     torch.use_deterministic_algorithms(True)
 
 
-def write_posed_people(root: Path, people: int, size: int, seed: int) -> tuple[Path, list[dict], np.ndarray]:
-    """``root/id_XXXX/NN.png`` in the HELDOUT_YAWS schedule; each person's traits; and per photo the
-    (people, 8, size, size) bool mask of the cheek pixels (where the cheek colour shows)."""
+def write_people(root: Path, people: int, size: int, seed: int, yaws=None) -> tuple[Path, list[dict], np.ndarray]:
+    """``root/id_XXXX/NN.png``: ``people`` procedural people, 8 photos each, in the ``yaws`` schedule
+    (random poses when None). Returns the root, each person's traits with the yaw of each photo
+    (``traits["yaws"]``), and the (people, 8, size, size) bool mask of the cheek pixels per photo."""
     from PIL import Image
     root = Path(root)
     rng = np.random.default_rng(seed)
     everyone, cheeks = [], np.zeros((people, len(HELDOUT_YAWS), size, size), dtype=bool)
     for i in range(people):
         traits = identity_traits(rng)
-        everyone.append(traits)
         folder = root / f"id_{i:04d}"
         folder.mkdir(parents=True, exist_ok=True)
-        for j, yaw in enumerate(HELDOUT_YAWS):
+        photo_yaws = list(yaws) if yaws is not None else rng.uniform(-1, 1, len(HELDOUT_YAWS)).tolist()
+        for j, yaw in enumerate(photo_yaws):
             pose = dict(yaw=yaw, pitch=rng.uniform(-0.4, 0.4), smile=rng.uniform(0, 1),
                         mouth_open=rng.uniform(0, 1) ** 2, eye_closure=rng.uniform(0, 0.7) ** 2,
                         background=rng.uniform(0.35, 0.65) + rng.uniform(-0.05, 0.05, 3))
@@ -49,7 +50,13 @@ def write_posed_people(root: Path, people: int, size: int, seed: int) -> tuple[P
             marked = render({**traits, "cheek_left": np.full(3, -1.0), "cheek_right": np.full(3, -1.0)}, size, **pose)
             cheeks[i, j] = (marked < 0).any(-1)
             Image.fromarray((pixels * 255).round().astype(np.uint8)).save(folder / f"{j:02d}.png")
+        everyone.append({**traits, "yaws": photo_yaws})
     return root, everyone, cheeks
+
+
+def write_posed_people(root: Path, people: int, size: int, seed: int) -> tuple[Path, list[dict], np.ndarray]:
+    """Held-out people in the HELDOUT_YAWS schedule (see the module)."""
+    return write_people(root, people, size, seed, HELDOUT_YAWS)
 
 
 # -- statistics over seeds ---------------------------------------------------------------------
