@@ -9,7 +9,7 @@ from ..comfy_host.layers import fit_summary
 from ..guidance.adapter import AdapterFitError
 from ..guidance.adapter_files import load_adapter
 from ..guidance.decoupled import WEIGHT_MODES, BlockWeights
-from .common import CATEGORY, LOG, IdentityAdapterType, IdentityEmbedsType, OmniNode, queued, advanced
+from .common import CATEGORY, LOG, IdentityAdapterType, IdentityEmbedsType, OmniNode, advanced
 
 
 class AdapterLoader(OmniNode):
@@ -28,8 +28,6 @@ class AdapterLoader(OmniNode):
                                            "plain tensors only).")],
             outputs=[IdentityAdapterType.Output(display_name="adapter", tooltip="The loaded identity adapter.")],
         )
-
-    validate_inputs = queued("adapter_name")
 
     @classmethod
     def execute(cls, adapter_name: str) -> io.NodeOutput:
@@ -101,13 +99,12 @@ class ApplyAdapter(OmniNode):
 
     ORDERED = (("start_at", "end_at"),)
     PARSERS = {"blocks": BlockWeights.parse}
-    validate_inputs = queued("weight", "start_at", "end_at", "blocks", "flux_inject", "faceid_v2_scale",
-                             "weight_mode")
 
     @classmethod
     def execute(cls, model, adapter, embeds, weight: float, start_at: float, end_at: float, attn_mask=None,
                 blocks: str = "all=1", flux_inject: str = "both", faceid_v2_scale: float = 1.0,
                 weight_mode: str = "output") -> io.NodeOutput:
+        adapter, embeds, attn_mask = cls.checked(adapter=adapter, embeds=embeds, attn_mask=attn_mask)
         return inject(apply_identity, model, adapter, embeds, weight, start_at, end_at, attn_mask, blocks,
                       inject=flux_inject, faceid_v2_scale=faceid_v2_scale, weight_mode=weight_mode)
 

@@ -55,30 +55,42 @@ RUN_CHECKS = {**{socket: functools.partial(_check_own_type, socket) for socket i
 
 
 class OmniNode(io.ComfyNode):
-    """Base of the pack's nodes: every input is checked against the node's schema before ``execute``.
+    """Base of the pack's nodes: inputs are checked against the node's own schema, at queue time by
+    ``validate_inputs`` and at run time by the ``checked`` call that opens each ``execute``.
 
     Subclasses may set ``ORDERED`` (pairs of inputs that must not decrease), ``PARSERS`` (input ->
-    a function that raises ValueError on a bad text value) and ``MIN_IMAGE_SIZE``, and list the
-    inputs to check when the prompt is queued with ``validate_inputs = queued(...)``.
+    a function that raises ValueError on a bad text value) and ``MIN_IMAGE_SIZE``.
     """
 
     ORDERED: tuple[tuple[str, str], ...] = ()
     PARSERS: dict = {}
     MIN_IMAGE_SIZE = 16
 
-    def __init_subclass__(cls, **kwargs):
-        super().__init_subclass__(**kwargs)
-        own = cls.__dict__.get("execute")
-        if own is None or getattr(own.__func__, "inputs_checked", False):
-            return                         # no execute of its own, or ComfyUI's locked clone of a checked class
-        function = own.__func__
+    @classmethod
+    def validate_inputs(cls, **values) -> bool | str:
+        """Every value typed into the prompt, checked when it is queued: numbers finite and in range,
+        combos among their options, ``ORDERED`` pairs in order, ``PARSERS`` texts parsed.
 
-        @functools.wraps(function)
-        def execute(klass, **values):
-            return function(klass, **run_check(klass, values, RUN_CHECKS))
+        Taking ``**values`` makes ComfyUI pass every input and leave the range and option checks to
+        this method (JSON's NaN passes ComfyUI's own range check; it checks V3 combos only at run
+        time); inputs that arrive through links are not known yet and come as absent."""
+        return queue_check(cls, **values)
 
-        execute.inputs_checked = True
-        cls.execute = classmethod(execute)
+    @classmethod
+    def checked(cls, **values):
+        """The named run-time inputs checked and normalised, returned in the order given: one value
+        for one name, else a tuple (see ``checked_inputs``)."""
+        result = cls.checked_inputs(values)
+        ordered = tuple(result[name] for name in values)
+        return ordered[0] if len(ordered) == 1 else ordered
+
+    @classmethod
+    def checked_inputs(cls, inputs: dict) -> dict:
+        """Run-time inputs checked and normalised: numbers finite and in range, images (B, H, W, 3|4) of
+        at least ``MIN_IMAGE_SIZE``, masks as (B, H, W) floats, no NaN/Inf in tensors, the pack's own
+        objects what their socket promises. Raises InputError naming the node, the input and what
+        would be valid; the caller's objects are never modified (normalising makes new ones)."""
+        return run_check(cls, inputs, RUN_CHECKS)
 
 
 def advanced(spec):
@@ -87,22 +99,6 @@ def advanced(spec):
     spec.force_input = True
     spec.tooltip = f"{spec.tooltip} Advanced: connect a value (e.g. a Primitive node) to change it."
     return spec
-
-
-def queued(*names: str):
-    """A ``validate_inputs`` that checks the named inputs when the prompt is queued.
-
-    ComfyUI passes a node's validate_inputs exactly the inputs its signature names (and then skips
-    its own range check for them), so the signature is made from ``names``. List the FLOAT inputs
-    (JSON's NaN passes ComfyUI's own check), the combos (ComfyUI checks V3 combos only at run
-    time), the inputs of ``ORDERED`` pairs and of ``PARSERS``."""
-    if not all(name.isidentifier() for name in names):
-        raise ValueError(f"input names must be identifiers: {names}")
-    namespace = {"queue_check": queue_check}
-    params = ", ".join(f"{name}=None" for name in names)
-    args = ", ".join(f"{name}={name}" for name in names)
-    exec(f"def validate_inputs(cls, {params}):\n    return queue_check(cls, {args})\n", namespace)
-    return classmethod(namespace["validate_inputs"])
 
 
 def check_face_analysis(face_analysis):

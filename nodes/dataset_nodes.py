@@ -10,7 +10,7 @@ from ..comfy_host.folders import DATASETS_SUBFOLDER, dataset_folders, output_pat
 from ..comfy_host.progress import progress
 from ..training.build_dataset import BuildSettings, build_dataset
 from ..training.dataset import IdentityDataset
-from .common import CATEGORY, IdentityDatasetType, OmniNode, check_face_analysis, queued
+from .common import CATEGORY, IdentityDatasetType, OmniNode, check_face_analysis
 
 NO_DATASETS = "(no dataset folders in input/ or output/)"
 
@@ -90,12 +90,11 @@ class BuildDataset(OmniNode):
                      io.String.Output(display_name="report", tooltip="What was kept and left out, as JSON.")],
         )
 
-    validate_inputs = queued("min_pose_difference", "drop_fraction", "similarity_threshold")
-
     @classmethod
     def execute(cls, images, face_analysis, name: str, photos_per_identity: int, pose_clusters: int,
                 min_pose_difference: float, drop_fraction: float, similarity_threshold: float,
                 crop_size: int, min_face_size: int = 448) -> io.NodeOutput:
+        images, face_analysis = cls.checked(images=images, face_analysis=face_analysis)
         check_face_analysis(face_analysis)
         name = safe_name(name, "name (the dataset folder)")
         out = output_path(DATASETS_SUBFOLDER, name)

@@ -8,7 +8,7 @@ from comfy_api.latest import io, ui
 
 from ..comfy_host.folders import annotated_path, embeds_files, save_output_file
 from ..encoders.embeds import COMBINE_MODES, combine_embeds, load_embeds, save_embeds
-from .common import CATEGORY, IdentityEmbedsType, LOG, OmniNode, queued
+from .common import CATEGORY, IdentityEmbedsType, LOG, OmniNode
 
 
 class CombineEmbeds(OmniNode):
@@ -34,11 +34,11 @@ class CombineEmbeds(OmniNode):
             outputs=[IdentityEmbedsType.Output(display_name="embeds", tooltip="The combined identity.")],
         )
 
-    validate_inputs = queued("mode", "weight_1", "weight_2", "weight_3", "weight_4")
-
     @classmethod
     def execute(cls, embeds_1, embeds_2, mode: str, embeds_3=None, embeds_4=None, weight_1=1.0, weight_2=1.0,
                 weight_3=1.0, weight_4=1.0) -> io.NodeOutput:
+        embeds_1, embeds_2, embeds_3, embeds_4 = cls.checked(
+            embeds_1=embeds_1, embeds_2=embeds_2, embeds_3=embeds_3, embeds_4=embeds_4)
         pairs = [(e, w) for e, w in ((embeds_1, weight_1), (embeds_2, weight_2), (embeds_3, weight_3),
                                      (embeds_4, weight_4)) if e is not None]
         combined = combine_embeds([e for e, _ in pairs], mode, [w for _, w in pairs])
@@ -65,6 +65,7 @@ class SaveEmbeds(OmniNode):
 
     @classmethod
     def execute(cls, embeds, filename_prefix: str) -> io.NodeOutput:
+        embeds = cls.checked(embeds=embeds)
         subfolder, filename = save_output_file(filename_prefix, lambda path: save_embeds(embeds, path))
         saved = {"filename": filename, "subfolder": subfolder, "type": "output"}
         relative = os.path.join(subfolder, filename)
@@ -84,8 +85,6 @@ class LoadEmbeds(OmniNode):
                                    tooltip="A saved identity: files in input/, or in output/ marked [output].")],
             outputs=[IdentityEmbedsType.Output(display_name="embeds", tooltip="The loaded identity.")],
         )
-
-    validate_inputs = queued("embeds_file")
 
     @classmethod
     def fingerprint_inputs(cls, embeds_file):

@@ -11,8 +11,7 @@ from ..encoders.checkpoint import load_encoder
 from ..encoders.face import crop_faces
 from ..encoders.identity import BASELINES, arcface_from_faces, baseline_embeds, infinite_id_embeds, omni_id_embeds
 from ..encoders.omni_id import ARCFACE_MERGES
-from .common import (CATEGORY, LOG, IdentityEmbedsType, OmniIdEncoderType, OmniNode, advanced, check_face_analysis,
-                     queued)
+from .common import (CATEGORY, LOG, IdentityEmbedsType, OmniIdEncoderType, OmniNode, advanced, check_face_analysis)
 
 CROP_SIZE = 224            # CLIP-H's input size
 
@@ -80,8 +79,6 @@ class EncoderLoader(OmniNode):
             outputs=[OmniIdEncoderType.Output(display_name="encoder", tooltip="The loaded identity encoder.")],
         )
 
-    validate_inputs = queued("encoder_name")
-
     @classmethod
     def execute(cls, encoder_name: str) -> io.NodeOutput:
         return io.NodeOutput(LoadedEncoder(load_encoder(model_path("omni_identity", encoder_name)), encoder_name))
@@ -113,11 +110,10 @@ class Encode(OmniNode):
             ],
         )
 
-    validate_inputs = queued("padding", "clip_crop")
-
     @classmethod
     def execute(cls, encoder, clip_vision, images, face_analysis=None, padding: float = 0.25,
                 clip_crop: str = "center") -> io.NodeOutput:
+        encoder, images, face_analysis = cls.checked(encoder=encoder, images=images, face_analysis=face_analysis)
         require_encoder(encoder)
         crops, _, info = prepare_photos(images, face_analysis, padding)
         tokens, fresh = ClipVision(clip_vision).cached_tokens(crops, clip_crop)
@@ -175,12 +171,11 @@ class EncodeBaseline(OmniNode):
             ],
         )
 
-    validate_inputs = queued("method", "arcface_merge", "padding", "clip_crop", "unconditional", "siglip_head")
-
     @classmethod
     def execute(cls, method: str, images, face_analysis=None, clip_vision=None, encoder=None,
                 arcface_merge: str = "concat", padding: float = 0.25, clip_crop: str = "center",
                 unconditional: str = "h94", siglip_head: str = "none") -> io.NodeOutput:
+        images, face_analysis, encoder = cls.checked(images=images, face_analysis=face_analysis, encoder=encoder)
         needs_arcface = method in ("arcface", "arcface_clip")
         if needs_arcface and face_analysis is None:
             raise ValueError(f"the {method} baseline needs face_analysis connected (an insightface pack, or dlib "
@@ -235,10 +230,9 @@ class EncodeInfiniteID(OmniNode):
                      crops_output()],
         )
 
-    validate_inputs = queued("padding")
-
     @classmethod
     def execute(cls, encoder, clip_vision, images, face_analysis, padding: float = 0.25) -> io.NodeOutput:
+        encoder, images, face_analysis = cls.checked(encoder=encoder, images=images, face_analysis=face_analysis)
         require_encoder(encoder)
         crops, faces, info = prepare_photos(images, face_analysis, padding)
         tokens, fresh = ClipVision(clip_vision).cached_tokens(crops, layer="last")

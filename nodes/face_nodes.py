@@ -7,7 +7,7 @@ from ..comfy_host.folders import folder, library_cache_dir, onnx_files
 from ..comfy_host.progress import progress
 from ..encoders import face as face_core
 from ..encoders.face.insightface_backend import KNOWN_PACKS, PROVIDERS, list_packs
-from .common import CATEGORY, Faces, LOG, OmniNode, check_face_analysis, queued
+from .common import CATEGORY, Faces, LOG, OmniNode, check_face_analysis
 
 DLIB = "dlib"
 NONE = "none"
@@ -50,8 +50,6 @@ class FaceAnalysisLoader(OmniNode):
             outputs=[io.FaceAnalysis.Output(display_name="face_analysis",
                                             tooltip="The loaded face analyser.")],
         )
-
-    validate_inputs = queued("backend", "provider", "dlib_detector", "arcface_model")
 
     @classmethod
     def execute(cls, backend: str, provider: str, det_size: int, dlib_detector: str = "hog",
@@ -105,10 +103,9 @@ class FaceCrop(OmniNode):
             ],
         )
 
-    validate_inputs = queued("padding", "selection")
-
     @classmethod
     def execute(cls, image, face_analysis, crop_size: int, padding: float, selection: str) -> io.NodeOutput:
+        image, face_analysis = cls.checked(image=image, face_analysis=face_analysis)
         check_face_analysis(face_analysis)
         result = face_core.crop_faces(image, face_analysis, crop_size=crop_size, padding=padding,
                                       selection=selection, on_image_done=progress(len(image)))
@@ -141,8 +138,6 @@ class FaceMask(OmniNode):
             ],
             outputs=[io.Mask.Output(display_name="mask", tooltip="The face region over the whole image.")],
         )
-
-    validate_inputs = queued("grow")
 
     @classmethod
     def execute(cls, faces, face: int, grow: float, feather: int) -> io.NodeOutput:

@@ -15,7 +15,7 @@ from ..encoders.flame.photos import photo_conditions, photo_landmarks
 from ..encoders.flame.render import draw_points
 from ..comfy_host.folders import model_file_path, model_files
 from ..comfy_host.progress import progress
-from .common import CATEGORY, LOG, OmniNode, check_face_analysis, queued
+from .common import CATEGORY, LOG, OmniNode, check_face_analysis
 
 FlameModelType = io.Custom("FLAME_MODEL")
 FlameParamsType = io.Custom("FLAME_PARAMS")
@@ -137,11 +137,11 @@ class FlameFit(OmniNode):
             ],
         )
 
-    validate_inputs = queued("shape_prior", "expression_prior", "landmarks")
-
     @classmethod
     def execute(cls, flame_model, images, face_analysis, shape_prior: float, expression_prior: float,
                 iterations: int, landmarks: str = LANDMARK_MODES[0]) -> io.NodeOutput:
+        flame_model, images, face_analysis = cls.checked(
+            flame_model=flame_model, images=images, face_analysis=face_analysis)
         model = _check_model(flame_model)
         check_face_analysis(face_analysis)
         step = progress(len(images) + 1)
@@ -219,12 +219,12 @@ class FlameLandmarks(OmniNode):
             ],
         )
 
-    validate_inputs = queued("templates", "face_size", "yaw", "pitch", "roll", "jaw_open", "smile")
-
     @classmethod
     def execute(cls, flame_model, flame_params, templates: str, width: int, height: int, face_size: float,
                 recenter: bool, point_radius: int, yaw: float = 0.0, pitch: float = 0.0, roll: float = 0.0,
                 jaw_open: float = 0.0, smile: float = 0.0, driving=None) -> io.NodeOutput:
+        flame_model, flame_params, driving = cls.checked(
+            flame_model=flame_model, flame_params=flame_params, driving=driving)
         model = _check_model(flame_model)
         if templates == "grid 3x3":
             chosen = load_grid()
@@ -275,6 +275,7 @@ class FaceLandmarks(OmniNode):
 
     @classmethod
     def execute(cls, images, face_analysis, point_radius: int) -> io.NodeOutput:
+        images, face_analysis = cls.checked(images=images, face_analysis=face_analysis)
         check_face_analysis(face_analysis)
         conditions, faceless = photo_conditions(images, face_analysis, radius=point_radius or None)
         if faceless:

@@ -7,7 +7,7 @@ from ..comfy_host.two_streams import TEXT_STREAMS, apply_mixed_attention, set_ad
 from ..guidance.decoupled import BlockWeights
 from ..guidance.infinite_id import ADAIN_MODES, AdaINSettings
 from .adapter_nodes import identity_inputs, inject
-from .common import CATEGORY, OmniNode, queued, advanced
+from .common import CATEGORY, OmniNode, advanced
 
 
 class MixedAttention(OmniNode):
@@ -38,11 +38,11 @@ class MixedAttention(OmniNode):
 
     ORDERED = (("start_at", "end_at"),)
     PARSERS = {"blocks": BlockWeights.parse}
-    validate_inputs = queued("weight", "start_at", "end_at", "blocks", "text_stream")
 
     @classmethod
     def execute(cls, model, adapter, embeds, weight: float, start_at: float, end_at: float, attn_mask=None,
                 blocks: str = "all=1", text_stream: str = TEXT_STREAMS[0]) -> io.NodeOutput:
+        adapter, embeds, attn_mask = cls.checked(adapter=adapter, embeds=embeds, attn_mask=attn_mask)
         return inject(apply_mixed_attention, model, adapter, embeds, weight, start_at, end_at, attn_mask, blocks,
                       text_stream=text_stream)
 
@@ -69,8 +69,6 @@ class AdaINMean(OmniNode):
             ],
             outputs=[io.Model.Output(display_name="model", tooltip="The model with AdaIN-mean style alignment.")],
         )
-
-    validate_inputs = queued("strength", "mode")
 
     @classmethod
     def execute(cls, model, strength: float, mode: str = "adain_mean") -> io.NodeOutput:
