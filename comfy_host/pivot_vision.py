@@ -15,6 +15,8 @@ import torch
 import torch.nn as nn
 
 from ..encoders.pivot import VisionTower, load_vision_state
+from ..guidance.rb_guidance import SUBJECT_TOKEN_KEY
+from .clip_vision import ClipVision
 from .compat import clip_preprocess
 
 LAYOUT = "comfy_clip_vision"
@@ -86,3 +88,20 @@ def pivot_image_embeds(pivot, clip_vision, images: torch.Tensor):
         tower = load_vision_state(ComfyVisionTower(clip_vision), pivot.vision_state, pivot.config.vision_layout)
         with torch.no_grad():
             return tower.eval()(images).float().cpu()
+
+
+def apply_pivot(conditioning, pivot, pivot_name: str, clip_vision, reference: torch.Tensor, class_token: int):
+    """The conditioning with the class word replaced by e_mix (OmniPortrait's first stream), the word's
+    position marked for RB-Guidance; new tensors, the given conditioning untouched."""
+    image = pivot_image_embeds(pivot, clip_vision, reference[:1])      # its trained visual encoder, if any
+    if image is None:
+        image = ClipVision(clip_vision).image_embeds(reference[:1])
+    if image.shape[-1] != pivot.config.image_dim:
+        raise ValueError(f"the CLIP vision model gives {image.shape[-1]}-d embeddings; {pivot_name} was trained "
+                         f"on {pivot.config.image_dim}-d ones")
+    out = []
+    with torch.inference_mode(False):
+        for tensor, extra in conditioning:
+            mixed = pivot.apply(tensor.float().cpu().clone(), class_token, image).to(tensor)
+            out.append([mixed, {**extra, SUBJECT_TOKEN_KEY: class_token}])
+    return out

@@ -12,18 +12,23 @@
 """
 from __future__ import annotations
 
+import logging
 from dataclasses import dataclass
 from typing import Optional
 
 import torch
 
-from ..encoders.face import NoFaceFoundError, bundled_analyzer
+from ..encoders.face import NoFaceFoundError, bundled_analyzer, overlapping_pairs
 from ..encoders.face.crop import largest_face_mask
-from ..guidance.rb_guidance import SUBJECT_TOKEN_KEY, find_subject_token
+from ..guidance.rb_guidance import SUBJECT_TOKEN_KEY, RBSettings, find_subject_token
+from ..training.report import captioned
+from .gradients import gradient_ready
 from .prompt_tokens import prompt_tokens
+from .rb_guider import RBGuider
 
 MASK_SOURCES = ("subject attention", "reference similarity")
 REFERENCE_REGIONS = ("face", "whole image")
+LOG = logging.getLogger("OmniIdentity")
 
 
 class SubjectNotFound(ValueError):
@@ -98,3 +103,47 @@ def subject_token(positive, index: int, subject: str, clip, prompt: str) -> tupl
         "positive prompt's text in 'prompt' (e.g. share one String with the CLIP Text Encode node), set "
         "subject_token, or use Apply Pivot ID. To locate the face by its resemblance to the reference instead, "
         "set mask_source to 'reference similarity', or connect a generation_mask.")
+
+
+def _tinted(image: torch.Tensor, mask) -> torch.Tensor:
+    if mask is None:
+        return image.clone()
+    m = mask[:1, :, :, None].to(image)
+    return image * (1 - 0.5 * m) + 0.5 * m * torch.tensor([1.0, 0.0, 0.0]).to(image)
+
+
+def rb_guider(model, positive, negative, cfg: float, reference: torch.Tensor, vae, settings: RBSettings,
+              feature_block: int = 6, clip=None, prompt: str = "", subject: str = "", subject_index: int = 0,
+              mask_source: str = MASK_SOURCES[0], reference_region: str = REFERENCE_REGIONS[0], face_analysis=None,
+              explicit_reference_mask=None, generation_mask=None, layout_faces=None, seed: int = 0):
+    """The RB-Guidance GUIDER with its masks resolved as above, a preview of the reference with its mask
+    tinted and captioned, and the lines saying which masks are used."""
+    people = reference.shape[0] if (layout_faces is not None or (
+        generation_mask is not None and generation_mask.shape[0] == reference.shape[0] > 1)) else 1
+    image = reference[:people, :, :, :3]
+    ref = reference_mask(image, explicit_reference_mask, face_analysis, reference_region)
+    notes = [] if people == reference.shape[0] else [
+        f"{reference.shape[0]} reference photos: the first is used (connect layout_faces to guide several people)"]
+    if layout_faces is not None:
+        generation_mask = layout_masks(layout_faces, people)
+        notes = [f"faces {i + 1} and {j + 1} of the layout overlap ({share:.0%}): their energy terms share "
+                 "that region" for i, j, share in overlapping_pairs(list(generation_mask))]
+        token, gen_source = 0, f"{people} layout face(s), one per reference photo"
+    elif generation_mask is not None:
+        token, gen_source = 0, "generation_mask input" + (f", one per reference ({people})" if people > 1 else "")
+    elif mask_source == "reference similarity":
+        token, gen_source = 0, "resemblance to the reference face (mask_source)"
+    else:
+        token, found = subject_token(positive, subject_index, subject, clip, prompt)
+        gen_source = f"attention of {found}, refined by self-attention"
+    height, width = (image.shape[1] // 8) * 8, (image.shape[2] // 8) * 8
+    latent = vae.encode(image[:, :height, :width])
+    mask = None if ref.mask is None else ref.mask[:, :height, :width]
+    guider = RBGuider(gradient_ready(model), settings, latent, mask, generation_mask, feature_block, token, seed)
+    guider.set_conds(positive, negative)
+    guider.set_cfg(cfg)
+    lines = [f"reference mask: {ref.source}", f"generated-face mask: {gen_source}", *notes]
+    preview = captioned(_tinted(image[:1, :height, :width], mask), lines)
+    LOG.info("RB-Guidance: p=%s, u=%s, t0=%s, feature block %s; %s", settings.strength, settings.start_fraction,
+             settings.t0, feature_block, "; ".join(lines))
+    return guider, preview, lines

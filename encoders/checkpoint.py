@@ -40,8 +40,10 @@ def atomic_save(tensors: dict[str, torch.Tensor], path: str, metadata: dict[str,
 
 
 def save_encoder(encoder: IdentityEncoder, path: str, extra: Optional[dict] = None) -> None:
+    """Float32 copies of the encoder's tensors are written; the encoder itself is left as it is."""
     info = {"format": ENCODER_FORMAT, "version": ENCODER_VERSION, "config": encoder.config.to_dict(), **(extra or {})}
-    atomic_save(encoder.state_dict(), path, {METADATA_KEY: json.dumps(info)})
+    tensors = {k: v.detach().float().cpu().contiguous() for k, v in encoder.state_dict().items()}
+    atomic_save(tensors, path, {METADATA_KEY: json.dumps(info)})
 
 
 def _looks_like(keys: list[str]) -> str:

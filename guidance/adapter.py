@@ -87,7 +87,8 @@ class AdapterConfig:
         what = {"none": f"{self.embeds_kind} tokens of width {self.token_dim}"
                         + (" (the photos' CLIP tokens, concatenated)" if self.embeds_kind == "clip" else ""), "plus": "CLIP tokens (IP-Adapter Plus)",
                 "full_face": "CLIP tokens (IP-Adapter Full Face)", "faceid": "ArcFace embeddings (IP-Adapter FaceID)",
-                "faceid_plusv2": "ArcFace embeddings + CLIP tokens (IP-Adapter FaceID Plus v2)",
+                "faceid_plusv2": "ArcFace embeddings + CLIP tokens (IP-Adapter FaceID Plus "
+                                 f"{'v2' if self.projection_args.get('shortcut', True) else 'v1'})",
                 "pooled": f"pooled image embeddings of width {pooled} ({POOLED_ENCODERS.get(self.source, 'CLIP')})",
                 "pooled_mlp": f"pooled image embeddings of width {pooled} "
                               f"({POOLED_ENCODERS.get(self.source, 'SigLIP')})"}[self.projection]
@@ -209,8 +210,10 @@ ADAPTER_KIND = {"plus": "clip", "full_face": "clip", "faceid": "arcface", "facei
 
 
 def save_adapter(adapter: IdentityAdapter, path: str, extra: Optional[dict] = None) -> None:
+    """Float32 copies of the adapter's tensors are written; the adapter itself is left as it is."""
     info = {"format": ADAPTER_FORMAT, "version": ADAPTER_VERSION, "config": adapter.config.to_dict(), **(extra or {})}
-    atomic_save(adapter.state_dict(), path, {METADATA_KEY: json.dumps(info)})
+    tensors = {k: v.detach().float().cpu().contiguous() for k, v in adapter.state_dict().items()}
+    atomic_save(tensors, path, {METADATA_KEY: json.dumps(info)})
 
 
 def assemble(config: AdapterConfig, tensors: dict, path: str, name: str) -> IdentityAdapter:

@@ -1,43 +1,15 @@
 """OmniPortrait's Pivot ID Encoder: train it on a frozen UNet, apply it to a conditioning."""
 from __future__ import annotations
 
-import torch
 from comfy_api.latest import io
 
-from ..comfy_host.clip_vision import ClipVision
-from ..comfy_host.denoiser import ComfyDenoiserHost
-from ..comfy_host.folders import model_files, model_path, run_checkpoint
-from ..comfy_host.gradients import tracked_forward
-from ..comfy_host.layers import is_flux
-from ..comfy_host.pivot_vision import LAYOUT, ComfyVisionTower, pivot_image_embeds
-from ..comfy_host.progress import run_training, trainable_copy
-from ..encoders.face import NoFaceFoundError
-from ..encoders.face.crop import largest_face_mask
-from ..encoders.pivot import (ALL_BLOCKS, PivotConfig, PivotIDEncoder, load_pivot, load_vision_state, prepare_vision,
-                              trained_vision_state)
-from ..guidance.rb_guidance import SUBJECT_TOKEN_KEY
-from ..training.dataset import FewToManySampler, SamplerConfig
-from ..training.pivot import CONDITION_DROPOUT, ETA, PivotObjective
-from ..training.report import loss_plot
-from ..training.recipes import pivot_stage
-from ..training.trainer import TrainConfig, Trainer
-from .training_nodes import apply_recipe, recipe_input
-from .common import CATEGORY, IdentityDatasetType, LOG, OmniNode, PivotEncoderType, check_face_analysis, queued
-
-
-def _face_mask_fn(face_analysis):
-    """Target face masks for the localisation loss: the landmark hull of the largest face."""
-    warned = []
-
-    def mask(image):                  # (H, W, 3) -> (H, W)
-        try:
-            return largest_face_mask(image, face_analysis)
-        except NoFaceFoundError:
-            if not warned:
-                LOG.warning("TrainPivotEncoder: a target without a detectable face gets no localisation target")
-                warned.append(True)
-            return torch.ones(image.shape[:2])
-    return mask
+from ..comfy_host.folders import model_files, model_path
+from ..comfy_host.pivot_vision import apply_pivot
+from ..comfy_host.training_runs import train_pivot_encoder
+from ..encoders.pivot import ALL_BLOCKS, load_pivot
+from ..training.pivot import CONDITION_DROPOUT, ETA
+from .common import CATEGORY, IdentityDatasetType, OmniNode, PivotEncoderType
+from .training_nodes import recipe_input
 
 
 class TrainPivotEncoder(OmniNode):
@@ -97,58 +69,9 @@ class TrainPivotEncoder(OmniNode):
                      io.Image.Output(display_name="loss_plot", tooltip="Loss per step and its running mean.")],
         )
 
-    validate_inputs = queued("eta", "lr", "recipe", "condition_dropout")
-
     @classmethod
-    def execute(cls, model, vae, clip_vision, dataset, face_analysis, positive, class_token: int, eta: float,
-                image_size: int, steps: int, lr: float, batch: int, targets: int, seed: int, run_name: str,
-                resume: bool, save_every: int, pivot_encoder=None, recipe: str = "custom",
-                vision_blocks: int = ALL_BLOCKS, gradient_checkpointing: bool = True,
-                condition_dropout: float = CONDITION_DROPOUT, unconditional=None) -> io.NodeOutput:
-        if is_flux(model):
-            raise ValueError("the pivot encoder replaces a word of a CLIP text conditioning: use an SD1.5 or SDXL model")
-        text = positive[0][0]
-        run = apply_recipe(pivot_stage(text.shape[-1]), recipe, steps, lr, image_size, batch, 1)
-        steps, lr, image_size, batch = run.steps, run.lr, run.image_size, run.batch
-        host = ComfyDenoiserHost(model, vae, positive, image_size)
-        embed_fn = ClipVision(clip_vision).image_embeds
-        check_face_analysis(face_analysis)
-        with tracked_forward():
-            image_dim = embed_fn(torch.zeros(1, 224, 224, 3)).shape[-1]
-            tower = None
-            if vision_blocks != 0:
-                tower = ComfyVisionTower(clip_vision)
-                if pivot_encoder is not None and pivot_encoder.vision_state:
-                    load_vision_state(tower, pivot_encoder.vision_state, pivot_encoder.config.vision_layout)
-                trained_names = prepare_vision(tower, vision_blocks, gradient_checkpointing)
-                LOG.info("TrainPivotEncoder: training the linear layer and %d visual encoder tensors (%s blocks)",
-                         len(trained_names), "all" if vision_blocks == ALL_BLOCKS else vision_blocks)
-            config = PivotConfig(image_dim=image_dim, text_dim=text.shape[-1], vision_blocks=vision_blocks,
-                                 vision_layout=LAYOUT if tower is not None else "")
-            if pivot_encoder is not None:
-                if (pivot_encoder.config.image_dim, pivot_encoder.config.text_dim) != (image_dim, text.shape[-1]):
-                    raise ValueError(f"the pivot encoder ({pivot_encoder.config}) does not fit this CLIP and model "
-                                     f"({config})")
-                pivot = trainable_copy(lambda: PivotIDEncoder(config), pivot_encoder.state_dict())
-            else:
-                torch.manual_seed(seed)
-                pivot = PivotIDEncoder(config)
-            uncond = None
-            if unconditional is not None:
-                uncond = unconditional[0][0].float().cpu().clone()
-            sampler = FewToManySampler(dataset, SamplerConfig("few_to_many", 1, 1, targets), seed)
-            objective = PivotObjective(pivot, host, sampler, None if tower is not None else embed_fn,
-                                       _face_mask_fn(face_analysis), text, class_token, seed=seed, eta=eta,
-                                       clip_size=getattr(clip_vision, "image_size", 224), vision=tower,
-                                       unconditional=uncond, text_dropout=condition_dropout,
-                                       id_dropout=condition_dropout)
-            trainer = Trainer(objective, TrainConfig(steps=steps, batch=batch, lr=lr, seed=seed, save_every=save_every),
-                              run_checkpoint(run_name, "pivot"))
-            run_training(trainer, resume)
-            if tower is not None:
-                pivot.vision_state = trained_vision_state(tower)
-        plot = loss_plot(trainer.losses, f"Pivot ID encoder (L_diff + {eta:g} L_loc) - {run_name}")
-        return io.NodeOutput(pivot.eval(), plot)
+    def execute(cls, **inputs) -> io.NodeOutput:
+        return io.NodeOutput(*train_pivot_encoder(**cls.checked_inputs(inputs)))
 
 
 class ApplyPivot(OmniNode):
@@ -175,23 +98,11 @@ class ApplyPivot(OmniNode):
             outputs=[io.Conditioning.Output(display_name="conditioning", tooltip="The conditioning with e_mix in the class word's place.")],
         )
 
-    validate_inputs = queued("pivot_name")
-
     @classmethod
     def execute(cls, conditioning, pivot_name: str, clip_vision, reference, class_token: int) -> io.NodeOutput:
+        reference = cls.checked(reference=reference)
         pivot = load_pivot(model_path("omni_identity", pivot_name))
-        image = pivot_image_embeds(pivot, clip_vision, reference[:1])      # its trained visual encoder, if any
-        if image is None:
-            image = ClipVision(clip_vision).image_embeds(reference[:1])
-        if image.shape[-1] != pivot.config.image_dim:
-            raise ValueError(f"the CLIP vision model gives {image.shape[-1]}-d embeddings; {pivot_name} was trained "
-                             f"on {pivot.config.image_dim}-d ones")
-        out = []
-        with torch.inference_mode(False):
-            for tensor, extra in conditioning:
-                mixed = pivot.apply(tensor.float().cpu().clone(), class_token, image).to(tensor)
-                out.append([mixed, {**extra, SUBJECT_TOKEN_KEY: class_token}])
-        return io.NodeOutput(out)
+        return io.NodeOutput(apply_pivot(conditioning, pivot, pivot_name, clip_vision, reference, class_token))
 
 
 NODES = [TrainPivotEncoder, ApplyPivot]

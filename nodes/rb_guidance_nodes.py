@@ -1,23 +1,11 @@
 """OmniPortrait's RB-Guidance node: a GUIDER for SamplerCustomAdvanced (the engine is comfy_host.rb_guider)."""
 from __future__ import annotations
 
-import torch
 from comfy_api.latest import io, ui
 
 from ..comfy_host import rb_setup
-from ..comfy_host.gradients import gradient_ready
-from ..comfy_host.rb_guider import RBGuider
-from ..encoders.face import overlapping_pairs
 from ..guidance.rb_guidance import RBSettings
-from ..training.report import captioned
-from .common import CATEGORY, LOG, Faces, OmniNode, check_face_analysis, queued, advanced
-
-
-def _tinted(image: torch.Tensor, mask) -> torch.Tensor:
-    if mask is None:
-        return image.clone()
-    m = mask[:1, :, :, None].to(image)
-    return image * (1 - 0.5 * m) + 0.5 * m * torch.tensor([1.0, 0.0, 0.0]).to(image)
+from .common import CATEGORY, Faces, OmniNode, advanced
 
 
 class RBGuidance(OmniNode):
@@ -96,44 +84,19 @@ class RBGuidance(OmniNode):
         )
 
     MIN_IMAGE_SIZE = 64
-    validate_inputs = queued("cfg", "strength", "start_fraction", "mask_source", "reference_region")
 
     @classmethod
     def execute(cls, model, positive, negative, cfg, reference, vae, strength, start_fraction, t0,
                 feature_block=6, clip=None, prompt="", subject="", subject_token=0, mask_source="subject attention",
                 reference_region="face", face_analysis=None, reference_mask=None, generation_mask=None,
                 layout_faces=None, seed=0) -> io.NodeOutput:
-        settings = RBSettings(strength=strength, start_fraction=start_fraction, t0=t0)
-        people = reference.shape[0] if (layout_faces is not None or (
-            generation_mask is not None and generation_mask.shape[0] == reference.shape[0] > 1)) else 1
-        image = reference[:people, :, :, :3]
-        if face_analysis is not None:
-            check_face_analysis(face_analysis)
-        ref = rb_setup.reference_mask(image, reference_mask, face_analysis, reference_region)
-        notes = [] if people == reference.shape[0] else [
-            f"{reference.shape[0]} reference photos: the first is used (connect layout_faces to guide several people)"]
-        if layout_faces is not None:
-            generation_mask = rb_setup.layout_masks(layout_faces, people)
-            notes = [f"faces {i + 1} and {j + 1} of the layout overlap ({share:.0%}): their energy terms share "
-                     "that region" for i, j, share in overlapping_pairs(list(generation_mask))]
-            token, gen_source = 0, f"{people} layout face(s), one per reference photo"
-        elif generation_mask is not None:
-            token, gen_source = 0, "generation_mask input" + (f", one per reference ({people})" if people > 1 else "")
-        elif mask_source == "reference similarity":
-            token, gen_source = 0, "resemblance to the reference face (mask_source)"
-        else:
-            token, found = rb_setup.subject_token(positive, subject_token, subject, clip, prompt)
-            gen_source = f"attention of {found}, refined by self-attention"
-        height, width = (image.shape[1] // 8) * 8, (image.shape[2] // 8) * 8
-        latent = vae.encode(image[:, :height, :width])
-        mask = None if ref.mask is None else ref.mask[:, :height, :width]
-        guider = RBGuider(gradient_ready(model), settings, latent, mask, generation_mask, feature_block, token, seed)
-        guider.set_conds(positive, negative)
-        guider.set_cfg(cfg)
-        lines = [f"reference mask: {ref.source}", f"generated-face mask: {gen_source}", *notes]
-        preview = captioned(_tinted(image[:1, :height, :width], mask), lines)
-        LOG.info("RB-Guidance: p=%s, u=%s, t0=%s, feature block %s; %s", strength, start_fraction, t0,
-                 feature_block, "; ".join(lines))
+        reference, face_analysis, reference_mask, generation_mask = cls.checked(
+            reference=reference, face_analysis=face_analysis, reference_mask=reference_mask,
+            generation_mask=generation_mask)
+        guider, preview, lines = rb_setup.rb_guider(
+            model, positive, negative, cfg, reference, vae, RBSettings(strength, start_fraction, t0), feature_block,
+            clip, prompt, subject, subject_token, mask_source, reference_region, face_analysis, reference_mask,
+            generation_mask, layout_faces, seed)
         return io.NodeOutput(guider, preview, ui=ui.PreviewText("\n".join(lines)))
 
 

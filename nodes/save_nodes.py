@@ -41,7 +41,7 @@ class SaveModelFile(OmniNode):
 
     @classmethod
     def execute(cls, filename_prefix: str, **values) -> io.NodeOutput:
-        value = values[cls.INPUT]
+        value = cls.checked(**{cls.INPUT: values[cls.INPUT]})
         name = save_model_file(cls.FOLDER, filename_prefix, lambda path: cls.write(value, path))
         return io.NodeOutput(name, ui=ui.PreviewText(f"saved models/{cls.FOLDER}/{name}"))
 
@@ -53,7 +53,7 @@ class SaveEncoder(SaveModelFile):
 
     @classmethod
     def write(cls, encoder, path: str) -> None:
-        save_encoder(encoder.model.float(), path, extra={"saved_by": cls.NODE_ID})
+        save_encoder(encoder.model, path, extra={"saved_by": cls.NODE_ID})
 
 
 class SaveAdapter(SaveModelFile):
@@ -63,7 +63,7 @@ class SaveAdapter(SaveModelFile):
 
     @classmethod
     def write(cls, adapter, path: str) -> None:
-        save_adapter(adapter.float(), path, extra={"saved_by": cls.NODE_ID})
+        save_adapter(adapter, path, extra={"saved_by": cls.NODE_ID})
 
 
 class SavePivotEncoder(SaveModelFile):

@@ -1,44 +1,15 @@
-"""Training nodes: Omni-ID's two stages (MTD, then flow matching on a frozen base model).
-
-Training runs inside the node with a progress bar; Cancel stops it after the current step and
-leaves a checkpoint in output/omni_identity_training/ that the same node resumes from.
-"""
+"""Training nodes: Omni-ID's two stages (MTD, then flow matching on a frozen base model); each runs
+comfy_host.training_runs with a progress bar, and Cancel keeps a checkpoint the same run resumes."""
 from __future__ import annotations
 
-import torch
 from comfy_api.latest import io
 
-from ..comfy_host.clip_vision import ClipVision
-from ..comfy_host.denoiser import ComfyDenoiserHost
-from ..comfy_host.encoder_model import LoadedEncoder
-from ..comfy_host.folders import run_checkpoint
-from ..comfy_host.gradients import tracked_forward
-from ..comfy_host.layers import host_layers, is_flux
-from ..comfy_host.progress import run_training, trainable_copy
-from ..encoders.omni_id import ARCFACE_MERGES, EncoderConfig, create_encoder
-from ..guidance.adapter import AdapterConfig, create_adapter
-from ..training.dataset import FewToManySampler, SamplerConfig
-from ..encoders.identity import arcface_of_photos
-from ..training.flow_matching import ARCFACE_METHODS, FM_METHODS, FM_MODES, FlowMatchingObjective
-from ..training.recipes import RECIPES, Settings, flow_stage, resolve
-from ..training.mtd import MTDConfig
-from ..training.report import loss_plot
-from ..training.run import mtd_trainer
-from ..training.trainer import PRECISIONS, TrainConfig, Trainer
-from .common import (CATEGORY, IdentityAdapterType, IdentityDatasetType, LOG, OmniIdEncoderType, OmniNode,
-                     check_face_analysis, queued)
-
-ENCODER_SIZES = {
-    "paper (4 cross + 2 self, 1280 wide)": {},
-    "small (2 cross + 1 self, 512 wide)": dict(dim=512, num_heads=8, cross_depth=2, self_depth=1),
-    "tiny (1 cross + 1 self, 128 wide, 16 queries)": dict(dim=128, num_heads=4, cross_depth=1, self_depth=1,
-                                                         num_queries=16, mlp_ratio=2.0),
-}
-DECODER_SIZES = {
-    "paper (6 cross + 2 self, 1024 wide)": {},
-    "small (3 cross + 1 self, 384 wide)": dict(dim=384, num_heads=6, cross_depth=3, self_depth=1),
-    "tiny (1 cross + 1 self, 64 wide)": dict(dim=64, num_heads=4, cross_depth=1, self_depth=1, mlp_ratio=2.0),
-}
+from ..comfy_host.training_runs import DECODER_SIZES, ENCODER_SIZES, train_encoder_mtd, train_flow_matching
+from ..encoders.omni_id import ARCFACE_MERGES
+from ..training.flow_matching import FM_METHODS, FM_MODES
+from ..training.recipes import RECIPES
+from ..training.trainer import PRECISIONS
+from .common import CATEGORY, IdentityAdapterType, IdentityDatasetType, OmniIdEncoderType, OmniNode
 
 
 def _common_training_inputs(steps_default: int) -> list:
@@ -66,19 +37,6 @@ def recipe_input(stage: str) -> io.Combo.Input:
                                    "one machine. paper: the paper's steps, global batch (batch x grad_accum), "
                                    f"resolution and learning rate for this stage ({stage}); the node logs what it "
                                    "uses at start."))
-
-
-def apply_recipe(stage: str, recipe: str, steps: int, lr: float, image_size: int, batch: int,
-                 grad_accum: int) -> Settings:
-    settings, line = resolve(stage, recipe, Settings(steps, lr, image_size, batch, grad_accum))
-    LOG.info("%s", line)
-    print(f"[OmniIdentity] {line}", flush=True)
-    return settings
-
-
-def _train_config(steps, lr, batch, grad_accum, precision, seed, save_every) -> TrainConfig:
-    return TrainConfig(steps=steps, batch=batch, grad_accum=grad_accum, lr=lr, precision=precision, seed=seed,
-                       save_every=save_every)
 
 
 class TrainEncoderMTD(OmniNode):
@@ -115,38 +73,10 @@ class TrainEncoderMTD(OmniNode):
         )
 
     ORDERED = (("inputs_min", "inputs_max"),)
-    validate_inputs = queued("encoder_size", "decoder_size", "precision", "sampler", "mask_ratio", "lr",
-                             "inputs_min", "inputs_max", "recipe")
 
     @classmethod
-    def execute(cls, dataset, clip_vision, encoder_size: str, decoder_size: str, image_size: int, mask_ratio: float,
-                sampler: str, steps: int, lr: float, batch: int, grad_accum: int, inputs_min: int, inputs_max: int,
-                targets: int, precision: str, seed: int, run_name: str, resume: bool, save_every: int,
-                encoder=None, recipe: str = "custom") -> io.NodeOutput:
-        run = apply_recipe("mtd", recipe, steps, lr, image_size, batch, grad_accum)
-        steps, lr, image_size, batch, grad_accum = run.steps, run.lr, run.image_size, run.batch, run.grad_accum
-        token_fn = ClipVision(clip_vision).tokens
-        with tracked_forward():
-            probe = token_fn(torch.zeros(1, 224, 224, 3))
-            if encoder is not None:
-                config = encoder.config
-                model = trainable_copy(lambda: create_encoder(config), encoder.model.state_dict())
-            else:
-                config = EncoderConfig(clip_dim=probe.shape[-1], tokens_per_image=probe.shape[1],
-                                       **ENCODER_SIZES[encoder_size])
-                model = create_encoder(config, seed=seed)
-            if config.architecture != "omni_id" or config.clip_dim != probe.shape[-1]:
-                raise ValueError(f"the encoder ({config.architecture}, CLIP width {config.clip_dim}) cannot train on "
-                                 f"this CLIP vision model's {probe.shape[-1]}-wide tokens")
-            mtd = MTDConfig(image_size=image_size, mask_ratio=mask_ratio, **DECODER_SIZES[decoder_size])
-            trainer = mtd_trainer(dataset, model, token_fn, mtd,
-                                  _train_config(steps, lr, batch, grad_accum, precision, seed, save_every),
-                                  SamplerConfig(sampler, inputs_min, inputs_max, targets),
-                                  checkpoint_path=run_checkpoint(run_name, "mtd"))
-            run_training(trainer, resume)
-        LOG.info("MTD training: %d steps, last loss %.5f", trainer.step, trainer.losses[-1])
-        plot = loss_plot(trainer.losses, f"Omni-ID MTD (L1, {mask_ratio:.0%} masked) - {run_name}")
-        return io.NodeOutput(LoadedEncoder(model.eval(), f"{run_name} (trained)"), plot)
+    def execute(cls, **inputs) -> io.NodeOutput:
+        return io.NodeOutput(*train_encoder_mtd(**cls.checked_inputs(inputs)))
 
 
 class TrainFlowMatching(OmniNode):
@@ -204,63 +134,10 @@ class TrainFlowMatching(OmniNode):
         )
 
     ORDERED = (("inputs_min", "inputs_max"),)
-    validate_inputs = queued("mode", "precision", "lr", "inputs_min", "inputs_max", "method", "encoder_size",
-                             "arcface_merge", "recipe")
 
     @classmethod
-    def execute(cls, model, vae, clip_vision, dataset, positive, mode: str, image_size: int, steps: int,
-                lr: float, batch: int, grad_accum: int, inputs_min: int, inputs_max: int, targets: int,
-                precision: str, seed: int, run_name: str, resume: bool, save_every: int, encoder=None,
-                adapter=None, method: str = "omni_id", encoder_size: str = list(ENCODER_SIZES)[0],
-                face_analysis=None, arcface_merge: str = "concat", recipe: str = "custom") -> io.NodeOutput:
-        if method == "omni_id" and encoder is None:
-            raise ValueError("the omni_id method trains an omni_id encoder: connect one (from the MTD stage or the "
-                             "Encoder Loader)")
-        if method == "clip" and encoder is not None:
-            raise ValueError("the clip method has no encoder (CLIP tokens go straight into the adapter's K/V): "
-                             "disconnect the encoder")
-        arcface_fn = None
-        if method in ARCFACE_METHODS:
-            if face_analysis is None:
-                raise ValueError(f"the {method} method needs face_analysis connected (an insightface pack, or dlib "
-                                 "with an ArcFace model) for the photos' ArcFace embeddings")
-            arcface_fn = arcface_of_photos(check_face_analysis(face_analysis), "the face analysis")
-        run = apply_recipe(flow_stage(method), recipe, steps, lr, image_size, batch, grad_accum)
-        steps, lr, image_size, batch, grad_accum = run.steps, run.lr, run.image_size, run.batch, run.grad_accum
-        host = ComfyDenoiserHost(model, vae, positive, image_size)
-        layers = host_layers(model)
-        vision = ClipVision(clip_vision)
-        token_fn = vision.last_tokens if method == "infinite_id" else vision.tokens    # Infinite-ID reads the last layer
-        with tracked_forward():
-            trained_encoder = None
-            if encoder is not None:
-                trained_encoder = trainable_copy(lambda: create_encoder(encoder.config), encoder.model.state_dict())
-            elif method != "clip":
-                probe = token_fn(torch.zeros(1, 224, 224, 3))
-                trained_encoder = create_encoder(EncoderConfig(architecture=method, clip_dim=probe.shape[-1],
-                                                               tokens_per_image=probe.shape[1],
-                                                               **ENCODER_SIZES[encoder_size]), seed=seed)
-            if adapter is not None:
-                trained_adapter = trainable_copy(lambda: create_adapter(adapter.config), adapter.state_dict())
-            else:
-                token_dim = (trained_encoder.config.dim if trained_encoder is not None
-                             else token_fn(torch.zeros(1, 224, 224, 3)).shape[-1])
-                config = AdapterConfig(family="flux" if is_flux(model) else "unet", token_dim=token_dim,
-                                       layer_dims=tuple(layer.inner_dim for layer in layers), embeds_kind=method)
-                trained_adapter = create_adapter(config, seed=seed)
-            host.check_adapter(trained_adapter)
-            sampler = FewToManySampler(dataset, SamplerConfig("few_to_many", inputs_min, inputs_max, targets), seed)
-            objective = FlowMatchingObjective(trained_encoder, trained_adapter, host, sampler, token_fn, seed=seed,
-                                              mode=mode, method=method, arcface_fn=arcface_fn,
-                                              arcface_merge=arcface_merge)
-            trainer = Trainer(objective, _train_config(steps, lr, batch, grad_accum, precision, seed, save_every),
-                              run_checkpoint(run_name, "flow"))
-            run_training(trainer, resume)
-        trained_adapter.name = f"{run_name} (trained)"
-        plot = loss_plot(trainer.losses, f"Flow matching ({method}, {mode}) - {run_name}")
-        encoder_out = (None if trained_encoder is None
-                       else LoadedEncoder(trained_encoder.eval(), f"{run_name} (trained)"))
-        return io.NodeOutput(encoder_out, trained_adapter.eval(), plot)
+    def execute(cls, **inputs) -> io.NodeOutput:
+        return io.NodeOutput(*train_flow_matching(**cls.checked_inputs(inputs)))
 
 
 NODES = [TrainEncoderMTD, TrainFlowMatching]

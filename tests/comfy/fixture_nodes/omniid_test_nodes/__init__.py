@@ -8,7 +8,11 @@ it run again on every prompt while the checkpoint loader before it stays cached.
 T5-XXL at full size whatever the file holds (about 40 s to load and over a minute per prompt on
 a 2-core CPU), so most FLUX graphs in the tests get a conditioning of FLUX's layout
 (tokens x 4096, pooled 768) drawn from the text instead; one test keeps the real encoders.
+``OmniTestDigest`` shows the dtypes and a SHA-256 of the tensors of any object it is given (a
+module, a LoadedEncoder, a tensor): equal digests mean the object was not modified. Its ``after``
+input only orders it after another node.
 """
+import hashlib
 import json
 import zlib
 
@@ -71,5 +75,39 @@ class OmniTestFluxText:
         return ([[context, {"pooled_output": pooled}]],)
 
 
-NODE_CLASS_MAPPINGS = {"OmniTestValue": OmniTestValue, "OmniTestRerun": OmniTestRerun,
+def _tensors(value) -> dict:
+    if torch.is_tensor(value):
+        return {"": value}
+    module = getattr(value, "model", value)          # LoadedEncoder holds its module in .model
+    if isinstance(module, torch.nn.Module):
+        return module.state_dict()
+    raise TypeError(f"OmniTestDigest cannot read a {type(value).__name__}")
+
+
+class OmniTestDigest:
+    CATEGORY = "testing"
+    RETURN_TYPES = ()
+    FUNCTION = "digest"
+    OUTPUT_NODE = True
+
+    @classmethod
+    def INPUT_TYPES(cls):
+        return {"required": {"value": ("*",)}, "optional": {"after": ("*",)}}
+
+    @classmethod
+    def VALIDATE_INPUTS(cls, input_types):
+        return True                      # any socket type
+
+    def digest(self, value, after=None):
+        sha = hashlib.sha256()
+        dtypes = set()
+        for name, tensor in sorted(_tensors(value).items()):
+            sha.update(name.encode())
+            sha.update(str(tensor.dtype).encode())
+            sha.update(tensor.detach().cpu().contiguous().view(-1).view(torch.uint8).numpy().tobytes())
+            dtypes.add(str(tensor.dtype).replace("torch.", ""))
+        return {"ui": {"text": [json.dumps({"dtypes": sorted(dtypes), "sha256": sha.hexdigest()})]}}
+
+
+NODE_CLASS_MAPPINGS = {"OmniTestDigest": OmniTestDigest, "OmniTestValue": OmniTestValue, "OmniTestRerun": OmniTestRerun,
                        "OmniTestFluxText": OmniTestFluxText}
