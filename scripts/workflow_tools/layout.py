@@ -10,6 +10,8 @@ from __future__ import annotations
 
 import json
 
+from support.browser import SHOW_PHOTOS_JS
+
 # key, group title, group colour, what the stage's note says
 STAGES = (
     ("inputs", "Inputs", "#3f789e", "The photos and text you change."),
@@ -49,7 +51,7 @@ def stage_of(node: dict, overrides: dict) -> str:
     if title in overrides:
         return overrides[title]
     if node["class_type"] not in STAGE_OF:
-        raise KeyError(f"no stage for {node['class_type']!r}: add it to STAGE_OF in tests/support/ui_layout.py")
+        raise KeyError(f"no stage for {node['class_type']!r}: add it to STAGE_OF in scripts/workflow_tools/layout.py")
     return STAGE_OF[node["class_type"]]
 
 
@@ -63,48 +65,6 @@ def plan(api: dict, overrides: dict, stage_notes: dict) -> list[dict]:
                            "ids": ids})
     return groups
 
-
-# A Load Image node whose photo is in ComfyUI's input folder grows by the photo's preview (220 px), in every
-# frontend: when the node is drawn with the photo loaded (1.27), or at once (1.49). showPhotos(pick) waits until
-# each Load Image shows its photo, drawing each node in view until then; pick: first point each at a photo the
-# server lists (the test's "a user's photo in every Load Image"); else each must already name one.
-SHOW_PHOTOS_JS = """
-async function showPhotos(pick) {
-  const values = w => (typeof w.options?.values === "function" ? w.options.values() : w.options?.values) || [];
-  const loaders = app.graph._nodes.filter(n => n.type === "LoadImage");
-  for (const n of loaders) {
-    const w = n.widgets.find(w => w.name === "image");
-    const photo = pick ? values(w).find(v => /[.](png|jpe?g|webp)$/i.test(v)) : w.value;
-    if (!values(w).includes(photo)) throw new Error(`${n.title}: no photo ${photo ?? ""} in the input folder`);
-    if (pick) {
-      w.value = photo;
-      w.callback?.(photo);
-    }
-  }
-  const shown = n => n.imgs?.length && n.imgs.every(i => i.complete && i.naturalWidth > 0)
-                     && n.widgets.some(w => w.name === "$$canvas-image-preview");
-  const c = app.canvas, view = [c.ds.scale, [...c.ds.offset]];
-  for (let tries = 0; !loaders.every(shown); tries++) {
-    if (tries > 300)
-      throw new Error("Load Image previews not shown: " + loaders.filter(n => !shown(n)).map(n => n.title));
-    for (const n of loaders.filter(n => !shown(n))) {
-      c.ds.scale = 1;
-      c.ds.offset = [40 - n.pos[0], 80 - n.pos[1]];
-      c.setDirty(true, true);
-      c.draw(true, true);
-    }
-    await new Promise(r => setTimeout(r, 50));
-  }
-  c.ds.scale = view[0];
-  c.ds.offset = view[1];
-  c.setDirty(true, true);
-  c.draw(true, true);
-  return loaders.length;
-}
-"""
-
-# for the tests: a user's photo in every Load Image, shown
-SHOW_PHOTOS = "(async () => { %s; return await showPhotos(true); })()" % SHOW_PHOTOS_JS
 
 BUILD = """
 (async () => {

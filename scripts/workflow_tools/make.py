@@ -1,10 +1,10 @@
 """Make the editor (UI) workflows and their thumbnails from the API-format workflows.
 
-    PYTHONPATH=tests .venv/bin/python -m support.ui_workflows [--comfyui PATH] [--only NAME] [--json-only]
+    PYTHONPATH=scripts:tests .venv/bin/python -m workflow_tools.make [--comfyui PATH] [--only NAME] [--json-only]
 
 For each ``workflows/api/<name>.json`` the real frontend, served by a ComfyUI started on
 the tiny test models and driven in headless Chromium, builds the graph
-(``app.loadApiJson``), lays it out in the pack's one style (``ui_layout``: stages left to
+(``app.loadApiJson``), lays it out in the pack's one style (``layout``: stages left to
 right in titled, coloured groups, a note heading each stage, an About note with what the
 workflow is for and exactly which model files its loaders ask for), fixes the seeds, and
 serialises it to ``workflows/<name>.json`` (where ComfyUI's template browser finds a
@@ -36,9 +36,12 @@ import time
 from omniid.cli.provision import HOST_VARIABLE, HOSTS
 from omniid.cli.server import comfyui_python, find_comfyui
 
-from . import assets, thumbnails, ui_layout
-from .browser import Chromium, Page
-from .testing import WORKFLOWS, populate_base, start_server
+from support import assets
+from support.browser import Chromium, open_editor
+from support.testing import WORKFLOWS, populate_base, start_server
+
+from . import layout as ui_layout
+from . import thumbnails
 
 ZOOM = 0.75
 SCREENSHOTS = WORKFLOWS.parent / "docs" / "workflows"     # the editor at 75 % zoom, shown in the README
@@ -55,8 +58,6 @@ MODEL_FOLDERS = {
     "OmniIdentityFlameLoader": {"model": "flame", "landmark_embedding": "flame"},
     "OmniIdentityFaceAnalysisLoader": {"arcface_model": "insightface"},
 }
-READY = ("window.app && app.graph && window.LiteGraph && "
-         "LiteGraph.registered_node_types['OmniIdentityEncode'] ? true : false")
 
 
 # where each published file comes from (the notes name them as published)
@@ -125,20 +126,6 @@ def note_text(name: str, api: dict, notes: dict) -> str:
         text += ["", "**Photos**: load your own in " + ", ".join(f"`{i}`" for i in inputs) + "."]
     text += ["", "Pack: ComfyUI-OmniIdentity. API twin: `workflows/api/" + name + ".json`."]
     return "\n".join(text)
-
-
-def open_editor(browser: Chromium, url: str) -> Page:
-    """The editor at ``url``, with the first-run template dialog already dismissed."""
-    import urllib.request
-    settings = {"Comfy.TutorialCompleted": True, "Comfy.Minimap.Visible": False,
-                "LiteGraph.Canvas.LowQualityRenderingZoomThreshold": 0.1}
-    request = urllib.request.Request(f"{url}/settings", data=json.dumps(settings).encode(), method="POST",
-                                     headers={"Content-Type": "application/json"})
-    urllib.request.urlopen(request, timeout=30).close()
-    page = browser.new_page()
-    page.navigate(url)
-    page.wait_for(READY, timeout=180)
-    return page
 
 
 def _stage_rows(ui: dict, groups: list[dict], api: dict) -> list[tuple[str, str, list[str]]]:

@@ -7,13 +7,12 @@ graphToPrompt of it must equal its API twin workflows/api/<name>.json. Run on ea
 supported host, so on each frontend it serves (1.27 with ComfyUI 0.3.64, 1.49 with 0.33).
 """
 import json
+import tomllib
 
 import pytest
 
-from support.browser import Chromium, find_chromium
+from support.browser import SHOW_PHOTOS, Chromium, find_chromium, open_editor
 from support.testing import WORKFLOWS
-from support.ui_layout import SHOW_PHOTOS
-from support.ui_workflows import open_editor, template_notes
 
 UI_WORKFLOWS = sorted(p.stem for p in WORKFLOWS.glob("*.json"))
 # requests the editor makes for files a fresh test server does not have; not errors of the workflows
@@ -37,7 +36,7 @@ def editor(comfy_server):
 def test_every_api_workflow_has_an_editor_twin_and_a_thumbnail():
     api = sorted(p.stem for p in (WORKFLOWS / "api").glob("*.json"))
     assert UI_WORKFLOWS == api
-    notes = template_notes()
+    notes = tomllib.loads((WORKFLOWS / "notes.toml").read_text(encoding="utf-8"))
     for name in api:
         assert (WORKFLOWS / f"{name}.jpg").is_file(), name
         assert name in notes, name

@@ -151,3 +151,63 @@ class Chromium:
 
     def __exit__(self, *exc):
         self.close()
+
+
+READY = ("window.app && app.graph && window.LiteGraph && "
+         "LiteGraph.registered_node_types['OmniIdentityEncode'] ? true : false")
+
+
+def open_editor(browser: Chromium, url: str) -> Page:
+    """The editor at ``url``, with the first-run template dialog already dismissed."""
+    settings = {"Comfy.TutorialCompleted": True, "Comfy.Minimap.Visible": False,
+                "LiteGraph.Canvas.LowQualityRenderingZoomThreshold": 0.1}
+    request = urllib.request.Request(f"{url}/settings", data=json.dumps(settings).encode(), method="POST",
+                                     headers={"Content-Type": "application/json"})
+    urllib.request.urlopen(request, timeout=30).close()
+    page = browser.new_page()
+    page.navigate(url)
+    page.wait_for(READY, timeout=180)
+    return page
+
+
+# A Load Image node whose photo is in ComfyUI's input folder grows by the photo's preview (220 px), in every
+# frontend: when the node is drawn with the photo loaded (1.27), or at once (1.49). showPhotos(pick) waits until
+# each Load Image shows its photo, drawing each node in view until then; pick: first point each at a photo the
+# server lists (the test's "a user's photo in every Load Image"); else each must already name one.
+SHOW_PHOTOS_JS = """
+async function showPhotos(pick) {
+  const values = w => (typeof w.options?.values === "function" ? w.options.values() : w.options?.values) || [];
+  const loaders = app.graph._nodes.filter(n => n.type === "LoadImage");
+  for (const n of loaders) {
+    const w = n.widgets.find(w => w.name === "image");
+    const photo = pick ? values(w).find(v => /[.](png|jpe?g|webp)$/i.test(v)) : w.value;
+    if (!values(w).includes(photo)) throw new Error(`${n.title}: no photo ${photo ?? ""} in the input folder`);
+    if (pick) {
+      w.value = photo;
+      w.callback?.(photo);
+    }
+  }
+  const shown = n => n.imgs?.length && n.imgs.every(i => i.complete && i.naturalWidth > 0)
+                     && n.widgets.some(w => w.name === "$$canvas-image-preview");
+  const c = app.canvas, view = [c.ds.scale, [...c.ds.offset]];
+  for (let tries = 0; !loaders.every(shown); tries++) {
+    if (tries > 300)
+      throw new Error("Load Image previews not shown: " + loaders.filter(n => !shown(n)).map(n => n.title));
+    for (const n of loaders.filter(n => !shown(n))) {
+      c.ds.scale = 1;
+      c.ds.offset = [40 - n.pos[0], 80 - n.pos[1]];
+      c.setDirty(true, true);
+      c.draw(true, true);
+    }
+    await new Promise(r => setTimeout(r, 50));
+  }
+  c.ds.scale = view[0];
+  c.ds.offset = view[1];
+  c.setDirty(true, true);
+  c.draw(true, true);
+  return loaders.length;
+}
+"""
+
+# for the tests: a user's photo in every Load Image, shown
+SHOW_PHOTOS = "(async () => { %s; return await showPhotos(true); })()" % SHOW_PHOTOS_JS
