@@ -242,3 +242,14 @@ def test_registry_archive_leaves_out_tests_and_benchmarks():
     assert {"tests", "benchmarks", "scripts", ".ci"} <= ignored
     includes = tomllib.loads((ROOT / "pyproject.toml").read_text())["tool"]["comfy"]["includes"]
     assert not any(p.strip("/").split("/")[0] in ignored for p in includes)
+
+
+def test_nodes_check_inputs_in_plain_code():
+    """No generated code and no hidden wrapping: validate_inputs and execute are what the source says."""
+    for path in python_files(*HOST):
+        tree = ast.parse(path.read_text(), filename=str(path))
+        for node in ast.walk(tree):
+            if isinstance(node, ast.Call) and isinstance(node.func, ast.Name):
+                assert node.func.id not in ("exec", "eval", "compile"), f"{path.relative_to(ROOT)} calls {node.func.id}"
+            if isinstance(node, ast.FunctionDef):
+                assert node.name != "__init_subclass__", f"{path.relative_to(ROOT)} defines __init_subclass__"
