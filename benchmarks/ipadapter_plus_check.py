@@ -1,18 +1,24 @@
-"""Side by side with IPAdapter_plus: the same h94 Plus-Face file, photo, seed and sampler through
-IPAdapter_plus's IPAdapterAdvanced and through this pack, in one real ComfyUI.
+"""Side by side with IPAdapter_plus (cubiq/ComfyUI_IPAdapter_plus at the commit vendored in
+../shared/vendor/, loaded from that archive, never copied into the pack), in one real ComfyUI.
 
-IPAdapter_plus is not part of this pack and is not downloaded: pass a checkout of
-cubiq/ComfyUI_IPAdapter_plus with --ipadapter-plus. It hard-codes SD1.5's block numbers, so the
-model here is a full-size SD1.5 UNet (random weights, written once into the cache) with the tiny
-test checkpoint's CLIP-L and TAESD; the Plus-Face file is random in h94's exact layout (Resampler
-768 wide, 16 queries over CLIP-H's 1280-wide tokens, 16 layers); CLIP-H is the random full-size
-test tower; the photo is a non-square test photo. Compared: the pack at its defaults (h94's
-semantics), the pack with IPAdapter_plus's conventions (unconditional=black, weight_mode=kv,
-clip_crop=center), and the same with the middle block left out as IPAdapter_plus does
-(blocks="middle=0", convention (d)). Figures: relative L2 of the sampled latents and of the
-decoded images against IPAdapter_plus's.
+Default (in process, a couple of minutes on a CPU; ``--quick``: the CI subset, 3 steps on an 8 x 8
+latent): IPAdapter_plus's IPAdapterAdvanced against the pack's IPAdapter_plus compatible apply
+(``comfy_host.ipadapter_plus``, node OmniIdentityApplyIPAdapterCompat) on identical random weights:
+small UNets with the SD1.5 and SDXL block structure IPAdapter_plus hard-codes, random h94 files of
+every kind (Plus, Plus-Face, Full-Face, base, FaceID, FaceID Portrait, FaceID Plus v1 and v2), a
+non-square photo, two photos with each combine mode, a negative image, a mask, weights 0.5 / 0.9 /
+1 / 1.3, a start/end window, every weight type and every embeds scaling (tests/support/
+ipadapter_plus_ref.py). Figure per case: relative L2 of the sampled latents (3 Euler steps, CFG 5),
+and IPAdapter_plus's latent against the model without it (how much there was to get right).
 
-    .venv/bin/python benchmarks/ipadapter_plus_check.py --ipadapter-plus /path/to/ComfyUI_IPAdapter_plus
+``--http``: the whole ComfyUI server with both packs in custom_nodes, a full-size random SD1.5 UNet,
+the random full-size CLIP-H and an h94 Plus-Face file: IPAdapter_plus's IPAdapterAdvanced at its
+defaults (V only) against the pack's compatible node, and against Apply Identity Adapter at its
+defaults (h94's own conventions: the middle block, CLIP's mean colour as the unconditional image).
+Figures: relative L2 of the latents and of the decoded images.
+
+    .venv/bin/python benchmarks/ipadapter_plus_check.py [--quick]
+    .venv/bin/python benchmarks/ipadapter_plus_check.py --http
 
 Last line: RESULT {json}.
 """
@@ -94,33 +100,65 @@ def graphs(args, photo: str) -> dict:
         "ipa": {"class_type": "IPAdapterAdvanced", "inputs": {
             "model": ["ckpt", 0], "ipadapter": ["ipa_file", 0], "image": ["photo", 0], "weight": args.weight,
             "weight_type": "linear", "combine_embeds": "concat", "start_at": 0.0, "end_at": 1.0,
-            "embeds_scaling": "K+V", "clip_vision": ["clipv", 0]}}})
-    variants = {"pack_defaults": ({}, {}),
-                "pack_ipadapter_plus_options": ({"unconditional": "black", "clip_crop": "center"},
-                                                {"weight_mode": "kv"}),
-                "pack_ipadapter_plus_options_no_middle": ({"unconditional": "black", "clip_crop": "center"},
-                                                          {"weight_mode": "kv", "blocks": "all=1, middle=0"})}
-    for name, (encode, apply) in variants.items():
-        prompt = sampled(["apply", 0], name)
-        prompt.update({
-            "embeds": {"class_type": "OmniIdentityEncodeBaseline", "inputs": {
-                "method": "clip", "images": ["photo", 0], "clip_vision": ["clipv", 0], **encode}},
-            "adapter": {"class_type": "OmniIdentityAdapterLoader", "inputs": {"adapter_name": "ip-adapter-plus-face_sd15.safetensors"}},
-            "apply": {"class_type": "OmniIdentityApplyAdapter", "inputs": {
-                "model": ["ckpt", 0], "adapter": ["adapter", 0], "embeds": ["embeds", 0], "weight": args.weight,
-                "start_at": 0.0, "end_at": 1.0, **apply}}})
-        out[name] = prompt
+            "embeds_scaling": "V only", "clip_vision": ["clipv", 0]}}})
+    adapter = {"class_type": "OmniIdentityAdapterLoader", "inputs": {"adapter_name": "ip-adapter-plus-face_sd15.safetensors"}}
+    compat = sampled(["apply", 0], "pack_compatible")
+    compat.update({"adapter": adapter, "apply": {"class_type": "OmniIdentityApplyIPAdapterCompat", "inputs": {
+        "model": ["ckpt", 0], "adapter": ["adapter", 0], "clip_vision": ["clipv", 0], "image": ["photo", 0],
+        "weight": args.weight, "weight_type": "linear", "combine_embeds": "concat", "start_at": 0.0, "end_at": 1.0,
+        "embeds_scaling": "V only"}}})
+    out["pack_compatible"] = compat
+    defaults = sampled(["apply", 0], "pack_defaults")
+    defaults.update({
+        "embeds": {"class_type": "OmniIdentityEncodeBaseline", "inputs": {
+            "method": "clip", "images": ["photo", 0], "clip_vision": ["clipv", 0]}},
+        "adapter": adapter,
+        "apply": {"class_type": "OmniIdentityApplyAdapter", "inputs": {
+            "model": ["ckpt", 0], "adapter": ["adapter", 0], "embeds": ["embeds", 0], "weight": args.weight,
+            "start_at": 0.0, "end_at": 1.0}}})
+    out["pack_defaults"] = defaults
     out["plain"] = sampled(["ckpt", 0], "plain")
     return out
 
 
+def unpacked_ipadapter_plus() -> Path:
+    """IPAdapter_plus unpacked from the vendored archive into a temporary folder."""
+    import tarfile
+    from support.ipadapter_plus_ref import ARCHIVE
+    folder = Path(tempfile.mkdtemp(prefix="omniid-ipa-src-"))
+    with tarfile.open(ARCHIVE) as archive:
+        archive.extractall(folder, filter="data")
+    return folder / "ComfyUI_IPAdapter_plus"
+
+
+def inprocess(args) -> None:
+    harness.ensure_comfyui()
+    import comfy.cli_args
+    comfy.cli_args.args.cpu = True
+    import torch
+    from support import ipadapter_plus_ref as ref
+    torch.set_num_threads(1)       # small models: one thread is fastest on a shared CPU
+    quick = dict(steps=3, size=8, only=ref.QUICK) if args.quick else {}
+    result = ref.run(**quick)
+    worst = max(result["cases"].values())
+    print(f"{len(result['cases'])} cases, worst latent rel L2 {worst:.2e}; smallest effect "
+          f"{min(result['effect'].values()):.2e}", flush=True)
+    print("RESULT " + json.dumps({**result, "worst": worst, "quick": args.quick}))
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--ipadapter-plus", required=True, help="a checkout of cubiq/ComfyUI_IPAdapter_plus")
+    parser.add_argument("--quick", action="store_true", help="in process: the CI subset of cases")
+    parser.add_argument("--http", action="store_true", help="the whole server with a full-size SD1.5 (slow)")
+    parser.add_argument("--ipadapter-plus", help="--http: a checkout of IPAdapter_plus (default: the vendored archive)")
     parser.add_argument("--size", type=int, default=256)
     parser.add_argument("--steps", type=int, default=4)
     parser.add_argument("--weight", type=float, default=0.7)
     args = parser.parse_args()
+    if not args.http:
+        inprocess(args)
+        return
+    args.ipadapter_plus = args.ipadapter_plus or str(unpacked_ipadapter_plus())
     comfyui = harness.ensure_comfyui()
     import numpy as np
     import torch
@@ -151,8 +189,7 @@ def main() -> None:
     finally:
         server.cleanup()
     latents, images = {}, {}
-    for name in ("ipadapter_plus", "pack_defaults", "pack_ipadapter_plus_options",
-                 "pack_ipadapter_plus_options_no_middle", "plain"):
+    for name in ("ipadapter_plus", "pack_compatible", "pack_defaults", "plain"):
         latents[name] = load_file(str(sorted((base / "output" / "check").glob(f"{name}_0*.latent"))[-1]))["latent_tensor"].double()
         images[name] = torch.from_numpy(np.asarray(Image.open(sorted((base / "output" / "check").glob(
             f"{name}_0*.png"))[-1]).convert("RGB"), dtype=np.float64) / 255.0)
@@ -163,7 +200,7 @@ def main() -> None:
         return float((a - b).norm() / b.norm())
 
     figures = {}
-    for name in ("pack_defaults", "pack_ipadapter_plus_options", "pack_ipadapter_plus_options_no_middle", "plain"):
+    for name in ("pack_compatible", "pack_defaults", "plain"):
         figures[name] = {"latent": rel(latents[name], latents["ipadapter_plus"]),
                          "image": rel(images[name], images["ipadapter_plus"])}
         print(f"{name:40s} vs IPAdapter_plus: latent rel L2 {figures[name]['latent']:.3e}, "

@@ -15,6 +15,7 @@ each recognised by its keys (never by its file name).
 """
 from __future__ import annotations
 
+import os
 import re
 
 import torch
@@ -111,12 +112,28 @@ def from_h94(tensors: dict, path: str, name: str) -> IdentityAdapter:
     except ValueError as exc:
         raise CheckpointError(f"{path}: {exc}") from exc
     # FaceID files also hold LoRA weights under ip_adapter.N.to_*_lora: they are a separate LoRA
+    if kind == "faceid_plusv2" and not faceid_plus_is_v2(path, proj_state):
+        args = {**args, "shortcut": False}          # FaceID Plus v1: no shortcut (v2, the default, says nothing)
     numbers = sorted({int(k.split(".")[1]) for k in tensors if re.fullmatch(r"ip_adapter\.\d+\.to_[kv]_ip\.weight", k)})
     layers = _kv_layers(tensors, path, numbers, "ip_adapter.{number}.to_{kv}_ip.{part}", bias=False)
     dims = [layers[f"layers.{i}.to_k.weight"].shape[0] for i in range(len(numbers))]
     config = AdapterConfig(family="unet", token_dim=layers["layers.0.to_k.weight"].shape[1], layer_dims=tuple(dims),
                            projection=kind, projection_args=args, embeds_kind=ADAPTER_KIND[kind], source="h94")
     return assemble(config, {**layers, **{f"image_proj.{k}": v for k, v in proj_state.items()}}, path, name)
+
+
+def faceid_plus_is_v2(path: str, proj_state: dict) -> bool:
+    """FaceID Plus v1 and v2 files have the same keys and shapes: v2 adds the FaceID tokens back to the
+    CLIP refinement (the "shortcut"), v1 does not. The file's name tells them apart, as in IPAdapter_plus:
+    a name with ``plus`` but not ``plusv2`` (h94's ip-adapter-faceid-plus_sd15) is v1; ``plusv2`` (h94's
+    ip-adapter-faceid-plusv2_sd15/sdxl), Kolors' FaceID Plus (a 4096-wide resampler, trained with the
+    shortcut) and a name that says neither are v2. (IPAdapter_plus reads a name without ``plusv2`` as
+    v1: rename such a v1 file to keep ``faceid-plus`` in it.)"""
+    out = proj_state.get("perceiver_resampler.layers.0.0.to_out.weight")
+    if out is not None and out.shape[0] == 4096:
+        return True
+    name = os.path.basename(path).lower()
+    return "plusv2" in name or "plus" not in name
 
 
 def from_xlabs(tensors: dict, path: str, name: str) -> IdentityAdapter:

@@ -31,9 +31,12 @@ from typing import Callable, Optional, Sequence
 import torch
 import torch.nn.functional as F
 
+from .ipadapter_plus import scaled_kv
+
 AttentionFn = Callable[..., torch.Tensor]
 COND, UNCOND = 0, 1
 WEIGHT_MODES = ("output", "kv")
+PENALTY_MODES = ("kv_penalty", "k_mean_v_penalty")   # IPAdapter_plus's "K+V w/ C penalty", "K+mean(V) w/ C penalty"
 
 
 def sdpa_attention(q, k, v, heads, mask=None, **_):
@@ -120,13 +123,14 @@ class LayerInjection:
     sigma_start: float = math.inf          # active while sigma_end <= sigma <= sigma_start
     sigma_end: float = 0.0
     mask: Optional[torch.Tensor] = None    # (B or 1, H, W) over the latent
-    weight_mode: str = "output"            # "output": w * Attn(q, K, V); "kv": Attn(q, w K, w V)
+    weight_mode: str = "output"            # "output": w * Attn(q, K, V); "kv": Attn(q, w K, w V); PENALTY_MODES
     style: str = "decoupled"               # FLUX hosts: the adapter's attention (see guidance.adapter)
+    tokens_per_image: int = 0              # "k_mean_v_penalty": the values' mean is taken per photo
     _cast: dict = field(default_factory=dict, repr=False)
 
     def __post_init__(self):
-        if self.weight_mode not in WEIGHT_MODES:
-            raise ValueError(f"weight_mode must be one of {WEIGHT_MODES}, not {self.weight_mode!r}")
+        if self.weight_mode not in WEIGHT_MODES + PENALTY_MODES:
+            raise ValueError(f"weight_mode must be one of {WEIGHT_MODES + PENALTY_MODES}, not {self.weight_mode!r}")
 
     def active(self, sigmas: Optional[torch.Tensor]) -> bool:
         if self.weight == 0.0:
@@ -143,8 +147,8 @@ class LayerInjection:
         key = (branch, like.device, like.dtype, tracked)
         if key not in self._cast:
             pair = (self.keys[branch].to(like.device, like.dtype), self.values[branch].to(like.device, like.dtype))
-            if self.weight_mode == "kv":
-                pair = tuple(t * self.weight for t in pair)
+            if self.weight_mode != "output":
+                pair = scaled_kv(*pair, self.weight_mode, self.weight, self.tokens_per_image)
             if tracked:
                 pair = tuple(t.clone() if t.is_inference() else t for t in pair)
             self._cast[key] = pair
@@ -153,7 +157,8 @@ class LayerInjection:
     def to(self, device) -> "LayerInjection":
         moved = {b: t.to(device) for b, t in self.keys.items()}, {b: t.to(device) for b, t in self.values.items()}
         return LayerInjection(moved[0], moved[1], self.weight, self.sigma_start, self.sigma_end,
-                              None if self.mask is None else self.mask.to(device), self.weight_mode, self.style)
+                              None if self.mask is None else self.mask.to(device), self.weight_mode, self.style,
+                              self.tokens_per_image)
 
     def attend(self, q: torch.Tensor, heads: int, attention: AttentionFn,
                cond_or_uncond: Sequence[int]) -> torch.Tensor:

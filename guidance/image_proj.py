@@ -7,7 +7,8 @@ as they are; the modules are our own implementations of the published architectu
 - ``full_face``: an MLP over every CLIP token, then LayerNorm;
 - ``faceid``: an MLP from the 512-d ArcFace embedding to T tokens, then LayerNorm;
 - ``faceid_plusv2``: the FaceID tokens refined by a Perceiver resampler over the CLIP
-  tokens, added back with a scale (the "v2" shortcut);
+  tokens, added back with a scale (the "v2" shortcut; FaceID Plus v1 files, the same keys,
+  have ``shortcut=False``: the refinement alone);
 - ``pooled``: one linear layer from the image encoder's pooled embedding to T tokens, then
   LayerNorm (h94's base IP-Adapter; XLabs' FLUX IP-Adapters, keys ``proj`` and ``norm``);
 - ``pooled_mlp``: an MLP from the pooled embedding to T tokens, then LayerNorm (InstantX's
@@ -120,15 +121,20 @@ class FaceIDProjection(nn.Module):
 class FaceIDPlusProjection(FaceIDProjection):
     """FaceID tokens refined by a Perceiver resampler over CLIP tokens (h94's ProjPlusModel)."""
 
-    def __init__(self, id_dim, hidden, output_dim, num_tokens, dim, depth, heads, embedding_dim, ff_mult):
+    def __init__(self, id_dim, hidden, output_dim, num_tokens, dim, depth, heads, embedding_dim, ff_mult,
+                 shortcut: bool = True):
         if dim != output_dim:
             raise ValueError(f"FaceID Plus: the resampler width ({dim}) must equal the token width ({output_dim})")
         super().__init__(id_dim, hidden, output_dim, num_tokens)
+        self.shortcut = shortcut
         self.perceiver_resampler = PerceiverStack(dim, depth, heads, embedding_dim, output_dim, ff_mult)
 
     def forward(self, arcface: torch.Tensor, clip: torch.Tensor, shortcut_scale: float = 1.0) -> torch.Tensor:
+        """v2 (``shortcut``): tokens + scale x refinement; v1: the refinement alone (h94's
+        ProjModelFaceIdPlus with shortcut=False; the scale does not apply)."""
         tokens = super().forward(arcface)
-        return tokens + shortcut_scale * self.perceiver_resampler.run(tokens, clip.to(tokens.dtype))
+        refined = self.perceiver_resampler.run(tokens, clip.to(tokens.dtype))
+        return tokens + shortcut_scale * refined if self.shortcut else refined
 
 
 class PooledProjection(nn.Module):

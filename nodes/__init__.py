@@ -6,7 +6,7 @@ from comfy_api.latest import ComfyExtension, io
 from ..comfy_host import compat
 from ..comfy_host.folders import register_model_folders
 from . import (adapter_nodes, dataset_nodes, embeds_nodes, encoder_nodes, face_nodes, flame_nodes, infinite_id_nodes,
-               metrics_nodes, pivot_nodes, rb_guidance_nodes, save_nodes, training_nodes)
+               ipadapter_plus_nodes, metrics_nodes, pivot_nodes, rb_guidance_nodes, save_nodes, training_nodes)
 
 __all__ = ["NODES", "OmniIdentityExtension", "register_model_folders"]
 
@@ -15,6 +15,7 @@ NODES: list[type[io.ComfyNode]] = [
     *encoder_nodes.NODES,
     *embeds_nodes.NODES,
     *adapter_nodes.NODES,
+    *ipadapter_plus_nodes.NODES,
     *infinite_id_nodes.NODES,
     *rb_guidance_nodes.NODES,
     *metrics_nodes.NODES,

@@ -1,0 +1,81 @@
+"""The IPAdapter_plus compatible apply: IPAdapter_plus's options and defaults, on this pack's engine."""
+from __future__ import annotations
+
+from comfy_api.latest import io, ui
+
+from ..comfy_host.inputs import queue_check, run_check
+from ..comfy_host.ipadapter_plus import apply_ipadapter_plus
+from ..guidance.ipadapter_plus import COMBINE_MODES, EMBEDS_SCALINGS, WEIGHT_TYPES
+from .common import CATEGORY, RUN_CHECKS, IdentityAdapterType, OmniNode
+
+
+class ApplyIPAdapterCompat(OmniNode):
+    @classmethod
+    def define_schema(cls) -> io.Schema:
+        return io.Schema(
+            node_id="OmniIdentityApplyIPAdapterCompat",
+            display_name="Apply IP-Adapter, IPAdapter_plus compatible (OmniIdentity)",
+            category=f"{CATEGORY}/adapter",
+            description=("IPAdapter_plus's IPAdapter Advanced, reproduced: the same h94 file, photos and options give "
+                         "the same model patches (its unconditional image per kind of file, no middle block, its weight "
+                         "types, embeds scaling and combine modes). For SD1.5 and SDXL h94 IP-Adapters (Plus, "
+                         "Plus-Face, Full-Face, base, FaceID, FaceID Plus v1/v2, Portrait). `python -m omniid convert` "
+                         "rewrites IPAdapter_plus workflows to use it."),
+            inputs=[
+                io.Model.Input("model", tooltip="SD1.5 or SDXL model."),
+                IdentityAdapterType.Input("adapter", tooltip="An h94 IP-Adapter, from Identity Adapter Loader."),
+                io.ClipVision.Input("clip_vision", tooltip="CLIP-H (ViT-bigG for the SDXL ViT-G file), from Load CLIP Vision."),
+                io.Image.Input("image", tooltip="The reference photo(s); non-square photos are centre-cropped, as there."),
+                io.Float.Input("weight", default=1.0, min=-1.0, max=5.0, step=0.05, tooltip="Strength of the image."),
+                io.Combo.Input("weight_type", options=list(WEIGHT_TYPES), default="linear",
+                               tooltip="IPAdapter_plus's weight types: a weight per layer from its block and position."),
+                io.Combo.Input("combine_embeds", options=list(COMBINE_MODES), default="concat",
+                               tooltip="How several photos merge: concat keeps every photo's tokens; the others "
+                                       "merge the encoder outputs before the projection."),
+                io.Float.Input("start_at", default=0.0, min=0.0, max=1.0, step=0.001,
+                               tooltip="Fraction of the schedule where the image starts."),
+                io.Float.Input("end_at", default=1.0, min=0.0, max=1.0, step=0.001,
+                               tooltip="Fraction of the schedule where it stops."),
+                io.Combo.Input("embeds_scaling", options=list(EMBEDS_SCALINGS), default="V only",
+                               tooltip="V only (IPAdapter_plus's default): the image term times the weight; K+V: "
+                                       "keys and values times the weight; the C penalties scale by width / 1280."),
+                io.Image.Input("image_negative", optional=True,
+                               tooltip="Unconditional image (default: black for CLIP-token files, zeros otherwise)."),
+                io.Mask.Input("attn_mask", optional=True, tooltip="Where the image applies (resized to each layer)."),
+                io.FaceAnalysis.Input("face_analysis", optional=True,
+                                      tooltip="FaceID files: the face analysis that finds the face and its ArcFace "
+                                              "embedding (Face Analysis Loader with insightface)."),
+                io.Float.Input("weight_faceidv2", default=1.0, min=-1.0, max=5.0, step=0.05, optional=True,
+                               tooltip="FaceID Plus v2: weight of the shortcut (IPAdapter FaceID's input; IPAdapter "
+                                       "Advanced uses twice the weight)."),
+                io.Float.Input("weight_composition", default=1.0, min=-1.0, max=5.0, step=0.05, optional=True,
+                               tooltip="'style and composition': the weight of the composition layers."),
+                io.Float.Input("boost", default=1.0, min=-5.0, max=5.0, step=0.05, optional=True,
+                               tooltip="The precise types: style boost ('style transfer precise') or composition "
+                                       "boost ('composition precise'); IPAdapter Advanced uses the weight."),
+            ],
+            outputs=[io.Model.Output(display_name="model", tooltip="The model with the image's attention added.")],
+        )
+
+    ORDERED = (("start_at", "end_at"),)
+
+    @classmethod
+    def validate_inputs(cls, **values) -> bool | str:
+        return queue_check(cls, **values)
+
+    @classmethod
+    def execute(cls, model, adapter, clip_vision, image, weight: float, weight_type: str, combine_embeds: str,
+                start_at: float, end_at: float, embeds_scaling: str, image_negative=None, attn_mask=None,
+                face_analysis=None, weight_faceidv2: float = 1.0, weight_composition: float = 1.0,
+                boost: float = 1.0) -> io.NodeOutput:
+        checked = run_check(cls, dict(adapter=adapter, image=image, image_negative=image_negative,
+                                      attn_mask=attn_mask, face_analysis=face_analysis), RUN_CHECKS)
+        patched = apply_ipadapter_plus(model, checked["adapter"], clip_vision, checked["image"], weight, weight_type,
+                                       combine_embeds, start_at, end_at, embeds_scaling, checked["image_negative"],
+                                       checked["attn_mask"], checked["face_analysis"], weight_faceidv2,
+                                       weight_composition, boost)
+        return io.NodeOutput(patched, ui=ui.PreviewText(
+            f"{adapter.name}: weight {weight}, {weight_type}, {embeds_scaling}, {combine_embeds}"))
+
+
+NODES = [ApplyIPAdapterCompat]
