@@ -10,6 +10,7 @@ input and output blocks (IPAdapter_plus never reaches the middle block).
 """
 from __future__ import annotations
 
+import os
 from typing import Optional
 
 import numpy as np
@@ -19,7 +20,7 @@ from comfy.ldm.modules.attention import SpatialTransformer
 from ..guidance.adapter import AdapterFitError, IdentityAdapter
 from ..guidance.decoupled import COND, UNCOND, LayerInjection
 from ..guidance.ipadapter_plus import (COMBINE_MODES, EMBEDS_SCALINGS, SCALING_MODES, WEIGHT_TYPES, combine,
-                                       layer_plan, repeat_to)
+                                       layer_plan, paired_lora_name, repeat_to)
 from .clip_vision import ClipVision
 from .identity import add_unet_injection
 from .layers import adapter_layers, check_fit, diffusion_model, is_flux, sigma_window
@@ -125,13 +126,52 @@ def project(adapter: IdentityAdapter, inputs: dict, faceid_v2_weight: float) -> 
     return proj(next(iter(inputs.values())).float())
 
 
+LORA_CHOICES = ("auto", "none")
+
+
+def lora_files() -> list[str]:
+    """The LoRA files ComfyUI lists (models/loras)."""
+    import folder_paths
+    return [name for name in folder_paths.get_filename_list("loras") if name.lower().endswith(".safetensors")]
+
+
+def with_faceid_lora(model, adapter: IdentityAdapter, lora: str, strength: float):
+    """``model`` with the FaceID LoRA applied to the UNet at ``strength`` (as IPAdapter_plus's FaceID unified
+    loader applies it, model only): ``lora`` names a file in models/loras, or is "auto" (the file paired
+    with the adapter by name, in models/loras or next to the adapter in models/ipadapter) or "none"."""
+    if strength == 0.0 or lora == "none":
+        return model
+    import comfy.sd
+    import comfy.utils
+    import folder_paths
+    if lora == "auto":
+        path = None
+        for folder in ("loras", "ipadapter"):
+            name = paired_lora_name(adapter.name, folder_paths.get_filename_list(folder))
+            if name is not None:
+                path = folder_paths.get_full_path(folder, name)
+                break
+        if path is None:
+            raise ValueError(f"no LoRA paired with '{adapter.name}' (named like "
+                             f"'{os.path.splitext(os.path.basename(adapter.name))[0]}_lora.safetensors') in "
+                             "models/loras or models/ipadapter: put h94's LoRA there, choose it in faceid_lora, or "
+                             "set faceid_lora_strength to 0")
+    else:
+        path = folder_paths.get_full_path_or_raise("loras", lora)
+    patched, _ = comfy.sd.load_lora_for_models(model, None, comfy.utils.load_torch_file(path, safe_load=True),
+                                               strength, 0)
+    return patched
+
+
 def apply_ipadapter_plus(model, adapter: IdentityAdapter, clip_vision, image: torch.Tensor, weight: float = 1.0,
                          weight_type: str = "linear", combine_embeds: str = "concat", start_at: float = 0.0,
                          end_at: float = 1.0, embeds_scaling: str = "V only",
                          image_negative: Optional[torch.Tensor] = None, attn_mask: Optional[torch.Tensor] = None,
                          face_analysis=None, weight_faceidv2: Optional[float] = None,
-                         weight_composition: float = 1.0, boost: Optional[float] = None):
-    """A clone of ``model`` patched as IPAdapter_plus's IPAdapterAdvanced patches it (``model`` untouched)."""
+                         weight_composition: float = 1.0, boost: Optional[float] = None,
+                         faceid_lora: str = "auto", faceid_lora_strength: float = 0.0):
+    """A clone of ``model`` patched as IPAdapter_plus's IPAdapterAdvanced patches it (``model`` untouched);
+    with ``faceid_lora_strength``, the FaceID LoRA applied first, as its FaceID unified loader does."""
     if weight_type not in WEIGHT_TYPES:
         raise ValueError(f"weight_type must be one of {WEIGHT_TYPES}, not {weight_type!r}")
     if embeds_scaling not in EMBEDS_SCALINGS:
@@ -164,7 +204,7 @@ def apply_ipadapter_plus(model, adapter: IdentityAdapter, clip_vision, image: to
     indices = transformer_indices(model)
     sigma_start, sigma_end = sigma_window(model, start_at, end_at)
     mode = SCALING_MODES[embeds_scaling]
-    patched = model.clone()
+    patched = with_faceid_lora(model, adapter, faceid_lora, faceid_lora_strength).clone()
     for index, layer in enumerate(layers):
         if layer.group == "middle":          # IPAdapter_plus's key for it, ("middle", 1), is never called
             continue

@@ -23,6 +23,8 @@ workflows come from. Reproducing its images takes its conventions, which differ 
 """
 from __future__ import annotations
 
+import os
+import re
 from dataclasses import dataclass
 from typing import Optional
 
@@ -162,3 +164,15 @@ def scaled_kv(keys: torch.Tensor, values: torch.Tensor, mode: str, weight: float
     grouped = values.reshape(-1, per, values.shape[-1])
     mean = grouped.mean(1, keepdim=True)
     return keys * w, ((grouped - mean) + mean * w).reshape(values.shape)
+
+
+def _plain(name: str) -> str:
+    return re.sub(r"[^a-z0-9]", "", os.path.splitext(os.path.basename(name))[0].lower())
+
+
+def paired_lora_name(adapter_name: str, loras: list[str]) -> Optional[str]:
+    """The LoRA h94 published with a FaceID file, by IPAdapter_plus's naming: the adapter's name followed
+    by ``lora`` (ip-adapter-faceid_sd15.bin -> ip-adapter-faceid_sd15_lora.safetensors; separators and
+    case ignored), among ``loras`` (names in ComfyUI's loras folder, then the ipadapter folder)."""
+    wanted = _plain(adapter_name) + "lora"
+    return next((name for name in loras if name.lower().endswith(".safetensors") and _plain(name) == wanted), None)

@@ -4,7 +4,7 @@ from __future__ import annotations
 from comfy_api.latest import io, ui
 
 from ..comfy_host.inputs import queue_check, run_check
-from ..comfy_host.ipadapter_plus import apply_ipadapter_plus
+from ..comfy_host.ipadapter_plus import LORA_CHOICES, apply_ipadapter_plus, lora_files
 from ..guidance.ipadapter_plus import COMBINE_MODES, EMBEDS_SCALINGS, WEIGHT_TYPES
 from .common import CATEGORY, RUN_CHECKS, IdentityAdapterType, OmniNode
 
@@ -53,6 +53,12 @@ class ApplyIPAdapterCompat(OmniNode):
                 io.Float.Input("boost", default=1.0, min=-5.0, max=5.0, step=0.05, optional=True,
                                tooltip="The precise types: style boost ('style transfer precise') or composition "
                                        "boost ('composition precise'); IPAdapter Advanced uses the weight."),
+                io.Combo.Input("faceid_lora", options=[*LORA_CHOICES, *lora_files()], default="auto", optional=True,
+                               tooltip="FaceID files: the LoRA h94 published with them (models/loras); auto finds "
+                                       "the one named after the adapter (its name + '_lora')."),
+                io.Float.Input("faceid_lora_strength", default=0.0, min=0.0, max=1.0, step=0.01, optional=True,
+                               tooltip="Strength of the FaceID LoRA on the model (0: not applied; IPAdapter_plus's "
+                                       "FaceID unified loader uses 0.6)."),
             ],
             outputs=[io.Model.Output(display_name="model", tooltip="The model with the image's attention added.")],
         )
@@ -67,13 +73,13 @@ class ApplyIPAdapterCompat(OmniNode):
     def execute(cls, model, adapter, clip_vision, image, weight: float, weight_type: str, combine_embeds: str,
                 start_at: float, end_at: float, embeds_scaling: str, image_negative=None, attn_mask=None,
                 face_analysis=None, weight_faceidv2: float = 1.0, weight_composition: float = 1.0,
-                boost: float = 1.0) -> io.NodeOutput:
+                boost: float = 1.0, faceid_lora: str = "auto", faceid_lora_strength: float = 0.0) -> io.NodeOutput:
         checked = run_check(cls, dict(adapter=adapter, image=image, image_negative=image_negative,
                                       attn_mask=attn_mask, face_analysis=face_analysis), RUN_CHECKS)
         patched = apply_ipadapter_plus(model, checked["adapter"], clip_vision, checked["image"], weight, weight_type,
                                        combine_embeds, start_at, end_at, embeds_scaling, checked["image_negative"],
                                        checked["attn_mask"], checked["face_analysis"], weight_faceidv2,
-                                       weight_composition, boost)
+                                       weight_composition, boost, faceid_lora, faceid_lora_strength)
         return io.NodeOutput(patched, ui=ui.PreviewText(
             f"{adapter.name}: weight {weight}, {weight_type}, {embeds_scaling}, {combine_embeds}"))
 

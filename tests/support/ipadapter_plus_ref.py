@@ -91,6 +91,9 @@ def h94_file(kind: str, layout: str, widths: list[int], seed: int) -> dict:
         dim, heads = (1280, 20) if sdxl else (token, 12)
         proj = {"latents": (torch.randn(1, 16, dim, generator=r.generator) / dim ** 0.5).to(r.dtype),
                 **resampler(r, dim, heads, clip_width, token)}
+    elif kind == "portrait_unnorm":       # a Resampler over the raw ArcFace embedding (one 512-wide token)
+        proj = {"latents": (torch.randn(1, 16, 1280, generator=r.generator) / 1280 ** 0.5).to(r.dtype),
+                **resampler(r, 1280, 20, ID_WIDTH, token)}
     elif kind == "full_face":
         proj = {**r.linear("proj.0", clip_width, clip_width), **r.linear("proj.2", token, clip_width),
                 **r.norm("proj.3", token)}
@@ -134,6 +137,7 @@ def resampler(r, dim: int, heads: int, embedding: int, output: int, prefix: str 
 FILE_NAMES = {"plus": "ip-adapter-plus_{}.safetensors", "plus_face": "ip-adapter-plus-face_{}.safetensors",
               "full_face": "ip-adapter-full-face_{}.safetensors", "base": "ip-adapter_{}.safetensors",
               "faceid": "ip-adapter-faceid_{}.safetensors", "portrait": "ip-adapter-faceid-portrait_{}.safetensors",
+              "portrait_unnorm": "ip-adapter-faceid-portrait_{}_unnorm.safetensors",
               "faceid_plus": "ip-adapter-faceid-plus_{}.safetensors",
               "faceid_plusv2": "ip-adapter-faceid-plusv2_{}.safetensors"}
 
@@ -165,6 +169,26 @@ class StandInFaces:
                              embedding=self.embedding.copy(), embedding_kind="arcface512")]
 
 
+def paired_lora(work: Path, adapter_file: str, model, seed: int) -> dict:
+    """A random LoRA on a few attention projections, saved in a loras folder ComfyUI is told about, under the
+    name h94 gives a FaceID file's LoRA (<adapter>_lora.safetensors); returns its tensors."""
+    import folder_paths
+    from safetensors.torch import save_file
+    folder = work / "loras"
+    folder.mkdir(exist_ok=True)
+    folder_paths.add_model_folder_path("loras", str(folder))
+    g = torch.Generator().manual_seed(seed + 17)
+    state = {}
+    for name, module in model.model.diffusion_model.named_modules():
+        if name.endswith(("attn1.to_q", "attn2.to_out.0")) and len(state) < 24:
+            key = "lora_unet_" + name.replace(".", "_")
+            state[f"{key}.lora_up.weight"] = torch.randn(module.weight.shape[0], 4, generator=g) * 0.3
+            state[f"{key}.lora_down.weight"] = torch.randn(4, module.weight.shape[1], generator=g) * 0.3
+            state[f"{key}.alpha"] = torch.tensor(4.0)
+    save_file(state, str(folder / (Path(adapter_file).stem + "_lora.safetensors")))
+    return state
+
+
 def sample(model, seed: int, text: torch.Tensor, negative: torch.Tensor, steps: int = 3, size: int = 16) -> torch.Tensor:
     import comfy.sample
     latent = torch.zeros(1, 4, size, size)
@@ -186,7 +210,8 @@ def cases(layout: str) -> list[dict]:
         return out + [dict(name="plus_style_transfer", kind="plus", weight_type="style transfer"),
                       dict(name="plus_composition_precise", kind="plus", weight_type="composition precise",
                            weight=0.8),
-                      dict(name="base_ease_in_masked", kind="base", weight_type="ease in", mask=True)]
+                      dict(name="base_ease_in_masked", kind="base", weight_type="ease in", mask=True),
+                      dict(name="faceid_portrait_unnorm", kind="portrait_unnorm", faces=True)]
     out += [dict(name="plus_weight_0.5_window", kind="plus", weight=0.5, start_at=0.2, end_at=0.8),
             dict(name="plus_masked", kind="plus", mask=True),
             dict(name="plus_two_photos_concat", kind="plus", photos=2),
@@ -196,6 +221,7 @@ def cases(layout: str) -> list[dict]:
             dict(name="plus_negative_image", kind="plus", negative=True),
             dict(name="base_negative_image", kind="base", negative=True),
             dict(name="faceid", kind="faceid", faces=True),
+            dict(name="faceid_with_lora_0.6", kind="faceid", faces=True, lora=0.6),
             dict(name="faceid_portrait_two_photos", kind="portrait", faces=True, photos=2),
             dict(name="faceid_plus_v1", kind="faceid_plus", faces=True),
             dict(name="faceid_plusv2", kind="faceid_plusv2", faces=True, weight=0.7)]
@@ -209,7 +235,7 @@ def cases(layout: str) -> list[dict]:
 
 
 QUICK = {"sd15/plus_defaults", "sd15/full_face_defaults", "sd15/base_defaults", "sd15/plus_weight_0.5_window",
-         "sd15/plus_masked", "sd15/plus_two_photos_average", "sd15/plus_negative_image", "sd15/faceid",
+         "sd15/plus_masked", "sd15/plus_two_photos_average", "sd15/plus_negative_image", "sd15/faceid", "sd15/faceid_with_lora_0.6",
          "sd15/faceid_plus_v1", "sd15/faceid_plusv2", "sd15/plus_two_photos_k_mean_v", "sd15/plus_K+V w/ C penalty",
          "sd15/plus_ease in", "sd15/plus_style transfer precise", "sdxl/base_defaults", "sdxl/plus_style_transfer"}
 
@@ -256,9 +282,15 @@ def run(layouts=("sd15", "sdxl"), seed: int = 0, steps: int = 3, size: int = 16,
                            end_at=case.get("end_at", 1.0), embeds_scaling=case.get("embeds_scaling", "V only"),
                            image_negative=negative_photo if case.get("negative") else None,
                            attn_mask=mask if case.get("mask") else None)
-            theirs = ipa.IPAdapterAdvanced().apply_ipadapter(model, nested, image=image, clip_vision=cv,
+            base, lora = model, {}
+            if case.get("lora"):       # IPAdapter_plus's FaceID unified loader: the paired LoRA on the model first
+                import comfy.sd
+                lora_file = paired_lora(work, FILE_NAMES[kind].format(layout), model, seed)
+                base = comfy.sd.load_lora_for_models(model, None, lora_file, case["lora"], 0)[0]
+                lora = dict(faceid_lora="auto", faceid_lora_strength=case["lora"])
+            theirs = ipa.IPAdapterAdvanced().apply_ipadapter(base, nested, image=image, clip_vision=cv,
                                                              insightface=faces, **options)[0]
-            ours = apply_ipadapter_plus(model, adapter, cv, image, face_analysis=faces, **options)
+            ours = apply_ipadapter_plus(model, adapter, cv, image, face_analysis=faces, **options, **lora)
             reference = sample(theirs, seed, text, negative, steps, size)
             key = f"{layout}/{case['name']}"
             results[key] = relative(sample(ours, seed, text, negative, steps, size), reference)
