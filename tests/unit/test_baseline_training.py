@@ -22,7 +22,7 @@ BASELINE_ENCODER = {**ENCODER, "id_dim": 16, "id_hidden": 32}
 
 
 @pytest.mark.parametrize("method", ["arcface", "clip", "arcface_clip", "infinite_id"])
-def test_fidelity_flow_stage_trains_the_papers_baselines_like_omni_id(dataset_dir, method):
+def test_flow_stage_trains_the_papers_baselines_like_omni_id(dataset_dir, method):
     """Omni-ID A.1: ArcFace, CLIP and ArcFace+CLIP are trained in the same flow-matching stage;
     the CLIP baseline has no encoder, only the adapter's projections train."""
     from omniid.guidance.adapter import AdapterConfig, create_adapter
@@ -53,7 +53,7 @@ def test_fidelity_flow_stage_trains_the_papers_baselines_like_omni_id(dataset_di
 
 
 @pytest.mark.parametrize("method", ["clip", "arcface"])
-def test_fidelity_concatenated_baselines_never_attend_to_padding(dataset_dir, method):
+def test_concatenated_baselines_never_attend_to_padding(dataset_dir, method):
     """Identities of 1 and 3 photos in one batch: each one's loss is what it is alone (groups by token count)."""
     from omniid.guidance.adapter import AdapterConfig, create_adapter
     from omniid.training.dataset import Sample
@@ -77,7 +77,7 @@ def test_fidelity_concatenated_baselines_never_attend_to_padding(dataset_dir, me
     assert lengths[1] == 3 * lengths[0]
 
 
-def test_fidelity_a_trained_clip_adapter_reads_the_photos_concatenated_clip_tokens():
+def test_a_trained_clip_adapter_reads_the_photos_concatenated_clip_tokens():
     from omniid.encoders.embeds import IdentityEmbeds
     from omniid.guidance.adapter import AdapterConfig, create_adapter
     from omniid.guidance.decoupled import COND, UNCOND

@@ -234,7 +234,7 @@ def test_photo_path_draws_detected_landmarks(photos):
         assert conditions[0, y, x, 0] == 1.0
 
 
-def test_fidelity_flame_fit_uses_3d_landmarks_when_the_face_analysis_has_them(model):
+def test_flame_fit_uses_3d_landmarks_when_the_face_analysis_has_them(model):
     """Appendix: FLAME is fitted to 3D landmarks. insightface's 68 3D landmarks (z in pixels, whichever way
     it points) reach the fit as 3D, in the image frame, and pin the shape down from one photo; dlib's 2D
     landmarks stay the fallback, and 2D can still be asked for."""

@@ -241,7 +241,7 @@ def test_checkpoint_not_matching_its_config(tmp_path):
         load_encoder(str(path))
 
 
-def test_fidelity_infinite_id_extractor_concatenates_the_two_mapped_features():
+def test_infinite_id_extractor_concatenates_the_two_mapped_features():
     """c_id = Concat(M_clip(E_clip(FA(x))), M_face(E_face(FA(x)))), written out here with the module's weights."""
     import torch.nn.functional as F
     config = EncoderConfig(architecture="infinite_id", clip_dim=48, dim=32, num_heads=4, id_hidden=24, face_tokens=3)

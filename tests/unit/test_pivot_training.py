@@ -26,7 +26,7 @@ def pivot_objective(dataset_dir, tower=None, **kwargs):
 
 
 @pytest.mark.parametrize("blocks", [2, -1])
-def test_fidelity_pivot_trains_its_visual_encoder_with_the_linear_layer(dataset_dir, blocks):
+def test_pivot_trains_its_visual_encoder_with_the_linear_layer(dataset_dir, blocks):
     """OmniPortrait: "only the Pivot ID Encoder and linear layer are optimized": the visual encoder's last N
     blocks (or all) train with the fusing layer, its trained blocks recompute activations (checkpointing)."""
     from omniid.encoders.pivot import prepare_vision
@@ -53,7 +53,7 @@ def test_fidelity_pivot_trains_its_visual_encoder_with_the_linear_layer(dataset_
     assert not torch.equal(fuse_before, pivot.fuse.weight)
 
 
-def test_fidelity_pivot_file_carries_the_trained_visual_encoder_and_old_files_load(tmp_path):
+def test_pivot_file_carries_the_trained_visual_encoder_and_old_files_load(tmp_path):
     import json as json_
     from omniid.encoders.checkpoint import METADATA_KEY, atomic_save
     from omniid.encoders.pivot import (PivotConfig, PivotIDEncoder, load_pivot, load_vision_state, prepare_vision,
@@ -87,7 +87,7 @@ def test_fidelity_pivot_file_carries_the_trained_visual_encoder_and_old_files_lo
     torch.testing.assert_close(v1.fuse.weight, old.fuse.weight)
 
 
-def test_fidelity_pivot_drops_text_and_id_conditions_ten_percent_of_the_time(dataset_dir):
+def test_pivot_drops_text_and_id_conditions_ten_percent_of_the_time(dataset_dir):
     """OmniPortrait: "10% dropout is applied to text and ID conditions" (independently, per sample)."""
     from omniid.training.pivot import CONDITION_DROPOUT, condition_drops
     draws = [condition_drops(0, step, i, CONDITION_DROPOUT, CONDITION_DROPOUT) for step in range(500) for i in range(4)]
@@ -115,7 +115,7 @@ def test_fidelity_pivot_drops_text_and_id_conditions_ten_percent_of_the_time(dat
     assert all(p.grad is None or not p.grad.any() for p in tower.parameters())
 
 
-def test_fidelity_localisation_compares_on_the_papers_16_by_16_grid():
+def test_localisation_compares_on_the_papers_16_by_16_grid():
     """A_t in [0, 1]^(16 x 16): a finer map (SDXL's 32 x 32 at 1024 px) is averaged onto 16 x 16 first."""
     from omniid.training.pivot import localisation_loss
     mask = torch.zeros(1, 64, 64)

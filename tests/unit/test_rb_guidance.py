@@ -47,15 +47,20 @@ def test_energy_gradient_matches_finite_differences():
 
 def test_background_gradients_are_zero():
     net = features_net(2)
-    x = torch.randn(1, 4, 8, 8, dtype=torch.float64)
+    g = torch.Generator().manual_seed(3)
+    x = torch.randn(1, 4, 8, 8, generator=g, dtype=torch.float64)
     gen_mask = torch.zeros(1, 16, dtype=torch.bool)
     gen_mask[0, [5, 6, 9, 10]] = True                                  # a 2 x 2 block of the 4 x 4 grid
-    ref = torch.randn(5, 6, dtype=torch.float64)
+    ref = torch.randn(5, 6, generator=g, dtype=torch.float64)
     grad, _, _ = guidance_gradient(x, lambda z: (net(z), gen_mask), ref, torch.ones(5, dtype=torch.bool), 8.5,
                                    latent_mask=lambda m: mask_to_latent(m, (4, 4), (8, 8)))
     latent = mask_to_latent(gen_mask, (4, 4), (8, 8))
     assert (grad * (1 - latent)).abs().max() == 0
-    assert (grad * latent).abs().max() > 0
+    # inside the mask the gradient is the unmasked energy's, untouched; outside, the masking removed a
+    # gradient of the same order (the convolutions spread the face's energy onto the background)
+    unmasked, _, _ = guidance_gradient(x, lambda z: (net(z), gen_mask), ref, torch.ones(5, dtype=torch.bool), 8.5)
+    torch.testing.assert_close(grad, unmasked * latent, rtol=0, atol=1e-12)
+    assert (unmasked * (1 - latent)).abs().max() > 0.1 * unmasked.abs().max()
 
 
 def test_match_score_by_hand():
@@ -99,7 +104,7 @@ def test_guidance_moves_x0_against_the_gradient():
     assert torch.equal(out, torch.full_like(denoised, -2.0))
 
 
-def test_fidelity_gradient_is_taken_on_the_models_noisy_latent():
+def test_gradient_is_taken_on_the_models_noisy_latent():
     """The paper adds grad_{z_t} E to the CFG noise prediction, z_t the model's own noisy latent
     (z_t = sqrt(abar) x0 + sqrt(1 - abar) eps). A host sampling k-diffusion's x = z_t / sqrt(abar)
     differentiates on x; the push must still be the paper's: checked against a hand derivation on a
@@ -156,7 +161,7 @@ def test_pivot_encoder_binds_the_face_to_the_class_word(tmp_path):
         load_pivot(str(path))
 
 
-def test_fidelity_the_subject_token_is_found_in_the_prompt():
+def test_the_subject_token_is_found_in_the_prompt():
     from omniid.guidance.rb_guidance import find_subject_token
     tokens = ["<|startoftext|>", "a</w>", "photo</w>", "of</w>", "a</w>", "smiling</w>", "woman</w>", "in</w>",
               "astron", "aut</w>", "gear</w>", "<|endoftext|>", "<|endoftext|>"]

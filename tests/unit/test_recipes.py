@@ -9,7 +9,7 @@ from omniid.training.recipes import PAPER, QUICK, Settings, flow_stage, pivot_st
 GIVEN = Settings(steps=7, lr=3e-3, image_size=64, batch=8, grad_accum=1)
 
 
-def test_fidelity_paper_recipe_sets_each_stage_to_its_papers_values():
+def test_paper_recipe_sets_each_stage_to_its_papers_values():
     # Omni-ID appendix A.2 / A.1 and OmniPortrait "Loss & Training"
     expected = {"mtd": (250_000, 1e-4, 448, 256), "flow": (5_000, 1e-4, 512, 32), "flow_arcface": (75_000, 1e-4, 512, 32),
                 "pivot_sd15": (80_000, 2e-5, 512, 8), "pivot_sdxl": (60_000, 2e-5, 1024, 8)}
@@ -21,7 +21,7 @@ def test_fidelity_paper_recipe_sets_each_stage_to_its_papers_values():
             assert settings.batch <= GIVEN.batch and f"{steps} steps" in line and "recipe paper" in line
 
 
-def test_fidelity_custom_keeps_the_values_and_explicit_values_win_over_the_recipe():
+def test_custom_keeps_the_values_and_explicit_values_win_over_the_recipe():
     assert resolve("flow", "custom", GIVEN)[0] == GIVEN
     settings, line = resolve("mtd", "paper", GIVEN, explicit=frozenset({"steps", "image_size"}))
     assert (settings.steps, settings.image_size, settings.lr, settings.global_batch()) == (7, 64, 1e-4, 256)
@@ -48,7 +48,7 @@ def test_split_batch_reaches_the_global_batch_with_the_largest_micro_batch_that_
     assert PAPER["pivot_sd15"].batch is None                       # the paper gives none: the run's is kept
 
 
-def test_fidelity_omniid_train_accepts_a_recipe_and_keeps_explicit_flags():
+def test_omniid_train_accepts_a_recipe_and_keeps_explicit_flags():
     from omniid.cli.train import add_parser, run_settings
     parser = argparse.ArgumentParser()
     add_parser(parser.add_subparsers())
@@ -64,7 +64,7 @@ def test_fidelity_omniid_train_accepts_a_recipe_and_keeps_explicit_flags():
     assert (settings.steps, settings.batch, settings.grad_accum, settings.image_size) == (1000, 8, 1, 448)
 
 
-def test_fidelity_recipe_sets_the_diffusers_stages_too():
+def test_recipe_sets_the_diffusers_stages_too():
     from argparse import Namespace
     from omniid.cli.train_flow import stage2_settings
     from omniid.training.recipes import Settings

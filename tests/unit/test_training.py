@@ -200,7 +200,7 @@ def test_pose_selection_takes_distinct_clusters_far_apart():
     assert gaps.min() > 15.0
 
 
-def test_fidelity_pose_difference_is_the_sum_over_yaw_pitch_and_roll():
+def test_pose_difference_is_the_sum_over_yaw_pitch_and_roll():
     """MFHQ: 'the sum of absolute pose differences is larger than 15 degrees for each pair'. A turn of the
     head's roll alone, or 8 + 8 degrees of yaw and pitch, is a different pose; 5 + 5 + 4 is not."""
     from omniid.training.build_dataset import BuildSettings, FaceEntry, choose_by_pose, pose_difference
@@ -215,7 +215,7 @@ def test_fidelity_pose_difference_is_the_sum_over_yaw_pitch_and_roll():
     assert len(choose_by_pose(entries([0, 0, 0], [5, 5, 4], [-5, -5, -4]), settings)) == 1
 
 
-def test_fidelity_faces_below_the_448_px_floor_are_dropped_not_upscaled(tmp_path):
+def test_faces_below_the_448_px_floor_are_dropped_not_upscaled(tmp_path):
     from omniid.encoders.face import create_analyzer
     from omniid.training.build_dataset import BuildSettings, build_dataset
     from omniid.training.dataset import load_image
@@ -302,7 +302,7 @@ def test_mtd_loss_is_the_l1_error_over_each_targets_masked_patches():
     torch.testing.assert_close(mtd_loss(predicted, target, mask, "all"), torch.tensor([8 / 3, 4 / 3]))
 
 
-def test_fidelity_omniid_train_prints_the_recipe_it_runs(dataset_dir, tmp_path, tiny_open_clip):
+def test_omniid_train_prints_the_recipe_it_runs(dataset_dir, tmp_path, tiny_open_clip):
     done = run(train_command(dataset_dir, tmp_path / "enc.safetensors", tmp_path / "ckpt.pt", 1, tiny_open_clip,
                              extra=("--recipe", "quick")))
     assert "recipe quick (mtd): 1 steps, global batch 2 (batch 2 x accum 1 x 1 process(es)), 56 px, lr 0.001" \
