@@ -128,7 +128,7 @@ def test_training_cancels_and_resumes_from_its_checkpoint_and_bad_datasets_are_r
     assert "no identity had 8 faces with distinct poses" in message and json.dumps("images_without_face") in message
 
 
-def test_fidelity_pivot_encoder_trains_its_visual_encoder_and_apply_pivot_uses_it(comfy, comfy_server, tiny_people):
+def test_pivot_encoder_trains_its_visual_encoder_and_apply_pivot_uses_it(comfy, comfy_server, tiny_people):
     """OmniPortrait trains the visual encoder with the linear layer: the saved pivot file carries the trained
     vision tensors (format 2), and Apply Pivot ID embeds the reference with them, not with the plain CLIP."""
     g = Graph()
@@ -183,7 +183,7 @@ def test_fidelity_pivot_encoder_trains_its_visual_encoder_and_apply_pivot_uses_i
 
 
 @pytest.mark.parametrize("method", ["clip", "arcface", "infinite_id"])
-def test_fidelity_flow_matching_node_trains_a_paper_baseline_that_generates(comfy, comfy_server, tiny_people, method):
+def test_flow_matching_node_trains_a_paper_baseline_that_generates(comfy, comfy_server, tiny_people, method):
     """Omni-ID A.1: the baselines train in the same flow-matching stage; clip has no encoder (only the adapter's
     projections train), arcface starts a new ArcFace projection. The saved adapter then applies to Encode
     Baseline's embeds of that method (Infinite-ID Encode's for infinite_id, trained as Infinite-ID trains: identity
@@ -242,7 +242,7 @@ def test_fidelity_flow_matching_node_trains_a_paper_baseline_that_generates(comf
     assert len(images_of(comfy, result, ids["save"])) == 1
 
 
-def test_fidelity_training_nodes_log_the_paper_recipe_they_run(comfy, comfy_server, tiny_people):
+def test_training_nodes_log_the_paper_recipe_they_run(comfy, comfy_server, tiny_people):
     """recipe=paper replaces the widgets by the paper's values and says so at start (the run is then cancelled)."""
     g = tiny_mtd_graph(tiny_people, 3, "recipe_paper", resume=False, recipe="paper")
     checkpoint = comfy_server.base_directory / "output" / "omni_identity_training" / "recipe_paper.mtd.pt"
