@@ -140,6 +140,7 @@ def inprocess(args) -> None:
     torch.set_num_threads(1)       # small models: one thread is fastest on a shared CPU
     quick = dict(steps=3, size=8, only=ref.QUICK) if args.quick else {}
     result = ref.run(**quick)
+    result["converter_layout"] = ref.converter_layout_problems()
     worst = max(result["cases"].values())
     print(f"{len(result['cases'])} cases, worst latent rel L2 {worst:.2e}; smallest effect "
           f"{min(result['effect'].values()):.2e}", flush=True)

@@ -1,4 +1,5 @@
-"""Command line: `serve` a ComfyUI with this pack, `run` an API-format workflow on one.
+"""Command line: `serve` a ComfyUI with this pack, `run` an API-format workflow on one, `convert` an
+IPAdapter_plus workflow to this pack's nodes.
 
 Exit codes (stable, for scripts):
   0 success · 2 bad arguments or workflow file · 3 ComfyUI not found, not started or
@@ -291,6 +292,8 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument("--quiet", action="store_true", help="no progress on stderr")
     from .train import add_parser
     add_parser(sub)
+    from .convert import add_parser as add_convert_parser
+    add_convert_parser(sub)
     return parser
 
 
@@ -300,6 +303,9 @@ def main(argv: Optional[list[str]] = None) -> int:
         if args.command == "train":
             from .train import cmd_train
             return cmd_train(args)
+        if args.command == "convert":
+            from .convert import cmd_convert
+            return cmd_convert(args)
         return cmd_serve(args) if args.command == "serve" else cmd_run(args)
     except UsageError as exc:
         print(f"error: {exc}", file=sys.stderr)

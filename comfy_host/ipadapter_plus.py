@@ -170,8 +170,9 @@ def apply_ipadapter_plus(model, adapter: IdentityAdapter, clip_vision, image: to
                          face_analysis=None, weight_faceidv2: Optional[float] = None,
                          weight_composition: float = 1.0, boost: Optional[float] = None,
                          faceid_lora: str = "auto", faceid_lora_strength: float = 0.0):
-    """A clone of ``model`` patched as IPAdapter_plus's IPAdapterAdvanced patches it (``model`` untouched);
-    with ``faceid_lora_strength``, the FaceID LoRA applied first, as its FaceID unified loader does."""
+    """(a clone of ``model`` patched as IPAdapter_plus's IPAdapterAdvanced patches it, the aligned faces of a
+    FaceID file or None); ``model`` is untouched. With ``faceid_lora_strength``, the FaceID LoRA is applied
+    first, as IPAdapter_plus's FaceID unified loader does."""
     if weight_type not in WEIGHT_TYPES:
         raise ValueError(f"weight_type must be one of {WEIGHT_TYPES}, not {weight_type!r}")
     if embeds_scaling not in EMBEDS_SCALINGS:
@@ -219,4 +220,4 @@ def apply_ipadapter_plus(model, adapter: IdentityAdapter, clip_vision, image: to
         injection = LayerInjection(keys, values, plan.weight, sigma_start, sigma_end, attn_mask, mode,
                                    tokens_per_image=per_image)
         add_unet_injection(patched, layer.key, injection)
-    return patched
+    return patched, (faces[1] if faces is not None else None)

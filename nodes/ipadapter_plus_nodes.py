@@ -60,7 +60,10 @@ class ApplyIPAdapterCompat(OmniNode):
                                tooltip="Strength of the FaceID LoRA on the model (0: not applied; IPAdapter_plus's "
                                        "FaceID unified loader uses 0.6)."),
             ],
-            outputs=[io.Model.Output(display_name="model", tooltip="The model with the image's attention added.")],
+            outputs=[io.Model.Output(display_name="model", tooltip="The model with the image's attention added."),
+                     io.Image.Output(display_name="face_image",
+                                     tooltip="FaceID files: the faces aligned as the adapter reads them (IPAdapter "
+                                             "FaceID's face_image); other files: the input photos.")],
         )
 
     ORDERED = (("start_at", "end_at"),)
@@ -76,11 +79,11 @@ class ApplyIPAdapterCompat(OmniNode):
                 boost: float = 1.0, faceid_lora: str = "auto", faceid_lora_strength: float = 0.0) -> io.NodeOutput:
         checked = run_check(cls, dict(adapter=adapter, image=image, image_negative=image_negative,
                                       attn_mask=attn_mask, face_analysis=face_analysis), RUN_CHECKS)
-        patched = apply_ipadapter_plus(model, checked["adapter"], clip_vision, checked["image"], weight, weight_type,
+        patched, faces = apply_ipadapter_plus(model, checked["adapter"], clip_vision, checked["image"], weight, weight_type,
                                        combine_embeds, start_at, end_at, embeds_scaling, checked["image_negative"],
                                        checked["attn_mask"], checked["face_analysis"], weight_faceidv2,
                                        weight_composition, boost, faceid_lora, faceid_lora_strength)
-        return io.NodeOutput(patched, ui=ui.PreviewText(
+        return io.NodeOutput(patched, faces if faces is not None else checked["image"], ui=ui.PreviewText(
             f"{adapter.name}: weight {weight}, {weight_type}, {embeds_scaling}, {combine_embeds}"))
 
 

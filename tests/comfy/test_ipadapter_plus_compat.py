@@ -43,3 +43,14 @@ def test_the_latents_equal_ipadapter_plus(result):
 def test_ipadapter_plus_changes_the_latent_so_equality_means_something(result):
     small = {case: value for case, value in result["effect"].items() if not value > 10 * BOUND}
     assert not small, small
+
+
+def test_faceid_face_images_equal_ipadapter_plus(result):
+    assert result["face_images"] and max(result["face_images"].values()) <= 1e-6, result["face_images"]
+
+
+
+def test_the_converter_lays_out_the_nodes_as_their_schemas_do(result):
+    """cli/convert.py writes editor nodes without ComfyUI: its widget orders, sockets and outputs must be the
+    schemas' (the frontend maps widgets_values by position); checked in the same ComfyUI process."""
+    assert result["converter_layout"] == [], result["converter_layout"]

@@ -256,7 +256,7 @@ def run(layouts=("sd15", "sdxl"), seed: int = 0, steps: int = 3, size: int = 16,
     negative_photo = torch.rand(1, 224, 224, 3, generator=g)
     mask = torch.zeros(1, 128, 128)
     mask[:, 20:100, 30:110] = 1.0
-    results, effects = {}, {}
+    results, effects, face_images = {}, {}, {}
     for layout in layouts:
         chosen = [case for case in cases(layout) if only is None or f"{layout}/{case['name']}" in only]
         if not chosen:
@@ -288,13 +288,38 @@ def run(layouts=("sd15", "sdxl"), seed: int = 0, steps: int = 3, size: int = 16,
                 lora_file = paired_lora(work, FILE_NAMES[kind].format(layout), model, seed)
                 base = comfy.sd.load_lora_for_models(model, None, lora_file, case["lora"], 0)[0]
                 lora = dict(faceid_lora="auto", faceid_lora_strength=case["lora"])
-            theirs = ipa.IPAdapterAdvanced().apply_ipadapter(base, nested, image=image, clip_vision=cv,
-                                                             insightface=faces, **options)[0]
-            ours = apply_ipadapter_plus(model, adapter, cv, image, face_analysis=faces, **options, **lora)
+            theirs, their_faces = ipa.IPAdapterAdvanced().apply_ipadapter(base, nested, image=image, clip_vision=cv,
+                                                                          insightface=faces, **options)
+            ours, our_faces = apply_ipadapter_plus(model, adapter, cv, image, face_analysis=faces, **options, **lora)
+            if faces is not None:      # FaceID's face_image output: the aligned faces
+                face_images[f"{layout}/{case['name']}"] = float((our_faces - their_faces).abs().max())
             reference = sample(theirs, seed, text, negative, steps, size)
             key = f"{layout}/{case['name']}"
             results[key] = relative(sample(ours, seed, text, negative, steps, size), reference)
             effects[key] = relative(plain, reference)
             print(f"{key:48s} latent rel L2 {results[key]:.2e} (IPAdapter_plus vs none {effects[key]:.2e})",
                   flush=True)
-    return {"cases": results, "effect": effects, "ipadapter_plus_commit": COMMIT}
+    return {"cases": results, "effect": effects, "face_images": face_images, "ipadapter_plus_commit": COMMIT}
+
+
+def converter_layout_problems() -> list:
+    """Where cli/convert.py's editor layout of a node (widget order, sockets, outputs) differs from the node's
+    schema in this ComfyUI: [] when none."""
+    from omniid.cli import convert as C
+    from omniid.comfy_host.folders import register_model_folders
+    register_model_folders()
+    from omniid.nodes.adapter_nodes import AdapterLoader
+    from omniid.nodes.face_nodes import FaceAnalysisLoader
+    from omniid.nodes.ipadapter_plus_nodes import ApplyIPAdapterCompat
+    sockets_types = {"MODEL", "IDENTITY_ADAPTER", "CLIP_VISION", "IMAGE", "MASK", "FACE_ANALYSIS"}
+    problems = []
+    for cls, kind in ((ApplyIPAdapterCompat, C.COMPAT), (AdapterLoader, C.ADAPTER_LOADER),
+                      (FaceAnalysisLoader, C.FACE_LOADER)):
+        schema = cls.define_schema()
+        widgets = tuple(i.id for i in schema.inputs
+                        if i.get_io_type() not in sockets_types and not getattr(i, "force_input", False))
+        sockets = tuple((i.id, i.get_io_type()) for i in schema.inputs if i.get_io_type() in sockets_types)
+        outputs = tuple((o.display_name, o.get_io_type()) for o in schema.outputs)
+        if (widgets, sockets, outputs) != (C.WIDGETS[kind], C.TARGETS[kind], C.OUTPUTS[kind]):
+            problems.append([kind, list(widgets), [list(x) for x in sockets], [list(x) for x in outputs]])
+    return problems
