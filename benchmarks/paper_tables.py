@@ -33,7 +33,7 @@ import numpy as np
 
 import support_path  # noqa: F401  (test assets)
 from omniid.cli.client import ComfyClient
-from omniid.cli.graph import Graph
+from support.graph import Graph
 from omniid.cli.server import ComfyServer, comfyui_python, find_comfyui
 from omniid.encoders.face import create_analyzer
 from omniid.training.metrics import clip_image_similarity, clip_text_similarity, face_embeddings, identity_report

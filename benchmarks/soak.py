@@ -27,7 +27,7 @@ from pathlib import Path
 
 import support_path  # noqa: F401  (test assets)
 from omniid.cli.client import ComfyClient, ExecutionFailed, PromptRejected
-from omniid.cli.graph import Graph
+from support.graph import Graph
 from omniid.cli.provision import comfyui_python, find_comfyui
 from support import assets
 from support.testing import populate_base, start_server

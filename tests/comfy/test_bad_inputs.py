@@ -13,7 +13,7 @@ import numpy as np
 import pytest
 
 from omniid.cli.client import ComfyClient, ExecutionFailed, PromptRejected
-from omniid.cli.graph import Graph
+from support.graph import Graph
 from support.testing import images_of
 
 SOCKETS = ("IMAGE", "MASK", "IDENTITY_EMBEDS", "IDENTITY_ADAPTER", "OMNI_ID_ENCODER", "FACE_ANALYSIS",

@@ -41,7 +41,7 @@ def test_run_exit_codes_for_rejected_and_failed_prompts(comfy_server, tmp_path):
 
 def _long_prompt(tmp_path, name):
     import json
-    from omniid.cli.graph import Graph
+    from support.graph import Graph
     g = Graph()
     g.sd_sampling(steps=5000, prefix=f"cli/{name}")
     path = tmp_path / f"{name}.json"

@@ -5,7 +5,7 @@ from safetensors import safe_open
 
 from support.assets import TEST_ARCFACE_ONNX
 from omniid.cli.client import ExecutionFailed
-from omniid.cli.graph import Graph
+from support.graph import Graph
 
 CLIP = "omniid_random_clip_vit_h.safetensors"
 OMNI = "omniid_tiny_omni_id.safetensors"

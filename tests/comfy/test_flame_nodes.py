@@ -5,7 +5,7 @@ import numpy as np
 import pytest
 
 from omniid.cli.client import ComfyClient, ExecutionFailed, PromptRejected
-from omniid.cli.graph import Graph
+from support.graph import Graph
 from support.testing import images_of, load_workflow, populate_base, start_server
 
 TINY = ("Checkpoint.ckpt_name=omniid_tiny_sd15.safetensors",

@@ -2,7 +2,7 @@
 objects to every node that reads them, in this prompt and in later ones."""
 import json
 
-from omniid.cli.graph import Graph
+from support.graph import Graph
 
 XLABS = "omniid_tiny_flux_xlabs.safetensors"      # loads in bfloat16, as XLabs publishes it
 

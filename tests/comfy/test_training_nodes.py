@@ -7,7 +7,7 @@ import pytest
 import torch
 
 from omniid.cli.client import ExecutionFailed, PromptRejected
-from omniid.cli.graph import Graph
+from support.graph import Graph
 from support.assets import TEST_ARCFACE_ONNX
 from support.testing import images_of, load_workflow
 

@@ -1,4 +1,4 @@
-"""A tiny builder for API-format prompts (tests, benchmarks, scripts)."""
+"""A tiny builder for API-format prompts in the tests and benchmarks; defaults are the tiny test models."""
 from __future__ import annotations
 
 
