@@ -9,7 +9,7 @@ Editor (UI) and API workflows alike. What converts (IPAdapter_plus 9d076a3d's no
   wired to that input's source (the FaceID LoRA moves to the apply node's faceid_lora_strength);
 - IPAdapterInsightFaceLoader -> Face Analysis Loader (insightface/<model_name>, its provider);
 - IPAdapter, IPAdapterAdvanced, IPAdapterFaceID, IPAdapterPreciseStyleTransfer,
-  IPAdapterPreciseComposition -> Apply IP-Adapter, IPAdapter_plus compatible
+  IPAdapterPreciseComposition, IPAdapterMS -> Apply IP-Adapter, IPAdapter_plus compatible
   (OmniIdentityApplyIPAdapterCompat) with the same values (IPAdapter's simple weight types as the types
   they stand for; IPAdapter Advanced's FaceID v2 weight, twice the weight; the precise boosts).
 Links, positions, sizes, titles, modes and every other node are kept. Nodes that do not convert stay as
@@ -41,6 +41,8 @@ IPA_WIDGETS = {
                                       "embeds_scaling"),
     "IPAdapterPreciseComposition": ("weight", "composition_boost", "combine_embeds", "start_at", "end_at",
                                     "embeds_scaling"),
+    "IPAdapterMS": ("weight", "weight_faceidv2", "weight_type", "combine_embeds", "start_at", "end_at",
+                    "embeds_scaling", "layer_weights"),
     "IPAdapterModelLoader": ("ipadapter_file",),
     "IPAdapterUnifiedLoader": ("preset",),
     "IPAdapterUnifiedLoaderFaceID": ("preset", "lora_strength", "provider"),
@@ -49,9 +51,9 @@ IPA_WIDGETS = {
 }
 IPA_DEFAULTS = {"weight": 1.0, "start_at": 0.0, "end_at": 1.0, "weight_type": "linear", "combine_embeds": "concat",
                 "embeds_scaling": "V only", "weight_faceidv2": 1.0, "style_boost": 1.0, "composition_boost": 0.0,
-                "lora_strength": 0.6, "provider": "CPU", "model_name": "buffalo_l"}
+                "lora_strength": 0.6, "provider": "CPU", "model_name": "buffalo_l", "layer_weights": ""}
 APPLY_TYPES = ("IPAdapter", "IPAdapterAdvanced", "IPAdapterFaceID", "IPAdapterPreciseStyleTransfer",
-               "IPAdapterPreciseComposition")
+               "IPAdapterPreciseComposition", "IPAdapterMS")
 LOADER_TYPES = ("IPAdapterModelLoader", "IPAdapterUnifiedLoader", "IPAdapterUnifiedLoaderFaceID",
                 "IPAdapterUnifiedLoaderCommunity")
 # sockets of IPAdapter_plus's apply nodes -> the compatible node's
@@ -68,7 +70,7 @@ TARGETS = {
 }
 WIDGETS = {
     COMPAT: ("weight", "weight_type", "combine_embeds", "start_at", "end_at", "embeds_scaling", "weight_faceidv2",
-             "weight_composition", "boost", "faceid_lora", "faceid_lora_strength"),
+             "weight_composition", "boost", "faceid_lora", "faceid_lora_strength", "layer_weights"),
     ADAPTER_LOADER: ("adapter_name",),
     FACE_LOADER: ("backend", "provider", "det_size", "dlib_detector", "arcface_model"),
     CLIP_LOADER: ("clip_name",),
@@ -112,7 +114,6 @@ UNSUPPORTED = {
     "IPAdapterLoadEmbeds": "IPAdapter_plus's pickled .ipadpt embeds are not read (the pack never loads pickles)",
     "IPAdapterStyleComposition": "a separate composition image (SDXL style and composition) is not in the pack yet",
     "IPAdapterStyleCompositionBatch": "a separate composition image and unfold batch are not in the pack yet",
-    "IPAdapterMS": "per-layer weights (layer_weights, the Mad Scientist node) are not in the pack yet",
     "IPAdapterClipVisionEnhancer": "the tiled CLIP vision enhancer is not in the pack yet",
     "IPAdapterClipVisionEnhancerBatch": "the tiled CLIP vision enhancer and unfold batch are not in the pack yet",
     "IPAdapterFromParams": "IPADAPTER_PARAMS (regional conditioning) are not in the pack yet",
@@ -351,13 +352,14 @@ def compat_widgets(node_type: str, w: dict) -> dict:
            "combine_embeds": w.get("combine_embeds", "concat"), "start_at": float(w.get("start_at", 0.0)),
            "end_at": float(w.get("end_at", 1.0)), "embeds_scaling": w.get("embeds_scaling", "V only"),
            "weight_faceidv2": weight * 2, "weight_composition": 1.0, "boost": weight,
-           "faceid_lora": "auto", "faceid_lora_strength": 0.0}
+           "faceid_lora": "auto", "faceid_lora_strength": 0.0, "layer_weights": ""}
     if node_type == "IPAdapter":
         value = str(w.get("weight_type", "standard"))
         out["weight_type"] = ("style transfer" if value.startswith("style")
                               else "ease out" if value == "prompt is more important" else "linear")
-    elif node_type == "IPAdapterFaceID":
+    elif node_type in ("IPAdapterFaceID", "IPAdapterMS"):
         out["weight_faceidv2"] = float(w.get("weight_faceidv2", 1.0))
+        out["layer_weights"] = str(w.get("layer_weights") or "")
     elif node_type == "IPAdapterPreciseStyleTransfer":
         out.update(weight_type="style transfer precise", boost=float(w.get("style_boost", 1.0)))
     elif node_type == "IPAdapterPreciseComposition":

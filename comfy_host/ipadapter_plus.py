@@ -20,7 +20,7 @@ from comfy.ldm.modules.attention import SpatialTransformer
 from ..guidance.adapter import AdapterFitError, IdentityAdapter
 from ..guidance.decoupled import COND, UNCOND, LayerInjection
 from ..guidance.ipadapter_plus import (COMBINE_MODES, EMBEDS_SCALINGS, SCALING_MODES, WEIGHT_TYPES, combine,
-                                       layer_plan, paired_lora_name, repeat_to)
+                                       layer_plan, paired_lora_name, parse_layer_weights, repeat_to)
 from .clip_vision import ClipVision
 from .identity import add_unet_injection
 from .layers import adapter_layers, check_fit, diffusion_model, is_flux, sigma_window
@@ -169,7 +169,7 @@ def apply_ipadapter_plus(model, adapter: IdentityAdapter, clip_vision, image: to
                          image_negative: Optional[torch.Tensor] = None, attn_mask: Optional[torch.Tensor] = None,
                          face_analysis=None, weight_faceidv2: Optional[float] = None,
                          weight_composition: float = 1.0, boost: Optional[float] = None,
-                         faceid_lora: str = "auto", faceid_lora_strength: float = 0.0):
+                         faceid_lora: str = "auto", faceid_lora_strength: float = 0.0, layer_weights: str = ""):
     """(a clone of ``model`` patched as IPAdapter_plus's IPAdapterAdvanced patches it, the aligned faces of a
     FaceID file or None); ``model`` is untouched. With ``faceid_lora_strength``, the FaceID LoRA is applied
     first, as IPAdapter_plus's FaceID unified loader does."""
@@ -203,6 +203,7 @@ def apply_ipadapter_plus(model, adapter: IdentityAdapter, clip_vision, image: to
     per_image = cond.shape[1]
     tokens = {COND: cond.reshape(-1, cond.shape[-1]), UNCOND: uncond.reshape(-1, uncond.shape[-1])}
     indices = transformer_indices(model)
+    table = parse_layer_weights(layer_weights)
     sigma_start, sigma_end = sigma_window(model, start_at, end_at)
     mode = SCALING_MODES[embeds_scaling]
     patched = with_faceid_lora(model, adapter, faceid_lora, faceid_lora_strength).clone()
@@ -210,7 +211,7 @@ def apply_ipadapter_plus(model, adapter: IdentityAdapter, clip_vision, image: to
         if layer.group == "middle":          # IPAdapter_plus's key for it, ("middle", 1), is never called
             continue
         plan = layer_plan(weight_type, weight, layer.group, indices[(layer.group, layer.number)], sdxl,
-                          weight_composition, boost)
+                          weight_composition, boost, table)
         if plan.weight is None or plan.weight == 0.0:
             continue
         keys, values = adapter.layer_kv(index, tokens)

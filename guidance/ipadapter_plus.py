@@ -94,12 +94,36 @@ def weight_table(weight_type: str, weight: float, sdxl: bool, weight_composition
     return None
 
 
+def parse_layer_weights(text: str) -> dict[int, float]:
+    """IPAdapter_plus's ``layer_weights`` (its Mad Scientist node): "index:weight, ..." by transformer index."""
+    table = {}
+    for part in filter(None, (p.strip() for p in (text or "").replace("\n", ",").split(","))):
+        index, sep, value = part.partition(":")
+        try:
+            if not sep:
+                raise ValueError
+            table[int(index)] = float(value)
+        except ValueError:
+            raise ValueError(f"layer_weights entry {part!r} is not 'index:weight' (e.g. '3:0.8, 6:1')") from None
+    return table
+
+
 def layer_plan(weight_type: str, weight: float, group: str, transformer_index: int, sdxl: bool,
-               weight_composition: float = 1.0, boost: Optional[float] = None) -> LayerPlan:
-    """One layer's weight under ``weight_type``, from its block group and transformer index."""
+               weight_composition: float = 1.0, boost: Optional[float] = None,
+               layer_weights: Optional[dict[int, float]] = None) -> LayerPlan:
+    """One layer's weight under ``weight_type``, from its block group and transformer index. ``layer_weights``
+    (a table of multipliers of the weight by transformer index) replaces the type's weights; the precise
+    types keep their unconditional-branch layers, the others act as linear."""
     if weight_type not in WEIGHT_TYPES:
         raise ValueError(f"weight_type must be one of {WEIGHT_TYPES}, not {weight_type!r}")
     layers, t = transformer_count(sdxl), transformer_index
+    if layer_weights:
+        if t not in layer_weights:
+            return LayerPlan(None)
+        composition_layers = (3,) if sdxl else (4, 5)
+        swap = ((weight_type == "style transfer precise" and t in composition_layers)
+                or (weight_type == "composition precise" and t not in composition_layers))
+        return LayerPlan(layer_weights[t] * weight, swap)
     if weight_type == "ease in":
         return LayerPlan(weight * (0.05 + 0.95 * (1 - t / layers)))
     if weight_type == "ease out":

@@ -5,7 +5,7 @@ from comfy_api.latest import io, ui
 
 from ..comfy_host.inputs import queue_check, run_check
 from ..comfy_host.ipadapter_plus import LORA_CHOICES, apply_ipadapter_plus, lora_files
-from ..guidance.ipadapter_plus import COMBINE_MODES, EMBEDS_SCALINGS, WEIGHT_TYPES
+from ..guidance.ipadapter_plus import COMBINE_MODES, EMBEDS_SCALINGS, WEIGHT_TYPES, parse_layer_weights
 from .common import CATEGORY, RUN_CHECKS, IdentityAdapterType, OmniNode
 
 
@@ -59,6 +59,10 @@ class ApplyIPAdapterCompat(OmniNode):
                 io.Float.Input("faceid_lora_strength", default=0.0, min=0.0, max=1.0, step=0.01, optional=True,
                                tooltip="Strength of the FaceID LoRA on the model (0: not applied; IPAdapter_plus's "
                                        "FaceID unified loader uses 0.6)."),
+                io.String.Input("layer_weights", default="", multiline=True, optional=True,
+                                tooltip="Per-layer weights by transformer index, 'index:weight, ...' (IPAdapter "
+                                        "Mad Scientist's layer_weights): each times weight, other layers off; empty: "
+                                        "the weight type decides."),
             ],
             outputs=[io.Model.Output(display_name="model", tooltip="The model with the image's attention added."),
                      io.Image.Output(display_name="face_image",
@@ -67,6 +71,7 @@ class ApplyIPAdapterCompat(OmniNode):
         )
 
     ORDERED = (("start_at", "end_at"),)
+    PARSERS = {"layer_weights": parse_layer_weights}
 
     @classmethod
     def validate_inputs(cls, **values) -> bool | str:
@@ -76,13 +81,14 @@ class ApplyIPAdapterCompat(OmniNode):
     def execute(cls, model, adapter, clip_vision, image, weight: float, weight_type: str, combine_embeds: str,
                 start_at: float, end_at: float, embeds_scaling: str, image_negative=None, attn_mask=None,
                 face_analysis=None, weight_faceidv2: float = 1.0, weight_composition: float = 1.0,
-                boost: float = 1.0, faceid_lora: str = "auto", faceid_lora_strength: float = 0.0) -> io.NodeOutput:
+                boost: float = 1.0, faceid_lora: str = "auto", faceid_lora_strength: float = 0.0,
+                layer_weights: str = "") -> io.NodeOutput:
         checked = run_check(cls, dict(adapter=adapter, image=image, image_negative=image_negative,
                                       attn_mask=attn_mask, face_analysis=face_analysis), RUN_CHECKS)
         patched, faces = apply_ipadapter_plus(model, checked["adapter"], clip_vision, checked["image"], weight, weight_type,
                                        combine_embeds, start_at, end_at, embeds_scaling, checked["image_negative"],
                                        checked["attn_mask"], checked["face_analysis"], weight_faceidv2,
-                                       weight_composition, boost, faceid_lora, faceid_lora_strength)
+                                       weight_composition, boost, faceid_lora, faceid_lora_strength, layer_weights)
         return io.NodeOutput(patched, faces if faces is not None else checked["image"], ui=ui.PreviewText(
             f"{adapter.name}: weight {weight}, {weight_type}, {embeds_scaling}, {combine_embeds}"))
 

@@ -225,6 +225,9 @@ def cases(layout: str) -> list[dict]:
             dict(name="faceid_portrait_two_photos", kind="portrait", faces=True, photos=2),
             dict(name="faceid_plus_v1", kind="faceid_plus", faces=True),
             dict(name="faceid_plusv2", kind="faceid_plusv2", faces=True, weight=0.7)]
+    out += [dict(name="plus_layer_weights", kind="plus", layer_weights="0:0.5, 4:1.2, 9:0.8, 15:1", weight=0.9),
+            dict(name="plus_layer_weights_composition_precise", kind="plus", weight_type="composition precise",
+                 layer_weights="0:0, 3:0.8, 4:1, 5:0.6, 12:0.35", embeds_scaling="K+mean(V) w/ C penalty")]
     out += [dict(name=f"plus_{scaling}", kind="plus", embeds_scaling=scaling, weight=1.3)
             for scaling in ("K+V", "K+V w/ C penalty", "K+mean(V) w/ C penalty")]
     out += [dict(name="plus_two_photos_k_mean_v", kind="plus", photos=2, embeds_scaling="K+mean(V) w/ C penalty",
@@ -235,9 +238,10 @@ def cases(layout: str) -> list[dict]:
 
 
 QUICK = {"sd15/plus_defaults", "sd15/full_face_defaults", "sd15/base_defaults", "sd15/plus_weight_0.5_window",
-         "sd15/plus_masked", "sd15/plus_two_photos_average", "sd15/plus_negative_image", "sd15/faceid", "sd15/faceid_with_lora_0.6",
-         "sd15/faceid_plus_v1", "sd15/faceid_plusv2", "sd15/plus_two_photos_k_mean_v", "sd15/plus_K+V w/ C penalty",
-         "sd15/plus_ease in", "sd15/plus_style transfer precise", "sdxl/base_defaults", "sdxl/plus_style_transfer"}
+         "sd15/plus_masked", "sd15/plus_two_photos_average", "sd15/plus_negative_image", "sd15/faceid",
+         "sd15/faceid_with_lora_0.6", "sd15/faceid_plus_v1", "sd15/faceid_plusv2", "sd15/plus_two_photos_k_mean_v",
+         "sd15/plus_K+V w/ C penalty", "sd15/plus_ease in", "sd15/plus_style transfer precise",
+         "sd15/plus_layer_weights", "sdxl/base_defaults", "sdxl/plus_style_transfer"}
 
 
 def run(layouts=("sd15", "sdxl"), seed: int = 0, steps: int = 3, size: int = 16, only=None) -> dict:
@@ -281,7 +285,7 @@ def run(layouts=("sd15", "sdxl"), seed: int = 0, steps: int = 3, size: int = 16,
                            combine_embeds=case.get("combine_embeds", "concat"), start_at=case.get("start_at", 0.0),
                            end_at=case.get("end_at", 1.0), embeds_scaling=case.get("embeds_scaling", "V only"),
                            image_negative=negative_photo if case.get("negative") else None,
-                           attn_mask=mask if case.get("mask") else None)
+                           attn_mask=mask if case.get("mask") else None, layer_weights=case.get("layer_weights", ""))
             base, lora = model, {}
             if case.get("lora"):       # IPAdapter_plus's FaceID unified loader: the paired LoRA on the model first
                 import comfy.sd

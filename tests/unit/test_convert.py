@@ -34,7 +34,7 @@ STAYS = {
     "ipadapter_negative_image.json": {"PrepImageForClipVision"},
     "ipadapter_noise_injection.json": {"PrepImageForClipVision", "IPAdapterNoise"},
     "ipadapter_portrait.json": set(),
-    "ipadapter_precise_composition.json": {"IPAdapterMS", "IPAdapterUnifiedLoader"},   # the loader also feeds the pack's
+    "ipadapter_precise_composition.json": set(),
     "ipadapter_precise_weight_type.json": set(),
     "ipadapter_regional_conditioning.json": {"IPAdapterRegionalConditioning", "IPAdapterCombineParams",
                                              "IPAdapterFromParams", "IPAdapterUnifiedLoader"},
@@ -146,12 +146,15 @@ def test_unified_faceid_loader_becomes_three_loaders_and_the_lora_moves_to_the_a
     assert next(lk for lk in converted["links"] if lk[0] == model)[1] == 4    # the checkpoint, not the loader
 
 
-def test_simple_node_types_and_precise_boosts():
+def test_simple_node_types_precise_boosts_and_layer_weights():
     converted, _ = C.convert(EXAMPLES["ipadapter_precise_composition.json"])
     node = next(n for n in converted["nodes"] if n["id"] == 12)
     values = dict(zip(C.WIDGETS[C.COMPAT], node["widgets_values"]))
     assert values["weight_type"] == "composition precise" and values["boost"] == pytest.approx(0.35)
     assert values["embeds_scaling"] == "K+mean(V) w/ C penalty"
+    mad = dict(zip(C.WIDGETS[C.COMPAT], next(n for n in converted["nodes"] if n["id"] == 15)["widgets_values"]))
+    assert mad["layer_weights"] == "0:0, 1:0, 2:0, 3:0.8, 4:0, 5:0, 6:0.35, 7:0, 8:0, 9:0, 10:0"
+    assert mad["weight_type"] == "composition precise" and mad["weight_faceidv2"] == 1
     assert C.compat_widgets("IPAdapter", {"weight": 0.4, "weight_type": "prompt is more important"})["weight_type"] == "ease out"
 
 

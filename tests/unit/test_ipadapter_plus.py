@@ -7,8 +7,8 @@ from safetensors.torch import save_file
 
 from omniid.guidance.adapter_files import load_adapter
 from omniid.guidance.image_proj import FaceIDProjection
-from omniid.guidance.ipadapter_plus import (combine, layer_plan, paired_lora_name, scaled_kv, simple_weight_type,
-                                            weight_table)
+from omniid.guidance.ipadapter_plus import (combine, layer_plan, paired_lora_name, parse_layer_weights, scaled_kv,
+                                            simple_weight_type, weight_table)
 from support.ip_layouts import flat, h94_checkpoint
 
 
@@ -91,3 +91,13 @@ def test_faceid_plus_v1_and_v2_are_told_apart_by_the_file(tmp_path, name, v2):
     refined = proj.perceiver_resampler.run(tokens, clip)
     expected = tokens + 0.5 * refined if v2 else refined
     assert torch.allclose(proj(arcface, clip, 0.5), expected, atol=1e-6)
+
+
+def test_layer_weights_replace_the_type():
+    table = parse_layer_weights("0:0.5, 3:1.2\n6:1")
+    assert table == {0: 0.5, 3: 1.2, 6: 1.0}
+    assert layer_plan("ease in", 2.0, "input", 3, True, layer_weights=table).weight == pytest.approx(2.4)
+    assert layer_plan("linear", 2.0, "input", 1, True, layer_weights=table).weight is None
+    assert layer_plan("composition precise", 1.0, "output", 6, True, layer_weights=table).precise_swap
+    with pytest.raises(ValueError, match="index:weight"):
+        parse_layer_weights("3=1")
