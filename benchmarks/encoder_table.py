@@ -237,7 +237,7 @@ def report(results: dict, seeds: list[int], real: dict, people: int) -> dict:
     order = sorted(METHODS, key=lambda m: summary["methods"][m]["5"]["trait"][0])
     summary["order_at_5"] = order
     print("\nORDER at 5 photos (trait error, best first): " + " < ".join(order)
-          + "; the paper's: omni_id first (its Table: Omni-ID > ArcFace+CLIP, ArcFace > CLIP in ID similarity)")
+          + "; the paper's (ID similarity, MFHQ, 5 inputs): omni_id < clip < arcface_clip < arcface")
     return summary
 
 
