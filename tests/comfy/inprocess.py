@@ -88,19 +88,26 @@ def rb_facts(torch) -> dict:
     sigmas = comfy.samplers.calculate_sigmas(sampling, "normal", 6)
     sampler = comfy.samplers.sampler_object("euler")
 
+    predictions = {}
+
     def run(guider):
         guider.set_conds(positive, negative)
         guider.set_cfg(5.0)
-        return guider.sample(noise, latent, sampler, sigmas, disable_pbar=True, seed=9)
+        steps = predictions[id(guider)] = []
+        return guider.sample(noise, latent, sampler, sigmas, disable_pbar=True, seed=9,
+                             callback=lambda step, x0, x, total: steps.append(x0.clone()))
 
     def rb(strength):
         return RBGuider(gradient_ready(model), RBSettings(strength=strength), reference, None, None,
                         feature_block=1, subject_token=2, seed=0)
 
-    plain = run(comfy.samplers.CFGGuider(model))
+    cfg = comfy.samplers.CFGGuider(model)
+    plain = run(cfg)
     off = run(rb(0.0))
     guider = rb(8.5)
     guided = run(guider)
+    # per step, is the guided x0 prediction the plain one bit for bit (True before the window opens)
+    same_prediction = [bool(torch.equal(a, b)) for a, b in zip(predictions[id(cfg)], predictions[id(guider)])]
     passes_after_first, steps_after_first = guider.reference_passes, guider.guided_steps
     run(guider)
     expected_steps = sum(1 for s in sigmas[:-1] if float(sampling.timestep(s)) <= 600.0)
@@ -118,6 +125,7 @@ def rb_facts(torch) -> dict:
             "finite": bool(torch.isfinite(guided).all()), "reference_passes": [passes_after_first,
                                                                                guider.reference_passes],
             "guided_steps": steps_after_first, "expected_steps": expected_steps, "steps": len(sigmas) - 1,
+            "same_prediction": same_prediction,
             "score": float(guider.last_score.mean()) if guider.last_score is not None else None}
 
 
@@ -282,6 +290,9 @@ def main() -> None:
     no_blocks = run(patched(blocks=BlockWeights.parse("all=0")))
     chained = run(apply_identity(patched(), other, tokens2, 1.0, 0.0, 1.0))
     second_alone = run(apply_identity(model, other, tokens2, 1.0, 0.0, 1.0))
+    reversed_chain = run(apply_identity(apply_identity(model, other, tokens2, 1.0, 0.0, 1.0), adapter, tokens, 1.0,
+                                        0.0, 1.0))
+    halves = run(apply_identity(patched(0.5), adapter, tokens, 0.5, 0.0, 1.0))
     plain_after = run(model)
     missing_points = missing_injection_point_errors(torch, patched(), FluxBlockPatch, record_flux_call)
 
@@ -299,6 +310,9 @@ def main() -> None:
         "no_blocks_equal": bool(torch.equal(no_blocks, plain)),
         "chained_vs_first": differs(chained, both),
         "chained_vs_second": differs(chained, second_alone),
+        "chained_vs_reversed": differs(chained, reversed_chain),
+        "halves_vs_both": differs(halves, both),
+        "scale": float(plain.abs().max()),
         "plain_after_equal": bool(torch.equal(plain_after, plain)),
         "missing_points": missing_points,
         "finite": bool(torch.isfinite(both).all()),

@@ -16,10 +16,13 @@ from omniid.cli.client import ComfyClient, RunResult
 from omniid.cli.server import PACK_ROOT, ComfyServer
 
 WORKFLOWS = PACK_ROOT / "workflows"
+LOADED_WORKFLOWS: set[str] = set()          # what load_workflow read in this test session
 
 
 def load_workflow(name: str, *overrides: str) -> dict:
-    """An API workflow from workflows/, with ``NODE.INPUT=VALUE`` overrides applied."""
+    """An API workflow from workflows/, with ``NODE.INPUT=VALUE`` overrides applied (recorded in
+    LOADED_WORKFLOWS, for the check that every example workflow is run by a test)."""
+    LOADED_WORKFLOWS.add(name)
     return cli.apply_overrides(cli.load_api_workflow(WORKFLOWS / name), list(overrides))
 
 
@@ -53,6 +56,14 @@ def images_of(client: ComfyClient, result: RunResult, node_id: str) -> list[np.n
     from PIL import Image
     return [np.asarray(Image.open(io.BytesIO(client.view(f))).convert("RGB"))
             for f in result.files() if f["node"] == node_id]
+
+
+def image_change(a: np.ndarray, b: np.ndarray) -> tuple[float, float]:
+    """How much image ``a`` differs from ``b`` (uint8 RGB): (mean absolute difference in grey
+    levels, fraction of values that differ). A real change of the tiny models' sampling moves most
+    of the image by several levels; float round-off moves a few values by one."""
+    difference = np.abs(a.astype(np.int64) - b.astype(np.int64))
+    return float(difference.mean()), float((difference > 0).mean())
 
 
 def reference_attention(q, k, v, heads: int):
