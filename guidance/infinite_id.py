@@ -93,6 +93,12 @@ class StreamLayout:
     def matches(self, batch: int) -> bool:
         return batch == self.identity + len(self.text_rows)
 
+    @property
+    def aligned(self) -> bool:
+        """Every identity row has its text row at the same offset (identity row i pairs with row
+        identity + i): the streams are then the two halves of the batch, views with no copy."""
+        return self.text_rows == tuple(range(self.identity))
+
 
 def _layout(extra: dict, batch: int) -> Optional[StreamLayout]:
     layout = extra.get(STREAMS_KEY)
@@ -101,6 +107,8 @@ def _layout(extra: dict, batch: int) -> Optional[StreamLayout]:
 
 def _split(t: torch.Tensor, layout: StreamLayout):
     """(identity rows with a text partner, identity rows without, text rows)."""
+    if layout.aligned:
+        return t[:layout.identity], None, t[layout.identity:], list(layout.text_rows), []
     paired = list(layout.text_rows)
     alone = [i for i in range(layout.identity) if i not in set(paired)]
     return t[paired], (t[alone] if alone else None), t[layout.identity:], paired, alone
@@ -157,8 +165,11 @@ class StreamCrossAttention(ReplacePatch):
         q_id = q[:layout.identity]
         settings = extra.get(STYLE_KEY)
         if paired and settings is not None and settings.active:
-            q_id = q_id.clone()
-            q_id[paired] = align(q_id[paired], q[layout.identity:], settings)
+            if layout.aligned:
+                q_id = align(q_id, q[layout.identity:], settings)
+            else:
+                q_id = q_id.clone()
+                q_id[paired] = align(q_id[paired], q[layout.identity:], settings)
         identity = self.base_attention(q_id, k[:layout.identity], v[:layout.identity], extra, *args, **kwargs)
         shape = extra.get("original_shape")
         latent_hw = tuple(shape[-2:]) if shape is not None and len(shape) >= 4 else None
