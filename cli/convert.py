@@ -8,6 +8,7 @@ Editor (UI) and API workflows alike. What converts (IPAdapter_plus 9d076a3d's no
   presets); the loader's MODEL output was its model input passed through, so its consumers are
   wired to that input's source (the FaceID LoRA moves to the apply node's faceid_lora_strength);
 - IPAdapterInsightFaceLoader -> Face Analysis Loader (insightface/<model_name>, its provider);
+- PrepImageForClipVision -> Prep Image For CLIP Vision (OmniIdentity), the same values;
 - IPAdapter, IPAdapterAdvanced, IPAdapterFaceID, IPAdapterPreciseStyleTransfer,
   IPAdapterPreciseComposition, IPAdapterMS -> Apply IP-Adapter, IPAdapter_plus compatible
   (OmniIdentityApplyIPAdapterCompat) with the same values (IPAdapter's simple weight types as the types
@@ -30,6 +31,7 @@ COMPAT = "OmniIdentityApplyIPAdapterCompat"
 ADAPTER_LOADER = "OmniIdentityAdapterLoader"
 FACE_LOADER = "OmniIdentityFaceAnalysisLoader"
 CLIP_LOADER = "CLIPVisionLoader"
+PREP = "OmniIdentityPrepImageForClipVision"
 
 # IPAdapter_plus's widget inputs per node, in its INPUT_TYPES order (older saves may lack trailing ones)
 IPA_WIDGETS = {
@@ -48,10 +50,12 @@ IPA_WIDGETS = {
     "IPAdapterUnifiedLoaderFaceID": ("preset", "lora_strength", "provider"),
     "IPAdapterUnifiedLoaderCommunity": ("preset",),
     "IPAdapterInsightFaceLoader": ("provider", "model_name"),
+    "PrepImageForClipVision": ("interpolation", "crop_position", "sharpening"),
 }
 IPA_DEFAULTS = {"weight": 1.0, "start_at": 0.0, "end_at": 1.0, "weight_type": "linear", "combine_embeds": "concat",
                 "embeds_scaling": "V only", "weight_faceidv2": 1.0, "style_boost": 1.0, "composition_boost": 0.0,
-                "lora_strength": 0.6, "provider": "CPU", "model_name": "buffalo_l", "layer_weights": ""}
+                "lora_strength": 0.6, "provider": "CPU", "model_name": "buffalo_l", "layer_weights": "",
+                "interpolation": "LANCZOS", "crop_position": "top", "sharpening": 0.0}
 APPLY_TYPES = ("IPAdapter", "IPAdapterAdvanced", "IPAdapterFaceID", "IPAdapterPreciseStyleTransfer",
                "IPAdapterPreciseComposition", "IPAdapterMS")
 LOADER_TYPES = ("IPAdapterModelLoader", "IPAdapterUnifiedLoader", "IPAdapterUnifiedLoaderFaceID",
@@ -65,6 +69,7 @@ TARGETS = {
     COMPAT: (("model", "MODEL"), ("adapter", "IDENTITY_ADAPTER"), ("clip_vision", "CLIP_VISION"), ("image", "IMAGE"),
              ("image_negative", "IMAGE"), ("attn_mask", "MASK"), ("face_analysis", "FACE_ANALYSIS")),
     ADAPTER_LOADER: (),
+    PREP: (("image", "IMAGE"),),
     FACE_LOADER: (),
     CLIP_LOADER: (),
 }
@@ -74,12 +79,14 @@ WIDGETS = {
     ADAPTER_LOADER: ("adapter_name",),
     FACE_LOADER: ("backend", "provider", "det_size", "dlib_detector", "arcface_model"),
     CLIP_LOADER: ("clip_name",),
+    PREP: ("interpolation", "crop_position", "sharpening"),
 }
 OUTPUTS = {COMPAT: (("model", "MODEL"), ("face_image", "IMAGE")), ADAPTER_LOADER: (("adapter", "IDENTITY_ADAPTER"),),
-           FACE_LOADER: (("face_analysis", "FACE_ANALYSIS"),), CLIP_LOADER: (("CLIP_VISION", "CLIP_VISION"),)}
+           FACE_LOADER: (("face_analysis", "FACE_ANALYSIS"),), CLIP_LOADER: (("CLIP_VISION", "CLIP_VISION"),),
+           PREP: (("image", "IMAGE"),)}
 TITLES = {COMPAT: "Apply IP-Adapter, IPAdapter_plus compatible (OmniIdentity)",
           ADAPTER_LOADER: "Identity Adapter Loader (OmniIdentity)", FACE_LOADER: "Face Analysis Loader (OmniIdentity)",
-          CLIP_LOADER: "Load CLIP Vision"}
+          CLIP_LOADER: "Load CLIP Vision", PREP: "Prep Image For CLIP Vision (OmniIdentity)"}
 
 CLIP_H, CLIP_G, CLIP_336 = ("CLIP-ViT-H-14-laion2B-s32B-b79K.safetensors", "CLIP-ViT-bigG-14-laion2B-39B-b160k.safetensors",
                             "clip-vit-large-patch14-336.bin")
@@ -121,7 +128,6 @@ UNSUPPORTED = {
     "IPAdapterCombineParams": "IPADAPTER_PARAMS (regional conditioning) are not in the pack yet",
     "IPAdapterFaceIDKolors": "Kolors FaceID (its ChatGLM UNet's encoder_hid_proj inside the adapter) is not in the pack yet",
     "IPAdapterNoise": "IPAdapter_plus's noise images have no counterpart in the pack yet (connect any image to image_negative)",
-    "PrepImageForClipVision": "IPAdapter_plus's image preparation (crop position, sharpening) has no counterpart in the pack yet",
     "IPAdapterWeights": "frame weight schedules (AnimateDiff) are not in the pack yet",
     "IPAdapterWeightsFromStrategy": "frame weight schedules (AnimateDiff) are not in the pack yet",
     "IPAdapterPromptScheduleFromWeightsStrategy": "frame weight schedules (AnimateDiff) are not in the pack yet",
@@ -303,6 +309,11 @@ def plan(nodes: dict[str, Node]) -> Plan:
             p.notes.append(f"#{n.id} {n.type} '{preset}': uses models/ipadapter/{adapter_file} and "
                            f"models/clip_vision/{clip} ({'SDXL' if sdxl else 'SD1.5'} from the checkpoint's name); "
                            "rename or choose yours in the loaders if yours are named otherwise")
+    for n in nodes.values():
+        if n.type == "PrepImageForClipVision":       # a pure image step: always converts
+            p.replace[n.id] = (PREP, {"image": n.links["image"]} if "image" in n.links else {},
+                               {k: n.widgets.get(k) for k in WIDGETS[PREP]})
+            p.converted.append((n.id, n.type, PREP))
     for n in nodes.values():
         if n.id in reasons or n.type not in APPLY_TYPES:
             continue

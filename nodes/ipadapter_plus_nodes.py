@@ -1,9 +1,10 @@
-"""The IPAdapter_plus compatible apply: IPAdapter_plus's options and defaults, on this pack's engine."""
+"""IPAdapter_plus's nodes on this pack's engine: the compatible apply (its options and defaults) and its image prep."""
 from __future__ import annotations
 
 from comfy_api.latest import io, ui
 
 from ..comfy_host.inputs import queue_check, run_check
+from ..encoders.image_prep import CROP_POSITIONS, INTERPOLATIONS, prep_for_clip_vision
 from ..comfy_host.ipadapter_plus import LORA_CHOICES, apply_ipadapter_plus, lora_files
 from ..guidance.ipadapter_plus import COMBINE_MODES, EMBEDS_SCALINGS, WEIGHT_TYPES, parse_layer_weights
 from .common import CATEGORY, RUN_CHECKS, IdentityAdapterType, OmniNode
@@ -93,4 +94,36 @@ class ApplyIPAdapterCompat(OmniNode):
             f"{adapter.name}: weight {weight}, {weight_type}, {embeds_scaling}, {combine_embeds}"))
 
 
-NODES = [ApplyIPAdapterCompat]
+class PrepImageForClipVision(OmniNode):
+    @classmethod
+    def define_schema(cls) -> io.Schema:
+        return io.Schema(
+            node_id="OmniIdentityPrepImageForClipVision",
+            display_name="Prep Image For CLIP Vision (OmniIdentity)",
+            category=f"{CATEGORY}/adapter",
+            description=("IPAdapter_plus's Prep Image For ClipVision: a square at the chosen position (or the photo "
+                         "padded with black), resized to 224 px with a PIL filter, optionally sharpened "
+                         "(contrast-adaptive sharpening)."),
+            inputs=[
+                io.Image.Input("image", tooltip="The reference photo(s)."),
+                io.Combo.Input("interpolation", options=list(INTERPOLATIONS), default="LANCZOS",
+                               tooltip="The resampling filter (PIL's)."),
+                io.Combo.Input("crop_position", options=list(CROP_POSITIONS), default="top",
+                               tooltip="Which square to keep, or pad: the whole photo padded with black."),
+                io.Float.Input("sharpening", default=0.0, min=0.0, max=1.0, step=0.05,
+                               tooltip="Contrast-adaptive sharpening; 0: none."),
+            ],
+            outputs=[io.Image.Output(display_name="image", tooltip="The 224 x 224 photo(s).")],
+        )
+
+    @classmethod
+    def validate_inputs(cls, **values) -> bool | str:
+        return queue_check(cls, **values)
+
+    @classmethod
+    def execute(cls, image, interpolation: str, crop_position: str, sharpening: float) -> io.NodeOutput:
+        image = run_check(cls, dict(image=image), RUN_CHECKS)["image"]
+        return io.NodeOutput(prep_for_clip_vision(image, interpolation, crop_position, sharpening))
+
+
+NODES = [ApplyIPAdapterCompat, PrepImageForClipVision]

@@ -303,7 +303,8 @@ def run(layouts=("sd15", "sdxl"), seed: int = 0, steps: int = 3, size: int = 16,
             effects[key] = relative(plain, reference)
             print(f"{key:48s} latent rel L2 {results[key]:.2e} (IPAdapter_plus vs none {effects[key]:.2e})",
                   flush=True)
-    return {"cases": results, "effect": effects, "face_images": face_images, "ipadapter_plus_commit": COMMIT}
+    return {"cases": results, "effect": effects, "face_images": face_images, "prep_image": prep_image_difference(ipa),
+            "ipadapter_plus_commit": COMMIT}
 
 
 def converter_layout_problems() -> list:
@@ -314,11 +315,11 @@ def converter_layout_problems() -> list:
     register_model_folders()
     from omniid.nodes.adapter_nodes import AdapterLoader
     from omniid.nodes.face_nodes import FaceAnalysisLoader
-    from omniid.nodes.ipadapter_plus_nodes import ApplyIPAdapterCompat
+    from omniid.nodes.ipadapter_plus_nodes import ApplyIPAdapterCompat, PrepImageForClipVision
     sockets_types = {"MODEL", "IDENTITY_ADAPTER", "CLIP_VISION", "IMAGE", "MASK", "FACE_ANALYSIS"}
     problems = []
     for cls, kind in ((ApplyIPAdapterCompat, C.COMPAT), (AdapterLoader, C.ADAPTER_LOADER),
-                      (FaceAnalysisLoader, C.FACE_LOADER)):
+                      (FaceAnalysisLoader, C.FACE_LOADER), (PrepImageForClipVision, C.PREP)):
         schema = cls.define_schema()
         widgets = tuple(i.id for i in schema.inputs
                         if i.get_io_type() not in sockets_types and not getattr(i, "force_input", False))
@@ -327,3 +328,20 @@ def converter_layout_problems() -> list:
         if (widgets, sockets, outputs) != (C.WIDGETS[kind], C.TARGETS[kind], C.OUTPUTS[kind]):
             problems.append([kind, list(widgets), [list(x) for x in sockets], [list(x) for x in outputs]])
     return problems
+
+
+def prep_image_difference(ipa, seed: int = 0) -> float:
+    """Largest difference between IPAdapter_plus's Prep Image For ClipVision and the pack's, over photo shapes,
+    filters, crop positions and sharpening."""
+    from omniid.encoders.image_prep import prep_for_clip_vision
+    g = torch.Generator().manual_seed(seed + 23)
+    worst = 0.0
+    for shape in ((2, 90, 131, 3), (1, 150, 101, 3)):
+        image = torch.rand(*shape, generator=g)
+        for interpolation in ("LANCZOS", "BICUBIC"):
+            for position in ("top", "bottom", "left", "right", "center", "pad"):
+                for sharpening in (0.0, 0.4):
+                    theirs = ipa.PrepImageForClipVision().prep_image(image, interpolation, position, sharpening)[0]
+                    ours = prep_for_clip_vision(image, interpolation, position, sharpening)
+                    worst = max(worst, float((theirs - ours).abs().max()))
+    return worst

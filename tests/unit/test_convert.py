@@ -23,7 +23,7 @@ ARCHIVE = Path(__file__).resolve().parents[2].parent / "shared" / "vendor" / "Co
 STAYS = {
     "IPAdapter_FaceIDv2_Kolors.json": {"IPAdapterModelLoader", "IPAdapterInsightFaceLoader", "IPAdapterFaceIDKolors",
                                        "IPAdapterNoise"},
-    "ipadapter_advanced.json": {"PrepImageForClipVision"},
+    "ipadapter_advanced.json": set(),
     "ipadapter_clipvision_enhancer.json": {"IPAdapterUnifiedLoader", "IPAdapterClipVisionEnhancer"},
     "ipadapter_combine_embeds.json": set(),
     "ipadapter_cosxl_edit.json": set(),
@@ -31,8 +31,8 @@ STAYS = {
     "ipadapter_faceid_batch.json": set(),
     "ipadapter_ideal_faceid_config.json": set(),
     "ipadapter_kolors.json": set(),
-    "ipadapter_negative_image.json": {"PrepImageForClipVision"},
-    "ipadapter_noise_injection.json": {"PrepImageForClipVision", "IPAdapterNoise"},
+    "ipadapter_negative_image.json": set(),
+    "ipadapter_noise_injection.json": {"IPAdapterNoise"},
     "ipadapter_portrait.json": set(),
     "ipadapter_precise_composition.json": set(),
     "ipadapter_precise_weight_type.json": set(),
@@ -44,10 +44,9 @@ STAYS = {
     "ipadapter_weight_types.json": set(),
     "ipadapter_weighted_embeds.json": {"IPAdapterUnifiedLoader", "IPAdapterEmbeds", "IPAdapterEncoder",
                                        "IPAdapterCombineEmbeds"},
-    "ipadapter_weights.json": {"PrepImageForClipVision", "IPAdapterUnifiedLoader", "IPAdapterBatch",
-                               "IPAdapterWeights"},
+    "ipadapter_weights.json": {"IPAdapterUnifiedLoader", "IPAdapterBatch", "IPAdapterWeights"},
 }
-OURS = {C.COMPAT, C.ADAPTER_LOADER, C.FACE_LOADER, C.CLIP_LOADER}
+OURS = {C.COMPAT, C.ADAPTER_LOADER, C.FACE_LOADER, C.CLIP_LOADER, C.PREP}
 
 
 def examples() -> dict:
@@ -206,3 +205,9 @@ def test_cli(tmp_path, capsys):
     assert "IPAdapterTiled: tiled encoding" in capsys.readouterr().out
     (tmp_path / "bad.json").write_text("[1, 2]")
     assert main(["convert", str(tmp_path / "bad.json")]) == 2
+
+
+def test_prep_image_keeps_its_values():
+    converted, _ = C.convert(EXAMPLES["ipadapter_advanced.json"])
+    prep = next(n for n in converted["nodes"] if n["id"] == 17)
+    assert prep["type"] == C.PREP and prep["widgets_values"] == ["LANCZOS", "top", 0.15]
