@@ -10,7 +10,7 @@ Editor (UI) and API workflows alike. What converts (IPAdapter_plus 9d076a3d's no
 - IPAdapterInsightFaceLoader -> Face Analysis Loader (insightface/<model_name>, its provider);
 - PrepImageForClipVision -> Prep Image For CLIP Vision (OmniIdentity), the same values;
 - IPAdapter, IPAdapterAdvanced, IPAdapterFaceID, IPAdapterPreciseStyleTransfer,
-  IPAdapterPreciseComposition, IPAdapterMS -> Apply IP-Adapter, IPAdapter_plus compatible
+  IPAdapterPreciseComposition, IPAdapterMS, IPAdapterStyleComposition -> Apply IP-Adapter, IPAdapter_plus compatible
   (OmniIdentityApplyIPAdapterCompat) with the same values (IPAdapter's simple weight types as the types
   they stand for; IPAdapter Advanced's FaceID v2 weight, twice the weight; the precise boosts).
 Links, positions, sizes, titles, modes and every other node are kept. Nodes that do not convert stay as
@@ -43,6 +43,8 @@ IPA_WIDGETS = {
                                       "embeds_scaling"),
     "IPAdapterPreciseComposition": ("weight", "composition_boost", "combine_embeds", "start_at", "end_at",
                                     "embeds_scaling"),
+    "IPAdapterStyleComposition": ("weight_style", "weight_composition", "expand_style", "combine_embeds", "start_at",
+                                  "end_at", "embeds_scaling"),
     "IPAdapterMS": ("weight", "weight_faceidv2", "weight_type", "combine_embeds", "start_at", "end_at",
                     "embeds_scaling", "layer_weights"),
     "IPAdapterModelLoader": ("ipadapter_file",),
@@ -55,19 +57,22 @@ IPA_WIDGETS = {
 IPA_DEFAULTS = {"weight": 1.0, "start_at": 0.0, "end_at": 1.0, "weight_type": "linear", "combine_embeds": "concat",
                 "embeds_scaling": "V only", "weight_faceidv2": 1.0, "style_boost": 1.0, "composition_boost": 0.0,
                 "lora_strength": 0.6, "provider": "CPU", "model_name": "buffalo_l", "layer_weights": "",
-                "interpolation": "LANCZOS", "crop_position": "top", "sharpening": 0.0}
+                "interpolation": "LANCZOS", "crop_position": "top", "sharpening": 0.0,
+                "weight_style": 1.0, "expand_style": False, "weight_composition": 1.0}
 APPLY_TYPES = ("IPAdapter", "IPAdapterAdvanced", "IPAdapterFaceID", "IPAdapterPreciseStyleTransfer",
-               "IPAdapterPreciseComposition", "IPAdapterMS")
+               "IPAdapterPreciseComposition", "IPAdapterMS", "IPAdapterStyleComposition")
 LOADER_TYPES = ("IPAdapterModelLoader", "IPAdapterUnifiedLoader", "IPAdapterUnifiedLoaderFaceID",
                 "IPAdapterUnifiedLoaderCommunity")
 # sockets of IPAdapter_plus's apply nodes -> the compatible node's
 APPLY_SOCKETS = {"model": "model", "image": "image", "image_negative": "image_negative", "attn_mask": "attn_mask",
-                 "clip_vision": "clip_vision", "insightface": "face_analysis"}
+                 "clip_vision": "clip_vision", "insightface": "face_analysis", "image_style": "image",
+                 "image_composition": "image_composition"}
 
 # the pack's nodes as the editor lays them out: socket inputs, widget inputs (in order), outputs
 TARGETS = {
     COMPAT: (("model", "MODEL"), ("adapter", "IDENTITY_ADAPTER"), ("clip_vision", "CLIP_VISION"), ("image", "IMAGE"),
-             ("image_negative", "IMAGE"), ("attn_mask", "MASK"), ("face_analysis", "FACE_ANALYSIS")),
+             ("image_negative", "IMAGE"), ("image_composition", "IMAGE"), ("attn_mask", "MASK"),
+             ("face_analysis", "FACE_ANALYSIS")),
     ADAPTER_LOADER: (),
     PREP: (("image", "IMAGE"),),
     FACE_LOADER: (),
@@ -119,7 +124,6 @@ UNSUPPORTED = {
     "IPAdapterCombineEmbeds": "IPAdapter_plus's EMBEDS pipeline has no converter yet",
     "IPAdapterSaveEmbeds": "IPAdapter_plus's pickled .ipadpt embeds are not read (the pack never loads pickles)",
     "IPAdapterLoadEmbeds": "IPAdapter_plus's pickled .ipadpt embeds are not read (the pack never loads pickles)",
-    "IPAdapterStyleComposition": "a separate composition image (SDXL style and composition) is not in the pack yet",
     "IPAdapterStyleCompositionBatch": "a separate composition image and unfold batch are not in the pack yet",
     "IPAdapterClipVisionEnhancer": "the tiled CLIP vision enhancer is not in the pack yet",
     "IPAdapterClipVisionEnhancerBatch": "the tiled CLIP vision enhancer and unfold batch are not in the pack yet",
@@ -228,6 +232,8 @@ def plan(nodes: dict[str, Node]) -> Plan:
     for n in nodes.values():
         if n.type in APPLY_TYPES:
             problem = apply_problem(n)
+            if not problem and n.type == "IPAdapterStyleComposition" and not sdxl:
+                problem = "style and composition is SDXL only (IPAdapter_plus refuses SD1.5 here too)"
             if problem:
                 reasons[n.id] = problem
         elif n.type in LOADER_TYPES and n.type != "IPAdapterModelLoader":
@@ -330,6 +336,8 @@ def plan(nodes: dict[str, Node]) -> Plan:
             links["clip_vision"] = (extra["clip"], 0)
         if "face_analysis" not in links and "face" in extra:
             links["face_analysis"] = (extra["face"], 0)
+        if n.type == "IPAdapterStyleComposition" and "image_composition" not in links and "image" in links:
+            links["image_composition"] = links["image"]          # its default: the style image
         widgets = compat_widgets(n.type, n.widgets)
         if "lora" in extra:
             widgets.update(faceid_lora="auto", faceid_lora_strength=extra["lora"])
@@ -371,6 +379,12 @@ def compat_widgets(node_type: str, w: dict) -> dict:
     elif node_type in ("IPAdapterFaceID", "IPAdapterMS"):
         out["weight_faceidv2"] = float(w.get("weight_faceidv2", 1.0))
         out["layer_weights"] = str(w.get("layer_weights") or "")
+    elif node_type == "IPAdapterStyleComposition":
+        weight = float(w.get("weight_style", 1.0))
+        out.update(weight=weight, weight_faceidv2=weight * 2, boost=weight,
+                   weight_composition=float(w.get("weight_composition", 1.0)),
+                   weight_type="strong style and composition" if w.get("expand_style") else "style and composition",
+                   combine_embeds=w.get("combine_embeds") or "average")
     elif node_type == "IPAdapterPreciseStyleTransfer":
         out.update(weight_type="style transfer precise", boost=float(w.get("style_boost", 1.0)))
     elif node_type == "IPAdapterPreciseComposition":

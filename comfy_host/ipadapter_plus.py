@@ -19,7 +19,8 @@ from comfy.ldm.modules.attention import SpatialTransformer
 
 from ..guidance.adapter import AdapterFitError, IdentityAdapter
 from ..guidance.decoupled import COND, UNCOND, LayerInjection
-from ..guidance.ipadapter_plus import (COMBINE_MODES, EMBEDS_SCALINGS, SCALING_MODES, WEIGHT_TYPES, combine,
+from ..guidance.ipadapter_plus import (COMBINE_MODES, EMBEDS_SCALINGS, SCALING_MODES, STYLE_COMPOSITION_TYPES,
+                                       WEIGHT_TYPES, combine,
                                        layer_plan, paired_lora_name, parse_layer_weights, repeat_to)
 from .clip_vision import ClipVision
 from .identity import add_unet_injection
@@ -169,12 +170,13 @@ def apply_ipadapter_plus(model, adapter: IdentityAdapter, clip_vision, image: to
                          image_negative: Optional[torch.Tensor] = None, attn_mask: Optional[torch.Tensor] = None,
                          face_analysis=None, weight_faceidv2: Optional[float] = None,
                          weight_composition: float = 1.0, boost: Optional[float] = None,
-                         faceid_lora: str = "auto", faceid_lora_strength: float = 0.0, layer_weights: str = ""):
+                         faceid_lora: str = "auto", faceid_lora_strength: float = 0.0, layer_weights: str = "",
+                         image_composition: Optional[torch.Tensor] = None):
     """(a clone of ``model`` patched as IPAdapter_plus's IPAdapterAdvanced patches it, the aligned faces of a
     FaceID file or None); ``model`` is untouched. With ``faceid_lora_strength``, the FaceID LoRA is applied
     first, as IPAdapter_plus's FaceID unified loader does."""
-    if weight_type not in WEIGHT_TYPES:
-        raise ValueError(f"weight_type must be one of {WEIGHT_TYPES}, not {weight_type!r}")
+    if weight_type not in WEIGHT_TYPES + STYLE_COMPOSITION_TYPES:
+        raise ValueError(f"weight_type must be one of {WEIGHT_TYPES + STYLE_COMPOSITION_TYPES}, not {weight_type!r}")
     if embeds_scaling not in EMBEDS_SCALINGS:
         raise ValueError(f"embeds_scaling must be one of {EMBEDS_SCALINGS}, not {embeds_scaling!r}")
     if combine_embeds not in COMBINE_MODES:
@@ -192,6 +194,13 @@ def apply_ipadapter_plus(model, adapter: IdentityAdapter, clip_vision, image: to
             raise ValueError(f"adapter '{adapter.name}' is a FaceID adapter: connect a face_analysis")
         faces = face_inputs(face_analysis, image, 256 if sdxl else 224, normalise=not is_portrait_unnorm(adapter))
     cond_in, uncond_in = encode(adapter, clip_vision, image, image_negative, faces)
+    composition_in = None
+    if image_composition is not None:      # IPAdapter_plus's style and composition: transformer 3 reads it
+        if faces is not None:
+            raise ValueError("a composition image is for CLIP-image adapters, not FaceID")
+        composition_in = encode(adapter, clip_vision, image_composition, None, None)[0]
+        if combine_embeds != "concat":
+            composition_in = {k: combine(v, combine_embeds) for k, v in composition_in.items()}
     count = next(iter(cond_in.values())).shape[0]
     uncond_in = {k: repeat_to(v, count) for k, v in uncond_in.items()}
     if combine_embeds != "concat" and count > 1:
@@ -202,6 +211,10 @@ def apply_ipadapter_plus(model, adapter: IdentityAdapter, clip_vision, image: to
     cond, uncond = project(adapter, cond_in, v2_weight), project(adapter, uncond_in, v2_weight)
     per_image = cond.shape[1]
     tokens = {COND: cond.reshape(-1, cond.shape[-1]), UNCOND: uncond.reshape(-1, uncond.shape[-1])}
+    composition_tokens = None
+    if composition_in is not None:
+        composed = project(adapter, composition_in, v2_weight)
+        composition_tokens = {COND: composed.reshape(-1, composed.shape[-1]), UNCOND: tokens[UNCOND]}
     indices = transformer_indices(model)
     table = parse_layer_weights(layer_weights)
     sigma_start, sigma_end = sigma_window(model, start_at, end_at)
@@ -218,6 +231,9 @@ def apply_ipadapter_plus(model, adapter: IdentityAdapter, clip_vision, image: to
         if plan.precise_swap:                # the image on the unconditional branch; zero tokens on the conditional
             keys = {COND: torch.zeros_like(keys[COND]), UNCOND: keys[COND]}
             values = {COND: torch.zeros_like(values[COND]), UNCOND: values[COND]}
+        if composition_tokens is not None and plan.from_table and indices[(layer.group, layer.number)] == 3:
+            composed_keys, composed_values = adapter.layer_kv(index, composition_tokens)
+            keys, values = {**keys, COND: composed_keys[COND]}, {**values, COND: composed_values[COND]}
         injection = LayerInjection(keys, values, plan.weight, sigma_start, sigma_end, attn_mask, mode,
                                    tokens_per_image=per_image)
         add_unet_injection(patched, layer.key, injection)

@@ -33,6 +33,7 @@ import torch
 WEIGHT_TYPES = ("linear", "ease in", "ease out", "ease in-out", "reverse in-out", "weak input", "weak output",
                 "weak middle", "strong middle", "style transfer", "composition", "strong style transfer",
                 "style and composition", "style transfer precise", "composition precise")
+STYLE_COMPOSITION_TYPES = ("strong style and composition",)   # its Style & Composition node's expand_style
 SIMPLE_WEIGHT_TYPES = ("standard", "prompt is more important", "style transfer")   # its IPAdapter (simple) node
 EMBEDS_SCALINGS = ("V only", "K+V", "K+V w/ C penalty", "K+mean(V) w/ C penalty")
 COMBINE_MODES = ("concat", "add", "subtract", "average", "norm average")
@@ -59,7 +60,7 @@ class LayerPlan:
     unconditional branch (the conditional branch then reads zero tokens), as the precise types do."""
     weight: Optional[float]
     precise_swap: bool = False
-    composition: bool = False      # the layer reads the composition image (style and composition)
+    from_table: bool = False       # the weight came from a table (a composition image applies to transformer 3)
 
 
 def weight_table(weight_type: str, weight: float, sdxl: bool, weight_composition: float = 1.0,
@@ -80,6 +81,10 @@ def weight_table(weight_type: str, weight: float, sdxl: bool, weight_composition
         if sdxl:
             return {3: wc, 6: w}
         return {**{i: w for i in (0, 1, 2, 3, 9, 10, 11, 12, 13, 14, 15)}, 4: wc * 0.25, 5: wc}
+    if weight_type == "strong style and composition":
+        if sdxl:
+            return {**{i: w for i in (0, 1, 2, 4, 5, 6, 7, 8, 9, 10)}, 3: wc}
+        return {**{i: w for i in range(16)}, 4: wc, 5: wc}
     if weight_type == "style transfer precise":
         wc = boost if boost is not None else w
         if sdxl:
@@ -114,8 +119,8 @@ def layer_plan(weight_type: str, weight: float, group: str, transformer_index: i
     """One layer's weight under ``weight_type``, from its block group and transformer index. ``layer_weights``
     (a table of multipliers of the weight by transformer index) replaces the type's weights; the precise
     types keep their unconditional-branch layers, the others act as linear."""
-    if weight_type not in WEIGHT_TYPES:
-        raise ValueError(f"weight_type must be one of {WEIGHT_TYPES}, not {weight_type!r}")
+    if weight_type not in WEIGHT_TYPES + STYLE_COMPOSITION_TYPES:
+        raise ValueError(f"weight_type must be one of {WEIGHT_TYPES + STYLE_COMPOSITION_TYPES}, not {weight_type!r}")
     layers, t = transformer_count(sdxl), transformer_index
     if layer_weights:
         if t not in layer_weights:
@@ -123,7 +128,7 @@ def layer_plan(weight_type: str, weight: float, group: str, transformer_index: i
         composition_layers = (3,) if sdxl else (4, 5)
         swap = ((weight_type == "style transfer precise" and t in composition_layers)
                 or (weight_type == "composition precise" and t not in composition_layers))
-        return LayerPlan(layer_weights[t] * weight, swap)
+        return LayerPlan(layer_weights[t] * weight, swap, True)
     if weight_type == "ease in":
         return LayerPlan(weight * (0.05 + 0.95 * (1 - t / layers)))
     if weight_type == "ease out":
@@ -144,8 +149,7 @@ def layer_plan(weight_type: str, weight: float, group: str, transformer_index: i
     composition_layers = (3,) if sdxl else (4, 5)
     swap = ((weight_type == "style transfer precise" and t in composition_layers)
             or (weight_type == "composition precise" and t not in composition_layers))
-    composition = weight_type == "style and composition" and sdxl and t == 3
-    return LayerPlan(table[t], swap, composition)
+    return LayerPlan(table[t], swap, True)
 
 
 def combine(x: torch.Tensor, mode: str) -> torch.Tensor:

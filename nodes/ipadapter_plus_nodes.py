@@ -6,7 +6,8 @@ from comfy_api.latest import io, ui
 from ..comfy_host.inputs import queue_check, run_check
 from ..encoders.image_prep import CROP_POSITIONS, INTERPOLATIONS, prep_for_clip_vision
 from ..comfy_host.ipadapter_plus import LORA_CHOICES, apply_ipadapter_plus, lora_files
-from ..guidance.ipadapter_plus import COMBINE_MODES, EMBEDS_SCALINGS, WEIGHT_TYPES, parse_layer_weights
+from ..guidance.ipadapter_plus import (COMBINE_MODES, EMBEDS_SCALINGS, STYLE_COMPOSITION_TYPES, WEIGHT_TYPES,
+                                       parse_layer_weights)
 from .common import CATEGORY, RUN_CHECKS, IdentityAdapterType, OmniNode
 
 
@@ -28,7 +29,7 @@ class ApplyIPAdapterCompat(OmniNode):
                 io.ClipVision.Input("clip_vision", tooltip="CLIP-H (ViT-bigG for the SDXL ViT-G file), from Load CLIP Vision."),
                 io.Image.Input("image", tooltip="The reference photo(s); non-square photos are centre-cropped, as there."),
                 io.Float.Input("weight", default=1.0, min=-1.0, max=5.0, step=0.05, tooltip="Strength of the image."),
-                io.Combo.Input("weight_type", options=list(WEIGHT_TYPES), default="linear",
+                io.Combo.Input("weight_type", options=[*WEIGHT_TYPES, *STYLE_COMPOSITION_TYPES], default="linear",
                                tooltip="IPAdapter_plus's weight types: a weight per layer from its block and position."),
                 io.Combo.Input("combine_embeds", options=list(COMBINE_MODES), default="concat",
                                tooltip="How several photos merge: concat keeps every photo's tokens; the others "
@@ -42,6 +43,9 @@ class ApplyIPAdapterCompat(OmniNode):
                                        "keys and values times the weight; the C penalties scale by width / 1280."),
                 io.Image.Input("image_negative", optional=True,
                                tooltip="Unconditional image (default: black for CLIP-token files, zeros otherwise)."),
+                io.Image.Input("image_composition", optional=True,
+                               tooltip="Style and composition (SDXL): the composition photo, read by the composition "
+                                       "layer (IPAdapter Style & Composition's image_composition)."),
                 io.Mask.Input("attn_mask", optional=True, tooltip="Where the image applies (resized to each layer)."),
                 io.FaceAnalysis.Input("face_analysis", optional=True,
                                       tooltip="FaceID files: the face analysis that finds the face and its ArcFace "
@@ -83,13 +87,15 @@ class ApplyIPAdapterCompat(OmniNode):
                 start_at: float, end_at: float, embeds_scaling: str, image_negative=None, attn_mask=None,
                 face_analysis=None, weight_faceidv2: float = 1.0, weight_composition: float = 1.0,
                 boost: float = 1.0, faceid_lora: str = "auto", faceid_lora_strength: float = 0.0,
-                layer_weights: str = "") -> io.NodeOutput:
+                layer_weights: str = "", image_composition=None) -> io.NodeOutput:
         checked = run_check(cls, dict(adapter=adapter, image=image, image_negative=image_negative,
-                                      attn_mask=attn_mask, face_analysis=face_analysis), RUN_CHECKS)
+                                      image_composition=image_composition, attn_mask=attn_mask,
+                                      face_analysis=face_analysis), RUN_CHECKS)
         patched, faces = apply_ipadapter_plus(model, checked["adapter"], clip_vision, checked["image"], weight, weight_type,
                                        combine_embeds, start_at, end_at, embeds_scaling, checked["image_negative"],
                                        checked["attn_mask"], checked["face_analysis"], weight_faceidv2,
-                                       weight_composition, boost, faceid_lora, faceid_lora_strength, layer_weights)
+                                       weight_composition, boost, faceid_lora, faceid_lora_strength, layer_weights,
+                                       checked["image_composition"])
         return io.NodeOutput(patched, faces if faces is not None else checked["image"], ui=ui.PreviewText(
             f"{adapter.name}: weight {weight}, {weight_type}, {embeds_scaling}, {combine_embeds}"))
 

@@ -211,7 +211,9 @@ def cases(layout: str) -> list[dict]:
                       dict(name="plus_composition_precise", kind="plus", weight_type="composition precise",
                            weight=0.8),
                       dict(name="base_ease_in_masked", kind="base", weight_type="ease in", mask=True),
-                      dict(name="faceid_portrait_unnorm", kind="portrait_unnorm", faces=True)]
+                      dict(name="faceid_portrait_unnorm", kind="portrait_unnorm", faces=True),
+                      dict(name="plus_style_and_composition", kind="plus", style_composition=False, photos=2),
+                      dict(name="plus_strong_style_and_composition", kind="plus", style_composition=True)]
     out += [dict(name="plus_weight_0.5_window", kind="plus", weight=0.5, start_at=0.2, end_at=0.8),
             dict(name="plus_masked", kind="plus", mask=True),
             dict(name="plus_two_photos_concat", kind="plus", photos=2),
@@ -292,8 +294,23 @@ def run(layouts=("sd15", "sdxl"), seed: int = 0, steps: int = 3, size: int = 16,
                 lora_file = paired_lora(work, FILE_NAMES[kind].format(layout), model, seed)
                 base = comfy.sd.load_lora_for_models(model, None, lora_file, case["lora"], 0)[0]
                 lora = dict(faceid_lora="auto", faceid_lora_strength=case["lora"])
-            theirs, their_faces = ipa.IPAdapterAdvanced().apply_ipadapter(base, nested, image=image, clip_vision=cv,
-                                                                          insightface=faces, **options)
+            if "style_composition" in case:       # IPAdapter Style & Composition (SDXL): a second photo for composition
+                composition = photos[1:2].flip(1)
+                style = dict(weight_style=1.2, weight_composition=0.8, expand_style=case["style_composition"],
+                             combine_embeds="average", start_at=0.0, end_at=1.0, embeds_scaling="V only")
+                # its node's own steps (the style image and weight, the composition type), straight into its
+                # engine: the node's SDXL check asks for ComfyUI's SDXL model class, these UNets use SD1.5's
+                theirs, their_faces = ipa.ipadapter_execute(
+                    base.clone(), nested, cv, image=image, image_composition=composition, weight=style["weight_style"],
+                    weight_composition=style["weight_composition"], combine_embeds=style["combine_embeds"],
+                    weight_type="strong style and composition" if style["expand_style"] else "style and composition",
+                    start_at=0.0, end_at=1.0, embeds_scaling="V only")
+                options.update(weight=1.2, weight_composition=0.8, combine_embeds="average", image_composition=composition,
+                               weight_type=("strong style and composition" if case["style_composition"]
+                                            else "style and composition"))
+            else:
+                theirs, their_faces = ipa.IPAdapterAdvanced().apply_ipadapter(base, nested, image=image, clip_vision=cv,
+                                                                              insightface=faces, **options)
             ours, our_faces = apply_ipadapter_plus(model, adapter, cv, image, face_analysis=faces, **options, **lora)
             if faces is not None:      # FaceID's face_image output: the aligned faces
                 face_images[f"{layout}/{case['name']}"] = float((our_faces - their_faces).abs().max())

@@ -39,6 +39,13 @@ def test_precise_types_move_the_image_to_the_unconditional_branch():
     assert weight_table("composition precise", 1.0, True, boost=0.5)[3] == 1.0        # composition keeps the weight
 
 
+def test_style_and_composition_tables():
+    assert weight_table("style and composition", 1.2, True, weight_composition=0.8) == {3: 0.8, 6: 1.2}
+    strong = weight_table("strong style and composition", 1.0, True, weight_composition=0.5)
+    assert strong == {0: 1.0, 1: 1.0, 2: 1.0, 3: 0.5, 4: 1.0, 5: 1.0, 6: 1.0, 7: 1.0, 8: 1.0, 9: 1.0, 10: 1.0}
+    assert layer_plan("style and composition", 1.0, "input", 3, True).from_table
+
+
 def test_simple_node_types():
     assert [simple_weight_type(v) for v in ("standard", "prompt is more important", "style transfer")] == [
         "linear", "ease out", "style transfer"]
