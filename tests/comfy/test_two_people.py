@@ -74,8 +74,9 @@ def test_each_identity_acts_in_its_own_face_region(comfy, identities):
     # identity A alone changes face 1's region far more than face 2's
     added_a = region_means(np.abs(only_a - plain).mean(-1), regions)
     assert added_a[1] > 2 * added_a[2], added_a
-    # swapping the identities changes each face region as much as putting an identity there does, and
-    # the background, outside both regions, far less
+    # swapping the identities changes each face region at least half as much as putting an identity there
+    # does, and the background, outside both regions, less (it changes through the UNet's convolutions and
+    # self-attention, not through the masked identity attention)
     background = {0: ~(regions[1] | regions[2])}
     swap = region_means(np.abs(both - swapped).mean(-1), {**regions, **background})
     assert swap[1] > 0.5 * added_a[1] and swap[2] > 0.5 * added_b[2], (swap, added_a, added_b)
