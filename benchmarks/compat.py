@@ -5,7 +5,10 @@ injected into ComfyUI's model (patches on a clone), and the same weights run in 
 diffusers' UNet2DConditionModel with h94's adapter loaded by diffusers' own reader (SD1.5 and
 SDXL layouts), diffusers' FluxTransformer2DModel with XLabs' adapter loaded by diffusers' own
 reader, and, for InstantX (which diffusers lacks), diffusers' FluxTransformer2DModel with the
-re-implementation of InstantX's published processor in tests/support/ip_reference.py. One model
+re-implementation of InstantX's published processor in tests/support/ip_reference.py. ``pulid_flux``:
+one whole Euler step (cfg 1 and true CFG 2) of a small FLUX.1-dev, the authors' Flux model with their
+PuLID modules (ToTheBeginning/PuLID, the vendored archive) against ComfyUI's FLUX with the pack's
+PuLID-FLUX block patches (tests/support/pulid_flux_check.py); its figure is of the stepped latent. One model
 call on a CFG batch (conditional and unconditional rows, different identities), with a weight;
 the FLUX formats and (full run) the h94 formats on a single-level UNet also with a mask.
 
@@ -45,6 +48,7 @@ def main() -> None:
     from support import ip_layouts as layouts
     from support.ip_reference import h94_check
     from support.ip_reference_flux import flux_check
+    from support.pulid_flux_check import step_check as pulid_step_check
 
     torch.set_num_threads(1)       # tiny models: one thread is fastest (threads only contend on a shared CPU)
     seeds = (0,) if args.quick else (0, 1, 2)
@@ -63,6 +67,8 @@ def main() -> None:
                 record(f"h94_{kind}_sd15", h94_check(kind, "sd15", single_level=True, seed=seed))
         for kind in layouts.FLUX_KINDS:
             record(kind, flux_check(kind, seed=seed))
+        pulid = pulid_step_check(seed)        # one whole denoising step against the authors' Flux with PuLID
+        record("pulid_flux", {"difference": pulid["difference"], "effect": pulid["effect_min"]})
     for name in formats:
         print(f"{name:28s} max relative difference {formats[name]:.2e}   identity effect {effects[name]:.3f}",
               flush=True)

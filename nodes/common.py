@@ -8,6 +8,7 @@ from comfy_api.latest import io
 
 from ..comfy_host.encoder_model import LoadedEncoder
 from ..comfy_host.inputs import InputError, queue_check, run_check
+from ..comfy_host.pulid_flux import LoadedPuLIDFlux
 from ..encoders.embeds import IdentityEmbeds
 from ..encoders.flame import FlameModel, FlameParams
 from ..encoders.pivot import PivotIDEncoder
@@ -24,6 +25,7 @@ IdentityEmbedsType = io.Custom("IDENTITY_EMBEDS")
 IdentityAdapterType = io.Custom("IDENTITY_ADAPTER")
 IdentityDatasetType = io.Custom("IDENTITY_DATASET")
 PivotEncoderType = io.Custom("PIVOT_ENCODER")
+PuLIDFluxType = io.Custom("PULID_FLUX")
 
 # socket type -> (what it must be, which node makes it)
 _OWN_TYPES = {
@@ -34,6 +36,7 @@ _OWN_TYPES = {
     "PIVOT_ENCODER": (PivotIDEncoder, "Train Pivot ID Encoder (OmniIdentity)"),
     "FLAME_MODEL": (FlameModel, "FLAME Loader (OmniIdentity)"),
     "FLAME_PARAMS": (FlameParams, "FLAME Fit (OmniIdentity)"),
+    "PULID_FLUX": (LoadedPuLIDFlux, "PuLID-FLUX Loader (OmniIdentity)"),
 }
 
 

@@ -1,5 +1,6 @@
 """Every IP-Adapter format, injected by the pack into ComfyUI's own models, equals its reference
-implementation on identical random weights (whole model, CFG batch, weights, masks): runs
+implementation on identical random weights (whole model, CFG batch, weights, masks), and PuLID-FLUX one
+whole denoising step of the authors' Flux model with PuLID: runs
 benchmarks/compat.py (in process with ComfyUI) and checks its RESULT line."""
 import json
 import os
@@ -26,7 +27,7 @@ def result(comfyui):
 
 
 def test_every_format_is_measured(result):
-    expected = {f"h94_{kind}_{layout}" for kind in H94_KINDS for layout in LAYOUTS} | set(FLUX_KINDS)
+    expected = {f"h94_{kind}_{layout}" for kind in H94_KINDS for layout in LAYOUTS} | set(FLUX_KINDS) | {"pulid_flux"}
     assert set(result["formats"]) == expected
     assert result["masked_unet_runs"] and result["seeds"] == 3
 

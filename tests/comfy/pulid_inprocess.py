@@ -1,0 +1,121 @@
+"""PuLID-FLUX checks that need ComfyUI's FLUX in process: run with the Python that runs ComfyUI.
+
+    python tests/comfy/pulid_inprocess.py --comfyui /opt/ComfyUI
+
+One whole denoising step (Euler, from sigma 0.8 to 0.6) of a small FLUX.1-dev: the authors' Flux model
+(their ``flux/`` package from the vendored archive) with their PerceiverAttentionCA modules and IDFormer
+tokens, stepped by their own ``flux.sampling.denoise``, against ComfyUI's FLUX built from the same
+weights through ComfyUI's detection (support.flux_layout), patched by the pack (block patches on a
+clone) and stepped by ComfyUI's own sampler. Two cases: the guidance-distilled path (cfg 1, the
+authors' default) and true CFG (cfg 2: the negative prompt with the unconditional identity tokens).
+Also: weight 0 and a zero mask leave sampling bit-identical, the sigma window, several photos, and
+running beside an XLabs FLUX IP-Adapter with both effects present.
+Prints one JSON line of facts that tests/comfy/test_pulid_flux.py asserts (benchmarks/compat.py prints
+the ``pulid_flux`` row from the same function).
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+
+def behaviour_facts() -> dict:
+    """Weight 0, masks, the sigma window, several photos, XLabs alongside: on the same small FLUX."""
+    import tempfile
+
+    import comfy.sample
+    import torch
+    from omniid.comfy_host.identity import apply_identity
+    from omniid.comfy_host.pulid_flux import PuLIDBlockPatch, apply_pulid_flux
+    from omniid.encoders import pulid_flux as P
+    from omniid.encoders.embeds import IdentityEmbeds
+    from omniid.guidance.adapter_files import load_adapter
+    from safetensors.torch import save_file
+    from support import ip_layouts
+    from support.flux_layout import comfy_flux
+    from support.pulid_flux_check import AXES, LATENT, LAYOUT, TEXT, flux_weights
+    from support.pulid_reference import condition, reference_pulid
+
+    model = comfy_flux(flux_weights(3), LAYOUT["heads"], AXES)
+    _, _, pulid_state = reference_pulid(num_ca=4, flux_hidden=LAYOUT["hidden"], seed=4, ca_scale=3.0)
+    pulid = P.load_state(pulid_state, "tiny_pulid_flux")
+    cond, uncond = P.identity_tokens(pulid, *condition(photos=1, seed=5))
+    three, _ = P.identity_tokens(pulid, *condition(photos=3, seed=6))
+    g = torch.Generator().manual_seed(7)
+    context = torch.randn(1, TEXT, LAYOUT["context"], generator=g)
+    pooled = torch.randn(1, LAYOUT["vec"], generator=g)
+    positive = [[context, {"pooled_output": pooled, "guidance": 3.5}]]
+    negative = [[torch.zeros_like(context), {"pooled_output": torch.zeros_like(pooled), "guidance": 3.5}]]
+    latent = torch.zeros(1, 16, LATENT, LATENT)
+    noise = torch.randn(latent.shape, generator=g)
+
+    def run(m, cfg=2.0):
+        return comfy.sample.sample(m, noise, 3, cfg, "euler", "simple", positive, negative, latent,
+                                   disable_pbar=True, seed=1)
+
+    def differs(a, b):
+        return float((a - b).abs().max() / b.abs().max())
+
+    plain = run(model)
+    full = run(apply_pulid_flux(model, pulid, cond, uncond, 1.0))
+    facts = {
+        "effect": differs(full, plain),
+        "zero_equal": bool(torch.equal(run(apply_pulid_flux(model, pulid, cond, uncond, 0.0)), plain)),
+        "masked_out_equal": bool(torch.equal(run(apply_pulid_flux(model, pulid, cond, uncond, 1.0,
+                                                                  mask=torch.zeros(1, 64, 64))), plain)),
+        "half_mask_vs_full": differs(run(apply_pulid_flux(model, pulid, cond, uncond, 1.0,
+                                                          mask=torch.cat([torch.ones(1, 32, 64), torch.zeros(1, 32, 64)], 1))), full),
+        "window_closed_equal": bool(torch.equal(run(apply_pulid_flux(model, pulid, cond, uncond, 1.0, 0.99, 1.0)),
+                                                plain)),
+        "late_window_vs_full": differs(run(apply_pulid_flux(model, pulid, cond, uncond, 1.0, 0.5, 1.0)), full),
+        "three_photos_vs_one": differs(run(apply_pulid_flux(model, pulid, three, uncond, 1.0)), full),
+        "patched_keys": sorted(k for k, v in apply_pulid_flux(model, pulid, cond, uncond)
+                               .model_options["transformer_options"]["patches_replace"]["dit"].items()
+                               if isinstance(v, PuLIDBlockPatch)),
+    }
+    # beside an XLabs FLUX IP-Adapter (the pack's existing adapter path), in either order
+    with tempfile.TemporaryDirectory() as folder:
+        path = Path(folder) / "xlabs.safetensors"
+        save_file(ip_layouts.xlabs_checkpoint("xlabs_v1", LAYOUT["hidden"], LAYOUT["depth"], seed=8),
+                  str(path))
+        adapter = load_adapter(str(path))
+    embeds = IdentityEmbeds("clip", {"pooled": torch.randn(1, ip_layouts.POOLED_WIDTH, generator=g),
+                                     "pooled_uncond": torch.zeros(1, ip_layouts.POOLED_WIDTH)}, {"num_images": 1})
+    tokens = adapter.identity_tokens(embeds)
+    xlabs = apply_identity(model, adapter, tokens, 5.0, 0.0, 1.0)
+    xlabs_alone = run(xlabs)
+    both = run(apply_pulid_flux(xlabs, pulid, cond, uncond, 1.0))
+    both_reversed = run(apply_identity(apply_pulid_flux(model, pulid, cond, uncond, 1.0), adapter, tokens, 5.0,
+                                       0.0, 1.0))
+    facts.update(xlabs_effect=differs(xlabs_alone, plain), both_vs_xlabs=differs(both, xlabs_alone),
+                 both_vs_pulid=differs(both, full), reversed_vs_xlabs=differs(both_reversed, xlabs_alone),
+                 reversed_vs_pulid=differs(both_reversed, full),
+                 plain_after_equal=bool(torch.equal(run(model), plain)))
+    try:
+        apply_pulid_flux(comfy_flux(flux_weights(3) | {}, LAYOUT["heads"], AXES), P.load_state(
+            reference_pulid(num_ca=3, flux_hidden=LAYOUT["hidden"], seed=4)[2], "three_modules"), cond, uncond)
+        facts["wrong_fit"] = ""
+    except P.PuLIDFileError as exc:
+        facts["wrong_fit"] = str(exc)
+    return facts
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser()
+    parser.add_argument("--comfyui", required=True)
+    args = parser.parse_args()
+    sys.path.insert(0, str(Path(args.comfyui).resolve()))
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1]))      # tests/: support
+    sys.argv = sys.argv[:1]
+    import comfy.cli_args
+    comfy.cli_args.args.cpu = True
+    import torch
+    torch.set_num_threads(1)
+    from support.pulid_flux_check import step_check
+    facts = {"step": step_check(0), **behaviour_facts()}
+    print(json.dumps(facts))
+
+
+if __name__ == "__main__":
+    main()
