@@ -192,12 +192,14 @@ def identity_tokens(model: PuLIDFlux, id_cond: torch.Tensor, vit_hidden: Sequenc
     the photos' hidden states concatenated. The unconditional tokens are the IDFormer's output for
     zero inputs, as the authors compute them for true CFG."""
     if combine == "average":
+        cond_in, hidden_in = id_cond[:1], [h[:1] for h in vit_hidden]
         cond = model.identity_tokens(id_cond, vit_hidden).mean(dim=0, keepdim=True)
     elif combine == "concat":
-        cond = model.identity_tokens(id_cond[None], [h.reshape(1, -1, h.shape[-1]) for h in vit_hidden])
+        cond_in, hidden_in = id_cond[None], [h.reshape(1, -1, h.shape[-1]) for h in vit_hidden]
+        cond = model.identity_tokens(cond_in, hidden_in)
     else:
         raise ValueError(f"combine must be 'average' or 'concat', not {combine!r}")
-    uncond = model.identity_tokens(torch.zeros_like(id_cond[:1]), [torch.zeros_like(h[:1]) for h in vit_hidden])
+    uncond = model.identity_tokens(torch.zeros_like(cond_in), [torch.zeros_like(h) for h in hidden_in])
     return cond, uncond
 
 
