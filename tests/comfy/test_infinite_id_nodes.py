@@ -5,8 +5,8 @@ import numpy as np
 import pytest
 
 from omniid.cli.client import ComfyClient, ExecutionFailed
-from omniid.cli.graph import Graph
-from support.testing import images_of
+from support.graph import Graph
+from support.testing import image_change, images_of
 
 ADAPTER = "omniid_tiny_sd15_omni.safetensors"
 
@@ -56,9 +56,16 @@ def test_mixed_attention_alone_and_with_adain_mean(comfy, omni_embeds):
     images = {name: images_of(comfy, result, ids["save"]) for name, ids in branches.items()}
     for name, batch in images.items():
         assert len(batch) == 2 and batch[0].shape == (64, 64, 3), name
-    assert np.abs(images["mixed"][0].astype(int) - images["plain"][0]).max() > 0
-    assert np.abs(images["adain"][0].astype(int) - images["mixed"][0]).max() > 0
-    assert np.abs(images["full_adain"][0].astype(int) - images["adain"][0]).max() > 0
+    # the identity stream in self-attention and AdaIN-mean's alignment of its mean each move the whole
+    # image (measured on both hosts: mean 4.5 and 1.6 grey levels, 93% and 73% of the values), not a few
+    # round-off pixels
+    change = {name: image_change(images[name][0], images[before][0]) for name, before in
+              (("mixed", "plain"), ("adain", "mixed"), ("full_adain", "adain"))}
+    for name in ("mixed", "adain"):
+        assert change[name][0] > 1.0 and change[name][1] > 0.5, change
+    # full AdaIN also aligns the spread, which the two streams of one model nearly share: a second-order
+    # correction to AdaIN-mean's (measured: mean 0.37 levels, 35% of the values), far above round-off
+    assert 0.1 < change["full_adain"][0] < change["adain"][0] and change["full_adain"][1] > 0.1, change
     assert all(np.array_equal(a, b) for a, b in zip(images["adain_off"], images["mixed"]))
 
 
@@ -100,7 +107,7 @@ def test_adain_mean_needs_mixed_attention_first(comfy):
     assert "connect this node after 'Mixed Attention (OmniIdentity)'" in failure.value.error["exception_message"]
 
 
-def test_fidelity_infinite_id_identity_into_mixed_attention(comfy):
+def test_infinite_id_identity_drives_mixed_attention_through_its_adapter(comfy):
     """Infinite-ID's own identity (CLIP last hidden states + ArcFace, each mapped, concatenated) drives the
     mixed-attention streams through an adapter trained on infinite_id embeds."""
     from support.assets import TEST_ARCFACE_ONNX
