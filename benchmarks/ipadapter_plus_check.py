@@ -141,6 +141,7 @@ def inprocess(args) -> None:
     quick = dict(steps=3, size=8, only=ref.QUICK) if args.quick else {}
     result = ref.run(**quick)
     result["converter_layout"] = ref.converter_layout_problems()
+    result["node_checks"] = ref.node_checks()
     worst = max(result["cases"].values())
     print(f"{len(result['cases'])} cases, worst latent rel L2 {worst:.2e}; smallest effect "
           f"{min(result['effect'].values()):.2e}", flush=True)

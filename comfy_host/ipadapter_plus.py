@@ -58,6 +58,16 @@ def needs_faces(adapter: IdentityAdapter) -> bool:
     return adapter.config.projection in ("faceid", "faceid_plusv2") or is_portrait_unnorm(adapter)
 
 
+def tokens_of(cv: ClipVision, images: torch.Tensor) -> torch.Tensor:
+    """CLIP's penultimate tokens of the photos, centre-cropped (photos seen before come from the pack's cache)."""
+    return cv.cached_tokens(images, "center")[0]
+
+
+def pooled_of(cv: ClipVision, images: torch.Tensor) -> torch.Tensor:
+    """CLIP's projected image embeddings of the photos, centre-cropped (cached with the tokens)."""
+    return cv.cached_features(images, "center")[1]
+
+
 def encode(adapter: IdentityAdapter, clip_vision, image: torch.Tensor, image_negative: Optional[torch.Tensor],
            faces: Optional[tuple[torch.Tensor, torch.Tensor]]) -> tuple[dict, dict]:
     """(conditional, unconditional) projection inputs, per photo, as IPAdapter_plus builds them."""
@@ -70,16 +80,16 @@ def encode(adapter: IdentityAdapter, clip_vision, image: torch.Tensor, image_neg
         arcface, crops = faces
         cond, uncond = {"arcface": arcface}, {"arcface": torch.zeros_like(arcface)}
         if kind == "faceid_plusv2":
-            cond["clip"] = cv.tokens(crops)
-            uncond["clip"] = cv.tokens(image_negative) if image_negative is not None else cv.unconditional("black")[0]
+            cond["clip"] = tokens_of(cv, crops)
+            uncond["clip"] = tokens_of(cv, image_negative) if image_negative is not None else cv.unconditional("black")[0]
         return cond, uncond
     if kind in CLIP_KINDS:
-        tokens = cv.tokens(image)
-        negative = cv.tokens(image_negative) if image_negative is not None else cv.unconditional("black")[0]
+        tokens = tokens_of(cv, image)
+        negative = tokens_of(cv, image_negative) if image_negative is not None else cv.unconditional("black")[0]
         return {"clip": tokens}, {"clip": negative}
     if kind == "pooled":
-        pooled = cv.image_embeds(image)
-        negative = cv.image_embeds(image_negative) if image_negative is not None else torch.zeros_like(pooled[:1])
+        pooled = pooled_of(cv, image)
+        negative = pooled_of(cv, image_negative) if image_negative is not None else torch.zeros_like(pooled[:1])
         return {"pooled": pooled}, {"pooled": negative}
     raise AdapterFitError(f"adapter '{adapter.name}' ({adapter.config.describe()}) is not an h94 IP-Adapter for SD1.5 "
                           "or SDXL: the IPAdapter_plus compatible apply takes those only")

@@ -239,11 +239,10 @@ def cases(layout: str) -> list[dict]:
     return out
 
 
-QUICK = {"sd15/plus_defaults", "sd15/full_face_defaults", "sd15/base_defaults", "sd15/plus_weight_0.5_window",
-         "sd15/plus_masked", "sd15/plus_two_photos_average", "sd15/plus_negative_image", "sd15/faceid",
-         "sd15/faceid_with_lora_0.6", "sd15/faceid_plus_v1", "sd15/faceid_plusv2", "sd15/plus_two_photos_k_mean_v",
-         "sd15/plus_K+V w/ C penalty", "sd15/plus_ease in", "sd15/plus_style transfer precise",
-         "sd15/plus_layer_weights", "sdxl/base_defaults", "sdxl/plus_style_transfer"}
+QUICK = {"sd15/plus_defaults", "sd15/base_defaults", "sd15/plus_weight_0.5_window", "sd15/plus_masked",
+         "sd15/plus_two_photos_average", "sd15/plus_negative_image", "sd15/faceid_with_lora_0.6",
+         "sd15/faceid_plus_v1", "sd15/faceid_plusv2", "sd15/plus_two_photos_k_mean_v",
+         "sd15/plus_style transfer precise", "sd15/plus_layer_weights", "sdxl/base_ease_in_masked"}
 
 
 def run(layouts=("sd15", "sdxl"), seed: int = 0, steps: int = 3, size: int = 16, only=None) -> dict:
@@ -362,3 +361,43 @@ def prep_image_difference(ipa, seed: int = 0) -> float:
                     ours = prep_for_clip_vision(image, interpolation, position, sharpening)
                     worst = max(worst, float((theirs - ours).abs().max()))
     return worst
+
+
+def node_checks(seed: int = 0) -> list:
+    """The two nodes called as ComfyUI calls them (execute, validate_inputs) on a small SD1.5 UNet: the apply's
+    model equals the engine's, its face_image is the photos for a non-FaceID file, the prep gives 224 px, and
+    a bad layer_weights is refused at queue time. Returns the problems ([] when none)."""
+    from safetensors.torch import save_file
+
+    from omniid.comfy_host.ipadapter_plus import apply_ipadapter_plus
+    from omniid.comfy_host.folders import register_model_folders
+    from omniid.guidance.adapter_files import load_adapter
+    register_model_folders()
+    from omniid.nodes.ipadapter_plus_nodes import ApplyIPAdapterCompat, PrepImageForClipVision
+    problems = []
+    model, cv = unet("sd15", seed + 11), clip_vision(seed + 3)
+    path = Path(tempfile.mkdtemp(prefix="omniid-ipa-node-")) / "ip-adapter-plus_sd15.safetensors"
+    save_file(L.flat(h94_file("plus", "sd15", cross_attention_widths(model), seed + 5)), str(path))
+    adapter = load_adapter(str(path), path.name)
+    photo = torch.rand(1, 150, 101, 3, generator=torch.Generator().manual_seed(seed + 29))
+    prepped = PrepImageForClipVision.execute(image=photo, interpolation="BICUBIC", crop_position="pad",
+                                             sharpening=0.2).result[0]
+    if tuple(prepped.shape) != (1, 224, 224, 3):
+        problems.append(f"prep gave {tuple(prepped.shape)}")
+    options = dict(weight=0.8, weight_type="ease out", combine_embeds="concat", start_at=0.0, end_at=1.0,
+                   embeds_scaling="K+V")
+    out = ApplyIPAdapterCompat.execute(model=model, adapter=adapter, clip_vision=cv, image=prepped, **options).result
+    direct, _ = apply_ipadapter_plus(model, adapter, cv, prepped, **options)
+    g = torch.Generator().manual_seed(seed + 31)
+    text, negative = torch.randn(1, 3, 64, generator=g), torch.randn(1, 3, 64, generator=g)
+    difference = relative(sample(out[0], seed, text, negative, 2, 8), sample(direct, seed, text, negative, 2, 8))
+    if difference > 1e-6:
+        problems.append(f"the node's model differs from the engine's by {difference:.2e}")
+    if not torch.equal(out[1], prepped):
+        problems.append("face_image is not the photos for a Plus file")
+    refused = ApplyIPAdapterCompat.validate_inputs(weight=1.0, weight_type="linear", layer_weights="3=1")
+    if not (isinstance(refused, str) and "layer_weights" in refused):
+        problems.append(f"layer_weights '3=1' was not refused at queue time: {refused!r}")
+    if ApplyIPAdapterCompat.validate_inputs(weight=1.0, weight_type="linear", layer_weights="3:1") is not True:
+        problems.append("a good layer_weights was refused")
+    return problems
