@@ -140,8 +140,9 @@ def inprocess(args) -> None:
     torch.set_num_threads(1)       # small models: one thread is fastest on a shared CPU
     quick = dict(steps=3, size=8, only=ref.QUICK) if args.quick else {}
     result = ref.run(**quick)
-    result["converter_layout"] = ref.converter_layout_problems()
-    result["node_checks"] = ref.node_checks()
+    from support import ipadapter_plus_nodes_check as nodes_check
+    result["converter_layout"] = nodes_check.converter_layout_problems()
+    result["node_checks"] = nodes_check.node_checks()
     worst = max(result["cases"].values())
     print(f"{len(result['cases'])} cases, worst latent rel L2 {worst:.2e}; smallest effect "
           f"{min(result['effect'].values()):.2e}", flush=True)

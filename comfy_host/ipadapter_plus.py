@@ -197,7 +197,6 @@ def apply_ipadapter_plus(model, adapter: IdentityAdapter, clip_vision, image: to
     layers = adapter_layers(model, adapter)
     check_fit(adapter, model, layers)
     sdxl = is_sdxl_file(adapter)
-    kind = adapter.config.projection
     faces = None
     if needs_faces(adapter):
         if face_analysis is None:

@@ -13,7 +13,9 @@ from pathlib import Path
 
 import pytest
 
-from omniid.cli import convert as C
+from omniid.cli import convert_tables as C
+from omniid.cli.convert import convert
+from omniid.cli.convert_plan import compat_widgets, ipa_widgets
 from omniid.cli.main import main
 
 ARCHIVE = Path(__file__).resolve().parents[2].parent / "shared" / "vendor" / "ComfyUI_IPAdapter_plus-9d076a3d.tar.gz"
@@ -89,7 +91,7 @@ def check_links(workflow: dict) -> None:
 @pytest.mark.parametrize("name", sorted(STAYS))
 def test_example_converts(name):
     original = EXAMPLES[name]
-    converted, plan = C.convert(original)
+    converted, plan = convert(original)
     before = {n["id"]: n for n in original["nodes"]}
     after = {n["id"]: n for n in converted["nodes"]}
     ipa = {n["id"]: n["type"] for n in original["nodes"] if n["type"] in C.IPA_TYPES}
@@ -122,7 +124,7 @@ def test_example_converts(name):
             continue
         node, old = after[int(node_id)], before[int(node_id)]
         values = dict(zip(C.WIDGETS[C.COMPAT], node["widgets_values"]))
-        given = C.ipa_widgets(old_type, old["widgets_values"])
+        given = ipa_widgets(old_type, old["widgets_values"])
         assert values["weight"] == given.get("weight", given.get("weight_style")) and values["start_at"] == given["start_at"]
         assert values["end_at"] == given["end_at"]
         if old_type == "IPAdapterAdvanced":
@@ -133,7 +135,7 @@ def test_example_converts(name):
 
 
 def test_unified_faceid_loader_becomes_three_loaders_and_the_lora_moves_to_the_apply():
-    converted, plan = C.convert(EXAMPLES["ipadapter_faceid.json"])
+    converted, plan = convert(EXAMPLES["ipadapter_faceid.json"])
     nodes = {n["id"]: n for n in converted["nodes"]}
     assert nodes[20]["widgets_values"] == ["ip-adapter-faceid-plusv2_sd15.bin"]
     apply = dict(zip(C.WIDGETS[C.COMPAT], nodes[18]["widgets_values"]))
@@ -146,7 +148,7 @@ def test_unified_faceid_loader_becomes_three_loaders_and_the_lora_moves_to_the_a
 
 
 def test_simple_node_types_precise_boosts_and_layer_weights():
-    converted, _ = C.convert(EXAMPLES["ipadapter_precise_composition.json"])
+    converted, _ = convert(EXAMPLES["ipadapter_precise_composition.json"])
     node = next(n for n in converted["nodes"] if n["id"] == 12)
     values = dict(zip(C.WIDGETS[C.COMPAT], node["widgets_values"]))
     assert values["weight_type"] == "composition precise" and values["boost"] == pytest.approx(0.35)
@@ -154,7 +156,7 @@ def test_simple_node_types_precise_boosts_and_layer_weights():
     mad = dict(zip(C.WIDGETS[C.COMPAT], next(n for n in converted["nodes"] if n["id"] == 15)["widgets_values"]))
     assert mad["layer_weights"] == "0:0, 1:0, 2:0, 3:0.8, 4:0, 5:0, 6:0.35, 7:0, 8:0, 9:0, 10:0"
     assert mad["weight_type"] == "composition precise" and mad["weight_faceidv2"] == 1
-    assert C.compat_widgets("IPAdapter", {"weight": 0.4, "weight_type": "prompt is more important"})["weight_type"] == "ease out"
+    assert compat_widgets("IPAdapter", {"weight": 0.4, "weight_type": "prompt is more important"})["weight_type"] == "ease out"
 
 
 API = {
@@ -175,7 +177,7 @@ API = {
 
 
 def test_api_workflow():
-    converted, plan = C.convert(API)
+    converted, plan = convert(API)
     assert converted["11"] == {"class_type": C.ADAPTER_LOADER, "_meta": {"title": C.TITLES[C.ADAPTER_LOADER]},
                                "inputs": {"adapter_name": "ip-adapter-plus-face_sdxl_vit-h.safetensors"}}
     apply = converted["10"]
@@ -208,6 +210,6 @@ def test_cli(tmp_path, capsys):
 
 
 def test_prep_image_keeps_its_values():
-    converted, _ = C.convert(EXAMPLES["ipadapter_advanced.json"])
+    converted, _ = convert(EXAMPLES["ipadapter_advanced.json"])
     prep = next(n for n in converted["nodes"] if n["id"] == 17)
     assert prep["type"] == C.PREP and prep["widgets_values"] == ["LANCZOS", "top", 0.15]
