@@ -121,23 +121,27 @@ class PuLIDBlockPatch:
 class LoadedPuLIDFlux:
     """A PuLID-FLUX file and the EVA02-CLIP vision tower its identity condition needs."""
 
-    def __init__(self, pulid: PuLIDFlux, eva):
+    def __init__(self, pulid: PuLIDFlux, eva, parser=None):
         self.pulid = pulid
         self.eva = eva
+        self.parser = parser          # BiSeNet face parsing, or None: the landmark outline
 
     def describe(self) -> str:
         return f"{self.pulid.describe()}; {self.eva.config.describe()}"
 
     def models(self) -> list:
-        return [self.pulid, self.eva]
+        return [self.pulid, self.eva] + ([self.parser] if self.parser is not None else [])
 
 
-def load_pulid_flux(pulid_name: str, eva_name: str) -> LoadedPuLIDFlux:
-    """The PuLID-FLUX file from models/pulid and the EVA02-CLIP checkpoint from models/clip_vision, checked
-    against each other (the IDFormer's hidden-state and embedding widths are EVA's)."""
-    from ..encoders import eva_clip
+def load_pulid_flux(pulid_name: str, eva_name: str, parsing_name: str = "none") -> LoadedPuLIDFlux:
+    """The PuLID-FLUX file from models/pulid, the EVA02-CLIP checkpoint from models/clip_vision (checked
+    against each other: the IDFormer reads EVA's hidden-state and embedding widths) and, unless "none",
+    the face parsing model from models/facexlib."""
+    from ..encoders import eva_clip, face_parsing
     from ..encoders.pulid_flux import load_file
     from .folders import model_path
+    parser = None if parsing_name == "none" else face_parsing.load_file(model_path("facexlib", parsing_name),
+                                                                        parsing_name)
     pulid = load_file(model_path("pulid", pulid_name), pulid_name)
     eva = eva_clip.load_file(model_path("clip_vision", eva_name), eva_name)
     c = pulid.config
@@ -145,7 +149,7 @@ def load_pulid_flux(pulid_name: str, eva_name: str) -> LoadedPuLIDFlux:
         raise PuLIDFileError(f"{pulid.describe()} reads EVA hidden states of width {c.vit_width} and an embedding of "
                              f"width {c.id_width - 512}, but '{eva_name}' is {eva.config.describe()}: use "
                              "EVA02_CLIP_L_336_psz14_s6B (EVA02-CLIP-L-14-336), the encoder PuLID-FLUX was trained with")
-    return LoadedPuLIDFlux(pulid, eva)
+    return LoadedPuLIDFlux(pulid, eva, parser)
 
 
 def identity_from_photos(loaded: LoadedPuLIDFlux, face_analysis, images: torch.Tensor, combine: str = "average"):
@@ -153,8 +157,12 @@ def identity_from_photos(loaded: LoadedPuLIDFlux, face_analysis, images: torch.T
     import comfy.model_management
     from ..encoders.pulid_faces import pulid_faces
     from ..encoders.pulid_flux import identity_condition, identity_tokens
-    faces = pulid_faces(images, face_analysis)
     device = comfy.model_management.get_torch_device()
+    parsing = None
+    if loaded.parser is not None:
+        parser = loaded.parser.to(device)
+        parsing = parser.labels
+    faces = pulid_faces(images, face_analysis, parsing)
     eva = loaded.eva.to(device)
     if device.type == "cpu":
         eva = eva.float()
@@ -164,8 +172,8 @@ def identity_from_photos(loaded: LoadedPuLIDFlux, face_analysis, images: torch.T
                                        hidden, combine)
     finally:
         offload = comfy.model_management.intermediate_device()
-        loaded.eva.to(offload)
-        loaded.pulid.to(offload)
+        for model in loaded.models():
+            model.to(offload)
     return cond.to(offload), uncond.to(offload), faces.report(len(images))
 
 

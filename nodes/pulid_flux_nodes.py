@@ -23,20 +23,26 @@ class PuLIDFluxLoader(OmniNode):
             category=f"{CATEGORY}/pulid_flux",
             description=("Loads PuLID-FLUX (pulid_flux_v0.9.0 / v0.9.1.safetensors from models/pulid: the IDFormer and "
                          "the 20 cross-attention modules) with the EVA02-CLIP-L-14-336 vision encoder it was trained "
-                         "with (EVA02_CLIP_L_336_psz14_s6B.pt from models/clip_vision, read as tensors only)."),
+                         "with (EVA02_CLIP_L_336_psz14_s6B.pt from models/clip_vision, read as tensors only), and "
+                         "optionally the face parsing model that removes the background (models/facexlib)."),
             inputs=[
                 io.Combo.Input("pulid_file", options=model_files("pulid"),
                                tooltip="PuLID-FLUX file in models/pulid (guozinan/PuLID: pulid_flux_v0.9.1.safetensors)."),
                 io.Combo.Input("eva_clip", options=eva_files(),
                                tooltip="EVA02-CLIP-L-14-336 in models/clip_vision (QuanSun/EVA-CLIP: "
                                        "EVA02_CLIP_L_336_psz14_s6B.pt), the image encoder PuLID reads."),
+                io.Combo.Input("face_parsing", options=["none", *model_files("facexlib")], default="none",
+                               optional=True,
+                               tooltip="facexlib's BiSeNet face parsing model in models/facexlib "
+                                       "(parsing_bisenet.pth), which the authors use to whiten the background; "
+                                       "none: the face outline from the landmarks (hair whitened too)."),
             ],
             outputs=[PuLIDFluxType.Output(display_name="pulid_flux", tooltip="PuLID-FLUX and its EVA02-CLIP encoder.")],
         )
 
     @classmethod
-    def execute(cls, pulid_file: str, eva_clip: str) -> io.NodeOutput:
-        return io.NodeOutput(load_pulid_flux(pulid_file, eva_clip))
+    def execute(cls, pulid_file: str, eva_clip: str, face_parsing: str = "none") -> io.NodeOutput:
+        return io.NodeOutput(load_pulid_flux(pulid_file, eva_clip, face_parsing))
 
 
 class ApplyPuLIDFlux(OmniNode):

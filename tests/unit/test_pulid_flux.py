@@ -161,3 +161,28 @@ def test_photos_without_a_face_are_skipped_and_reported_and_none_at_all_is_an_er
         pulid_faces(photos[1:2], analyser)
     with pytest.raises(ValueError, match="needs ArcFace embeddings"):
         pulid_faces(photos[2:], _Analyser({2: [_Face(30.0, kind="dlib128")]}))
+
+
+def test_the_face_parsing_model_loads_from_its_published_layout_and_whitens_its_background(tmp_path):
+    """facexlib's parsing_bisenet.pth layout (a plain state dict, read with weights_only=True); with a parser
+    the background is the authors' label set (background, neck, clothes, ears, earrings, necklace, hat)."""
+    from omniid.encoders import face_parsing
+    from omniid.encoders.pulid_faces import PARSING_BACKGROUND, pulid_faces
+    torch.manual_seed(0)
+    path = tmp_path / "parsing_bisenet.pth"
+    torch.save(face_parsing.BiSeNetParser().state_dict(), str(path))
+    parser = face_parsing.load_file(str(path))
+    assert parser.labels(torch.rand(1, 3, 64, 64)).shape == (1, 1, 64, 64)
+    with pytest.raises(face_parsing.FaceParsingFileError, match="not facexlib's BiSeNet"):
+        face_parsing.load_state({"conv_out.conv_out.weight": torch.zeros(19, 256, 1, 1)})
+
+    def halves(images):                   # left half hair (17, kept), right half neck (14, background)
+        labels = torch.full((images.shape[0], 1, *images.shape[2:]), 17)
+        labels[..., images.shape[-1] // 2:] = 14
+        return labels
+    photos = torch.rand(1, 96, 128, 3)
+    photos[0, 0, 0, 0] = 0.0
+    faces = pulid_faces(photos, _Analyser({0: [_Face(30.0)]}), parsing=halves)
+    assert faces.background == "face parsing model" and 14 in PARSING_BACKGROUND and 17 not in PARSING_BACKGROUND
+    assert float(faces.images[0, :, :, 256:].min()) == 1.0            # whitened
+    assert float(faces.images[0, :, 200:300, 100:200].max()) < 1.0    # the grey face (the crop of a random photo)
