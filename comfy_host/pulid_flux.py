@@ -93,11 +93,13 @@ class PuLIDBlockPatch:
         return PuLIDBlockPatch(self.injections, self.previous, self.kind)
 
     def to(self, device_or_dtype) -> "PuLIDBlockPatch":
-        """ComfyUI moves patches with the model (device, then the model's dtype): the modules follow."""
-        for injection in self.injections:
-            injection.module.to(device_or_dtype)
+        """ComfyUI moves patches with the model (to its device, then to its weight dtype): the modules follow
+        the device and keep their own dtype (a float8 FLUX must not cast them; the residual is computed in
+        the modules' dtype and added in the image stream's)."""
         if isinstance(device_or_dtype, torch.dtype):
             return self
+        for injection in self.injections:
+            injection.module.to(device_or_dtype)
         previous = self.previous.to(device_or_dtype) if hasattr(self.previous, "to") else self.previous
         return PuLIDBlockPatch(tuple(i.to(device_or_dtype) for i in self.injections), previous, self.kind)
 

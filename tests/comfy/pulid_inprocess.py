@@ -74,6 +74,13 @@ def behaviour_facts() -> dict:
                                .model_options["transformer_options"]["patches_replace"]["dit"].items()
                                if isinstance(v, PuLIDBlockPatch)),
     }
+    # ComfyUI moves patches to the model's weight dtype too (float8 for fp8 FLUX files): the modules keep theirs
+    patch = apply_pulid_flux(model, pulid, cond, uncond).model_options["transformer_options"]["patches_replace"][
+        "dit"][("double_block", 0)]
+    patch.to(torch.float8_e4m3fn)
+    moved = patch.to(torch.device("cpu"))
+    facts["dtype_kept"] = bool(isinstance(moved, PuLIDBlockPatch) and all(
+        p.dtype == torch.float32 for p in pulid.parameters()))
     # beside an XLabs FLUX IP-Adapter (the pack's existing adapter path), in either order
     with tempfile.TemporaryDirectory() as folder:
         path = Path(folder) / "xlabs.safetensors"

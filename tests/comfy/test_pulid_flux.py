@@ -37,6 +37,7 @@ def test_weight_zero_a_zero_mask_and_a_closed_window_sample_bit_identically(fact
     assert facts["zero_equal"] and facts["masked_out_equal"] and facts["window_closed_equal"]
     assert facts["half_mask_vs_full"] > 1e-3 and facts["late_window_vs_full"] > 1e-3
     assert facts["plain_after_equal"]             # the input model is untouched
+    assert facts["dtype_kept"]                    # moved with a float8 model, the modules keep their dtype
 
 
 def test_several_photos_change_the_identity(facts):
