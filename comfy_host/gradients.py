@@ -51,8 +51,10 @@ def non_dynamic(model):
 
 def fresh_copy(weight, *args, **kwargs):
     """Weight function: an ordinary tensor for autograd (a copy where ComfyUI handed over an inference
-    tensor; ComfyUI's own cast copy otherwise, which is ordinary already)."""
-    if torch.is_tensor(weight) and weight.is_inference():
+    tensor; ComfyUI's own cast copy otherwise, which is ordinary already). A forward that keeps no graph
+    (gradients off: ComfyUI's inference mode, a sampler's no_grad) saves nothing for a backward and gets
+    the weight as handed over: a guider's untracked passes copy no weight a second time."""
+    if torch.is_tensor(weight) and weight.is_inference() and torch.is_grad_enabled():
         with torch.inference_mode(False):
             return weight.clone()
     return weight
