@@ -3,12 +3,11 @@ from __future__ import annotations
 
 from comfy_api.latest import io, ui
 
-from ..comfy_host.inputs import queue_check, run_check
 from ..encoders.image_prep import CROP_POSITIONS, INTERPOLATIONS, prep_for_clip_vision
 from ..comfy_host.ipadapter_plus import LORA_CHOICES, apply_ipadapter_plus, lora_files
 from ..guidance.ipadapter_plus import (COMBINE_MODES, EMBEDS_SCALINGS, STYLE_COMPOSITION_TYPES, WEIGHT_TYPES,
                                        parse_layer_weights)
-from .common import CATEGORY, RUN_CHECKS, IdentityAdapterType, OmniNode
+from .common import CATEGORY, IdentityAdapterType, OmniNode
 
 
 class ApplyIPAdapterCompat(OmniNode):
@@ -79,24 +78,19 @@ class ApplyIPAdapterCompat(OmniNode):
     PARSERS = {"layer_weights": parse_layer_weights}
 
     @classmethod
-    def validate_inputs(cls, **values) -> bool | str:
-        return queue_check(cls, **values)
-
-    @classmethod
     def execute(cls, model, adapter, clip_vision, image, weight: float, weight_type: str, combine_embeds: str,
                 start_at: float, end_at: float, embeds_scaling: str, image_negative=None, attn_mask=None,
                 face_analysis=None, weight_faceidv2: float = 1.0, weight_composition: float = 1.0,
                 boost: float = 1.0, faceid_lora: str = "auto", faceid_lora_strength: float = 0.0,
                 layer_weights: str = "", image_composition=None) -> io.NodeOutput:
-        checked = run_check(cls, dict(adapter=adapter, image=image, image_negative=image_negative,
-                                      image_composition=image_composition, attn_mask=attn_mask,
-                                      face_analysis=face_analysis), RUN_CHECKS)
-        patched, faces = apply_ipadapter_plus(model, checked["adapter"], clip_vision, checked["image"], weight, weight_type,
-                                       combine_embeds, start_at, end_at, embeds_scaling, checked["image_negative"],
-                                       checked["attn_mask"], checked["face_analysis"], weight_faceidv2,
-                                       weight_composition, boost, faceid_lora, faceid_lora_strength, layer_weights,
-                                       checked["image_composition"])
-        return io.NodeOutput(patched, faces if faces is not None else checked["image"], ui=ui.PreviewText(
+        adapter, image, image_negative, image_composition, attn_mask, face_analysis = cls.checked(
+            adapter=adapter, image=image, image_negative=image_negative, image_composition=image_composition,
+            attn_mask=attn_mask, face_analysis=face_analysis)
+        patched, faces = apply_ipadapter_plus(model, adapter, clip_vision, image, weight, weight_type, combine_embeds,
+                                              start_at, end_at, embeds_scaling, image_negative, attn_mask,
+                                              face_analysis, weight_faceidv2, weight_composition, boost, faceid_lora,
+                                              faceid_lora_strength, layer_weights, image_composition)
+        return io.NodeOutput(patched, faces if faces is not None else image, ui=ui.PreviewText(
             f"{adapter.name}: weight {weight}, {weight_type}, {embeds_scaling}, {combine_embeds}"))
 
 
@@ -123,12 +117,8 @@ class PrepImageForClipVision(OmniNode):
         )
 
     @classmethod
-    def validate_inputs(cls, **values) -> bool | str:
-        return queue_check(cls, **values)
-
-    @classmethod
     def execute(cls, image, interpolation: str, crop_position: str, sharpening: float) -> io.NodeOutput:
-        image = run_check(cls, dict(image=image), RUN_CHECKS)["image"]
+        image = cls.checked(image=image)
         return io.NodeOutput(prep_for_clip_vision(image, interpolation, crop_position, sharpening))
 
 
