@@ -108,6 +108,12 @@ def rb_facts(torch) -> dict:
     guided = run(guider)
     # per step, is the guided x0 prediction the plain one bit for bit (True before the window opens)
     same_prediction = [bool(torch.equal(a, b)) for a, b in zip(predictions[id(cfg)], predictions[id(guider)])]
+    # at the first guided step x is still plain's, and E = p / (1 + S): the push on x0 is linear in p
+    doubled = rb(17.0)
+    run(doubled)
+    first = same_prediction.index(False) if False in same_prediction else len(same_prediction) - 1
+    push = predictions[id(guider)][first] - predictions[id(cfg)][first]
+    push_doubled = predictions[id(doubled)][first] - predictions[id(cfg)][first]
     passes_after_first, steps_after_first = guider.reference_passes, guider.guided_steps
     run(guider)
     expected_steps = sum(1 for s in sigmas[:-1] if float(sampling.timestep(s)) <= 600.0)
@@ -126,6 +132,8 @@ def rb_facts(torch) -> dict:
                                                                                guider.reference_passes],
             "guided_steps": steps_after_first, "expected_steps": expected_steps, "steps": len(sigmas) - 1,
             "same_prediction": same_prediction,
+            "push": float(push.abs().max()), "x0_scale": float(predictions[id(cfg)][first].abs().max()),
+            "push_doubled_vs_twice": float((push_doubled - 2 * push).abs().max()),
             "score": float(guider.last_score.mean()) if guider.last_score is not None else None}
 
 

@@ -94,6 +94,10 @@ def test_rb_guidance_guides_only_late_steps_with_one_reference_pass_per_run(fact
     # guided step from the first on (the push is added where the energy's gradient is not zero)
     unguided = rb["steps"] - rb["expected_steps"]
     assert rb["same_prediction"] == [True] * unguided + [False] * rb["expected_steps"], rb["same_prediction"]
+    # the first guided step's push on x0 is the energy gradient's, linear in p (doubling p doubles it to
+    # float32 round-off), and far above the round-off a tracked forward pass alone would leave
+    assert rb["push"] > 1e-4 * rb["x0_scale"], rb
+    assert rb["push_doubled_vs_twice"] <= 1e-3 * rb["push"], rb
     assert rb["reference_passes"] == [1, 2]
 
 
