@@ -22,8 +22,8 @@ Stand-ins: CLIP is a fixed patch-pixel feature (few_to_many.patch_tokens); ArcFa
 of the synthetic traits one view shows (colours and shape, and the colour of a cheek only when
 that view shows it), a fixed random projection to 32 dimensions made unit length.
 
-    .venv/bin/python benchmarks/encoder_table.py            # 3 seeds, ~8 CPU-minutes
-    .venv/bin/python benchmarks/encoder_table.py --quick    # 2 seeds, 6 steps, ~10 s
+    .venv/bin/python benchmarks/encoder_table.py            # 3 seeds (10-40 min on a 2-core CPU)
+    .venv/bin/python benchmarks/encoder_table.py --quick    # 2 seeds, 6 steps, for CI
 
 Last line: RESULT {json}: per method and k the mean and std over seeds of trait error, cheek error,
 identification accuracy.
@@ -243,7 +243,7 @@ def report(results: dict, seeds: list[int], real: dict, people: int) -> dict:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--quick", action="store_true", help="a tiny run for CI (~10 s)")
+    parser.add_argument("--quick", action="store_true", help="a tiny run for CI (checks the machinery, trains nothing)")
     parser.add_argument("--seeds", type=int, help="number of seeds (overrides the setting)")
     parser.add_argument("--steps", type=int, help="stage-1 steps per seed (overrides the setting)")
     parser.add_argument("--fm-steps", type=int, help="stage-2 steps per method and seed (overrides the setting)")
