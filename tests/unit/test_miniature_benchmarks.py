@@ -119,7 +119,8 @@ def test_encoder_table_quick_prints_the_method_by_inputs_table_over_seeds(output
     assert data["seeds"] == 2 and set(data["methods"]) == set(methods)
     # the read-back on the people's own photos finds every one of them: the measure works
     assert data["real_photos"]["id_acc"] == 1.0
-    assert data["real_photos"]["trait"] < 0.02
+    assert abs(data["real_photos"]["trait"] - 0.001914) < 1e-5   # what 8-bit photos and 2 x 2 pooling leave
+    assert data["real_photos"]["cheek"] < 0.002
     assert "chance 0.125" in text                                 # 8 held-out people in --quick
     for test in data["tests"].values():
         check_test(test)
