@@ -17,11 +17,15 @@ from omniid.cli.server import comfyui_python, find_comfyui
 from support.testing import populate_base, start_server
 
 
+RUN_LAST = "test_every_api_workflow_is_run_by_a_test"       # test_workflows.py: checks what the others ran
+
+
 def pytest_collection_modifyitems(items):
     here = Path(__file__).parent
     for item in items:
         if here in Path(item.fspath).parents:
             item.add_marker(pytest.mark.comfy)
+    items.sort(key=lambda item: item.name == RUN_LAST)      # stable: everything else keeps its order
 
 
 @pytest.fixture(scope="session")
