@@ -84,9 +84,9 @@ def test_invalid_inputs_are_rejected_before_running(comfy):
                                          "Face crop.selection=random", "Face crop.crop_size=8",
                                          "Face analysis.backend=insightface/nope"))
     text = str(rejected.value)
-    # The pack's own queue-time check (comfy_host/inputs.py) answers for the inputs a node's
-    # validate_inputs takes, naming the node, the input, the value and what is valid;
-    # ComfyUI's own check answers for the rest.
+    # The pack's own queue-time check (comfy_host/inputs.py) answers for every input, naming the
+    # node, the input, the value and what is valid (ComfyUI leaves ranges and options to a node
+    # whose validate_inputs takes **kwargs).
     assert "selection is 'random', not one of its options ['largest'" in text
-    assert "crop_size" in text and "smaller than min of 64" in text
+    assert "crop_size is 8, outside its range; give a number from 64 to " in text
     assert "backend is 'insightface/nope', not one of its options ['dlib'" in text
