@@ -14,7 +14,6 @@ tests/comfy/test_diffusers_parity.py.
 from __future__ import annotations
 
 import math
-from typing import Optional
 
 import torch
 

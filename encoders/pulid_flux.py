@@ -18,7 +18,6 @@ from dataclasses import asdict, dataclass
 from typing import Optional, Sequence
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
 ENCODER_PREFIX = "pulid_encoder."
