@@ -82,7 +82,7 @@ SOURCES = {
     "arcface_clip.safetensors": "trained: the train_omni_id workflow (arcface_clip method)",
 }
 TRAINED = ("**Omni-ID's weights are not public**: the encoder and adapter files this workflow loads come from "
-           "training them yourself with the `train_omni_id` template (README: Training the encoder). To try the "
+           "training them yourself with the `train_omni_id` template (docs/training.md in the pack). To try the "
            "pack without training, start with a `start_...` template: they run on h94's and XLabs' public files.")
 
 
