@@ -248,6 +248,8 @@ def main() -> None:
     parser.add_argument("--steps", type=int, help="stage-1 steps per seed (overrides the setting)")
     parser.add_argument("--fm-steps", type=int, help="stage-2 steps per method and seed (overrides the setting)")
     args = parser.parse_args()
+    if args.seeds is not None and args.seeds < 2:
+        parser.error("--seeds must be at least 2: the paired tests compare methods over seeds")
     s = dict(SETTINGS["quick" if args.quick else "full"])
     s.update({k: v for k, v in (("seeds", args.seeds), ("steps", args.steps), ("fm_steps", args.fm_steps)) if v})
     miniature.deterministic()

@@ -191,6 +191,8 @@ def main() -> None:
     parser.add_argument("--steps", type=int, help="training steps per method and seed (overrides the setting)")
     parser.add_argument("--seeds", type=int, help="number of seeds (overrides the setting)")
     args = parser.parse_args()
+    if args.seeds is not None and args.seeds < 2:
+        parser.error("--seeds must be at least 2: the paired tests compare methods over seeds")
     s = dict(SETTINGS["quick" if args.quick else "full"])
     s.update({k: v for k, v in (("steps", args.steps), ("seeds", args.seeds)) if v})
     miniature.deterministic()
