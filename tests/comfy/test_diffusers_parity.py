@@ -15,6 +15,7 @@ from pathlib import Path
 import pytest
 
 from omniid.cli.server import comfyui_python
+from support.testing import facts_in_comfyui
 from support.tiny_diffusers import write_model_folder, write_smoke_data
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -33,10 +34,7 @@ def facts(comfyui, tmp_path_factory):
              "--batch", "1", "--targets", "1", "--threads", "1", "--lr", "1e-2"]
     done = subprocess.run(train, cwd=ROOT, capture_output=True, text=True, timeout=600)
     assert done.returncode == 0, done.stderr[-3000:]
-    done = subprocess.run([comfyui_python(comfyui), str(SCRIPT), "--comfyui", str(comfyui), "--folder", folder,
-                           "--adapter", str(adapter)], capture_output=True, text=True, timeout=600)
-    assert done.returncode == 0, done.stderr[-4000:]
-    return json.loads(done.stdout.strip().splitlines()[-1])
+    return facts_in_comfyui(SCRIPT, comfyui, "--folder", folder, "--adapter", str(adapter))
 
 
 def test_comfyui_apply_adapter_gets_the_diffusers_hosts_identity_kv(facts):

@@ -1,19 +1,14 @@
 """Gradients through ComfyUI's models: weights loaded in inference mode, and the dynamic-VRAM contract
 (played by a stand-in, since dynamic VRAM needs a GPU): see gradients_inprocess.py."""
-import json
-import subprocess
 from pathlib import Path
 
-from omniid.cli.server import comfyui_python
+from support.testing import facts_in_comfyui
 
 SCRIPT = Path(__file__).with_name("gradients_inprocess.py")
 
 
 def test_gradients_flow_through_loaded_weights_and_dynamic_models_use_their_delegate(comfyui):
-    done = subprocess.run([comfyui_python(comfyui), str(SCRIPT), "--comfyui", str(comfyui)],
-                          capture_output=True, text=True, timeout=600)
-    assert done.returncode == 0, done.stderr[-4000:]
-    facts = json.loads(done.stdout.strip().splitlines()[-1])
+    facts = facts_in_comfyui(SCRIPT, comfyui)
     assert facts["loaded_as_inference_tensors"]
     # without the weight functions autograd meets the loaded inference tensors; with them it does not
     assert "Inference tensors cannot be saved for backward" in facts["plain_clone"]

@@ -1,23 +1,18 @@
 """In process with ComfyUI's model classes: FLUX injection through dit patches (small FLUX config),
 the cross-attention layouts of the real SD1.5 and SDXL UNets, Infinite-ID's reduced batch, and
 RB-Guidance's guider against ComfyUI's CFGGuider."""
-import json
-import subprocess
 from pathlib import Path
 
 import pytest
 
-from omniid.cli.server import comfyui_python
+from support.testing import facts_in_comfyui
 
 SCRIPT = Path(__file__).with_name("inprocess.py")
 
 
 @pytest.fixture(scope="module")
 def facts(comfyui):
-    done = subprocess.run([comfyui_python(comfyui), str(SCRIPT), "--comfyui", str(comfyui)],
-                          capture_output=True, text=True, timeout=600)
-    assert done.returncode == 0, done.stderr[-4000:]
-    return json.loads(done.stdout.strip().splitlines()[-1])
+    return facts_in_comfyui(SCRIPT, comfyui)
 
 
 def test_every_double_and_single_block_is_a_layer(facts):

@@ -1,23 +1,18 @@
 """PuLID-FLUX in ComfyUI's FLUX, in process (tests/comfy/pulid_inprocess.py): one whole denoising step equal
 to the authors' Flux model with PuLID (their code, from the vendored archive), weight/mask/window
 behaviour, several photos, and an XLabs IP-Adapter alongside with both effects present."""
-import json
-import subprocess
 from pathlib import Path
 
 import pytest
 
-from omniid.cli.server import comfyui_python
+from support.testing import facts_in_comfyui
 
 SCRIPT = Path(__file__).with_name("pulid_inprocess.py")
 
 
 @pytest.fixture(scope="module")
 def facts(comfyui):
-    done = subprocess.run([comfyui_python(comfyui), str(SCRIPT), "--comfyui", str(comfyui)],
-                          capture_output=True, text=True, timeout=600)
-    assert done.returncode == 0, done.stderr[-4000:]
-    return json.loads(done.stdout.strip().splitlines()[-1])
+    return facts_in_comfyui(SCRIPT, comfyui)
 
 
 def test_one_denoising_step_equals_the_authors_flux_with_pulid(facts):

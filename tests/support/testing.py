@@ -2,8 +2,10 @@
 from __future__ import annotations
 
 import io
+import json
 import shutil
 import signal
+import subprocess
 import time
 from pathlib import Path
 from typing import Optional
@@ -13,7 +15,7 @@ import numpy as np
 from . import assets
 from omniid.cli import main as cli
 from omniid.cli.client import ComfyClient, RunResult
-from omniid.cli.server import PACK_ROOT, ComfyServer
+from omniid.cli.server import PACK_ROOT, ComfyServer, comfyui_python
 
 WORKFLOWS = PACK_ROOT / "workflows"
 LOADED_WORKFLOWS: set[str] = set()          # what load_workflow read in this test session
@@ -49,6 +51,15 @@ def start_server(comfyui: Path, base: Path, **kwargs) -> ComfyServer:
     server = ComfyServer(comfyui, base_directory=base, log_path=base / "comfyui.log",
                          extra_args=["--database-url", "sqlite:///:memory:"], **kwargs)
     return server.start()
+
+
+def facts_in_comfyui(script: Path, comfyui: Path, *args: str) -> dict:
+    """Run a check script with ComfyUI's own Python (``--comfyui`` and ``args``) and read the JSON line it
+    prints last."""
+    done = subprocess.run([comfyui_python(comfyui), str(script), "--comfyui", str(comfyui), *args],
+                          capture_output=True, text=True, timeout=600)
+    assert done.returncode == 0, done.stderr[-4000:]
+    return json.loads(done.stdout.strip().splitlines()[-1])
 
 
 def images_of(client: ComfyClient, result: RunResult, node_id: str) -> list[np.ndarray]:
