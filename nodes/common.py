@@ -102,11 +102,3 @@ def advanced(spec):
     spec.force_input = True
     spec.tooltip = f"{spec.tooltip} Advanced: connect a value (e.g. a Primitive node) to change it."
     return spec
-
-
-def check_face_analysis(face_analysis):
-    """Refuse another pack's FACE_ANALYSIS object with a message that says what to connect."""
-    if not callable(getattr(face_analysis, "detect", None)):
-        raise TypeError("face_analysis must come from 'Face Analysis Loader (OmniIdentity)'; the connected "
-                        f"{type(face_analysis).__name__} object is another pack's analyser.")
-    return face_analysis

@@ -10,7 +10,7 @@ from ..comfy_host.folders import DATASETS_SUBFOLDER, dataset_folders, output_pat
 from ..comfy_host.progress import progress
 from ..training.build_dataset import BuildSettings, build_dataset
 from ..training.dataset import IdentityDataset
-from .common import CATEGORY, IdentityDatasetType, OmniNode, check_face_analysis
+from .common import CATEGORY, IdentityDatasetType, OmniNode
 
 NO_DATASETS = "(no dataset folders in input/ or output/)"
 
@@ -95,7 +95,6 @@ class BuildDataset(OmniNode):
                 min_pose_difference: float, drop_fraction: float, similarity_threshold: float,
                 crop_size: int, min_face_size: int = 448) -> io.NodeOutput:
         images, face_analysis = cls.checked(images=images, face_analysis=face_analysis)
-        check_face_analysis(face_analysis)
         name = safe_name(name, "name (the dataset folder)")
         out = output_path(DATASETS_SUBFOLDER, name)
         if os.path.isdir(out) and os.listdir(out):

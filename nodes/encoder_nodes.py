@@ -11,7 +11,7 @@ from ..encoders.checkpoint import load_encoder
 from ..encoders.face import crop_faces
 from ..encoders.identity import BASELINES, arcface_from_faces, baseline_embeds, infinite_id_embeds, omni_id_embeds
 from ..encoders.omni_id import ARCFACE_MERGES
-from .common import (CATEGORY, LOG, IdentityEmbedsType, OmniIdEncoderType, OmniNode, advanced, check_face_analysis)
+from .common import (CATEGORY, LOG, IdentityEmbedsType, OmniIdEncoderType, OmniNode, advanced)
 
 CROP_SIZE = 224            # CLIP-H's input size
 
@@ -23,7 +23,6 @@ def prepare_photos(images, face_analysis, padding: float):
     """
     if face_analysis is None:
         return images, None, {"num_images": len(images), "skipped_images": []}
-    check_face_analysis(face_analysis)
     result = crop_faces(images, face_analysis, crop_size=CROP_SIZE, padding=padding, selection="largest",
                         on_image_done=progress(len(images)))
     for warning in result.warnings:

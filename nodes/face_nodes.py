@@ -7,7 +7,7 @@ from ..comfy_host.folders import folder, library_cache_dir, onnx_files
 from ..comfy_host.progress import progress
 from ..encoders import face as face_core
 from ..encoders.face.insightface_backend import KNOWN_PACKS, PROVIDERS, list_packs
-from .common import CATEGORY, Faces, LOG, OmniNode, check_face_analysis
+from .common import CATEGORY, Faces, LOG, OmniNode
 
 DLIB = "dlib"
 NONE = "none"
@@ -106,7 +106,6 @@ class FaceCrop(OmniNode):
     @classmethod
     def execute(cls, image, face_analysis, crop_size: int, padding: float, selection: str) -> io.NodeOutput:
         image, face_analysis = cls.checked(image=image, face_analysis=face_analysis)
-        check_face_analysis(face_analysis)
         result = face_core.crop_faces(image, face_analysis, crop_size=crop_size, padding=padding,
                                       selection=selection, on_image_done=progress(len(image)))
         notes = result.warnings + face_core.overlap_warnings(result.faces)

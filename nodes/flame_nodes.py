@@ -15,7 +15,7 @@ from ..encoders.flame.photos import photo_conditions, photo_landmarks
 from ..encoders.flame.render import draw_points
 from ..comfy_host.folders import model_file_path, model_files
 from ..comfy_host.progress import progress
-from .common import CATEGORY, LOG, OmniNode, check_face_analysis
+from .common import CATEGORY, LOG, OmniNode
 
 FlameModelType = io.Custom("FLAME_MODEL")
 FlameParamsType = io.Custom("FLAME_PARAMS")
@@ -143,7 +143,6 @@ class FlameFit(OmniNode):
         flame_model, images, face_analysis = cls.checked(
             flame_model=flame_model, images=images, face_analysis=face_analysis)
         model = _check_model(flame_model)
-        check_face_analysis(face_analysis)
         step = progress(len(images) + 1)
         found = photo_landmarks(images, face_analysis)
         step()
@@ -276,7 +275,6 @@ class FaceLandmarks(OmniNode):
     @classmethod
     def execute(cls, images, face_analysis, point_radius: int) -> io.NodeOutput:
         images, face_analysis = cls.checked(images=images, face_analysis=face_analysis)
-        check_face_analysis(face_analysis)
         conditions, faceless = photo_conditions(images, face_analysis, radius=point_radius or None)
         if faceless:
             LOG.warning("FaceLandmarks: no face with 68 landmarks in image(s) %s; their conditions are black",
