@@ -39,11 +39,15 @@ def atomic_save(tensors: dict[str, torch.Tensor], path: str, metadata: dict[str,
             os.remove(tmp)
 
 
+def float32_copies(tensors: dict[str, torch.Tensor], prefix: str = "") -> dict[str, torch.Tensor]:
+    """Float32 CPU copies of ``tensors`` to write (keys prefixed), leaving the module they belong to as it is."""
+    return {prefix + k: v.detach().float().cpu().contiguous() for k, v in tensors.items()}
+
+
 def save_encoder(encoder: IdentityEncoder, path: str, extra: Optional[dict] = None) -> None:
     """Float32 copies of the encoder's tensors are written; the encoder itself is left as it is."""
     info = {"format": ENCODER_FORMAT, "version": ENCODER_VERSION, "config": encoder.config.to_dict(), **(extra or {})}
-    tensors = {k: v.detach().float().cpu().contiguous() for k, v in encoder.state_dict().items()}
-    atomic_save(tensors, path, {METADATA_KEY: json.dumps(info)})
+    atomic_save(float32_copies(encoder.state_dict()), path, {METADATA_KEY: json.dumps(info)})
 
 
 def _looks_like(keys: list[str]) -> str:

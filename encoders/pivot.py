@@ -26,7 +26,7 @@ import torch
 import torch.nn as nn
 from torch.utils.checkpoint import checkpoint
 
-from .checkpoint import METADATA_KEY, CheckpointError, atomic_save, read_info, read_safetensors
+from .checkpoint import METADATA_KEY, CheckpointError, atomic_save, float32_copies, read_info, read_safetensors
 
 PIVOT_FORMAT = "omni_identity.pivot"
 PIVOT_VERSION = 2              # 2: may carry the trained visual encoder's tensors under "vision."
@@ -142,8 +142,7 @@ class PivotIDEncoder(nn.Module):
 def save_pivot(encoder: PivotIDEncoder, path: str) -> None:
     """Version 2: the fusing layer, and the trained visual encoder's tensors under ``vision.``."""
     info = {"format": PIVOT_FORMAT, "version": PIVOT_VERSION, "config": encoder.config.to_dict()}
-    tensors = {**{k: v.detach().float().cpu().contiguous() for k, v in encoder.state_dict().items()},
-               **{VISION_PREFIX + k: v.detach().float().cpu().contiguous() for k, v in encoder.vision_state.items()}}
+    tensors = {**float32_copies(encoder.state_dict()), **float32_copies(encoder.vision_state, VISION_PREFIX)}
     atomic_save(tensors, path, {METADATA_KEY: json.dumps(info)})
 
 

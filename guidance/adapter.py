@@ -26,7 +26,7 @@ from typing import Optional
 import torch
 import torch.nn as nn
 
-from ..encoders.checkpoint import METADATA_KEY, CheckpointError, atomic_save
+from ..encoders.checkpoint import METADATA_KEY, CheckpointError, atomic_save, float32_copies
 from ..encoders.embeds import IdentityEmbeds
 from ..encoders.finite import require_finite
 from .decoupled import COND, UNCOND
@@ -212,8 +212,7 @@ ADAPTER_KIND = {"plus": "clip", "full_face": "clip", "faceid": "arcface", "facei
 def save_adapter(adapter: IdentityAdapter, path: str, extra: Optional[dict] = None) -> None:
     """Float32 copies of the adapter's tensors are written; the adapter itself is left as it is."""
     info = {"format": ADAPTER_FORMAT, "version": ADAPTER_VERSION, "config": adapter.config.to_dict(), **(extra or {})}
-    tensors = {k: v.detach().float().cpu().contiguous() for k, v in adapter.state_dict().items()}
-    atomic_save(tensors, path, {METADATA_KEY: json.dumps(info)})
+    atomic_save(float32_copies(adapter.state_dict()), path, {METADATA_KEY: json.dumps(info)})
 
 
 def assemble(config: AdapterConfig, tensors: dict, path: str, name: str) -> IdentityAdapter:
