@@ -99,6 +99,7 @@ def behaviour_facts() -> dict:
                  both_vs_pulid=differs(both, full), reversed_vs_xlabs=differs(both_reversed, xlabs_alone),
                  reversed_vs_pulid=differs(both_reversed, full),
                  plain_after_equal=bool(torch.equal(run(model), plain)))
+    facts.update(two_people_facts(model, pulid, cond, three, uncond))
     try:
         apply_pulid_flux(comfy_flux(flux_weights(3) | {}, LAYOUT["heads"], AXES), P.load_state(
             reference_pulid(num_ca=3, flux_hidden=LAYOUT["hidden"], seed=4)[2], "three_modules"), cond, uncond)
@@ -106,6 +107,41 @@ def behaviour_facts() -> dict:
     except P.PuLIDFileError as exc:
         facts["wrong_fit"] = str(exc)
     return facts
+
+
+def two_people_facts(model, pulid, first, second, uncond) -> dict:
+    """Two people in one image: two chained Apply nodes, each with its own identity and a mask over its half.
+    One block patch holds both; a block's image tokens get person one's residual on the left half and person
+    two's on the right, each computed by hand from the module (no cross-talk), on the cond and uncond rows."""
+    import torch
+    from omniid.comfy_host.pulid_flux import PULID_STATE, apply_pulid_flux
+    from support.pulid_flux_check import LATENT, LAYOUT
+
+    size = 64
+    left = torch.zeros(1, size, size)
+    left[..., : size // 2] = 1.0
+    right = 1.0 - left
+    both = apply_pulid_flux(apply_pulid_flux(model, pulid, first, uncond, 1.0, mask=left),
+                            pulid, second, uncond, 0.7, mask=right)
+    patch = both.model_options["transformer_options"]["patches_replace"]["dit"][("double_block", 2)]
+    grid = LATENT // 2
+    g = torch.Generator().manual_seed(11)
+    img = torch.randn(2, grid * grid, LAYOUT["hidden"], generator=g)
+    txt = torch.randn(2, 5, LAYOUT["hidden"], generator=g)
+    options = {PULID_STATE: {"txt_len": 5, "latent_hw": (LATENT, LATENT), "blocks": 0},
+               "cond_or_uncond": [0, 1], "sigmas": torch.tensor([0.5, 0.5])}
+    out = patch({"img": img, "txt": txt, "transformer_options": options},
+                {"original_block": lambda args: {"img": args["img"], "txt": args["txt"]}})
+    module = pulid.pulid_ca[1]                               # the module of double block 2
+    on_left = (torch.arange(grid * grid) % grid < grid // 2).float()[None, :, None]
+    with torch.no_grad():
+        expected = torch.cat([
+            img[:1] + on_left * module(first, img[:1]) + 0.7 * (1 - on_left) * module(second, img[:1]),
+            img[1:] + on_left * module(uncond, img[1:]) + 0.7 * (1 - on_left) * module(uncond, img[1:])])
+    return {"two_people_injections": len(patch.injections),
+            "two_people_block_difference": float((out["img"] - expected).abs().max() / expected.abs().max()),
+            "two_people_txt_untouched": bool(torch.equal(out["txt"], txt)),
+            "two_people_people_differ": float((module(first, img[:1]) - module(second, img[:1])).abs().max())}
 
 
 def main() -> None:

@@ -48,3 +48,12 @@ def test_beside_an_xlabs_adapter_both_effects_are_present_in_either_order(facts)
 def test_a_file_for_another_flux_is_refused_naming_both(facts):
     message = facts["wrong_fit"]
     assert "3 cross-attention modules" in message and "which take 4 modules" in message
+
+
+def test_two_people_with_masks_each_get_their_own_residual_on_their_half_only(facts):
+    # two chained Apply nodes share one block patch; each half of the image tokens gets exactly its person's
+    # residual (hand-computed from the module), on the conditional and unconditional rows alike
+    assert facts["two_people_injections"] == 2
+    assert facts["two_people_block_difference"] <= 1e-6
+    assert facts["two_people_txt_untouched"]
+    assert facts["two_people_people_differ"] > 1e-2          # the two identities give different residuals
