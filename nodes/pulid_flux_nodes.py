@@ -6,7 +6,7 @@ from comfy_api.latest import io, ui
 from ..comfy_host.folders import model_files
 from ..comfy_host.pulid_flux import apply_pulid_flux_photos, load_pulid_flux
 from ..encoders.pulid_flux import COMBINE_MODES
-from .common import CATEGORY, OmniNode, PuLIDFluxType, advanced
+from .common import CATEGORY, OmniNode, PuLIDFluxType
 
 
 def eva_files() -> list[str]:
@@ -72,10 +72,9 @@ class ApplyPuLIDFlux(OmniNode):
                                tooltip="Fraction of the schedule where it stops."),
                 io.Mask.Input("attn_mask", optional=True,
                               tooltip="Where the identity applies (image space, any size; resized to the token grid)."),
-                advanced(io.Combo.Input("combine", options=list(COMBINE_MODES), default="average", optional=True,
-                                        tooltip="Several photos: average the identity tokens of each photo (as the "
-                                                "authors' ComfyUI forks do), or concat: the IDFormer reads all photos "
-                                                "at once.")),
+                io.Combo.Input("combine", options=list(COMBINE_MODES), default="average", optional=True,
+                               tooltip="Several photos: average the identity tokens of each photo (as the authors' "
+                                       "ComfyUI forks do), or concat: the IDFormer reads all photos at once."),
             ],
             outputs=[io.Model.Output(display_name="model", tooltip="The model with the identity injected.")],
         )

@@ -57,6 +57,7 @@ MODEL_FOLDERS = {
     "OmniIdentityAdapterLoader": {"adapter_name": "ipadapter"},
     "OmniIdentityFlameLoader": {"model": "flame", "landmark_embedding": "flame"},
     "OmniIdentityFaceAnalysisLoader": {"arcface_model": "insightface"},
+    "OmniIdentityPuLIDFluxLoader": {"pulid_file": "pulid", "eva_clip": "clip_vision", "face_parsing": "facexlib"},
 }
 
 
@@ -76,6 +77,9 @@ SOURCES = {
     "clip_l.safetensors": "comfyanonymous/flux_text_encoders",
     "t5xxl_fp16.safetensors": "comfyanonymous/flux_text_encoders",
     "ae.safetensors": "black-forest-labs/FLUX.1-dev",
+    "pulid_flux_v0.9.1.safetensors": "guozinan/PuLID on Hugging Face",
+    "EVA02_CLIP_L_336_psz14_s6B.pt": "QuanSun/EVA-CLIP on Hugging Face",
+    "antelopev2/glintr100.onnx": "insightface's antelopev2 model pack (its ArcFace recogniser)",
     "control_v11p_sd15_openpose.pth": "lllyasviel/ControlNet-v1-1",
     "omni_id.safetensors": "trained: the train_omni_id workflow",
     "arcface.safetensors": "trained: the train_omni_id workflow (arcface method)",

@@ -9,7 +9,8 @@ import pytest
 from omniid.cli.client import ExecutionFailed
 from support.assets import TEST_ARCFACE_ONNX, cache_dir
 from support.graph import Graph
-from support.testing import image_change, images_of
+from support.testing import image_change, images_of, load_workflow
+from support.tiny_prompts import tiny
 
 PULID = "omniid_tiny_pulid_flux.safetensors"
 EVA = "omniid_tiny_eva02_clip.safetensors"
@@ -102,3 +103,19 @@ def test_a_wrong_file_is_refused_naming_what_it_is(comfy, installed):
         comfy.run(g.nodes, timeout=600)
     assert failure.value.error["node_type"] == "OmniIdentityPuLIDFluxLoader"
     assert "not an EVA02-CLIP vision checkpoint" in failure.value.error["exception_message"]
+
+
+def test_the_start_flux_pulid_workflow_runs_from_1_and_3_photos_averaged_and_concatenated(comfy, installed):
+    prompt = tiny(load_workflow("api/start_flux_pulid.json"))
+    for node in prompt.values():
+        if node["class_type"] == "OmniIdentityPuLIDFluxLoader":
+            node["inputs"].update(pulid_file=PULID, eva_clip=EVA)
+    result = comfy.run(prompt, timeout=900)
+    titles = {node["_meta"]["title"]: node_id for node_id, node in prompt.items()}
+    images = {name: images_of(comfy, result, titles[f"Save ({name})"])[0]
+              for name in ("1 photo", "3, average", "3, concat")}
+    # three identities from the same seed: each pair differs across the image
+    for a, b in (("1 photo", "3, average"), ("1 photo", "3, concat"), ("3, average", "3, concat")):
+        mean, changed = image_change(images[a], images[b])
+        assert mean > 0.5 and changed > 0.3, (a, b, mean, changed)
+    assert "3 of 3 photo(s) used" in result.outputs[titles["PuLID from 3 photos (concat)"]]["text"][0]

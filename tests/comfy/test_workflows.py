@@ -13,6 +13,7 @@ RUN_ELSEWHERE = {
     "flame_controlnet_grid.json": "test_flame_nodes.py",
     "train_omni_id.json": "test_training_nodes.py",
     "start_flux_xlabs.json": "test_flux_ip_adapters.py",
+    "start_flux_pulid.json": "test_pulid_flux_nodes.py",
 }
 
 
