@@ -20,6 +20,7 @@ MODEL_FOLDERS: dict[str, set[str]] = {
     "flame": {".pkl", ".npz", ".npy"},
     "pulid": {".safetensors"},             # PuLID-FLUX files (pulid_flux_v0.9.x.safetensors)
     "facexlib": {".pth", ".safetensors"},  # face parsing (parsing_bisenet.pth, read as tensors only)
+    "infiniteyou": {".bin", ".safetensors"},  # InfiniteYou's image projection (image_proj_model.bin, tensors only)
 }
 DATASETS_SUBFOLDER = "omni_identity_datasets"      # under output/: datasets Build Dataset writes
 RUNS_SUBFOLDER = "omni_identity_training"          # under output/: training checkpoints

@@ -1,0 +1,125 @@
+"""InfiniteYou without ComfyUI: the published image projection layout, the identity tokens equal to the authors'
+Resampler (their code, from the vendored archive) on identical random weights, several photos, photos without
+a face skipped, the authors' step window, and the five-keypoint control image against their OpenCV drawing."""
+import numpy as np
+import pytest
+import torch
+
+from omniid.encoders import infiniteyou as IY
+from omniid.encoders.face.types import DetectedFace, NoFaceFoundError
+from omniid.guidance.infiniteyou import keep, sample_index, step_of
+from support.infiniteyou_reference import TINY, arcface, draw_kps, reference_module, reference_resampler, relative
+
+
+@pytest.fixture(scope="module")
+def pair():
+    theirs, state = reference_resampler(seed=0)
+    return theirs, state, IY.load_state(state, "tiny")
+
+
+def test_the_published_layout_loads_with_its_sizes(pair, tmp_path):
+    theirs, state, ours = pair
+    assert set(ours.state_dict()) == set(state["image_proj"])
+    c = ours.config
+    assert (c.dim, c.depth, c.heads, c.dim_head, c.num_queries, c.embedding_dim, c.output_dim, c.ff_mult) == (
+        TINY["dim"], TINY["depth"], 2, 64, 8, 512, TINY["output_dim"], 4)
+    path = tmp_path / "image_proj_model.bin"           # the authors' file: torch.save of {"image_proj": ...}
+    torch.save(state, path)
+    assert relative(IY.load_file(str(path)).latents, theirs.latents) == 0.0
+    # the published sizes are the authors' (InfUFluxPipeline builds the Resampler with these)
+    with torch.device("meta"):
+        published = reference_module("pipelines.resampler").Resampler(
+            dim=1280, depth=4, dim_head=64, heads=20, num_queries=8, embedding_dim=512, output_dim=4096, ff_mult=4)
+        ours_full = IY.Resampler(IY.ResamplerConfig())
+    assert {k: v.shape for k, v in published.state_dict().items()} == {k: v.shape for k, v in ours_full.state_dict().items()}
+
+
+def test_identity_tokens_equal_the_authors_resampler(pair):
+    theirs, _, ours = pair
+    embeds = arcface(1)
+    with torch.no_grad():
+        expected = theirs(embeds[:, None])              # the pipeline's id_embed.reshape([1, -1, 512])
+    got = IY.identity_tokens(ours, embeds)
+    assert got.shape == (1, 8, TINY["output_dim"])
+    assert relative(got, expected) <= 1e-5
+
+
+def test_several_photos_average_the_embeddings_or_the_tokens(pair):
+    theirs, _, ours = pair
+    embeds = arcface(3, seed=2)
+    with torch.no_grad():
+        mean_embedding = theirs(embeds.mean(0, keepdim=True)[:, None])
+        mean_tokens = theirs(embeds[:, None]).mean(0, keepdim=True)
+    assert relative(IY.identity_tokens(ours, embeds, "embeddings"), mean_embedding) <= 1e-5
+    assert relative(IY.identity_tokens(ours, embeds, "tokens"), mean_tokens) <= 1e-5
+    assert relative(mean_tokens, mean_embedding) > 1e-3
+    with pytest.raises(ValueError, match="combine"):
+        IY.identity_tokens(ours, embeds, "concat")
+
+
+def test_files_of_another_kind_are_refused_clearly(tmp_path):
+    with pytest.raises(IY.InfiniteYouFileError, match="image_proj_model.bin"):
+        IY.load_state({"ip_adapter.1.to_k_ip.weight": torch.zeros(2, 2)}, "other.bin")
+    _, state = reference_resampler(seed=1)
+    del state["image_proj"]["norm_out.weight"]
+    with pytest.raises(IY.InfiniteYouFileError, match="missing"):
+        IY.load_state(state, "cut.bin")
+    path = tmp_path / "pickled.bin"
+    torch.save({"image_proj": {"latents": torch.zeros(1)}, "code": np.dtype("float32")}, path)
+    with pytest.raises(IY.InfiniteYouFileError, match="pickled objects are refused"):
+        IY.load_file(str(path))
+
+
+class Analyzer:
+    """Faces by photo index: photo 1 has none."""
+
+    def __init__(self, embeddings):
+        self.embeddings, self.calls = embeddings, 0
+
+    def detect(self, image, with_embedding=False):
+        index, self.calls = self.calls, self.calls + 1
+        if index == 1:
+            return []
+        kps = np.array([[20, 20], [40, 20], [30, 30], [22, 40], [38, 40]], dtype=np.float64)
+        small = DetectedFace(np.array([0, 0, 5, 5.0]), 0.9, kps, kps, "kps5", np.ones(512, np.float32), "arcface512")
+        big = DetectedFace(np.array([0, 0, 50, 50.0]), 0.9, kps, kps, "kps5", self.embeddings[index], "arcface512")
+        return [small, big]
+
+
+def test_a_photo_without_a_face_is_skipped_and_the_largest_face_used():
+    raw = torch.randn(3, 512, generator=torch.Generator().manual_seed(3)).numpy() * 7
+    embeds, kept, skipped = IY.arcface_embeddings(torch.rand(3, 64, 64, 3), Analyzer(raw))
+    assert kept == [0, 2] and skipped == [1]
+    expected = torch.from_numpy(raw[[0, 2]])
+    assert relative(embeds, expected / expected.norm(dim=-1, keepdim=True)) <= 1e-6
+    with pytest.raises(NoFaceFoundError, match="no face in any of the 1 photo"):
+        IY.arcface_embeddings(torch.rand(1, 64, 64, 3), type("None", (), {"detect": lambda *a, **k: []})())
+
+
+def test_the_step_window_is_the_pipelines_controlnet_keep():
+    # the pipeline: keep = 1 - (i / n < start or (i + 1) / n > end)
+    for n in (1, 4, 28):
+        for start, end in ((0.0, 1.0), (0.1, 1.0), (0.0, 0.5), (0.25, 0.75)):
+            assert [keep(i, n, start, end) for i in range(n)] == [not (i / n < start or (i + 1) / n > end)
+                                                                  for i in range(n)]
+    sigmas = torch.tensor([1.0, 0.8, 0.5, 0.2, 0.0])
+    assert [step_of(sigmas, s) for s in (1.0, 0.8, 0.65, 0.2)] == [(0, 4), (1, 4), (1, 4), (3, 4)]
+    assert step_of(None, 0.5) is None and step_of(sigmas, 1.5) is None
+    # FLUX.1 (19 double, 38 single blocks) with InfuseNet's blocks: diffusers' ceil interval
+    assert [sample_index(i, 19, 5) for i in (0, 3, 4, 18)] == [0, 0, 1, 4]
+
+
+def test_the_control_image_matches_the_authors_drawing():
+    pytest.importorskip("cv2")
+    from PIL import Image
+    theirs = draw_kps()
+    kps = np.array([[100.3, 120.8], [160.2, 118.1], [131.0, 160.4], [108.7, 196.2], [152.9, 194.0]])
+    expected = np.asarray(theirs(Image.new("RGB", (256, 288)), kps))
+    got = IY.draw_keypoints(kps, 256, 288)
+    assert got.shape == expected.shape and got.dtype == np.uint8
+    lit = (expected > 0).any(-1) | (got > 0).any(-1)
+    differ = (np.abs(got.astype(int) - expected.astype(int)).max(-1) > 0)
+    # the same shapes and colours; only edge pixels of the rasterised ellipses and discs differ
+    assert differ.sum() / lit.sum() <= 0.1, differ.sum() / lit.sum()
+    for colour, (x, y) in zip(IY.KEYPOINT_COLORS, kps.astype(int)):
+        assert tuple(got[y, x]) == tuple(expected[y, x]) == colour
