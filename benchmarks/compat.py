@@ -8,7 +8,11 @@ reader, and, for InstantX (which diffusers lacks), diffusers' FluxTransformer2DM
 re-implementation of InstantX's published processor in tests/support/ip_reference.py. ``pulid_flux``:
 one whole Euler step (cfg 1 and true CFG 2) of a small FLUX.1-dev, the authors' Flux model with their
 PuLID modules (ToTheBeginning/PuLID, the vendored archive) against ComfyUI's FLUX with the pack's
-PuLID-FLUX block patches (tests/support/pulid_flux_check.py); its figure is of the stepped latent. One model
+PuLID-FLUX block patches (tests/support/pulid_flux_check.py); its figure is of the stepped latent.
+``infiniteyou``: the identity tokens, every FLUX block's InfuseNet residual and two whole Euler steps (three
+scale / step-window cases) of the authors' FluxInfuseNetPipeline (bytedance/InfiniteYou, the vendored archive)
+against ComfyUI's sampler with the pack's InfuseNet conditioning (tests/support/infiniteyou_check.py); the worst
+of the three. One model
 call on a CFG batch (conditional and unconditional rows, different identities), with a weight;
 the FLUX formats and (full run) the h94 formats on a single-level UNet also with a mask.
 
@@ -48,6 +52,8 @@ def main() -> None:
     from support import ip_layouts as layouts
     from support.ip_reference import h94_check
     from support.ip_reference_flux import flux_check
+    from support.infiniteyou_check import block_check as infiniteyou_block_check
+    from support.infiniteyou_check import step_check as infiniteyou_step_check
     from support.pulid_flux_check import step_check as pulid_step_check
 
     torch.set_num_threads(1)       # tiny models: one thread is fastest (threads only contend on a shared CPU)
@@ -69,6 +75,9 @@ def main() -> None:
             record(kind, flux_check(kind, seed=seed))
         pulid = pulid_step_check(seed)        # one whole denoising step against the authors' Flux with PuLID
         record("pulid_flux", {"difference": pulid["difference"], "effect": pulid["effect_min"]})
+        block, runs = infiniteyou_block_check(seed), infiniteyou_step_check(seed)    # against the authors' pipeline
+        record("infiniteyou", {"difference": max(block["difference"], block["tokens"], runs["difference"]),
+                               "effect": runs["effect_min"]})
     for name in formats:
         print(f"{name:28s} max relative difference {formats[name]:.2e}   identity effect {effects[name]:.3f}",
               flush=True)

@@ -237,7 +237,7 @@ def draw_keypoints(keypoints: np.ndarray, width: int, height: int) -> np.ndarray
         _fill(canvas, inside, KEYPOINT_COLORS[a])
     canvas = (canvas * LIMB_SHADE).astype(np.uint8)
     for (x, y), color in zip(kps, KEYPOINT_COLORS):
-        inside = (xs - int(x)) ** 2 + (ys - int(y)) ** 2 <= (KEYPOINT_RADIUS + 0.5) ** 2
+        inside = (xs - int(x)) ** 2 + (ys - int(y)) ** 2 <= KEYPOINT_RADIUS ** 2
         _fill(canvas, inside, color)
     return canvas
 

@@ -6,8 +6,8 @@ from comfy_api.latest import ComfyExtension, io
 from ..comfy_host import compat
 from ..comfy_host.folders import register_model_folders
 from . import (adapter_nodes, dataset_nodes, embeds_nodes, encoder_nodes, face_nodes, flame_nodes, infinite_id_nodes,
-               ipadapter_plus_nodes, metrics_nodes, pivot_nodes, pulid_flux_nodes, rb_guidance_nodes, save_nodes,
-               training_nodes)
+               infiniteyou_nodes, ipadapter_plus_nodes, metrics_nodes, pivot_nodes, pulid_flux_nodes, rb_guidance_nodes,
+               save_nodes, training_nodes)
 
 __all__ = ["NODES", "OmniIdentityExtension", "register_model_folders"]
 
@@ -19,6 +19,7 @@ NODES: list[type[io.ComfyNode]] = [
     *ipadapter_plus_nodes.NODES,
     *infinite_id_nodes.NODES,
     *pulid_flux_nodes.NODES,
+    *infiniteyou_nodes.NODES,
     *rb_guidance_nodes.NODES,
     *metrics_nodes.NODES,
     *flame_nodes.NODES,

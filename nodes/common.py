@@ -7,6 +7,7 @@ import logging
 from comfy_api.latest import io
 
 from ..comfy_host.encoder_model import LoadedEncoder
+from ..comfy_host.infiniteyou import LoadedInfiniteYou
 from ..comfy_host.inputs import InputError, queue_check, run_check
 from ..comfy_host.pulid_flux import LoadedPuLIDFlux
 from ..encoders.embeds import IdentityEmbeds
@@ -26,6 +27,7 @@ IdentityAdapterType = io.Custom("IDENTITY_ADAPTER")
 IdentityDatasetType = io.Custom("IDENTITY_DATASET")
 PivotEncoderType = io.Custom("PIVOT_ENCODER")
 PuLIDFluxType = io.Custom("PULID_FLUX")
+InfiniteYouType = io.Custom("INFINITEYOU")
 
 # socket type -> (what it must be, which node makes it)
 _OWN_TYPES = {
@@ -37,6 +39,7 @@ _OWN_TYPES = {
     "FLAME_MODEL": (FlameModel, "FLAME Loader (OmniIdentity)"),
     "FLAME_PARAMS": (FlameParams, "FLAME Fit (OmniIdentity)"),
     "PULID_FLUX": (LoadedPuLIDFlux, "PuLID-FLUX Loader (OmniIdentity)"),
+    "INFINITEYOU": (LoadedInfiniteYou, "InfiniteYou Loader (OmniIdentity)"),
 }
 
 
