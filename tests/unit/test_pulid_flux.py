@@ -186,3 +186,45 @@ def test_the_face_parsing_model_loads_from_its_published_layout_and_whitens_its_
     assert faces.background == "face parsing model" and 14 in PARSING_BACKGROUND and 17 not in PARSING_BACKGROUND
     assert float(faces.images[0, :, :, 256:].min()) == 1.0            # whitened
     assert float(faces.images[0, :, 200:300, 100:200].max()) < 1.0    # the grey face (the crop of a random photo)
+
+
+def test_the_face_parsing_network_equals_facexlibs_bisenet_and_whitens_as_the_authors(tmp_path):
+    """facexlib 0.3.0's BiSeNet (its wheel's parsing/bisenet.py and resnet.py, fetched by the test support)
+    with every weight random, batch-norm statistics included, saved as parsing_bisenet.pth is keyed (the
+    model's state dict): the pack's loader reads that file and its logits equal facexlib's to float32
+    round-off; its labels and grey face on white equal what the authors' own get_id_embedding lines (their
+    to_gray and background labels) make of facexlib's output."""
+    import torch.nn.functional as F
+    from omniid.encoders import face_parsing
+    from omniid.encoders.pulid_faces import features_image, parsing_background
+    from support.facexlib_reference import authors_whitening, reference_bisenet
+    reference, state = reference_bisenet(seed=4)
+    path = tmp_path / "parsing_bisenet.pth"
+    torch.save(state, str(path))
+    ours = face_parsing.load_file(str(path))
+    assert set(ours.state_dict()) == set(state) and not ours.training
+    # two aligned "faces": smooth random images, 144 px (no multiple of 32: 9 and 5 px features at 1/16, 1/32)
+    faces = F.interpolate(torch.rand(2, 3, 8, 8, generator=torch.Generator().manual_seed(1)), (144, 144),
+                          mode="bilinear")
+    outputs = []
+
+    def facexlib_parse(x):
+        outputs.append(reference(x))
+        return outputs[-1]
+    labels_ref, image_ref = authors_whitening(facexlib_parse)(faces)
+    expected = outputs[0][0]                                   # the main head's logits, at the input size
+    mean = torch.tensor(face_parsing.IMAGENET_MEAN).view(1, 3, 1, 1)
+    std = torch.tensor(face_parsing.IMAGENET_STD).view(1, 3, 1, 1)
+    with torch.no_grad():
+        got = ours((faces - mean) / std)
+    assert got.shape == expected.shape == (2, 19, 144, 144)
+    assert relative(got, expected) <= 1e-5
+    labels = ours.labels(faces)
+    # labels may differ only where facexlib's two best logits are within round-off of each other
+    top2 = expected.topk(2, dim=1).values
+    tie = (top2[:, :1] - top2[:, 1:2]) <= 1e-5 * float(expected.abs().max())
+    assert int(tie.sum()) <= 10 and torch.equal(labels[~tie], labels_ref[~tie])
+    background = parsing_background(labels)
+    assert 0.2 < float(background.float().mean()) < 0.8 and len(labels.unique()) >= 8    # a real test of the rule
+    assert torch.equal(features_image(faces, background).masked_select(~tie),
+                       image_ref.masked_select(~tie))
