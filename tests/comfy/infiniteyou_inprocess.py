@@ -48,6 +48,8 @@ def behaviour_facts() -> dict:
     facts = {"effect": relative(full, plain), "input_untouched": "control" not in plain_cond[0][1],
              "three_photos_vs_one": relative(run(flux, with_infusenet(plain_cond, InfuseNetControl.of(control, three),
                                                                       hint, 1.0, vae)), full),
+             "zero_equal": bool(torch.equal(run(flux, with_infusenet(plain_cond, InfuseNetControl.of(control, tokens),
+                                                                      hint, 0.0, vae)), plain)),
              "closed_window_equal": bool(torch.equal(run(flux, with_infusenet(
                  plain_cond, InfuseNetControl.of(control, tokens, 0.6, 0.6), hint, 1.0, vae)), plain))}
     # chained after another ControlNet (a second InfuseNet with other tokens stands in): both effects present

@@ -33,6 +33,7 @@ def test_two_denoising_steps_equal_the_authors_pipeline(facts):
 def test_the_conditioning_carries_infusenet_and_the_input_is_untouched(facts):
     assert facts["effect"] > 0.05
     assert facts["input_untouched"] and facts["plain_after_equal"]
+    assert facts["zero_equal"]                    # strength 0 samples bit-identically to plain FLUX
     assert facts["closed_window_equal"]           # a window holding no step samples bit-identically to plain FLUX
     assert facts["three_photos_vs_one"] > 1e-3
 
