@@ -33,7 +33,34 @@ def gradient_ready(model):
     for key in patched.model_state_dict():
         if key.startswith("diffusion_model.") and key.endswith((".weight", ".bias")):
             patched.add_weight_wrapper(key, fresh_copy)
+    dm = patched.get_model_object("diffusion_model")
+    for name, module in dm.named_modules():
+        if name and raw_inference_parameters(module):
+            patched.add_object_patch(f"diffusion_model.{name}", CopiedParameters(module))
     return patched
+
+
+def raw_inference_parameters(module) -> bool:
+    """A leaf layer whose own parameters are inference tensors that no weight function reaches (not one of
+    ComfyUI's cast layers; e.g. FLUX's RMSNorm scales in ComfyUI 0.3.64)."""
+    return (not hasattr(module, "weight_function") and not any(True for _ in module.children())
+            and any(p.is_inference() for p in module.parameters(recurse=False)))
+
+
+class CopiedParameters(torch.nn.Module):
+    """Object patch for a layer that ComfyUI's weight functions do not reach: where gradients are on, the layer
+    runs (``torch.func.functional_call``, the layer itself unchanged) with ordinary copies of its inference
+    parameters; otherwise it runs as it is."""
+
+    def __init__(self, inner: torch.nn.Module):
+        super().__init__()
+        self.inner = inner
+
+    def forward(self, *args, **kwargs):
+        if not torch.is_grad_enabled():
+            return self.inner(*args, **kwargs)
+        copies = {name: fresh_copy(p) for name, p in self.inner.named_parameters(recurse=False)}
+        return torch.func.functional_call(self.inner, copies, args, kwargs)
 
 
 def non_dynamic(model):

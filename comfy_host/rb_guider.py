@@ -24,13 +24,11 @@ from ..guidance.rb_guidance import (LatentScales, RBSettings, apply_guidance, ge
                                     guidance_gradient, mask_to_latent, resize_mask)
 from .attention import record_attention
 from .gradients import tracked_forward
+from .rb_dit import StopForward, dit_family, dit_run
 
 ATTENTION_FACTOR = 4      # attention maps at latent / 4: the paper's 16 x 16 for SD1.5 at 512 px
 MAX_ATTENTION_TOKENS = 1024   # self-attention maps are N x N: finer grids are not recorded
-
-
-class StopForward(Exception):
-    """Raised by the feature capture once the features are in hand."""
+UNET_FEATURE_BLOCK = 6    # the input of SD's output block 6 (after SD1.5's second up-block)
 
 
 class FeatureCapture:
@@ -73,15 +71,43 @@ def latent_scales(model_sampling, sigma: torch.Tensor, like: torch.Tensor) -> La
     return LatentScales(input_scale, b / a)
 
 
+def is_flow(model_sampling) -> bool:
+    """Flow matching (x = (1 - sigma) x0 + sigma eps; FLUX, SD3, ...): the model's time is sigma itself."""
+    import comfy.model_sampling
+    return isinstance(model_sampling, comfy.model_sampling.CONST)
+
+
+def training_timestep(model_sampling, sigma: torch.Tensor) -> float:
+    """The paper's t (0 = clean ... 1000 = noise) at ``sigma``: a discrete model's timestep, or 1000 sigma for a
+    flow model (whose own timestep may be sigma itself, as FLUX's is)."""
+    if is_flow(model_sampling):
+        return 1000.0 * float(sigma.reshape(-1)[0])
+    return float(model_sampling.timestep(sigma).reshape(-1)[0])
+
+
+def reference_sigma(model_sampling, t0: int, like: torch.Tensor) -> torch.Tensor:
+    """The sigma of the paper's t0: t0 / 1000 on a flow model, the discrete schedule's sigma(t0) otherwise."""
+    if is_flow(model_sampling):
+        return torch.tensor([t0 / 1000.0], device=like.device, dtype=like.dtype)
+    return model_sampling.sigma(torch.tensor([float(t0)], device=like.device)).to(like.dtype)
+
+
 class RBGuider(comfy.samplers.CFGGuider):
     def __init__(self, model_patcher, settings: RBSettings, reference_latent: torch.Tensor,
                  reference_mask: Optional[torch.Tensor], generation_mask: Optional[torch.Tensor],
-                 feature_block: int, subject_token: int, seed: int):
+                 feature_block: int, subject_token: Optional[int], seed: int):
+        """``feature_block`` 0: the model family's default (SD: output block 6; DiTs: ``rb_dit.FAMILIES``).
+        ``subject_token``: the subject's index in the text stream, or None (on SD, 0, the start token, is none)."""
         super().__init__(model_patcher)
+        self.family = dit_family(model_patcher)
         self.settings = settings
         self.reference_latent = reference_latent
         self.reference_mask_image = reference_mask
         self.generation_mask_image = generation_mask
+        if feature_block <= 0:
+            feature_block = (UNET_FEATURE_BLOCK if self.family is None
+                             else self.family.default_block(self.family.counts(model_patcher.get_model_object(
+                                 "diffusion_model"))))
         self.feature_block = feature_block
         self.subject_token = subject_token
         self.seed = seed
@@ -97,9 +123,13 @@ class RBGuider(comfy.samplers.CFGGuider):
     # -- one UNet pass with captures ---------------------------------------------------------
     def _run(self, x: torch.Tensor, sigma: torch.Tensor, model_options: dict, cond, stop: bool):
         """(prediction or None when stopped, features (B, C, h, w), (grid, cross map, self maps))."""
+        if self.family is not None:
+            return dit_run(self.model_patcher, self.family, self.feature_block, self.subject_token, x, model_options,
+                           lambda options: comfy.samplers.calc_cond_batch(self.inner_model, [cond], x, sigma,
+                                                                          options)[0], stop)
         target = math.prod(grid_for(tuple(x.shape[-2:]), ATTENTION_FACTOR))
         features = FeatureCapture(self.feature_block, stop)
-        attention = AttentionMaps(token=self.subject_token if self.subject_token > 0 else None, keep_self=True,
+        attention = AttentionMaps(token=self.subject_token if self.subject_token else None, keep_self=True,
                                   max_tokens=MAX_ATTENTION_TOKENS)
         transformer = record_attention(dict(model_options.get("transformer_options", {})), attention)
         patches = dict(transformer.get("patches", {}))
@@ -126,10 +156,10 @@ class RBGuider(comfy.samplers.CFGGuider):
         """Reference features and masks: (flat (Nr, C), mask (Nr,)), or one pair per reference face."""
         sampling = self.inner_model.model_sampling
         z = self.inner_model.process_latent_in(self.reference_latent.to(like.device, like.dtype))
-        sigma0 = sampling.sigma(torch.tensor([float(self.settings.t0)], device=like.device)).to(like.dtype)
+        sigma0 = reference_sigma(sampling, self.settings.t0, like)
         noise = torch.randn(z.shape, generator=torch.Generator().manual_seed(self.seed)).to(z)
-        with torch.no_grad():
-            _, feats, _ = self._run(z + sigma0.reshape(-1, 1, 1, 1) * noise, sigma0, model_options,
+        with torch.no_grad():           # the model's own noise scaling: z + sigma n (SD), (1 - sigma) z + sigma n (flow)
+            _, feats, _ = self._run(sampling.noise_scaling(sigma0, noise, z), sigma0, model_options,
                                     self.conds["positive"], stop=True)
         grid = tuple(feats.shape[-2:])
         pairs = []
@@ -157,8 +187,7 @@ class RBGuider(comfy.samplers.CFGGuider):
     # -- the guidance ------------------------------------------------------------------------
     def predict_noise(self, x, timestep, model_options={}, seed=None, *args, **kwargs):
         sampling = self.inner_model.model_sampling
-        t = float(sampling.timestep(timestep).reshape(-1)[0])
-        if not self.settings.active(t):
+        if not self.settings.active(training_timestep(sampling, timestep)):
             return super().predict_noise(x, timestep, model_options, seed, *args, **kwargs)
         comfy.model_management.throw_exception_if_processing_interrupted()
         return self._guided(x, timestep, model_options)
@@ -188,8 +217,8 @@ class RBGuider(comfy.samplers.CFGGuider):
                 latent_mask=lambda m: mask_to_latent(m, state["grid"], latent_hw))
         cfg1 = math.isclose(self.cfg, 1.0) and not model_options.get("disable_cfg1_optimization", False)
         uncond_ = None if cfg1 else uncond
-        uncond_pred = (comfy.samplers.calc_cond_batch(self.inner_model, [uncond_], x, timestep, model_options)[0]
-                       if uncond_ is not None else None)
+        # as ComfyUI's sampling_function: at cfg 1 the unconditional prediction is calc_cond_batch's zeros
+        uncond_pred = comfy.samplers.calc_cond_batch(self.inner_model, [uncond_], x, timestep, model_options)[0]
         out = [state["cond"].to(x.dtype), uncond_pred]
         for fn in model_options.get("sampler_pre_cfg_function", []):
             out = fn({"conds": [cond, uncond_], "conds_out": out, "cond_scale": self.cfg, "timestep": timestep,

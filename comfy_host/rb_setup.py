@@ -24,6 +24,7 @@ from ..guidance.rb_guidance import SUBJECT_TOKEN_KEY, RBSettings, find_subject_t
 from ..training.report import captioned
 from .gradients import gradient_ready
 from .prompt_tokens import prompt_tokens
+from .rb_dit import dit_family
 from .rb_guider import RBGuider
 
 MASK_SOURCES = ("subject attention", "reference similarity")
@@ -79,7 +80,7 @@ def layout_masks(faces, count: int, grow: float = 0.15, feather: int = 8) -> tor
     return torch.stack([face_region(r.face, height, width, grow, feather) for r in records])
 
 
-def subject_token(positive, index: int, subject: str, clip, prompt: str) -> tuple[int, str]:
+def subject_token(positive, index: int, subject: str, clip, prompt: str, stream: str = "") -> tuple[int, str]:
     """(token index of the subject in the positive prompt, how it was found)."""
     tokens = min(int(cond.shape[1]) for cond, _ in positive)
     if index >= tokens:
@@ -92,7 +93,7 @@ def subject_token(positive, index: int, subject: str, clip, prompt: str) -> tupl
         token = int(marked.pop())
         return token, f"pivot token ({token}, from Apply Pivot ID)"
     if clip is not None and prompt.strip():
-        token, word = find_subject_token(prompt_tokens(clip, prompt), subject)
+        token, word = find_subject_token(prompt_tokens(clip, prompt, stream), subject)
         if token is not None:
             return token, f"'{word}' at token {token} of the prompt"
         wanted = f"the word {subject!r}" if subject.strip() else "a person word (man, woman, person, boy, girl, ...)"
@@ -113,7 +114,7 @@ def _tinted(image: torch.Tensor, mask) -> torch.Tensor:
 
 
 def rb_guider(model, positive, negative, cfg: float, reference: torch.Tensor, vae, settings: RBSettings,
-              feature_block: int = 6, clip=None, prompt: str = "", subject: str = "", subject_index: int = 0,
+              feature_block: int = 0, clip=None, prompt: str = "", subject: str = "", subject_index: int = 0,
               mask_source: str = MASK_SOURCES[0], reference_region: str = REFERENCE_REGIONS[0], face_analysis=None,
               explicit_reference_mask=None, generation_mask=None, layout_faces=None, seed: int = 0):
     """The RB-Guidance GUIDER with its masks resolved as above, a preview of the reference with its mask
@@ -128,13 +129,15 @@ def rb_guider(model, positive, negative, cfg: float, reference: torch.Tensor, va
         generation_mask = layout_masks(layout_faces, people)
         notes = [f"faces {i + 1} and {j + 1} of the layout overlap ({share:.0%}): their energy terms share "
                  "that region" for i, j, share in overlapping_pairs(list(generation_mask))]
-        token, gen_source = 0, f"{people} layout face(s), one per reference photo"
+        token, gen_source = None, f"{people} layout face(s), one per reference photo"
     elif generation_mask is not None:
-        token, gen_source = 0, "generation_mask input" + (f", one per reference ({people})" if people > 1 else "")
+        token, gen_source = None, "generation_mask input" + (f", one per reference ({people})" if people > 1 else "")
     elif mask_source == "reference similarity":
-        token, gen_source = 0, "resemblance to the reference face (mask_source)"
+        token, gen_source = None, "resemblance to the reference face (mask_source)"
     else:
-        token, found = subject_token(positive, subject_index, subject, clip, prompt)
+        family = dit_family(model)
+        token, found = subject_token(positive, subject_index, subject, clip, prompt,
+                                     "" if family is None else family.tokenizer)
         gen_source = f"attention of {found}, refined by self-attention"
     height, width = (image.shape[1] // 8) * 8, (image.shape[2] // 8) * 8
     latent = vae.encode(image[:, :height, :width])
@@ -145,5 +148,5 @@ def rb_guider(model, positive, negative, cfg: float, reference: torch.Tensor, va
     lines = [f"reference mask: {ref.source}", f"generated-face mask: {gen_source}", *notes]
     preview = captioned(_tinted(image[:1, :height, :width], mask), lines)
     LOG.info("RB-Guidance: p=%s, u=%s, t0=%s, feature block %s; %s", settings.strength, settings.start_fraction,
-             settings.t0, feature_block, "; ".join(lines))
+             settings.t0, guider.feature_block, "; ".join(lines))
     return guider, preview, lines

@@ -210,24 +210,53 @@ CLASS_WORDS = ("man", "woman", "person", "boy", "girl", "child", "kid", "lady", 
 SUBJECT_TOKEN_KEY = "omni_identity_subject_token"     # conditioning: the token a pivot replaced
 
 
+WORD_STARTS = ("\u2581", "\u0120")      # sentencepiece (T5) and byte-level BPE (Qwen, Mistral) word starts
+
+
+def _special(token: str) -> bool:
+    return (token.startswith("<") and token.endswith(">")) or token.startswith("<|")
+
+
 def word_spans(tokens: list[str]) -> list[tuple[int, int, str]]:
-    """CLIP BPE tokens (start token first; '</w>' ends a word) -> (first, last, word) per word."""
-    spans, start, pieces = [], None, []
+    """A prompt's tokens -> (first, last, word) per word. CLIP BPE ends a word with '</w>'; sentencepiece (T5)
+    and byte-level BPE (Qwen, Mistral) start one with a marker ('\u2581', '\u0120'). Special tokens (start,
+    end, padding) and punctuation are no words."""
+    if any(token.endswith("</w>") for token in tokens):
+        spans, start, pieces = [], None, []
+        for index, token in enumerate(tokens):
+            if token.startswith("<|"):                       # start / end / padding tokens
+                start, pieces = None, []
+                continue
+            if start is None:
+                start = index
+            pieces.append(token)
+            if token.endswith("</w>"):
+                spans.append((start, index, "".join(pieces)[:-len("</w>")].lower()))
+                start, pieces = None, []
+        return spans
+    spans, current = [], None                                # current: [first, last, text]
+
+    def close():
+        if current is not None and current[2]:
+            spans.append((current[0], current[1], current[2].lower()))
+
     for index, token in enumerate(tokens):
-        if token.startswith("<|"):                       # start / end / padding tokens
-            start, pieces = None, []
+        text = token.lstrip("".join(WORD_STARTS))
+        if _special(token) or (text and not any(c.isalnum() for c in text)):
+            close()
+            current = None
             continue
-        if start is None:
-            start = index
-        pieces.append(token)
-        if token.endswith("</w>"):
-            spans.append((start, index, "".join(pieces)[:-len("</w>")].lower()))
-            start, pieces = None, []
+        if token[:1] in WORD_STARTS or current is None:
+            close()
+            current = [index if text else index + 1, index, text]
+        else:
+            current[1], current[2] = index, current[2] + text
+    close()
     return spans
 
 
 def find_subject_token(tokens: list[str], subject: str = "") -> tuple[Optional[int], str]:
-    """(index of the subject's token, the word found) among a prompt's CLIP tokens.
+    """(index of the subject's token, the word found) among a prompt's tokens (CLIP, T5, Qwen, ...).
 
     ``subject``: the word to look for; empty means the first person word of ``CLASS_WORDS``
     order. A word split into several tokens is represented by its last token. (None, "") when

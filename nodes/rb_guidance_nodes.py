@@ -24,7 +24,8 @@ class RBGuidance(OmniNode):
                 "so the node finds the word), and the reference's mask its detected face. The preview says which "
                 "masks were used."),
             inputs=[
-                io.Model.Input("model", tooltip="SD1.5 or SDXL model, usually already carrying an identity adapter."),
+                io.Model.Input("model", tooltip="SD1.5, SDXL or FLUX.1 (dev, Kontext) model, usually already carrying an "
+                                               "identity adapter (or PuLID-FLUX)."),
                 io.Conditioning.Input("positive", tooltip="Positive prompt."),
                 io.Conditioning.Input("negative", tooltip="Negative prompt."),
                 io.Float.Input("cfg", default=7.5, min=0.0, max=100.0, step=0.1, tooltip="CFG scale (paper: 7.5)."),
@@ -37,9 +38,11 @@ class RBGuidance(OmniNode):
                                tooltip="u: guidance only while t <= u x T (the paper's 0.6)."),
                 io.Int.Input("t0", default=671, min=0, max=999,
                              tooltip="Timestep the reference is noised to for its features (the paper's 671)."),
-                io.Int.Input("feature_block", default=6, min=1, max=64, optional=True,
-                             tooltip="DIFT features: the input of this output block (6 = after SD1.5's second "
-                                     "up-block, 32 x 32 at 512 px)."),
+                io.Int.Input("feature_block", default=0, min=0, max=64, optional=True,
+                             tooltip="DIFT features. SD: the input of this output block; FLUX: the image tokens of "
+                                     "this block's output, counting the double blocks, then the single blocks (1 = "
+                                     "the first). 0 = the model's default: SD output block 6 (after SD1.5's second "
+                                     "up-block), FLUX the last double block (19)."),
                 io.Clip.Input("clip", optional=True,
                               tooltip="The CLIP that encoded the positive prompt: reads the prompt's tokens to find "
                                       "the subject word."),
@@ -49,9 +52,10 @@ class RBGuidance(OmniNode):
                 io.String.Input("subject", default="", optional=True,
                                 tooltip="The word naming the person; empty = the first of man, woman, person, boy, "
                                         "girl, ... in the prompt (or the pivot token of Apply Pivot ID)."),
-                advanced(io.Int.Input("subject_token", default=0, min=0, max=76, optional=True,
-                             tooltip="Expert: the subject's position among the prompt's CLIP tokens (1 = first word); "
-                                     "0 = find it from subject / prompt / Apply Pivot ID.")),
+                advanced(io.Int.Input("subject_token", default=0, min=0, max=511, optional=True,
+                             tooltip="Expert: the subject's position among the prompt's tokens (SD: CLIP, 1 = first "
+                                     "word; FLUX: T5, 0 = first word, so find it instead); 0 = find it from "
+                                     "subject / prompt / Apply Pivot ID.")),
                 io.Combo.Input("mask_source", options=list(rb_setup.MASK_SOURCES), default="subject attention",
                                optional=True,
                                tooltip="Generated face mask: the subject word's attention (paper), or the positions "
@@ -87,7 +91,7 @@ class RBGuidance(OmniNode):
 
     @classmethod
     def execute(cls, model, positive, negative, cfg, reference, vae, strength, start_fraction, t0,
-                feature_block=6, clip=None, prompt="", subject="", subject_token=0, mask_source="subject attention",
+                feature_block=0, clip=None, prompt="", subject="", subject_token=0, mask_source="subject attention",
                 reference_region="face", face_analysis=None, reference_mask=None, generation_mask=None,
                 layout_faces=None, seed=0) -> io.NodeOutput:
         reference, face_analysis, reference_mask, generation_mask = cls.checked(

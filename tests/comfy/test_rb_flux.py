@@ -1,0 +1,38 @@
+"""RB-Guidance on FLUX.1 dev and Kontext, in process with ComfyUI's model classes (rb_flux_inprocess.py):
+strength 0 is ComfyUI's CFGGuider bit for bit, the push equals a hand computation, Kontext's reference
+tokens stay out of the features and the attention maps."""
+from pathlib import Path
+
+import pytest
+
+from support.testing import facts_in_comfyui
+
+SCRIPT = Path(__file__).with_name("rb_flux_inprocess.py")
+
+
+@pytest.fixture(scope="module")
+def facts(comfyui):
+    return facts_in_comfyui(SCRIPT, comfyui)
+
+
+def test_strength_zero_samples_what_comfyuis_cfg_guider_samples(facts):
+    assert facts["p0_equal_dev"] and facts["p0_equal_kontext"]
+
+
+def test_the_push_is_the_hand_computed_gradient_through_the_flow_sampling(facts):
+    hand = facts["hand"]
+    assert facts["before_window_equal"]
+    assert hand["expected_max"] > 1e-3                                 # a real push, not a vanishing one
+    assert hand["difference"] < 1e-5 * max(1.0, hand["expected_max"]) * 10
+    assert hand["outside_mask"] == 0.0                                 # background gradient masking
+
+
+def test_kontext_features_and_maps_cover_the_generated_image_only(facts):
+    kontext = facts["kontext"]
+    assert kontext["finite"] and kontext["reference_passes"] == 1
+    assert kontext["guided_steps"] == facts["expected_guided_steps"] > 0   # t = 1000 sigma <= 0.6 T
+    assert kontext["image_stream_tokens"] == [16, 32]      # negative: 16 generated; positive: + 16 reference tokens
+    assert kontext["feature_block"] == 2                               # the default: the last double block
+    grid, cross, self_maps, row_sum_error = kontext["attention"]
+    assert kontext["features"] == [1, 64, 4, 4] and grid == [4, 4]
+    assert cross == [1, 16] and self_maps == [1, 16, 16] and row_sum_error < 1e-5
