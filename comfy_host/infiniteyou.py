@@ -92,16 +92,19 @@ class InfuseNetControl(comfy.controlnet.ControlNet):
 class LoadedInfiniteYou:
     """InfuseNet (a ComfyUI ControlNet) and the image projection that makes its identity tokens."""
 
-    def __init__(self, infusenet: comfy.controlnet.ControlNet, projection: Resampler, name: str = "InfuseNet"):
+    def __init__(self, infusenet: comfy.controlnet.ControlNet, projection: Resampler, name: str = "InfuseNet",
+                 recognizer=None):
         self.infusenet = infusenet
         self.projection = projection
         self.name = name
+        self.recognizer = recognizer      # facexlib's IR-SE50 ArcFace, or None: the face analysis' embedding
 
     def describe(self) -> str:
-        return f"InfiniteYou '{self.name}' with {self.projection.describe()}"
+        arcface = "facexlib's IR-SE50 ArcFace" if self.recognizer is not None else "the face analysis' ArcFace"
+        return f"InfiniteYou '{self.name}' with {self.projection.describe()}; embeddings from {arcface}"
 
     def models(self) -> list:
-        return [self.projection]
+        return [self.projection] + ([self.recognizer] if self.recognizer is not None else [])
 
 
 def check_infusenet(control, name: str, projection: Resampler) -> None:
@@ -118,33 +121,44 @@ def check_infusenet(control, name: str, projection: Resampler) -> None:
                                    "published beside this InfuseNet (the same aes / sim folder)")
 
 
-def load_infiniteyou(infusenet_name: str, projection_name: str) -> LoadedInfiniteYou:
-    """InfuseNet from models/controlnet (through ComfyUI's ControlNet loader) and the image projection from
-    models/infiniteyou."""
+FACE_ANALYSIS_ARCFACE = "face analysis"
+
+
+def load_infiniteyou(infusenet_name: str, projection_name: str,
+                     arcface_name: str = FACE_ANALYSIS_ARCFACE) -> LoadedInfiniteYou:
+    """InfuseNet from models/controlnet (through ComfyUI's ControlNet loader), the image projection from
+    models/infiniteyou and, unless "face analysis", facexlib's IR-SE50 ArcFace from models/facexlib."""
+    from ..encoders import arcface_ir_se
     from ..encoders.infiniteyou import load_file
     from .folders import model_path
+    recognizer = None
+    if arcface_name != FACE_ANALYSIS_ARCFACE:
+        recognizer = arcface_ir_se.load_file(model_path("facexlib", arcface_name), arcface_name)
     projection = load_file(model_path("infiniteyou", projection_name), projection_name)
     try:
         control = comfy.controlnet.load_controlnet(model_path("controlnet", infusenet_name))
     except Exception as exc:        # ComfyUI's loader could not place the keys
         raise InfiniteYouFileError(f"ComfyUI cannot read '{infusenet_name}' as a ControlNet: {exc}") from exc
     check_infusenet(control, infusenet_name, projection)
-    return LoadedInfiniteYou(control, projection, infusenet_name)
+    return LoadedInfiniteYou(control, projection, infusenet_name, recognizer)
 
 
 def identity_from_photos(loaded: LoadedInfiniteYou, face_analysis, images: torch.Tensor, combine: str = "embeddings"):
     """(identity tokens (1, 8, 4096), report) of the photos of one person."""
     import comfy.model_management
-    embeds, kept, skipped = arcface_embeddings(images, face_analysis)
     device = comfy.model_management.get_torch_device()
+    recognizer = loaded.recognizer.to(device) if loaded.recognizer is not None else None
     projection = loaded.projection.to(device)
     if device.type == "cpu":
         projection = projection.float()
     try:
+        embeds, kept, skipped = arcface_embeddings(images, face_analysis, recognizer)
         tokens = identity_tokens(projection, embeds, combine)
     finally:
-        projection.to(comfy.model_management.intermediate_device())
-    report = f"{len(kept)} of {len(images)} photo(s) used"
+        for model in loaded.models():
+            model.to(comfy.model_management.intermediate_device())
+    report = f"{len(kept)} of {len(images)} photo(s) used, ArcFace from " + (
+        "facexlib's IR-SE50" if recognizer is not None else "the face analysis")
     if skipped:
         report += f"; no face in photo(s) {', '.join(str(i + 1) for i in skipped)} (skipped)"
     return tokens.to(comfy.model_management.intermediate_device()), report

@@ -129,21 +129,32 @@ def identity_tokens(model: Resampler, arcface: torch.Tensor, combine: str = "emb
     raise ValueError(f"combine must be one of {COMBINE_MODES}, not {combine!r}")
 
 
-def arcface_embeddings(images: torch.Tensor, analyzer, name: str = "face analysis"):
-    """(embeddings (N, 512) L2-normalised, kept photo indices, skipped indices) of each photo's largest face."""
+def arcface_embeddings(images: torch.Tensor, analyzer, recognizer: Optional[nn.Module] = None,
+                       name: str = "face analysis"):
+    """(embeddings (N, 512) L2-normalised, kept photo indices, skipped indices) of each photo's largest face:
+    from ``recognizer`` (facexlib's IR-SE50, on the face aligned as the authors align it) when given, else the
+    face analysis' own ArcFace embedding."""
+    from .arcface_ir_se import aligned_faces
     from .face.crop import to_uint8
     embeddings, kept, skipped = [], [], []
     for index, photo in enumerate(images):
-        faces = analyzer.detect(to_uint8(photo[..., :3]), with_embedding=True)
+        faces = analyzer.detect(to_uint8(photo[..., :3]), with_embedding=recognizer is None)
         if not faces:
             skipped.append(index)
             continue
         face = max(faces, key=lambda f: f.area)
-        if face.embedding is None or face.embedding_kind != "arcface512":
+        if recognizer is not None:
+            p = next(recognizer.parameters())
+            with torch.no_grad():
+                embedding = recognizer(aligned_faces(photo, [face.keypoints5]).to(p.device, p.dtype))[0]
+            embeddings.append(embedding.float().cpu())
+        elif face.embedding is None or face.embedding_kind != "arcface512":
             raise InfiniteYouFileError(f"InfiniteYou needs ArcFace embeddings, but {name} gives "
-                                       f"{face.embedding_kind or 'none'}: load an insightface pack (antelopev2), or the "
-                                       "dlib backend with antelopev2's glintr100.onnx, in Face Analysis Loader")
-        embeddings.append(torch.from_numpy(np.asarray(face.embedding, dtype=np.float32)))
+                                       f"{face.embedding_kind or 'none'}: load facexlib's ArcFace in InfiniteYou Loader, "
+                                       "or an insightface pack (antelopev2), or the dlib backend with antelopev2's "
+                                       "glintr100.onnx, in Face Analysis Loader")
+        else:
+            embeddings.append(torch.from_numpy(np.asarray(face.embedding, dtype=np.float32)))
         kept.append(index)
     if not kept:
         raise NoFaceFoundError(f"{name} found no face in any of the {len(images)} photo(s) given to InfiniteYou")

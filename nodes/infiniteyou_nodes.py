@@ -4,7 +4,7 @@ from __future__ import annotations
 from comfy_api.latest import io, ui
 
 from ..comfy_host.folders import model_files
-from ..comfy_host.infiniteyou import apply_infiniteyou, load_infiniteyou
+from ..comfy_host.infiniteyou import FACE_ANALYSIS_ARCFACE, apply_infiniteyou, load_infiniteyou
 from ..encoders.infiniteyou import COMBINE_MODES
 from .common import CATEGORY, InfiniteYouType, OmniNode, advanced
 
@@ -24,7 +24,8 @@ class InfiniteYouLoader(OmniNode):
             description=("Loads InfiniteYou for FLUX.1: InfuseNet (infusenet_aes_bf16 / infusenet_sim_bf16.safetensors "
                          "from models/controlnet, a FLUX ControlNet in diffusers' layout that ComfyUI's own ControlNet "
                          "loader reads) and the image projection that turns the ArcFace embedding into its identity "
-                         "tokens (image_proj_model.bin from models/infiniteyou, read as tensors only)."),
+                         "tokens (image_proj_model.bin from models/infiniteyou, read as tensors only), and the ArcFace network "
+                         "the authors embed the face with (facexlib's IR-SE50, models/facexlib)."),
             inputs=[
                 io.Combo.Input("infusenet", options=controlnet_files(),
                                tooltip="InfuseNet in models/controlnet (ByteDance/InfiniteYou: infusenet_aes_bf16."
@@ -32,13 +33,19 @@ class InfiniteYouLoader(OmniNode):
                 io.Combo.Input("image_proj", options=model_files("infiniteyou"),
                                tooltip="The image projection published beside that InfuseNet (image_proj_model.bin of "
                                        "the same aes_stage2 / sim_stage1 folder) in models/infiniteyou."),
+                io.Combo.Input("arcface", options=[FACE_ANALYSIS_ARCFACE, *model_files("facexlib")],
+                               default=FACE_ANALYSIS_ARCFACE, optional=True,
+                               tooltip="The ArcFace network for the identity: facexlib's recognition_arcface_ir_se50.pth "
+                                       "in models/facexlib (the one the authors and their projection use), or 'face "
+                                       "analysis': the embedding of the connected face analysis (antelopev2's "
+                                       "glintr100, a network the projection was not trained on: little likeness)."),
             ],
             outputs=[InfiniteYouType.Output(display_name="infiniteyou", tooltip="InfuseNet and its image projection.")],
         )
 
     @classmethod
-    def execute(cls, infusenet: str, image_proj: str) -> io.NodeOutput:
-        return io.NodeOutput(load_infiniteyou(infusenet, image_proj))
+    def execute(cls, infusenet: str, image_proj: str, arcface: str = FACE_ANALYSIS_ARCFACE) -> io.NodeOutput:
+        return io.NodeOutput(load_infiniteyou(infusenet, image_proj, arcface))
 
 
 class ApplyInfiniteYou(OmniNode):

@@ -123,3 +123,57 @@ def test_the_control_image_matches_the_authors_drawing():
     assert differ.sum() / lit.sum() <= 0.03, differ.sum() / lit.sum()        # 1.2% here
     for colour, (x, y) in zip(IY.KEYPOINT_COLORS, kps.astype(int)):
         assert tuple(got[y, x]) == tuple(expected[y, x]) == colour
+
+
+@pytest.fixture(scope="module")
+def recognizer():
+    from omniid.encoders import arcface_ir_se as A
+    torch.manual_seed(0)
+    model = A.IRSE50().eval()
+    for module in model.modules():            # BatchNorm statistics random too
+        if isinstance(module, torch.nn.BatchNorm2d | torch.nn.BatchNorm1d):
+            module.running_mean.normal_(0, 0.1)
+            module.running_var.uniform_(0.5, 1.5)
+    return model
+
+
+def test_facexlibs_ir_se50_layout_loads_with_or_without_its_old_keys(recognizer, tmp_path):
+    # written from facexlib's published architecture; facexlib's code is not among the reference archives
+    from omniid.encoders import arcface_ir_se as A
+    state = recognizer.state_dict()
+    # facexlib's Backbone(50, mode='ir_se') names (TreB1eN's InsightFace port)
+    for key, shape in (("input_layer.0.weight", (64, 3, 3, 3)), ("body.0.res_layer.5.fc1.weight", (4, 64, 1, 1)),
+                       ("body.3.shortcut_layer.0.weight", (128, 64, 1, 1)), ("body.23.res_layer.2.weight", (512,)),
+                       ("output_layer.3.weight", (512, 512 * 7 * 7)), ("output_layer.4.running_var", (512,))):
+        assert tuple(state[key].shape) == shape, key
+    assert len({k.split(".")[1] for k in state if k.startswith("body.")}) == 24
+    # as saved from DataParallel before PyTorch 0.4.1: "module." names, no BatchNorm step counters
+    old = {f"module.{k}": v for k, v in state.items() if not k.endswith("num_batches_tracked")}
+    loaded = A.load_state(old)
+    assert all(torch.equal(v, state[k]) for k, v in loaded.state_dict().items() if not k.endswith("tracked"))
+    with pytest.raises(A.ArcFaceFileError, match="not facexlib's IR-SE50"):
+        A.load_state({"input_layer.0.weight": torch.zeros(64, 3, 3, 3)}, "parsing_bisenet.pth")
+    path = tmp_path / "pickled.pth"
+    torch.save({"input_layer.0.weight": torch.zeros(1), "code": np.dtype("float32")}, path)
+    with pytest.raises(A.ArcFaceFileError, match="pickled objects are refused"):
+        A.load_file(str(path))
+
+
+def test_with_facexlibs_arcface_the_aligned_bgr_face_is_embedded():
+    from omniid.encoders.arcface_ir_se import IRSE50, aligned_faces
+    torch.manual_seed(1)
+    recognizer = IRSE50(stages=((16, 16, 1), (16, 32, 2), (32, 32, 1), (32, 64, 1)), embedding=16).eval()  # narrow
+    photos = torch.rand(3, 64, 64, 3, generator=torch.Generator().manual_seed(5))
+    embeds, kept, skipped = IY.arcface_embeddings(photos, Analyzer(np.zeros((3, 512), np.float32)), recognizer)
+    assert embeds.shape == (2, 16) and torch.allclose(embeds.norm(dim=1), torch.ones(2), atol=1e-5)
+    assert kept == [0, 2] and skipped == [1]
+    kps = Analyzer(np.zeros((1, 512), np.float32)).detect(None)[1].keypoints5
+    crops = torch.cat([aligned_faces(photos[i], [kps]) for i in (0, 2)])
+    assert crops.shape == (2, 3, 112, 112) and crops.min() >= -1 and crops.max() <= 1
+    with torch.no_grad():
+        expected = recognizer(crops)
+    assert relative(embeds, expected) <= 1e-6
+    # BGR, as OpenCV hands the authors' recogniser its crop: the first channel is the photo's blue
+    from omniid.encoders.face.alignment import ARCFACE_TEMPLATE_112, estimate_similarity, warp_crop
+    rgb = warp_crop(photos[0], estimate_similarity(np.asarray(kps, np.float64), ARCFACE_TEMPLATE_112), 112)
+    assert relative(crops[0, 0], rgb[..., 2] * 2 - 1) <= 1e-6 and relative(crops[0, 2], rgb[..., 0] * 2 - 1) <= 1e-6
