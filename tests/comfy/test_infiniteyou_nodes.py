@@ -1,9 +1,9 @@
 """InfiniteYou through the nodes in a real ComfyUI: a tiny InfuseNet in the published diffusers FLUX ControlNet
 layout (one double block of FLUX.1's width, which ComfyUI's own ControlNet loader reads) and a tiny image
-projection in image_proj_model.bin's layout, on the tiny FLUX: strength 0 samples bit-identically to plain
-sampling, strength 1 with a five-keypoint control image changes the image; a photo without a face is skipped
-and reported; a batch with no face, or a projection file of another kind, is a clear error. (Exactness
-against the authors' pipeline, and strength 0 sampling bit-identically: tests/comfy/test_infiniteyou.py.)"""
+projection in image_proj_model.bin's layout, on the tiny FLUX: strength 1 with a five-keypoint control image
+changes the image; a photo without a face is skipped and reported; a batch with no face, or a file of another
+kind as InfuseNet or projection, is a clear error. (Exactness against the authors' pipeline, and strength 0
+sampling bit-identically: tests/comfy/test_infiniteyou.py, in process.)"""
 import pytest
 
 from omniid.cli.client import ExecutionFailed
@@ -55,7 +55,7 @@ def installed(comfy_server):
     return comfy_server
 
 
-def flux_graph(strengths: dict, photos=("obama.jpg", "cat.png"), projection=PROJECTION):
+def flux_graph(strengths: dict, photos=("obama.jpg", "cat.png"), projection=PROJECTION, infusenet=INFUSENET):
     """Tiny FLUX sampled plain and with InfiniteYou at each strength; name -> SaveImage node, name -> apply node."""
     g = Graph()
     unet = g.out(g.add("UNETLoader", unet_name="omniid_tiny_flux.safetensors", weight_dtype="default"))
@@ -66,7 +66,7 @@ def flux_graph(strengths: dict, photos=("obama.jpg", "cat.png"), projection=PROJ
     latent = g.out(g.add("EmptySD3LatentImage", width=64, height=64, batch_size=1))
     faces = g.out(g.add("OmniIdentityFaceAnalysisLoader", backend="dlib", provider="CPU", det_size=640,
                         arcface_model=TEST_ARCFACE_ONNX))
-    loaded = g.out(g.add("OmniIdentityInfiniteYouLoader", infusenet=INFUSENET, image_proj=projection))
+    loaded = g.out(g.add("OmniIdentityInfiniteYouLoader", infusenet=infusenet, image_proj=projection))
     images = g.photos(*photos)
     pose = g.photos("obama.jpg")
     saves, applies = {}, {}
@@ -95,7 +95,7 @@ def test_strength_one_with_a_keypoint_image_changes_the_image_and_a_faceless_pho
     assert "five keypoints" in report, report
 
 
-def test_a_batch_with_no_face_or_a_wrong_projection_file_is_a_clear_error(comfy, installed):
+def test_a_batch_with_no_face_or_a_wrong_file_is_a_clear_error(comfy, installed):
     g, _, _ = flux_graph({"one": 1.0}, photos=("cat.png",))
     with pytest.raises(ExecutionFailed) as failure:
         comfy.run(g.nodes, timeout=600)
@@ -111,3 +111,9 @@ def test_a_batch_with_no_face_or_a_wrong_projection_file_is_a_clear_error(comfy,
         comfy.run(g.nodes, timeout=600)
     assert failure.value.error["node_type"] == "OmniIdentityInfiniteYouLoader"
     assert "is not InfiniteYou's image projection" in failure.value.error["exception_message"]
+    # an SD1.5 ControlNet where InfuseNet belongs
+    g, _, _ = flux_graph({"one": 1.0}, infusenet="omniid_tiny_controlnet.safetensors")
+    with pytest.raises(ExecutionFailed) as failure:
+        comfy.run(g.nodes, timeout=600)
+    assert failure.value.error["node_type"] == "OmniIdentityInfiniteYouLoader"
+    assert "is not InfuseNet" in failure.value.error["exception_message"], failure.value.error["exception_message"]
