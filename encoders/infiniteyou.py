@@ -253,34 +253,29 @@ def draw_keypoints(keypoints: np.ndarray, width: int, height: int) -> np.ndarray
     return canvas
 
 
-def fit_to_canvas(image: torch.Tensor, width: int, height: int) -> tuple[torch.Tensor, float, int, int]:
-    """The authors' ``resize_and_pad_image``: (H, W, 3) in [0, 1] scaled so its width (portrait or square
-    canvas) or height (landscape) fills the canvas, centred on white; returns (canvas, scale, left, top)."""
-    h, w = image.shape[:2]
+def fit_to_canvas(image: torch.Tensor, width: int, height: int) -> np.ndarray:
+    """The authors' ``resize_and_pad_image``: (H, W, 3) in [0, 1] scaled with Lanczos so its width (portrait or
+    square canvas) or height (landscape) fills the canvas, centred on white; returns (height, width, 3) uint8."""
+    from PIL import Image
+    from .face.crop import to_uint8
+    source = Image.fromarray(to_uint8(image))
+    w, h = source.size
     if width <= height:
-        new_w, new_h = width, int(width * (h / w))
+        size = (width, int(width * (h / w)))
     else:
-        new_w, new_h = int(height * (w / h)), height
-    resized = torch.nn.functional.interpolate(image.permute(2, 0, 1)[None].float(), size=(new_h, new_w),
-                                              mode="bicubic", antialias=True, align_corners=False)[0]
-    resized = resized.clamp(0, 1).permute(1, 2, 0)
-    left, top = (width - new_w) // 2, (height - new_h) // 2
-    canvas = torch.ones(height, width, 3)
-    y0, x0 = max(top, 0), max(left, 0)
-    y1, x1 = min(top + new_h, height), min(left + new_w, width)
-    canvas[y0:y1, x0:x1] = resized[y0 - top:y1 - top, x0 - left:x1 - left]
-    return canvas, new_w / w, left, top
+        size = (int(height * (w / h)), height)
+    canvas = Image.new("RGB", (width, height), (255, 255, 255))
+    canvas.paste(source.resize(size, Image.LANCZOS), ((width - size[0]) // 2, (height - size[1]) // 2))
+    return np.asarray(canvas)
 
 
 def control_image(photo: Optional[torch.Tensor], analyzer, width: int, height: int,
                   name: str = "face analysis") -> tuple[torch.Tensor, str]:
     """(1, height, width, 3) control image in [0, 1] and a note: the five keypoints of the largest face in
     ``photo`` (fitted to the canvas as the authors do), or black when no photo is given."""
-    from .face.crop import to_uint8
     if photo is None:
         return torch.zeros(1, height, width, 3), "no control image: black (the authors' default)"
-    canvas, _, _, _ = fit_to_canvas(photo[..., :3], width, height)
-    faces = analyzer.detect(to_uint8(canvas))
+    faces = analyzer.detect(fit_to_canvas(photo[..., :3], width, height))
     if not faces:
         raise NoFaceFoundError(f"{name} found no face in the control image: give one with a face (its five keypoints "
                                "set the pose), or leave control_image unconnected for the authors' black image")

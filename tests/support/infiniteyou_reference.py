@@ -6,8 +6,9 @@ imported as the reference; nothing of it is copied into the product.
   ``diffusers.models.controlnets.controlnet_flux``: the same module is registered under the old name);
 - ``reference_resampler(...)``: their Resampler with random weights (every parameter) and its state dict as
   ``image_proj_model.bin`` holds it (``{"image_proj": ...}``);
-- ``draw_kps``: their keypoint drawing, from ``pipelines/pipeline_infu_flux.py`` (its other imports, which
-  download or need CUDA-only packages, are given empty stand-ins).
+- ``draw_kps``, ``resize_and_pad_image``: their keypoint drawing and canvas fit, from
+  ``pipelines/pipeline_infu_flux.py`` (its other imports, which download or need CUDA-only packages, are given
+  empty stand-ins while it is imported).
 """
 from __future__ import annotations
 
@@ -56,12 +57,22 @@ def reference_module(name: str):
 
 
 def draw_kps():
-    """The authors' ``draw_kps`` (OpenCV), from their pipeline module imported with stand-ins for its imports that
-    this environment lacks (facexlib, optimum-quanto, ...); the stand-ins are removed again right after."""
+    """The authors' ``draw_kps`` (OpenCV)."""
+    return infu_pipeline_module().draw_kps
+
+
+def resize_and_pad_image():
+    """The authors' ``resize_and_pad_image`` (PIL)."""
+    return infu_pipeline_module().resize_and_pad_image
+
+
+def infu_pipeline_module():
+    """Their ``pipelines/pipeline_infu_flux.py``, imported with stand-ins for its imports that this environment
+    lacks (facexlib, optimum-quanto, ...); the stand-ins are removed again right after."""
     import importlib.machinery
     name = "pipelines.pipeline_infu_flux"
     if name in sys.modules:
-        return sys.modules[name].draw_kps
+        return sys.modules[name]
     added = []
     for missing in ("facexlib", "facexlib.recognition", "optimum", "optimum.quanto", "insightface",
                     "insightface.app", "insightface.utils", "huggingface_hub", "transformers"):
@@ -76,7 +87,7 @@ def draw_kps():
         sys.modules[missing] = stub
         added.append(missing)
     try:
-        return reference_module(name).draw_kps
+        return reference_module(name)
     finally:
         for missing in added:
             sys.modules.pop(missing, None)

@@ -8,7 +8,8 @@ import torch
 from omniid.encoders import infiniteyou as IY
 from omniid.encoders.face.types import DetectedFace, NoFaceFoundError
 from omniid.guidance.infiniteyou import keep, sample_index, step_of
-from support.infiniteyou_reference import TINY, arcface, draw_kps, reference_module, reference_resampler, relative
+from support.infiniteyou_reference import (TINY, arcface, draw_kps, reference_module, reference_resampler, relative,
+                                           resize_and_pad_image)
 
 
 @pytest.fixture(scope="module")
@@ -177,3 +178,14 @@ def test_with_facexlibs_arcface_the_aligned_bgr_face_is_embedded():
     from omniid.encoders.face.alignment import ARCFACE_TEMPLATE_112, estimate_similarity, warp_crop
     rgb = warp_crop(photos[0], estimate_similarity(np.asarray(kps, np.float64), ARCFACE_TEMPLATE_112), 112)
     assert relative(crops[0, 0], rgb[..., 2] * 2 - 1) <= 1e-6 and relative(crops[0, 2], rgb[..., 0] * 2 - 1) <= 1e-6
+
+
+def test_the_control_photo_is_fitted_to_the_canvas_as_the_authors_do():
+    from PIL import Image
+    theirs = resize_and_pad_image()
+    g = torch.Generator().manual_seed(6)
+    for (h, w), (width, height) in (((90, 60), (64, 96)), ((60, 90), (96, 64)), ((80, 80), (64, 64)),
+                                    ((40, 100), (64, 96))):
+        photo = (torch.rand(h, w, 3, generator=g) * 255).round() / 255
+        expected = np.asarray(theirs(Image.fromarray((photo.numpy() * 255).round().astype(np.uint8)), (width, height)))
+        assert np.array_equal(IY.fit_to_canvas(photo, width, height), expected), ((h, w), (width, height))
