@@ -39,6 +39,12 @@ def flux_options_position() -> int:
 
 
 @functools.lru_cache(maxsize=None)
+def options_position_of(model_class) -> int:
+    """``options_position`` of a diffusion model class's forward (each DiT family orders its arguments its own way)."""
+    return options_position(model_class.forward)
+
+
+@functools.lru_cache(maxsize=None)
 def unet_options_position() -> int:
     from comfy.ldm.modules.diffusionmodules.openaimodel import UNetModel
     return options_position(UNetModel.forward)

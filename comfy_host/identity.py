@@ -20,8 +20,8 @@ import torch
 from ..guidance.adapter import IdentityAdapter
 from ..guidance.decoupled import BlockWeights, DecoupledAttention, LayerInjection, layer_injections
 from ..guidance.flux_identity import identity_terms
-from .compat import comfyui_version, flux_options_position
-from .layers import adapter_layers, check_fit, existing_patch, is_flux, sigma_window
+from .compat import comfyui_version, flux_options_position, options_position_of
+from .layers import adapter_layers, check_fit, dit_family, existing_patch, patch_size, sigma_window
 from .options import find_options
 
 FLUX_STATE = "omni_identity_flux"          # per model call: text length, latent size
@@ -38,14 +38,15 @@ def apply_identity(model, adapter: IdentityAdapter, tokens: dict, weight: float,
     check_fit(adapter, model, layers)
     sigma_start, sigma_end = sigma_window(model, start_at, end_at)
     patched = model.clone()
-    flux = is_flux(model)
+    dit = dit_family(model) is not None
+    tokens_side = patch_size(model) if dit else 2
     for layer, injection in layer_injections(adapter, layers, tokens, weight, sigma_start, sigma_end, mask, blocks,
-                                             inject, weight_mode, flux=flux):
-        if flux:
-            add_flux_injection(patched, layer.key, injection)
+                                             inject, weight_mode, flux=dit):
+        if dit:
+            add_flux_injection(patched, layer.key, injection, tokens_side)
         else:
             add_unet_injection(patched, layer.key, injection)
-    if flux:
+    if dit:
         track_flux_calls(patched)
     return patched
 
@@ -94,7 +95,9 @@ def record_flux_call(executor, x, *args, **kwargs):
     """DIFFUSION_MODEL wrapper: remember the text length and latent size of this call, and check after it
     that ComfyUI ran the pack's block patches and their attention override (a release that stopped
     honouring either would otherwise drop the identity silently)."""
-    options = find_options(args, kwargs, flux_options_position())
+    owner = getattr(executor, "class_obj", None)
+    position = options_position_of(type(owner)) if isinstance(owner, torch.nn.Module) else flux_options_position()
+    options = find_options(args, kwargs, position)
     context = args[1] if len(args) > 1 else kwargs.get("context")
     state = None
     if options is not None and torch.is_tensor(context):
@@ -131,26 +134,28 @@ class FluxBlockPatch:
     Extra arguments a later ComfyUI may pass go on to a previous patch (which has this same
     interface); ComfyUI's own ``original_block`` takes the block arguments only."""
 
-    def __init__(self, injections: tuple[LayerInjection, ...], previous=None, kind: str = "double"):
+    def __init__(self, injections: tuple[LayerInjection, ...], previous=None, kind: str = "double",
+                 patch_size: int = 2):
         self.injections = injections
         self.previous = previous
         self.kind = kind
+        self.patch_size = patch_size          # latent pixels per image token along a side (FLUX.2: 1)
 
     def with_injection(self, injection: LayerInjection) -> "FluxBlockPatch":
-        return FluxBlockPatch((*self.injections, injection), self.previous, self.kind)
+        return FluxBlockPatch((*self.injections, injection), self.previous, self.kind, self.patch_size)
 
     def __deepcopy__(self, memo) -> "FluxBlockPatch":
-        return FluxBlockPatch(self.injections, self.previous, self.kind)
+        return FluxBlockPatch(self.injections, self.previous, self.kind, self.patch_size)
 
     def to(self, device) -> "FluxBlockPatch":
-        return FluxBlockPatch(tuple(i.to(device) for i in self.injections), self.previous, self.kind)
+        return FluxBlockPatch(tuple(i.to(device) for i in self.injections), self.previous, self.kind, self.patch_size)
 
     def __call__(self, args: dict, extra: dict, *more, **kwargs) -> dict:
         options = dict(args.get("transformer_options") or {})
         if isinstance(options.get(FLUX_STATE), dict):
             options[FLUX_STATE]["blocks"] = options[FLUX_STATE].get("blocks", 0) + 1
         options[FLUX_BLOCK] = self.injections
-        call = {"kind": self.kind, "pe": args.get("pe"), "residual": None}
+        call = {"kind": self.kind, "pe": args.get("pe"), "residual": None, "patch_size": self.patch_size}
         options[FLUX_BLOCK_CALL] = call
         previous_override = options.get("optimized_attention_override")
         options["optimized_attention_override"] = FluxAttentionOverride(previous_override)
@@ -186,16 +191,17 @@ class FluxAttentionOverride:
         call = options.get(FLUX_BLOCK_CALL) or {"kind": "double", "pe": None, "residual": None}
         out, residual = identity_terms(out, q, call.get("pe"), state["txt_len"], call.get("kind", "double"),
                                        injections, func, options.get("cond_or_uncond") or (), state["latent_hw"],
-                                       options.get("sigmas"))
+                                       options.get("sigmas"), call.get("patch_size", 2))
         if residual is not None:
             call["residual"] = residual if call.get("residual") is None else call["residual"] + residual
         return out
 
 
-def add_flux_injection(model, key: tuple, injection: LayerInjection) -> None:
+def add_flux_injection(model, key: tuple, injection: LayerInjection, patch_size: int = 2) -> None:
     existing = existing_patch(model, "dit", key)
     if isinstance(existing, FluxBlockPatch):
         patch = existing.with_injection(injection)
     else:
-        patch = FluxBlockPatch((injection,), previous=existing, kind="double" if key[0] == "double_block" else "single")
+        patch = FluxBlockPatch((injection,), previous=existing, kind="double" if key[0] == "double_block" else "single",
+                               patch_size=patch_size)
     model.set_model_patch_replace(patch, "dit", key[0], key[1])

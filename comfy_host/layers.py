@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Callable, Optional
 
 from comfy.ldm.modules.attention import SpatialTransformer
 
@@ -52,8 +53,59 @@ def flux_layers(model) -> list[HostLayer]:
             + [HostLayer(("single_block", i), "single", i, dm.hidden_size, heads) for i in range(len(dm.single_blocks))])
 
 
+def _joint_layers(model) -> list[HostLayer]:
+    """One MM-DiT block list whose attention modules say their width and heads (Qwen-Image)."""
+    blocks = diffusion_model(model).transformer_blocks
+    return [HostLayer(("double_block", i), "double", i, block.attn.inner_dim, block.attn.heads)
+            for i, block in enumerate(blocks)]
+
+
+@dataclass(frozen=True)
+class DitFamily:
+    """A DiT family the identity adapter injects into through ``patches_replace["dit"]`` and the attention
+    override: the adapter family it takes, how the model is recognised (attributes its diffusion model has,
+    and has not), its layers in adapter order and the adapter families it accepts (Chroma keeps FLUX.1's
+    layout, so FLUX.1 adapters still apply there). Every family's joint attention runs over [text; image]."""
+    name: str
+    has: tuple[str, ...]
+    has_not: tuple[str, ...]
+    layers: Callable
+    accepts: tuple[str, ...] = ()
+
+    def takes(self, adapter_family: str) -> bool:
+        return adapter_family == self.name or adapter_family in self.accepts
+
+
+DIT_FAMILIES = (
+    DitFamily("flux2", ("double_blocks", "single_blocks", "double_stream_modulation_img"), (), flux_layers),
+    DitFamily("chroma", ("double_blocks", "single_blocks", "distilled_guidance_layer"), (), flux_layers, ("flux",)),
+    DitFamily("flux", ("double_blocks", "single_blocks"), (), flux_layers),
+    DitFamily("qwen_image", ("transformer_blocks", "txt_norm", "img_in"), ("double_blocks",), _joint_layers),
+)
+
+
+def dit_family(model) -> Optional[DitFamily]:
+    """The identity adapter's DiT family of ``model``, or None (a UNet, or a model it cannot inject into)."""
+    dm = diffusion_model(model)
+    for family in DIT_FAMILIES:
+        if all(hasattr(dm, a) for a in family.has) and not any(hasattr(dm, a) for a in family.has_not):
+            return family
+    return None
+
+
+def model_family(model) -> str:
+    family = dit_family(model)
+    return family.name if family is not None else "unet"
+
+
+def patch_size(model) -> int:
+    """Latent pixels per image token along each side (FLUX.1, Chroma, Qwen-Image: 2; FLUX.2: 1)."""
+    return int(getattr(diffusion_model(model), "patch_size", 2) or 2)
+
+
 def host_layers(model) -> list[HostLayer]:
-    return flux_layers(model) if is_flux(model) else unet_layers(model)
+    family = dit_family(model)
+    return family.layers(model) if family is not None else unet_layers(model)
 
 
 def adapter_layers(model, adapter: IdentityAdapter) -> list[HostLayer]:
@@ -66,10 +118,12 @@ def adapter_layers(model, adapter: IdentityAdapter) -> list[HostLayer]:
 
 
 def check_fit(adapter: IdentityAdapter, model, layers: list[HostLayer]) -> None:
-    family = "flux" if is_flux(model) else "unet"
+    family = model_family(model)
+    dit = dit_family(model)
     dims = [layer.inner_dim for layer in layers]
-    if adapter.config.family != family or tuple(dims) != adapter.config.layer_dims:
-        which = " (double blocks)" if family == "flux" and adapter.config.flux_blocks == "double" else ""
+    fits = dit.takes(adapter.config.family) if dit is not None else adapter.config.family == family
+    if not fits or tuple(dims) != adapter.config.layer_dims:
+        which = " (double blocks)" if adapter.config.family == "flux" and adapter.config.flux_blocks == "double" else ""
         raise AdapterFitError(
             f"adapter '{adapter.name}' ({adapter.config.describe()}, layer widths "
             f"{_summary(adapter.config.layer_dims)}) does not fit the model {model_description(model)}, which has "
@@ -81,7 +135,7 @@ def fit_summary(adapter: IdentityAdapter, embeds, model) -> str:
     """The three things that must fit, one line each, for error messages."""
     try:
         layers = host_layers(model)
-        model_line = (f"{model_description(model)}: {len(layers)} {'flux' if is_flux(model) else 'unet'} "
+        model_line = (f"{model_description(model)}: {len(layers)} {model_family(model)} "
                       f"attention layers of widths {_summary([layer.inner_dim for layer in layers])}")
     except Exception:   # a model this pack cannot inject into at all
         model_line = f"{model_description(model)}: no UNet cross-attention or FLUX blocks found"

@@ -19,7 +19,7 @@ import torch
 
 from ..guidance.decoupled import COND, UNCOND, LayerInjection
 from .identity import call_state, set_layer_injections
-from .layers import host_layers, is_flux
+from .layers import host_layers, is_flux, model_family
 
 
 def ddpm_sigmas(scheduler: dict) -> torch.Tensor:
@@ -55,6 +55,7 @@ def unet_sigma_window(start_at: float, end_at: float, scheduler: dict | None = N
 
 
 FLUX_SHIFT = 1.15          # FLUX's time shift mu, ComfyUI's default for FLUX models
+SHIFTS = {"flux2": 2.02}   # the families ComfyUI samples with another shift (its sampling_settings)
 
 
 def flux_percent_to_sigma(percent: float, shift: float = FLUX_SHIFT) -> float:
@@ -77,11 +78,13 @@ class DiffusersDenoiserHost:
     def __init__(self, base, image_size: int, device=None, dtype=torch.float32, guidance: float = 1.0):
         self.base, self.model, self.vae = base, base.model, base.vae
         self.flux = is_flux(self.model)
+        self.family = model_family(self.model)
+        self.flow = self.family != "unet"          # flow-matching DiTs: x_t = (1 - sigma) x0 + sigma eps
         self.layers = host_layers(self.model)
         self.image_size, self.guidance = image_size, guidance
         self.device = torch.device(device or "cpu")
         self.dtype = dtype
-        if not self.flux:
+        if not self.flow:
             prediction = base.scheduler.get("prediction_type", "epsilon")
             if prediction != "epsilon":
                 raise ValueError(f"the diffusers host trains on epsilon-prediction UNets; this one predicts {prediction}")
@@ -100,13 +103,17 @@ class DiffusersDenoiserHost:
         """(B, H, W, 3) images in [0, 1] -> the model's latents (the VAE's mean, scaled and shifted)."""
         pixels = images[..., :3].permute(0, 3, 1, 2).to(self.device, torch.float32) * 2 - 1
         latent = self.vae.to(self.device).encode(pixels).latent_dist.mean
+        if self.family == "flux2":
+            from .flux2 import normalised_latent
+            return normalised_latent(self.vae, latent).float().cpu()
         shift = getattr(self.vae.config, "shift_factor", None) or 0.0
         return ((latent - shift) * self.vae.config.scaling_factor).float().cpu()
 
     def sigma_at(self, u: torch.Tensor) -> torch.Tensor:
         """u in (0, 1) -> sigma, as the ComfyUI host draws them (its model_sampling's percent_to_sigma)."""
-        if self.flux:
-            return torch.tensor([flux_percent_to_sigma(float(x)) for x in u.reshape(-1)])
+        if self.flow:
+            shift = SHIFTS.get(self.family, FLUX_SHIFT)
+            return torch.tensor([flux_percent_to_sigma(float(x), shift) for x in u.reshape(-1)])
         return self.sigma_of_timestep((1 - u.float()) * (len(self.sigmas) - 1))
 
     def sigma_of_timestep(self, t: torch.Tensor) -> torch.Tensor:
@@ -125,7 +132,7 @@ class DiffusersDenoiserHost:
 
     def noise(self, x0, sigma, eps):
         s = sigma.reshape(-1, *([1] * (x0.dim() - 1)))
-        return (1 - s) * x0 + s * eps if self.flux else x0 + s * eps
+        return (1 - s) * x0 + s * eps if self.flow else x0 + s * eps
 
     # -- the model call -------------------------------------------------------------------
     def _text(self, batch: int) -> dict:
@@ -159,7 +166,7 @@ class DiffusersDenoiserHost:
         ``token``'s cross-attention map (B, h*w) at the grid nearest 1/16 of the latent, and that grid."""
         from ..guidance.attention_capture import AttentionMaps
         from ..guidance.decoupled import token_grid
-        if self.flux:
+        if self.flow:
             raise ValueError("the pivot encoder replaces a word of a CLIP text conditioning: use an SD1.5 or SDXL model")
         for layer in self.layers:              # plain cross-attention, with the maps recorded
             set_layer_injections(self.model, layer, ())
@@ -183,9 +190,9 @@ class DiffusersDenoiserHost:
         return out.float().cpu(), maps.cross_map(n).cpu(), token_grid(n, *x.shape[-2:])
 
     def denoise(self, x_t, sigma, identity_kv, text_attention: bool) -> torch.Tensor:
-        if self.flux and not text_attention:
+        if self.flow and not text_attention:
             raise ValueError("identity-enhanced training (text attention off) needs a UNet model (SD1.5/SDXL): "
-                             "FLUX attends to text and image in one joint attention")
+                             "FLUX and the other DiTs attend to text and image in one joint attention")
         # the injections stay installed after the call: a checkpointed block recomputes with them in backward
         self.set_identity(identity_kv, text_attention)
         x = x_t.to(self.device, torch.float32)
@@ -193,8 +200,12 @@ class DiffusersDenoiserHost:
         b = x.shape[0]
         state = call_state(self.model)
         state.sigmas, state.cond_or_uncond, state.latent_shape = s, (), tuple(x.shape)
-        if self.flux:
-            velocity = self._flux(x, s)
+        if self.flow:
+            if self.flux:
+                velocity = self._flux(x, s)
+            else:
+                from .flux2 import velocity as flux2_velocity
+                velocity = flux2_velocity(self.model, x, s, self.base.text, self.device, self.dtype, self.guidance)
             out = x - s.reshape(-1, 1, 1, 1) * velocity
         else:
             c_in = 1 / (s ** 2 + 1).sqrt()

@@ -19,7 +19,7 @@ from typing import Optional
 import torch
 
 from ..guidance.decoupled import BlockWeights, DecoupledAttention, layer_injections, sdpa_attention
-from .layers import adapter_layers, check_fit, host_layers, is_flux
+from .layers import PATCH_SIZE, adapter_layers, check_fit, host_layers, is_dit, is_flux, model_family
 from .processors import CallState, FluxIdentityProcessor, UNetIdentityProcessor
 
 STATE_ATTR = "_omni_identity_state"
@@ -30,7 +30,7 @@ def call_state(model) -> CallState:
     """The model's CallState, created (with the hooks that record each call's sizes) on first use."""
     state = getattr(model, STATE_ATTR, None)
     if state is None:
-        state = CallState()
+        state = CallState(patch_size=PATCH_SIZE.get(model_family(model), 2))
         object.__setattr__(model, STATE_ATTR, state)
         hooks = [model.register_forward_pre_hook(_record_call, with_kwargs=True)]
         if is_flux(model):
@@ -43,7 +43,7 @@ def call_state(model) -> CallState:
 def _record_call(model, args, kwargs):
     state: CallState = getattr(model, STATE_ATTR)
     sample = args[0] if args else kwargs.get("sample", kwargs.get("hidden_states"))
-    if is_flux(model):
+    if is_dit(model):
         context = args[1] if len(args) > 1 else kwargs.get("encoder_hidden_states")
         state.txt_len = int(context.shape[1]) if torch.is_tensor(context) else None
     elif torch.is_tensor(sample) and sample.ndim == 4:
@@ -92,7 +92,8 @@ def set_layer_injections(model, layer, injections, identity_only: bool = False) 
     current = layer.attention.processor
     if layer.group in ("double", "single"):
         base = current.base if isinstance(current, FluxIdentityProcessor) else current
-        layer.attention.set_processor(FluxIdentityProcessor(injections, state, layer.group, id(layer.attention), base))
+        processor = layer.processor or FluxIdentityProcessor
+        layer.attention.set_processor(processor(injections, state, layer.group, id(layer.attention), base))
         return
     kind = IdentityOnlyAttention if identity_only else DecoupledAttention
     patch = kind(sdpa_attention, injections)
@@ -119,7 +120,7 @@ def apply_identity(model, adapter, tokens: dict, weight: float = 1.0, sigma_star
     layers = adapter_layers(model, adapter)
     check_fit(adapter, model, layers)
     for layer, injection in layer_injections(adapter, layers, tokens, weight, sigma_start, sigma_end, mask, blocks,
-                                             inject, weight_mode, flux=is_flux(model)):
+                                             inject, weight_mode, flux=is_dit(model)):
         set_layer_injections(model, layer, (*current_injections(layer), injection))
     return model
 

@@ -4,7 +4,7 @@ UNets: the cross-attention (attn2) layers in the order of ``unet.attn_processors
 up blocks, middle block), the order h94's ``ip_adapter.N`` keys and this pack's adapters use.
 Each layer also carries ComfyUI's block name (``input``/``output``/``middle`` and the block
 number in ComfyUI's ``input_blocks``/``output_blocks``), so block weights mean the same in
-both hosts. FLUX: the double blocks (``transformer_blocks``) then the single blocks.
+both hosts. FLUX.1 and FLUX.2: the double blocks (``transformer_blocks``) then the single blocks.
 """
 from __future__ import annotations
 
@@ -22,10 +22,28 @@ class DiffusersLayer:
     inner_dim: int
     heads: int
     block: nn.Module = None    # FLUX: the transformer block holding the attention
+    processor: type = None     # DiTs other than FLUX.1: the identity processor class of this layer
+
+
+# the DiT families by diffusers class (as the adapter files name them)
+DIT_CLASSES = {"FluxTransformer2DModel": "flux", "Flux2Transformer2DModel": "flux2"}
+PATCH_SIZE = {"flux2": 1}      # latent pixels per image token along a side where not 2 (FLUX.2's latent is patchified)
+
+
+def model_family(model) -> str:
+    """``unet``, or the DiT family of ``model`` (its class or, under FSDP, the class it wraps)."""
+    for cls in type(model).__mro__:
+        if cls.__name__ in DIT_CLASSES:
+            return DIT_CLASSES[cls.__name__]
+    return "unet"
+
+
+def is_dit(model) -> bool:
+    return model_family(model) != "unet"
 
 
 def is_flux(model) -> bool:
-    return hasattr(model, "transformer_blocks") and hasattr(model, "single_transformer_blocks")
+    return model_family(model) == "flux"
 
 
 def _cross_attentions(prefix: str, block, group: str, first_number: int, layers: list) -> int:
@@ -64,8 +82,23 @@ def flux_layers(model) -> list[DiffusersLayer]:
     return out
 
 
+def flux2_layers(model) -> list[DiffusersLayer]:
+    from .dit_processors import Flux2JointProcessor, Flux2SingleProcessor
+    out = []
+    for kind, prefix, blocks, processor in (
+            ("double", "transformer_blocks", model.transformer_blocks, Flux2JointProcessor),
+            ("single", "single_transformer_blocks", model.single_transformer_blocks, Flux2SingleProcessor)):
+        for i, block in enumerate(blocks):
+            out.append(DiffusersLayer(f"{prefix}.{i}.attn", block.attn, kind, i, block.attn.inner_dim,
+                                      block.attn.heads, block, processor))
+    return out
+
+
+LAYERS = {"flux": flux_layers, "flux2": flux2_layers}
+
+
 def host_layers(model) -> list[DiffusersLayer]:
-    return flux_layers(model) if is_flux(model) else unet_layers(model)
+    return LAYERS.get(model_family(model), unet_layers)(model)
 
 
 def adapter_layers(model, adapter) -> list[DiffusersLayer]:
@@ -78,7 +111,7 @@ def adapter_layers(model, adapter) -> list[DiffusersLayer]:
 
 def check_fit(adapter, model, layers: list[DiffusersLayer]) -> None:
     from ..guidance.adapter import AdapterFitError
-    family = "flux" if is_flux(model) else "unet"
+    family = model_family(model)
     dims = tuple(layer.inner_dim for layer in layers)
     if adapter.config.family != family or dims != adapter.config.layer_dims:
         raise AdapterFitError(f"adapter '{adapter.name}' ({adapter.config.describe()}, layer widths "

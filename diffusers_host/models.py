@@ -23,7 +23,7 @@ import torch
 
 @dataclass
 class BaseModel:
-    family: str                   # "unet" or "flux"
+    family: str                   # "unet", "flux" or "flux2"
     model: torch.nn.Module
     vae: torch.nn.Module
     text: dict                    # the prompt conditioning (see the module docstring)
@@ -31,21 +31,26 @@ class BaseModel:
 
 
 def _class_for(folder: str):
-    from diffusers import FluxTransformer2DModel, UNet2DConditionModel
+    from diffusers import Flux2Transformer2DModel, FluxTransformer2DModel, UNet2DConditionModel
     with open(os.path.join(folder, "config.json")) as f:
         name = json.load(f).get("_class_name", "")
     if name == "FluxTransformer2DModel":
         return "flux", FluxTransformer2DModel
+    if name == "Flux2Transformer2DModel":
+        return "flux2", Flux2Transformer2DModel
     if name == "UNet2DConditionModel":
         return "unet", UNet2DConditionModel
     raise ValueError(f"{folder}: a {name or 'model of no known class'}; the diffusers host trains on "
-                     "UNet2DConditionModel (SD1.5, SDXL) and FluxTransformer2DModel (FLUX)")
+                     "UNet2DConditionModel (SD1.5, SDXL), FluxTransformer2DModel (FLUX.1) and "
+                     "Flux2Transformer2DModel (FLUX.2)")
 
 
 def _load_vae(path: str, dtype):
-    from diffusers import AutoencoderKL
+    from diffusers import AutoencoderKL, AutoencoderKLFlux2
     if os.path.isdir(path):
-        return AutoencoderKL.from_pretrained(path, torch_dtype=dtype)
+        with open(os.path.join(path, "config.json")) as f:
+            flux2 = json.load(f).get("_class_name") == "AutoencoderKLFlux2"
+        return (AutoencoderKLFlux2 if flux2 else AutoencoderKL).from_pretrained(path, torch_dtype=dtype)
     return AutoencoderKL.from_single_file(path, torch_dtype=dtype)
 
 

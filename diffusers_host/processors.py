@@ -28,6 +28,7 @@ class CallState:
     txt_len: Optional[int] = None              # FLUX: text tokens in front of the image tokens
     residuals: dict = field(default_factory=dict)   # FLUX XLabs: block -> term for the image stream
     maps: Optional[object] = None              # a guidance.attention_capture.AttentionMaps fed by attn2
+    patch_size: int = 2                        # DiTs: latent pixels per image token along a side (FLUX.2: 1)
 
     def extra(self, heads: int) -> dict:
         return {"n_heads": heads, "sigmas": self.sigmas, "cond_or_uncond": list(self.cond_or_uncond),

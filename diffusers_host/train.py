@@ -23,15 +23,15 @@ from ..training.dataset import FewToManySampler
 from ..training.flow_matching import FlowMatchingObjective
 from ..training.trainer import TrainConfig, Trainer
 from .denoiser import DiffusersDenoiserHost
-from .layers import host_layers, is_flux
+from .layers import host_layers, is_dit, model_family
 
 PARALLEL = ("ddp", "fsdp")
 
 
 def shard_units(model) -> list:
     """The submodules FSDP shards one by one (their weights are gathered together for their forward)."""
-    if is_flux(model):
-        return [*model.transformer_blocks, *model.single_transformer_blocks]
+    if is_dit(model):
+        return [*model.transformer_blocks, *getattr(model, "single_transformer_blocks", ())]
     blocks = [*model.down_blocks, *([model.mid_block] if model.mid_block is not None else []), *model.up_blocks]
     return [unit for block in blocks for unit in (*(getattr(block, "attentions", None) or []), *block.resnets)]
 
@@ -55,7 +55,7 @@ def base_parameters(model) -> tuple[int, int]:
 
 
 def flow_adapter_config(model, token_dim: int) -> AdapterConfig:
-    return AdapterConfig(family="flux" if is_flux(model) else "unet", token_dim=token_dim,
+    return AdapterConfig(family=model_family(model), token_dim=token_dim,
                          layer_dims=tuple(layer.inner_dim for layer in host_layers(model)))
 
 

@@ -62,24 +62,26 @@ def _plain_queries(q: torch.Tensor, pe: Optional[torch.Tensor], start: int, stop
 def identity_terms(out: torch.Tensor, q: torch.Tensor, pe: Optional[torch.Tensor], txt_len: int, kind: str,
                    injections: Sequence[LayerInjection], attention: AttentionFn, cond_or_uncond: Sequence[int],
                    latent_hw: Optional[tuple[int, int]], sigmas: Optional[torch.Tensor] = None,
-                   ) -> tuple[torch.Tensor, Optional[torch.Tensor]]:
+                   patch_size: int = 2) -> tuple[torch.Tensor, Optional[torch.Tensor]]:
     """(attention output with the identity terms added, residual for the image stream or None).
 
     ``kind`` is the block's (``double`` or ``single``); ``q`` and ``pe`` cover every token of the
     joint attention. The residual (B, image tokens, heads * D) is what XLabs' adapters add to the
-    image stream at the end of a double block.
+    image stream at the end of a double block. ``patch_size``: latent pixels per image token along a
+    side (2 on FLUX.1, Chroma and Qwen-Image, 1 on FLUX.2, whose latent is already patchified).
     """
     if kind not in BLOCK_KINDS:
         raise ValueError(f"block kind must be one of {BLOCK_KINDS}, not {kind!r}")
     heads = q.shape[1]
-    count = image_token_count(q.shape[2], txt_len, latent_hw)
+    count = image_token_count(q.shape[2], txt_len, latent_hw, patch_size)
     branches = max(1, len(cond_or_uncond or ()))
     residual = None
     for injection in injections:
         if not injection.active(sigmas):
             continue
         if injection.style == "decoupled":
-            out = add_identity_to_joint_attention(out, q, txt_len, injection, attention, cond_or_uncond, latent_hw)
+            out = add_identity_to_joint_attention(out, q, txt_len, injection, attention, cond_or_uncond, latent_hw,
+                                                  patch_size)
         elif injection.style == "xlabs":
             if kind != "double":
                 continue

@@ -1,10 +1,10 @@
 """Tiny diffusers models with the real layouts (few layers, small widths, random weights).
 
-    PYTHONPATH=tests python -m support.tiny_diffusers {sd15,sdxl,flux,comfy_sd15} FOLDER [--seed N]
+    PYTHONPATH=tests python -m support.tiny_diffusers {sd15,sdxl,flux,comfy_sd15,flux2} FOLDER [--seed N]
     PYTHONPATH=tests python -m support.tiny_diffusers data FOLDER
 
 The first writes a model folder ``omniid train --stage flow --model FOLDER`` reads: ``unet/`` (SD1.5,
-SDXL) or ``transformer/`` (FLUX) and ``vae/``, saved with diffusers' ``save_pretrained``, and
+SDXL) or ``transformer/`` (FLUX.1, FLUX.2) and ``vae/``, saved with diffusers' ``save_pretrained``, and
 ``text_embeds.safetensors``, a fixed random prompt conditioning of the model's widths. The
 second writes what the rest of a smoke run needs: ``identities/`` (six synthetic identities of
 eight photos) and ``tiny_vit.json`` (a small random open_clip ViT for ``--clip open_clip:...``),
@@ -18,7 +18,7 @@ import sys
 
 import torch
 
-KINDS = ("sd15", "sdxl", "flux", "comfy_sd15")
+KINDS = ("sd15", "sdxl", "flux", "comfy_sd15", "flux2")
 TINY_OPEN_CLIP = {"embed_dim": 32, "vision_cfg": {"image_size": 224, "layers": 2, "width": 64, "patch_size": 32},
                   "text_cfg": {"context_length": 77, "vocab_size": 49408, "width": 64, "heads": 2, "layers": 1}}
 TINY_ENCODER = {"clip_dim": 64, "tokens_per_image": 50, "dim": 64, "num_queries": 16, "num_heads": 4,
@@ -63,6 +63,25 @@ def flux_transformer(latent_channels: int = 16):
                                   pooled_projection_dim=24, guidance_embeds=True, axes_dims_rope=(4, 6, 6))
 
 
+def flux2_transformer():
+    """FLUX.2's layout (klein's: few double, more single blocks, no guidance input) at width 64, 4 heads of 16."""
+    from diffusers import Flux2Transformer2DModel
+    return Flux2Transformer2DModel(patch_size=1, in_channels=32, num_layers=1, num_single_layers=2,
+                                   attention_head_dim=16, num_attention_heads=4, joint_attention_dim=40,
+                                   axes_dims_rope=(4, 4, 4, 4), guidance_embeds=False)
+
+
+def flux2_vae():
+    """FLUX.2's autoencoder layout (8 latent channels, patchified 2 x 2 to 32), with random batch-norm statistics."""
+    from diffusers import AutoencoderKLFlux2
+    vae = AutoencoderKLFlux2(in_channels=3, out_channels=3, down_block_types=("DownEncoderBlock2D",) * 2,
+                             up_block_types=("UpDecoderBlock2D",) * 2, block_out_channels=(8, 16), layers_per_block=1,
+                             latent_channels=8, norm_num_groups=8, sample_size=IMAGE_SIZE)
+    vae.bn.running_mean.normal_(0.0, 0.1)
+    vae.bn.running_var.uniform_(0.5, 2.0)
+    return vae
+
+
 def comfy_sd15_unet():
     """The diffusers twin of tests/comfy's small SD1.5-layout UNet (width 320, context 768, one level):
     ComfyUI's input block 1, output blocks 0 and 1, and the middle block have cross-attention."""
@@ -80,6 +99,8 @@ def text_embeds(kind: str, seed: int = 0) -> dict:
         return {"encoder_hidden_states": torch.randn(1, 7, 768, generator=g)}
     if kind == "sdxl":
         return {"encoder_hidden_states": torch.randn(1, 7, 48, generator=g), "text_embeds": torch.randn(1, 24, generator=g)}
+    if kind == "flux2":
+        return {"encoder_hidden_states": torch.randn(1, 7, 40, generator=g)}
     return {"encoder_hidden_states": torch.randn(1, 7, 40, generator=g), "pooled_projections": torch.randn(1, 24, generator=g)}
 
 
@@ -90,8 +111,8 @@ def make_model(kind: str, seed: int = 0):
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)
         base = {"sd15": sd15_unet, "sdxl": sdxl_unet, "flux": flux_transformer,
-                "comfy_sd15": comfy_sd15_unet}[kind]()
-        autoencoder = vae(16 if kind == "flux" else 4)
+                "comfy_sd15": comfy_sd15_unet, "flux2": flux2_transformer}[kind]()
+        autoencoder = flux2_vae() if kind == "flux2" else vae(16 if kind == "flux" else 4)
     return base.eval(), autoencoder.eval()
 
 
@@ -99,7 +120,7 @@ def write_model_folder(kind: str, folder, seed: int = 0) -> str:
     from safetensors.torch import save_file
     base, autoencoder = make_model(kind, seed)
     folder = str(folder)
-    base.save_pretrained(os.path.join(folder, "transformer" if kind == "flux" else "unet"))
+    base.save_pretrained(os.path.join(folder, "transformer" if kind in ("flux", "flux2") else "unet"))
     autoencoder.save_pretrained(os.path.join(folder, "vae"))
     save_file(text_embeds(kind, seed), os.path.join(folder, "text_embeds.safetensors"))
     return folder

@@ -1,0 +1,73 @@
+"""Identity processors for the 2026 DiTs' diffusers attention modules.
+
+Each runs the module's own joint attention as diffusers' default processor does (projections,
+per-head q/k norms, text tokens first, the rotary embedding, attention), then hands the attention
+output and the rotated queries to ``guidance.flux_identity.identity_terms``, the function ComfyUI's
+block patches and attention override call, and finishes with the module's output projections. Only
+the pack's own ``decoupled`` adapters are trained for these families, so the identity is queried with
+the rotated queries and no rotation is undone.
+"""
+from __future__ import annotations
+
+import torch
+
+from ..guidance.decoupled import sdpa_attention
+from ..guidance.flux_identity import identity_terms
+from .processors import FluxIdentityProcessor
+
+
+def _heads(t: torch.Tensor, head_dim: int) -> torch.Tensor:
+    return t.unflatten(-1, (-1, head_dim))
+
+
+class _DitIdentityProcessor(FluxIdentityProcessor):
+    """What the families share: attention over (B, L, heads, D) q/k/v, then the identity terms."""
+
+    def _attend(self, attn, query, key, value, attention_mask, image_rotary_emb, txt_len):
+        from diffusers.models.attention_dispatch import dispatch_attention_fn
+        from diffusers.models.embeddings import apply_rotary_emb
+        if image_rotary_emb is not None:
+            query = apply_rotary_emb(query, image_rotary_emb, sequence_dim=1)
+            key = apply_rotary_emb(key, image_rotary_emb, sequence_dim=1)
+        backend = getattr(self.base, "_attention_backend", None)
+        out = dispatch_attention_fn(query, key, value, attn_mask=attention_mask, backend=backend)
+        out = out.flatten(2, 3).to(query.dtype)
+        if txt_len is None:
+            raise ValueError("the single blocks need the text length: apply the identity with apply_identity, "
+                             "which records it on each model call")
+        out, _ = identity_terms(out, query.transpose(1, 2), None, txt_len, self.kind, self.injections, sdpa_attention,
+                                self.state.cond_or_uncond, self.state.latent_hw, self.state.sigmas,
+                                self.state.patch_size)
+        return out
+
+
+class Flux2JointProcessor(_DitIdentityProcessor):
+    """FLUX.2's double-block attention (``Flux2Attention``): text and image projected apart, attended jointly."""
+
+    def __call__(self, attn, hidden_states, encoder_hidden_states=None, attention_mask=None, image_rotary_emb=None,
+                 **_):
+        query, key, value = (_heads(f(hidden_states), attn.head_dim) for f in (attn.to_q, attn.to_k, attn.to_v))
+        query, key = attn.norm_q(query), attn.norm_k(key)
+        txt_len = encoder_hidden_states.shape[1]
+        e_query, e_key, e_value = (_heads(f(encoder_hidden_states), attn.head_dim)
+                                   for f in (attn.add_q_proj, attn.add_k_proj, attn.add_v_proj))
+        e_query, e_key = attn.norm_added_q(e_query), attn.norm_added_k(e_key)
+        query, key = torch.cat([e_query, query], dim=1), torch.cat([e_key, key], dim=1)
+        value = torch.cat([e_value, value], dim=1)
+        out = self._attend(attn, query, key, value, attention_mask, image_rotary_emb, txt_len)
+        e_out, out = out.split_with_sizes([txt_len, out.shape[1] - txt_len], dim=1)
+        out = attn.to_out[1](attn.to_out[0](out))
+        return out, attn.to_add_out(e_out)
+
+
+class Flux2SingleProcessor(_DitIdentityProcessor):
+    """FLUX.2's single-block attention (``Flux2ParallelSelfAttention``): one fused projection feeds the
+    attention and the MLP, one fused projection takes both out."""
+
+    def __call__(self, attn, hidden_states, attention_mask=None, image_rotary_emb=None, **_):
+        fused = attn.to_qkv_mlp_proj(hidden_states)
+        qkv, mlp = torch.split(fused, [3 * attn.inner_dim, fused.shape[-1] - 3 * attn.inner_dim], dim=-1)
+        query, key, value = (_heads(t, attn.head_dim) for t in qkv.chunk(3, dim=-1))
+        query, key = attn.norm_q(query), attn.norm_k(key)
+        out = self._attend(attn, query, key, value, attention_mask, image_rotary_emb, self.state.txt_len)
+        return attn.to_out(torch.cat([out, attn.mlp_act_fn(mlp)], dim=-1))

@@ -1,0 +1,151 @@
+"""The identity adapter on the 2026 DiTs, ComfyUI against the diffusers host, in process.
+
+    python tests/comfy/dit_parity.py --comfyui /opt/ComfyUI --work DIR --families flux2,...
+
+For each family: a tiny diffusers folder (tests/support/tiny_diffusers.py) is written under DIR and
+`omniid train --stage flow` (the command line's own main, in this process) trains an adapter on it for
+3 steps; then, ComfyUI side: the transformer's weights in the family's
+published layout, configured by ComfyUI's detection, the file through the pack's loader and
+OmniIdentityApplyAdapter's execute. diffusers side: the same file through
+``diffusers_host.apply_identity``. Prints one JSON line: the family each host finds, whether every
+layer's identity K/V (cond and uncond) are bit-equal, the two models' largest output difference on a
+CFG batch (cond row, uncond row), plain and with the identity, and whether weight 0 and a sigma
+outside start_at/end_at leave ComfyUI's output bit-identical. One JSON object, family -> facts.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+
+
+def comfy_model(family: str, transformer):
+    if family == "flux2":
+        from support.flux2_layout import bfl_state_dict, comfy_flux2
+        config = transformer.config
+        return comfy_flux2(bfl_state_dict(transformer.state_dict()), config.num_attention_heads,
+                           config.axes_dims_rope)
+    raise ValueError(f"no ComfyUI twin for {family}")
+
+
+def diffusers_output(family: str, transformer, x, sigma, context):
+    if family == "flux2":
+        from omniid.diffusers_host.flux2 import velocity
+        return velocity(transformer, x, sigma, {"encoder_hidden_states": context}, "cpu", x.dtype, 1.0)
+    raise ValueError(family)
+
+
+def train(family: str, work: Path) -> tuple[str, str]:
+    """(model folder, adapter file): `omniid train --stage flow` for 3 steps on a tiny ``family`` model."""
+    from omniid.cli.main import main as omniid
+    from support.tiny_diffusers import write_model_folder, write_smoke_data
+    data = work / "data"
+    if not (data / "encoder.json").exists():
+        write_smoke_data(data)
+    folder = write_model_folder(family, work / family)
+    adapter = work / family / "trained.safetensors"
+    code = omniid(["train", "--stage", "flow", "--model", folder, "--data", str(data / "identities"), "--clip",
+                   f"open_clip:{data / 'tiny_vit.json'}", "--encoder-config", (data / "encoder.json").read_text(),
+                   "--out", str(adapter), "--image-size", "32", "--steps", "3", "--batch", "1", "--targets", "1",
+                   "--threads", "1", "--lr", "1e-2"])
+    if code != 0 or not adapter.exists():
+        raise SystemExit(f"omniid train --stage flow on {family} exited with {code}")
+    return folder, str(adapter)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser()
+    parser.add_argument("--comfyui", required=True)
+    parser.add_argument("--work", required=True)
+    parser.add_argument("--families", required=True)
+    args = parser.parse_args()
+    sys.path.insert(0, str(Path(args.comfyui).resolve()))
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1]))      # tests/: support
+    sys.argv = sys.argv[:1]
+    import comfy.cli_args
+    comfy.cli_args.args.cpu = True
+    facts = {}
+    for family in args.families.split(","):
+        folder, adapter = train(family, Path(args.work))
+        facts[family] = check(family, folder, adapter)
+    print(json.dumps(facts))
+
+
+def check(family: str, folder: str, adapter_file: str) -> dict:
+    import torch
+
+    from omniid.comfy_host.layers import host_layers as comfy_layers, model_family as comfy_family
+    from omniid.diffusers_host.identity import apply_identity as diffusers_apply, identity_call
+    from omniid.diffusers_host.layers import host_layers, model_family
+    from omniid.diffusers_host.models import _class_for
+    from omniid.encoders.embeds import IdentityEmbeds
+    from omniid.guidance.adapter_files import load_adapter
+    from omniid.guidance.decoupled import COND, UNCOND
+    from omniid.nodes.adapter_nodes import ApplyAdapter
+
+    _, cls = _class_for(str(Path(folder) / "transformer"))
+    transformer = cls.from_pretrained(folder, subfolder="transformer").eval()
+    model = comfy_model(family, transformer)
+    adapter = load_adapter(adapter_file, "trained_by_diffusers")
+    g = torch.Generator().manual_seed(5)
+    embeds = IdentityEmbeds("omni_id", {"tokens": torch.randn(16, adapter.config.token_dim, generator=g)})
+    blocks = "all=1, single.1=0.5"
+
+    def apply(weight, start_at=0.0, end_at=1.0):
+        return ApplyAdapter.execute(model=model, adapter=adapter, embeds=embeds, weight=weight, start_at=start_at,
+                                    end_at=end_at, blocks=blocks).args[0]
+
+    from omniid.guidance.decoupled import BlockWeights
+    patched = apply(0.8)
+    diffusers_apply(transformer, adapter, adapter.identity_tokens(embeds), 0.8, blocks=BlockWeights.parse(blocks))
+    c_layers, d_layers = comfy_layers(model), host_layers(transformer)
+    patches = patched.model_options["transformer_options"]["patches_replace"]["dit"]
+    kv_equal, weights = [], []
+    for c_layer, d_layer in zip(c_layers, d_layers):
+        c_inj = patches[c_layer.key].injections[0]
+        d_inj = d_layer.attention.processor.injections[0]
+        kv_equal.append(all(torch.equal(c_inj.keys[b], d_inj.keys[b]) and torch.equal(c_inj.values[b], d_inj.values[b])
+                            for b in (COND, UNCOND)))
+        weights.append([c_inj.weight, d_inj.weight])
+
+    channels = transformer.config.in_channels
+    x = torch.randn(1, channels, 6, 4, generator=g).expand(2, -1, -1, -1).contiguous()   # cond row, uncond row
+    x[1] += 0.5
+    context = torch.randn(1, 5, transformer.config.joint_attention_dim, generator=g).expand(2, -1, -1)
+    sigma = torch.tensor([0.7, 0.7])
+
+    import comfy.patcher_extension
+
+    def comfy_out(m, sigmas=sigma):
+        """The diffusion model's forward as a sampler runs it: the patcher's wrappers in transformer_options."""
+        options = {**m.model_options["transformer_options"], "cond_or_uncond": [COND, UNCOND], "sigmas": sigmas}
+        options["wrappers"] = comfy.patcher_extension.merge_nested_dicts(dict(options.get("wrappers", {})),
+                                                                         m.wrappers, copy_dict1=True)
+        return m.model.diffusion_model(x, sigmas, context, transformer_options=options)
+
+    from omniid.diffusers_host.identity import remove_identity
+    with torch.no_grad():
+        with identity_call(transformer, sigmas=sigma[:1], cond_or_uncond=[COND, UNCOND], latent_shape=tuple(x.shape)):
+            d_identity = diffusers_output(family, transformer, x, sigma, context)
+        c_identity, c_plain = comfy_out(patched), comfy_out(model)
+        remove_identity(transformer)
+        d_plain = diffusers_output(family, transformer, x, sigma, context)
+        zero = comfy_out(apply(0.0))
+        windowed = apply(0.8, start_at=0.5, end_at=0.9)
+        outside = comfy_out(windowed, torch.tensor([0.99, 0.99]))
+        outside_plain = comfy_out(model, torch.tensor([0.99, 0.99]))
+    return {
+        "comfy_family": comfy_family(model), "diffusers_family": model_family(transformer),
+        "adapter_family": adapter.config.family, "layers": [[l.group, l.number] for l in c_layers],
+        "diffusers_layers": [[l.group, l.number] for l in d_layers], "kv_equal": kv_equal, "weights": weights,
+        "plain_diff": float((c_plain - d_plain).abs().max()), "identity_diff": float((c_identity - d_identity).abs().max()),
+        "identity_effect": float((d_identity - d_plain).abs().max()),
+        "comfy_identity_effect": float((c_identity - c_plain).abs().max()), "scale": float(d_plain.abs().max()),
+        "uncond_effect": float((c_identity[1] - c_plain[1]).abs().max()),
+        "weight0_equal": bool(torch.equal(zero, c_plain)), "outside_window_equal": bool(torch.equal(outside, outside_plain)),
+        "window_patched": len(windowed.model_options["transformer_options"]["patches_replace"]["dit"])}
+
+
+if __name__ == "__main__":
+    main()

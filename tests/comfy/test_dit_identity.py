@@ -1,0 +1,44 @@
+"""The identity adapter on the 2026 DiTs: `omniid train --stage flow` trains it on a tiny diffusers model of
+each family, and the file loads in ComfyUI's Apply Identity Adapter, on ComfyUI's own model of that family
+(configured by ComfyUI's detection) holding the same weights, with bit-equal identity K/V and the same
+output as the diffusers host's processors (tests/comfy/dit_parity.py, one process for all families)."""
+import pytest
+
+from support.testing import facts_in_comfyui
+
+from pathlib import Path
+
+SCRIPT = Path(__file__).with_name("dit_parity.py")
+FAMILIES = ("flux2",)
+LAYERS = {"flux2": [["double", 0], ["single", 0], ["single", 1]]}
+
+
+@pytest.fixture(scope="module")
+def facts(comfyui, tmp_path_factory):
+    work = tmp_path_factory.mktemp("dit_identity")
+    return facts_in_comfyui(SCRIPT, comfyui, "--work", str(work), "--families", ",".join(FAMILIES))
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_the_trained_file_records_its_family_and_loads_with_bit_equal_kv(facts, family):
+    f = facts[family]
+    assert f["comfy_family"] == f["diffusers_family"] == f["adapter_family"] == family
+    assert f["layers"] == f["diffusers_layers"] == LAYERS[family]
+    assert f["kv_equal"] == [True] * len(LAYERS[family])
+    assert all(c == d for c, d in f["weights"]) and f["weights"][-1][0] == pytest.approx(0.4)   # single.1=0.5
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_comfyui_patches_equal_the_diffusers_processors(facts, family):
+    f = facts[family]
+    assert f["plain_diff"] < 1e-5 * f["scale"]                  # the same model in both hosts...
+    assert f["identity_effect"] > 1e-3 * f["scale"]             # ...the identity changes its output...
+    assert f["identity_diff"] < 1e-5 * f["scale"]               # ...and both hosts add the same identity
+    assert f["uncond_effect"] == 0.0                            # Omni-ID's unconditional identity: zero tokens
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_weight_0_and_outside_the_window_leave_the_model_bit_identical(facts, family):
+    f = facts[family]
+    assert f["weight0_equal"] is True
+    assert f["window_patched"] == len(LAYERS[family]) and f["outside_window_equal"] is True
