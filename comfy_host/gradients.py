@@ -15,6 +15,8 @@ clone makes each forward see an ordinary copy instead:
 from __future__ import annotations
 
 import contextlib
+import threading
+import weakref
 
 import torch
 
@@ -80,21 +82,75 @@ def fresh_copy(weight, *args, **kwargs):
     """Weight function: an ordinary tensor for autograd (a copy where ComfyUI handed over an inference
     tensor; ComfyUI's own cast copy otherwise, which is ordinary already). A forward that keeps no graph
     (gradients off: ComfyUI's inference mode, a sampler's no_grad) saves nothing for a backward and gets
-    the weight as handed over: a guider's untracked passes copy no weight a second time."""
+    the weight as handed over: a guider's untracked passes copy no weight a second time. Inside
+    ``tracked_forward`` the copy is noted, so that the backward keeps the stored weight, not the copy."""
     if torch.is_tensor(weight) and weight.is_inference() and torch.is_grad_enabled():
         with torch.inference_mode(False):
-            return weight.clone()
+            copy = weight.clone()
+        copies = getattr(_TRACKED, "copies", None)
+        if copies is not None:
+            copies[copy.untyped_storage().data_ptr()] = (weakref.ref(copy), weight)
+        return copy
     return weight
+
+
+_TRACKED = threading.local()      # per tracked forward: weight copies made, stream storages to snapshot
+
+
+def _pack(saved: torch.Tensor):
+    """Saved-tensor hook: a weight copy is saved as its stored weight (copied again in the backward), so
+    the copies do not stay alive until the backward; a snapshot is kept of a tensor a block will update in
+    place (``snapshot_saves``)."""
+    try:
+        storage = saved.untyped_storage().data_ptr()
+    except (RuntimeError, NotImplementedError, TypeError):       # tensor subclasses without one storage
+        return saved
+    entry = _TRACKED.copies.get(storage)
+    if entry is not None and entry[0]() is not None:
+        return _Stored(entry[1], saved.size(), saved.stride(), saved.storage_offset())
+    if storage in _TRACKED.snapshots:
+        return saved.clone()
+    return saved
+
+
+class _Stored:
+    def __init__(self, weight, size, stride, offset):
+        self.weight, self.size, self.stride, self.offset = weight, size, stride, offset
+
+
+def _unpack(packed):
+    if isinstance(packed, _Stored):
+        with torch.inference_mode(False):
+            return packed.weight.clone().as_strided(packed.size, packed.stride, packed.offset)
+    return packed
+
+
+@contextlib.contextmanager
+def snapshot_saves(*tensors: torch.Tensor):
+    """Inside ``tracked_forward``: what autograd saves of ``tensors`` (which the code run here updates in
+    place) is saved as a copy taken at that moment. Outside it, nothing is changed."""
+    if getattr(_TRACKED, "snapshots", None) is None:
+        yield
+        return
+    storages = {t.untyped_storage().data_ptr() for t in tensors} - _TRACKED.snapshots
+    _TRACKED.snapshots |= storages
+    try:
+        yield
+    finally:
+        _TRACKED.snapshots -= storages
 
 
 @contextlib.contextmanager
 def tracked_forward():
-    """Run model calls whose graph autograd keeps: out of inference mode, gradients on, and ComfyUI's
-    training flag set where it has one (its quantized layers then take their differentiable path)."""
+    """Run model calls whose graph autograd keeps: out of inference mode, gradients on, ComfyUI's training
+    flag set where it has one (its quantized layers then take their differentiable path), and the saved-tensor
+    hooks above (the backward re-copies the stored weights instead of keeping each layer's copy)."""
     import comfy.model_management as mm
     has_flag = hasattr(mm, "in_training")
     before = getattr(mm, "in_training", False)
-    with torch.inference_mode(False), torch.enable_grad():
+    outer = getattr(_TRACKED, "copies", None), getattr(_TRACKED, "snapshots", None)
+    _TRACKED.copies, _TRACKED.snapshots = {}, set()
+    with torch.inference_mode(False), torch.enable_grad(), torch.autograd.graph.saved_tensors_hooks(_pack, _unpack):
         if has_flag:
             mm.in_training = True
         try:
@@ -102,3 +158,4 @@ def tracked_forward():
         finally:
             if has_flag:
                 mm.in_training = before
+            _TRACKED.copies, _TRACKED.snapshots = outer

@@ -24,6 +24,7 @@ import torch
 
 from ..guidance.joint_attention import JointAttentionMaps
 from .attention import OVERRIDE_KEY
+from .gradients import snapshot_saves
 from .layers import diffusion_model
 
 MAX_ATTENTION_TOKENS = 1024      # self-attention maps are N x N: finer grids are pooled to at most this
@@ -129,20 +130,16 @@ def run_block(previous, args: dict, extra: dict, *more, **kwargs) -> dict:
 
     Some releases' FLUX blocks update their streams in place (``img += ...``, ComfyUI 0.33) after a norm has
     saved them for the backward, which autograd refuses. In a tracked pass the block gets copies of its
-    streams, and a saved-tensor hook keeps a snapshot of any stream the block saves, so later in-place
-    updates cannot spoil the backward. Without gradients the block runs as it is."""
+    streams, and the tracked forward's saved-tensor hook keeps a snapshot of any stream the block saves
+    (``gradients.snapshot_saves``), so later in-place updates cannot spoil the backward. Without gradients
+    the block runs as it is."""
     def block(block_args):
         return previous(block_args, extra, *more, **kwargs) if previous is not None else extra["original_block"](block_args)
 
     if not torch.is_grad_enabled():
         return block(args)
     args = {key: value.clone() if key in STREAMS and torch.is_tensor(value) else value for key, value in args.items()}
-    storages = {args[key].untyped_storage().data_ptr() for key in STREAMS if torch.is_tensor(args.get(key))}
-
-    def pack(saved: torch.Tensor) -> torch.Tensor:
-        return saved.clone() if saved.untyped_storage().data_ptr() in storages else saved
-
-    with torch.autograd.graph.saved_tensors_hooks(pack, lambda saved: saved):
+    with snapshot_saves(*(args[key] for key in STREAMS if torch.is_tensor(args.get(key)))):
         return block(args)
 
 

@@ -105,6 +105,22 @@ def main() -> None:
         except RuntimeError as exc:
             facts["stored_backward"] = str(exc).splitlines()[0]
 
+    # the backward keeps the stored weight, not each layer's copy: the copy is gone before the backward runs
+    import gc
+    import weakref
+    with tracked_forward():
+        x = torch.ones(2, 4, requires_grad=True)
+        copy = fresh_copy(stored)
+        alive = weakref.ref(copy)
+        out = torch.nn.functional.linear(torch.tanh(x), copy).square().sum()
+        del copy
+        gc.collect()
+        facts["copy_released_before_backward"] = alive() is None
+        out.backward()
+        expected = torch.ones(2, 4, requires_grad=True)
+        torch.nn.functional.linear(torch.tanh(expected), stored.clone()).square().sum().backward()
+        facts["released_copy_gradient_equal"] = bool(torch.equal(x.grad, expected.grad))
+
     has_flag = hasattr(mm, "in_training")
     inside = []
     with tracked_forward():

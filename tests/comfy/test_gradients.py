@@ -21,6 +21,8 @@ def test_gradients_flow_through_loaded_weights_and_dynamic_models_use_their_dele
     # handed the stored inference tensor itself, the weight function gives an ordinary, equal copy
     assert facts["fresh_copy"] == {"inference": False, "equal": True, "grad": True}
     assert "Inference tensors cannot be saved for backward" in facts["stored_backward"]
+    # the copies do not wait for the backward (the stored weight is copied again there), and the gradient is the same
+    assert facts["copy_released_before_backward"] and facts["released_copy_gradient_equal"]
     flag = facts["training_flag"]
     if flag["has"]:
         assert flag == {"has": True, "inside": True, "after": False}
