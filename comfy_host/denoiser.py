@@ -20,7 +20,7 @@ from ..guidance.decoupled import COND, UNCOND, IdentityOnlyAttention, LayerInjec
 from .attention import record_attention
 from .gradients import gradient_ready
 from .identity import add_flux_injection, add_unet_injection, track_flux_calls
-from .layers import host_layers, is_flux
+from .layers import host_layers, is_flux, patch_size
 
 
 class ComfyDenoiserHost:
@@ -86,7 +86,7 @@ class ComfyDenoiserHost:
         for layer, (keys, values) in zip(self.layers, identity_kv):
             injection = LayerInjection({COND: keys, UNCOND: keys}, {COND: values, UNCOND: values}, 1.0)
             if self.flux:
-                add_flux_injection(patched, layer.key, injection)
+                add_flux_injection(patched, layer.key, injection, patch_size(self.base))
             elif text_attention:
                 add_unet_injection(patched, layer.key, injection)
             else:

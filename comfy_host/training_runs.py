@@ -30,7 +30,7 @@ from .denoiser import ComfyDenoiserHost
 from .encoder_model import LoadedEncoder
 from .folders import run_checkpoint
 from .gradients import tracked_forward
-from .layers import host_layers, is_flux
+from .layers import host_layers, is_flux, model_family
 from .pivot_vision import LAYOUT, ComfyVisionTower
 from .progress import run_training, trainable_copy
 
@@ -95,7 +95,7 @@ def train_encoder_mtd(dataset, clip_vision, encoder_size: str, decoder_size: str
 
 def _new_adapter(model, token_dim: int, method: str, seed: int):
     layers = host_layers(model)
-    config = AdapterConfig(family="flux" if is_flux(model) else "unet", token_dim=token_dim,
+    config = AdapterConfig(family=model_family(model), token_dim=token_dim,
                            layer_dims=tuple(layer.inner_dim for layer in layers), embeds_kind=method)
     return create_adapter(config, seed=seed)
 
