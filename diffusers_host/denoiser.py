@@ -56,6 +56,13 @@ def unet_sigma_window(start_at: float, end_at: float, scheduler: dict | None = N
 
 FLUX_SHIFT = 1.15          # FLUX's time shift mu, ComfyUI's default for FLUX models
 SHIFTS = {"flux2": 2.02}   # the families ComfyUI samples with another shift (its sampling_settings)
+FAMILY_HOSTS = ("flux2", "qwen_image")   # DiTs whose latents and call live in a module of their name
+
+
+def family_host(family: str):
+    """The module with ``latent(vae, pixels)`` and ``velocity(model, x, sigma, text, device, dtype, guidance)``."""
+    import importlib
+    return importlib.import_module(f"{__package__}.{family}")
 
 
 def flux_percent_to_sigma(percent: float, shift: float = FLUX_SHIFT) -> float:
@@ -102,10 +109,9 @@ class DiffusersDenoiserHost:
     def encode(self, images: torch.Tensor) -> torch.Tensor:
         """(B, H, W, 3) images in [0, 1] -> the model's latents (the VAE's mean, scaled and shifted)."""
         pixels = images[..., :3].permute(0, 3, 1, 2).to(self.device, torch.float32) * 2 - 1
+        if self.family in FAMILY_HOSTS:
+            return family_host(self.family).latent(self.vae.to(self.device), pixels).float().cpu()
         latent = self.vae.to(self.device).encode(pixels).latent_dist.mean
-        if self.family == "flux2":
-            from .flux2 import normalised_latent
-            return normalised_latent(self.vae, latent).float().cpu()
         shift = getattr(self.vae.config, "shift_factor", None) or 0.0
         return ((latent - shift) * self.vae.config.scaling_factor).float().cpu()
 
@@ -204,8 +210,8 @@ class DiffusersDenoiserHost:
             if self.flux:
                 velocity = self._flux(x, s)
             else:
-                from .flux2 import velocity as flux2_velocity
-                velocity = flux2_velocity(self.model, x, s, self.base.text, self.device, self.dtype, self.guidance)
+                velocity = family_host(self.family).velocity(self.model, x, s, self.base.text, self.device, self.dtype,
+                                                             self.guidance)
             out = x - s.reshape(-1, 1, 1, 1) * velocity
         else:
             c_in = 1 / (s ** 2 + 1).sqrt()

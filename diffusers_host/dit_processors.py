@@ -71,3 +71,30 @@ class Flux2SingleProcessor(_DitIdentityProcessor):
         query, key = attn.norm_q(query), attn.norm_k(key)
         out = self._attend(attn, query, key, value, attention_mask, image_rotary_emb, self.state.txt_len)
         return attn.to_out(torch.cat([out, attn.mlp_act_fn(mlp)], dim=-1))
+
+
+class QwenJointProcessor(_DitIdentityProcessor):
+    """Qwen-Image's attention (its transformer blocks' ``Attention``): text and image projected apart, each
+    rotated by its own complex rotary frequencies, attended jointly (text first)."""
+
+    def __call__(self, attn, hidden_states, encoder_hidden_states=None, encoder_hidden_states_mask=None,
+                 attention_mask=None, image_rotary_emb=None, **_):
+        from diffusers.models.transformers.transformer_qwenimage import apply_rotary_emb_qwen
+        head_dim = attn.inner_dim // attn.heads
+        query, key, value = (_heads(f(hidden_states), head_dim) for f in (attn.to_q, attn.to_k, attn.to_v))
+        e_query, e_key, e_value = (_heads(f(encoder_hidden_states), head_dim)
+                                   for f in (attn.add_q_proj, attn.add_k_proj, attn.add_v_proj))
+        query, key = attn.norm_q(query), attn.norm_k(key)
+        e_query, e_key = attn.norm_added_q(e_query), attn.norm_added_k(e_key)
+        if image_rotary_emb is not None:
+            image_freqs, text_freqs = image_rotary_emb
+            query, key = (apply_rotary_emb_qwen(t, image_freqs, use_real=False) for t in (query, key))
+            e_query, e_key = (apply_rotary_emb_qwen(t, text_freqs, use_real=False) for t in (e_query, e_key))
+        if encoder_hidden_states_mask is not None:     # text padding masked out, as diffusers' processor does
+            image_mask = torch.ones(hidden_states.shape[:2], dtype=torch.bool, device=hidden_states.device)
+            attention_mask = torch.cat([encoder_hidden_states_mask.bool(), image_mask], dim=1)[:, None, None, :]
+        txt_len = encoder_hidden_states.shape[1]
+        out = self._attend(attn, torch.cat([e_query, query], dim=1), torch.cat([e_key, key], dim=1),
+                           torch.cat([e_value, value], dim=1), attention_mask, None, txt_len)
+        e_out, out = out[:, :txt_len], out[:, txt_len:]
+        return attn.to_out[1](attn.to_out[0](out.contiguous())), attn.to_add_out(e_out.contiguous())

@@ -17,9 +17,10 @@ def patchify(latent: torch.Tensor) -> torch.Tensor:
     return latent.view(b, c, h // 2, 2, w // 2, 2).permute(0, 1, 3, 5, 2, 4).reshape(b, c * 4, h // 2, w // 2)
 
 
-def normalised_latent(vae, latent: torch.Tensor) -> torch.Tensor:
-    """The VAE's mean latent as FLUX.2 reads it: patchified, minus the batch-norm mean, over its std."""
-    packed = patchify(latent)
+def latent(vae, pixels: torch.Tensor) -> torch.Tensor:
+    """(B, 3, H, W) pixels in [-1, 1] -> the latent FLUX.2 reads: the VAE's mean, patchified, minus the
+    batch-norm mean, over its std."""
+    packed = patchify(vae.encode(pixels).latent_dist.mean)
     mean = vae.bn.running_mean.view(1, -1, 1, 1).to(packed)
     std = (vae.bn.running_var.view(1, -1, 1, 1) + vae.config.batch_norm_eps).sqrt().to(packed)
     return (packed - mean) / std

@@ -4,7 +4,8 @@ UNets: the cross-attention (attn2) layers in the order of ``unet.attn_processors
 up blocks, middle block), the order h94's ``ip_adapter.N`` keys and this pack's adapters use.
 Each layer also carries ComfyUI's block name (``input``/``output``/``middle`` and the block
 number in ComfyUI's ``input_blocks``/``output_blocks``), so block weights mean the same in
-both hosts. FLUX.1 and FLUX.2: the double blocks (``transformer_blocks``) then the single blocks.
+both hosts. FLUX.1 and FLUX.2: the double blocks (``transformer_blocks``) then the single blocks;
+Qwen-Image: its ``transformer_blocks``, as double blocks.
 """
 from __future__ import annotations
 
@@ -26,7 +27,8 @@ class DiffusersLayer:
 
 
 # the DiT families by diffusers class (as the adapter files name them)
-DIT_CLASSES = {"FluxTransformer2DModel": "flux", "Flux2Transformer2DModel": "flux2"}
+DIT_CLASSES = {"FluxTransformer2DModel": "flux", "Flux2Transformer2DModel": "flux2",
+               "QwenImageTransformer2DModel": "qwen_image"}
 PATCH_SIZE = {"flux2": 1}      # latent pixels per image token along a side where not 2 (FLUX.2's latent is patchified)
 
 
@@ -94,7 +96,15 @@ def flux2_layers(model) -> list[DiffusersLayer]:
     return out
 
 
-LAYERS = {"flux": flux_layers, "flux2": flux2_layers}
+def qwen_image_layers(model) -> list[DiffusersLayer]:
+    """Qwen-Image: one list of MM-DiT blocks, named double blocks as ComfyUI's block patches name them."""
+    from .dit_processors import QwenJointProcessor
+    return [DiffusersLayer(f"transformer_blocks.{i}.attn", block.attn, "double", i, block.attn.inner_dim,
+                           block.attn.heads, block, QwenJointProcessor)
+            for i, block in enumerate(model.transformer_blocks)]
+
+
+LAYERS = {"flux": flux_layers, "flux2": flux2_layers, "qwen_image": qwen_image_layers}
 
 
 def host_layers(model) -> list[DiffusersLayer]:

@@ -23,7 +23,7 @@ import torch
 
 @dataclass
 class BaseModel:
-    family: str                   # "unet", "flux" or "flux2"
+    family: str                   # "unet", "flux", "flux2" or "qwen_image"
     model: torch.nn.Module
     vae: torch.nn.Module
     text: dict                    # the prompt conditioning (see the module docstring)
@@ -31,26 +31,33 @@ class BaseModel:
 
 
 def _class_for(folder: str):
-    from diffusers import Flux2Transformer2DModel, FluxTransformer2DModel, UNet2DConditionModel
+    from diffusers import Flux2Transformer2DModel, FluxTransformer2DModel, QwenImageTransformer2DModel, UNet2DConditionModel
     with open(os.path.join(folder, "config.json")) as f:
         name = json.load(f).get("_class_name", "")
     if name == "FluxTransformer2DModel":
         return "flux", FluxTransformer2DModel
     if name == "Flux2Transformer2DModel":
         return "flux2", Flux2Transformer2DModel
+    if name == "QwenImageTransformer2DModel":
+        return "qwen_image", QwenImageTransformer2DModel
     if name == "UNet2DConditionModel":
         return "unet", UNet2DConditionModel
     raise ValueError(f"{folder}: a {name or 'model of no known class'}; the diffusers host trains on "
-                     "UNet2DConditionModel (SD1.5, SDXL), FluxTransformer2DModel (FLUX.1) and "
-                     "Flux2Transformer2DModel (FLUX.2)")
+                     "UNet2DConditionModel (SD1.5, SDXL), FluxTransformer2DModel (FLUX.1), "
+                     "Flux2Transformer2DModel (FLUX.2) and QwenImageTransformer2DModel (Qwen-Image)")
+
+
+VAE_CLASSES = ("AutoencoderKLFlux2", "AutoencoderKLQwenImage")   # beside AutoencoderKL, by their configs' class name
 
 
 def _load_vae(path: str, dtype):
-    from diffusers import AutoencoderKL, AutoencoderKLFlux2
+    import diffusers
     if os.path.isdir(path):
         with open(os.path.join(path, "config.json")) as f:
-            flux2 = json.load(f).get("_class_name") == "AutoencoderKLFlux2"
-        return (AutoencoderKLFlux2 if flux2 else AutoencoderKL).from_pretrained(path, torch_dtype=dtype)
+            name = json.load(f).get("_class_name")
+        cls = getattr(diffusers, name) if name in VAE_CLASSES else diffusers.AutoencoderKL
+        return cls.from_pretrained(path, torch_dtype=dtype)
+    from diffusers import AutoencoderKL
     return AutoencoderKL.from_single_file(path, torch_dtype=dtype)
 
 

@@ -38,7 +38,7 @@ class AdapterFitError(ValueError):
 
 ADAPTER_FORMAT = "omni_identity.adapter"
 ADAPTER_VERSION = 1
-FAMILIES = ("unet", "flux", "flux2")
+FAMILIES = ("unet", "flux", "flux2", "qwen_image")
 ATTENTION_STYLES = ("decoupled", "xlabs", "instantx")
 FLUX_BLOCK_SETS = ("all", "double")
 KV_NORM_EPS = 1e-5                       # InstantX's RMSNorm on the identity keys and values
@@ -46,7 +46,7 @@ KV_NORM_EPS = 1e-5                       # InstantX's RMSNorm on the identity ke
 
 @dataclass(frozen=True)
 class AdapterConfig:
-    family: str                          # "unet" (SD1.5, SDXL), "flux" (FLUX.1) or "flux2" (FLUX.2 dev, klein)
+    family: str                          # "unet" (SD1.5, SDXL), "flux" (FLUX.1), "flux2" (FLUX.2), "qwen_image"
     token_dim: int                       # width of the tokens the K/V projections read
     layer_dims: tuple[int, ...]          # attention width (heads * head dim) of each layer
     projection: str = "none"

@@ -26,14 +26,19 @@ def comfy_model(family: str, transformer):
         config = transformer.config
         return comfy_flux2(bfl_state_dict(transformer.state_dict()), config.num_attention_heads,
                            config.axes_dims_rope)
+    if family == "qwen_image":
+        from support.qwen_image_layout import comfy_qwen_image
+        return comfy_qwen_image(transformer.state_dict(), transformer.config)
     raise ValueError(f"no ComfyUI twin for {family}")
 
 
 def diffusers_output(family: str, transformer, x, sigma, context):
-    if family == "flux2":
-        from omniid.diffusers_host.flux2 import velocity
-        return velocity(transformer, x, sigma, {"encoder_hidden_states": context}, "cpu", x.dtype, 1.0)
-    raise ValueError(family)
+    """The diffusers host's velocity for ComfyUI's latent ``x`` (Qwen-Image's: one frame, as a video)."""
+    from omniid.diffusers_host.denoiser import family_host
+    frames = x.ndim == 5
+    v = family_host(family).velocity(transformer, x[:, :, 0] if frames else x, sigma,
+                                     {"encoder_hidden_states": context}, "cpu", x.dtype, 1.0)
+    return v[:, :, None] if frames else v
 
 
 def train(family: str, work: Path) -> tuple[str, str]:
@@ -52,6 +57,10 @@ def train(family: str, work: Path) -> tuple[str, str]:
     if code != 0 or not adapter.exists():
         raise SystemExit(f"omniid train --stage flow on {family} exited with {code}")
     return folder, str(adapter)
+
+
+# latent channels and frame axis ComfyUI's model takes, per family
+LATENT = {"flux2": lambda c: (c.in_channels, ()), "qwen_image": lambda c: (c.in_channels // 4, (1,))}
 
 
 def main() -> None:
@@ -109,8 +118,10 @@ def check(family: str, folder: str, adapter_file: str) -> dict:
                             for b in (COND, UNCOND)))
         weights.append([c_inj.weight, d_inj.weight])
 
-    channels = transformer.config.in_channels
-    x = torch.randn(1, channels, 6, 4, generator=g).expand(2, -1, -1, -1).contiguous()   # cond row, uncond row
+    channels, frames = LATENT[family](transformer.config)
+    x = torch.randn(1, channels, *frames, 8, 12, generator=g).expand(2, *([-1] * (3 + len(frames)))).contiguous()
+    # a cond row and an uncond row; an even token grid on each side: on odd ones ComfyUI 0.33 and diffusers 0.42
+    # centre Qwen-Image's rotary positions differently (the plain models differ there, with or without identity)
     x[1] += 0.5
     context = torch.randn(1, 5, transformer.config.joint_attention_dim, generator=g).expand(2, -1, -1)
     sigma = torch.tensor([0.7, 0.7])
@@ -126,7 +137,8 @@ def check(family: str, folder: str, adapter_file: str) -> dict:
 
     from omniid.diffusers_host.identity import remove_identity
     with torch.no_grad():
-        with identity_call(transformer, sigmas=sigma[:1], cond_or_uncond=[COND, UNCOND], latent_shape=tuple(x.shape)):
+        latent_shape = (*x.shape[:2], *x.shape[-2:])
+        with identity_call(transformer, sigmas=sigma[:1], cond_or_uncond=[COND, UNCOND], latent_shape=latent_shape):
             d_identity = diffusers_output(family, transformer, x, sigma, context)
         c_identity, c_plain = comfy_out(patched), comfy_out(model)
         remove_identity(transformer)

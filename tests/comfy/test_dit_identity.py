@@ -9,8 +9,8 @@ from support.testing import facts_in_comfyui
 from pathlib import Path
 
 SCRIPT = Path(__file__).with_name("dit_parity.py")
-FAMILIES = ("flux2",)
-LAYERS = {"flux2": [["double", 0], ["single", 0], ["single", 1]]}
+FAMILIES = ("flux2", "qwen_image")
+LAYERS = {"flux2": [["double", 0], ["single", 0], ["single", 1]], "qwen_image": [["double", 0], ["double", 1]]}
 
 
 @pytest.fixture(scope="module")
@@ -25,7 +25,9 @@ def test_the_trained_file_records_its_family_and_loads_with_bit_equal_kv(facts, 
     assert f["comfy_family"] == f["diffusers_family"] == f["adapter_family"] == family
     assert f["layers"] == f["diffusers_layers"] == LAYERS[family]
     assert f["kv_equal"] == [True] * len(LAYERS[family])
-    assert all(c == d for c, d in f["weights"]) and f["weights"][-1][0] == pytest.approx(0.4)   # single.1=0.5
+    assert all(c == d for c, d in f["weights"])
+    assert [c for c, _ in f["weights"]] == pytest.approx([0.4 if layer == ["single", 1] else 0.8   # single.1=0.5
+                                                          for layer in LAYERS[family]])
 
 
 @pytest.mark.parametrize("family", FAMILIES)

@@ -1,10 +1,10 @@
 """Tiny diffusers models with the real layouts (few layers, small widths, random weights).
 
-    PYTHONPATH=tests python -m support.tiny_diffusers {sd15,sdxl,flux,comfy_sd15,flux2} FOLDER [--seed N]
+    PYTHONPATH=tests python -m support.tiny_diffusers {sd15,sdxl,flux,comfy_sd15,flux2,qwen_image} FOLDER [--seed N]
     PYTHONPATH=tests python -m support.tiny_diffusers data FOLDER
 
 The first writes a model folder ``omniid train --stage flow --model FOLDER`` reads: ``unet/`` (SD1.5,
-SDXL) or ``transformer/`` (FLUX.1, FLUX.2) and ``vae/``, saved with diffusers' ``save_pretrained``, and
+SDXL) or ``transformer/`` (FLUX.1, FLUX.2, Qwen-Image) and ``vae/``, saved with diffusers' ``save_pretrained``, and
 ``text_embeds.safetensors``, a fixed random prompt conditioning of the model's widths. The
 second writes what the rest of a smoke run needs: ``identities/`` (six synthetic identities of
 eight photos) and ``tiny_vit.json`` (a small random open_clip ViT for ``--clip open_clip:...``),
@@ -18,7 +18,7 @@ import sys
 
 import torch
 
-KINDS = ("sd15", "sdxl", "flux", "comfy_sd15", "flux2")
+KINDS = ("sd15", "sdxl", "flux", "comfy_sd15", "flux2", "qwen_image")
 TINY_OPEN_CLIP = {"embed_dim": 32, "vision_cfg": {"image_size": 224, "layers": 2, "width": 64, "patch_size": 32},
                   "text_cfg": {"context_length": 77, "vocab_size": 49408, "width": 64, "heads": 2, "layers": 1}}
 TINY_ENCODER = {"clip_dim": 64, "tokens_per_image": 50, "dim": 64, "num_queries": 16, "num_heads": 4,
@@ -82,6 +82,21 @@ def flux2_vae():
     return vae
 
 
+def qwen_image_transformer():
+    """Qwen-Image's layout at width 64 (2 heads of 32), two blocks, over a 4-channel latent."""
+    from diffusers import QwenImageTransformer2DModel
+    return QwenImageTransformer2DModel(patch_size=2, in_channels=16, out_channels=4, num_layers=2,
+                                       attention_head_dim=32, num_attention_heads=2, joint_attention_dim=40,
+                                       axes_dims_rope=(8, 12, 12))
+
+
+def qwen_image_vae():
+    """Qwen-Image's video autoencoder layout, one frame, 4 latent channels with their own mean and std."""
+    from diffusers import AutoencoderKLQwenImage
+    return AutoencoderKLQwenImage(base_dim=8, z_dim=4, dim_mult=[1, 2], num_res_blocks=1, temperal_downsample=[False],
+                                  latents_mean=[0.1, -0.2, 0.3, 0.0], latents_std=[1.5, 0.8, 2.0, 1.1])
+
+
 def comfy_sd15_unet():
     """The diffusers twin of tests/comfy's small SD1.5-layout UNet (width 320, context 768, one level):
     ComfyUI's input block 1, output blocks 0 and 1, and the middle block have cross-attention."""
@@ -99,7 +114,7 @@ def text_embeds(kind: str, seed: int = 0) -> dict:
         return {"encoder_hidden_states": torch.randn(1, 7, 768, generator=g)}
     if kind == "sdxl":
         return {"encoder_hidden_states": torch.randn(1, 7, 48, generator=g), "text_embeds": torch.randn(1, 24, generator=g)}
-    if kind == "flux2":
+    if kind in ("flux2", "qwen_image"):
         return {"encoder_hidden_states": torch.randn(1, 7, 40, generator=g)}
     return {"encoder_hidden_states": torch.randn(1, 7, 40, generator=g), "pooled_projections": torch.randn(1, 24, generator=g)}
 
@@ -111,8 +126,9 @@ def make_model(kind: str, seed: int = 0):
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)
         base = {"sd15": sd15_unet, "sdxl": sdxl_unet, "flux": flux_transformer,
-                "comfy_sd15": comfy_sd15_unet, "flux2": flux2_transformer}[kind]()
-        autoencoder = flux2_vae() if kind == "flux2" else vae(16 if kind == "flux" else 4)
+                "comfy_sd15": comfy_sd15_unet, "flux2": flux2_transformer, "qwen_image": qwen_image_transformer}[kind]()
+        autoencoders = {"flux2": flux2_vae, "qwen_image": qwen_image_vae}
+        autoencoder = autoencoders[kind]() if kind in autoencoders else vae(16 if kind == "flux" else 4)
     return base.eval(), autoencoder.eval()
 
 
@@ -120,7 +136,7 @@ def write_model_folder(kind: str, folder, seed: int = 0) -> str:
     from safetensors.torch import save_file
     base, autoencoder = make_model(kind, seed)
     folder = str(folder)
-    base.save_pretrained(os.path.join(folder, "transformer" if kind in ("flux", "flux2") else "unet"))
+    base.save_pretrained(os.path.join(folder, "transformer" if kind in ("flux", "flux2", "qwen_image") else "unet"))
     autoencoder.save_pretrained(os.path.join(folder, "vae"))
     save_file(text_embeds(kind, seed), os.path.join(folder, "text_embeds.safetensors"))
     return folder
