@@ -58,6 +58,7 @@ MODEL_FOLDERS = {
     "OmniIdentityFlameLoader": {"model": "flame", "landmark_embedding": "flame"},
     "OmniIdentityFaceAnalysisLoader": {"arcface_model": "insightface"},
     "OmniIdentityPuLIDFluxLoader": {"pulid_file": "pulid", "eva_clip": "clip_vision", "face_parsing": "facexlib"},
+    "OmniIdentityInfiniteYouLoader": {"infusenet": "controlnet", "image_proj": "infiniteyou", "arcface": "facexlib"},
 }
 
 
@@ -79,6 +80,9 @@ SOURCES = {
     "ae.safetensors": "black-forest-labs/FLUX.1-dev",
     "pulid_flux_v0.9.1.safetensors": "guozinan/PuLID on Hugging Face",
     "EVA02_CLIP_L_336_psz14_s6B.pt": "QuanSun/EVA-CLIP on Hugging Face",
+    "infusenet_aes_bf16.safetensors": "ByteDance/InfiniteYou on Hugging Face, infu_flux_v1.0/aes_stage2/InfuseNet",
+    "image_proj_model.bin": "ByteDance/InfiniteYou on Hugging Face, infu_flux_v1.0/aes_stage2",
+    "recognition_arcface_ir_se50.pth": "facexlib's release assets (v0.1.0)",
     "antelopev2/glintr100.onnx": "insightface's antelopev2 model pack (its ArcFace recogniser)",
     "control_v11p_sd15_openpose.pth": "lllyasviel/ControlNet-v1-1",
     "omni_id.safetensors": "trained: the train_omni_id workflow",

@@ -9,7 +9,8 @@ import pytest
 from omniid.cli.client import ExecutionFailed
 from support.assets import TEST_ARCFACE_ONNX, cache_dir
 from support.graph import Graph
-from support.testing import image_change, images_of
+from support.testing import image_change, images_of, load_workflow
+from support.tiny_prompts import tiny
 
 INFUSENET = "omniid_tiny_infusenet.safetensors"
 PROJECTION = "omniid_tiny_image_proj_model.bin"
@@ -117,3 +118,24 @@ def test_a_batch_with_no_face_or_a_wrong_file_is_a_clear_error(comfy, installed)
         comfy.run(g.nodes, timeout=600)
     assert failure.value.error["node_type"] == "OmniIdentityInfiniteYouLoader"
     assert "is not InfuseNet" in failure.value.error["exception_message"], failure.value.error["exception_message"]
+
+
+def test_the_start_flux_infiniteyou_workflow_runs_with_its_keypoint_image(comfy, installed):
+    # (that the identity changes the image, against strength 0: the test above, on the same graph's nodes)
+    prompt = tiny(load_workflow("api/start_flux_infiniteyou.json"))
+    titles = {node["_meta"]["title"]: node_id for node_id, node in prompt.items()}
+    loader, faces, apply = (prompt[titles[t]]["inputs"] for t in ("InfiniteYou", "Face analysis", "Apply InfiniteYou"))
+    # no tiny IR-SE50 file: the face analysis' ArcFace embeds instead; the tiny size on the control canvas too
+    loader.update(infusenet=INFUSENET, image_proj=PROJECTION, arcface="face analysis")
+    faces["arcface_model"] = TEST_ARCFACE_ONNX
+    apply.update(width=64, height=64)
+    prompt[titles["Pose photo"]]["inputs"]["image"] = "obama.jpg"
+    prompt[titles["Sampler"]]["inputs"]["steps"] = 1
+    result = comfy.run(prompt, timeout=900)
+    image = images_of(comfy, result, titles["Save"])[0]
+    assert image.shape == (64, 64, 3)
+    control = images_of(comfy, result, titles["Control image"])[0]
+    assert control.shape == (64, 64, 3)
+    drawn = (control > 0).any(axis=2).mean()
+    assert 0.02 < drawn < 0.5, drawn                       # the five keypoints' discs and limbs on black
+    assert "1 of 1 photo(s) used" in result.outputs[titles["Apply InfiniteYou"]]["text"][0]

@@ -14,6 +14,7 @@ RUN_ELSEWHERE = {
     "train_omni_id.json": "test_training_nodes.py",
     "start_flux_xlabs.json": "test_flux_ip_adapters.py",
     "start_flux_pulid.json": "test_pulid_flux_nodes.py",
+    "start_flux_infiniteyou.json": "test_infiniteyou_nodes.py",
 }
 
 
