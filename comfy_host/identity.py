@@ -38,11 +38,14 @@ def apply_identity(model, adapter: IdentityAdapter, tokens: dict, weight: float,
     check_fit(adapter, model, layers)
     sigma_start, sigma_end = sigma_window(model, start_at, end_at)
     patched = model.clone()
-    dit = dit_family(model) is not None
+    family = dit_family(model)
+    dit = family is not None
     tokens_side = patch_size(model) if dit else 2
     for layer, injection in layer_injections(adapter, layers, tokens, weight, sigma_start, sigma_end, mask, blocks,
                                              inject, weight_mode, flux=dit):
-        if dit:
+        if dit and not family.block_patches:
+            add_indexed_injection(patched, layer.number, injection, tokens_side)
+        elif dit:
             add_flux_injection(patched, layer.key, injection, tokens_side)
         else:
             add_unet_injection(patched, layer.key, injection)
@@ -96,13 +99,20 @@ def record_flux_call(executor, x, *args, **kwargs):
     that ComfyUI ran the pack's block patches and their attention override (a release that stopped
     honouring either would otherwise drop the identity silently)."""
     owner = getattr(executor, "class_obj", None)
-    position = options_position_of(type(owner)) if isinstance(owner, torch.nn.Module) else flux_options_position()
-    options = find_options(args, kwargs, position)
+    options = kwargs.get("transformer_options")
+    if not isinstance(options, dict):
+        position = options_position_of(type(owner)) if isinstance(owner, torch.nn.Module) else flux_options_position()
+        options = find_options(args, kwargs, position)
     context = args[1] if len(args) > 1 else kwargs.get("context")
     state = None
     if options is not None and torch.is_tensor(context):
-        state = {"txt_len": int(context.shape[1]), "latent_hw": tuple(x.shape[-2:]), "blocks": 0, "attention": 0}
+        txt_len = int(context.shape[1])
+        multiple = getattr(owner, "pad_tokens_multiple", None)       # Z-Image pads its caption to a multiple
+        if isinstance(multiple, int) and multiple > 0:
+            txt_len = -(-txt_len // multiple) * multiple
+        state = {"txt_len": txt_len, "latent_hw": tuple(x.shape[-2:]), "blocks": 0, "attention": 0}
         options[FLUX_STATE] = state
+        options.pop("block_index", None)         # layers are numbered afresh by this call's forward
     out = executor(x, *args, **kwargs)
     if state is not None:
         check_injection_points(state, options)
@@ -110,6 +120,12 @@ def record_flux_call(executor, x, *args, **kwargs):
 
 
 def check_injection_points(state: dict, options: dict) -> None:
+    if isinstance(options.get(OVERRIDE_KEY), LayerIndexOverride):
+        if state.get("indexed", 0) == 0:
+            raise InjectionPointMissing(f"ComfyUI {comfyui_version()} ran the model's layers without marking them "
+                                        "(transformer_options block_index) in the attention override the pack sets: "
+                                        "the identity cannot be injected on this release")
+        return
     expected = any(isinstance(patch, FluxBlockPatch)
                    for patch in options.get("patches_replace", {}).get("dit", {}).values())
     if not expected:
@@ -205,3 +221,56 @@ def add_flux_injection(model, key: tuple, injection: LayerInjection, patch_size:
         patch = FluxBlockPatch((injection,), previous=existing, kind="double" if key[0] == "double_block" else "single",
                                patch_size=patch_size)
     model.set_model_patch_replace(patch, "dit", key[0], key[1])
+
+
+# -- DiTs without block patches (Z-Image) --------------------------------------------------
+OVERRIDE_KEY = "optimized_attention_override"
+
+
+class LayerIndexOverride:
+    """``optimized_attention_override`` for a DiT whose forward offers no block patches but marks each main
+    layer in transformer_options (``block_type`` "double", ``block_index`` i) before it runs: adds the
+    identity terms of layer i to that attention's output; every other attention call (the refiners, another
+    model's) runs as it would have, through any override installed before."""
+
+    def __init__(self, injections: dict, previous=None, patch_size: int = 2):
+        self.injections, self.previous, self.patch_size = injections, previous, patch_size
+
+    def with_injection(self, index: int, injection: LayerInjection) -> "LayerIndexOverride":
+        merged = {**self.injections, index: (*self.injections.get(index, ()), injection)}
+        return LayerIndexOverride(merged, self.previous, self.patch_size)
+
+    def __deepcopy__(self, memo) -> "LayerIndexOverride":
+        return LayerIndexOverride(self.injections, self.previous, self.patch_size)
+
+    def to(self, device) -> "LayerIndexOverride":
+        moved = {i: tuple(j.to(device) for j in injections) for i, injections in self.injections.items()}
+        return LayerIndexOverride(moved, self.previous, self.patch_size)
+
+    def __call__(self, func, q, k, v, heads, *args, **kwargs):
+        if self.previous is not None:
+            out = self.previous(func, q, k, v, heads, *args, **kwargs)
+        else:
+            out = func(q, k, v, heads, *args, **kwargs)
+        options = kwargs.get("transformer_options") or {}
+        state, index = options.get(FLUX_STATE), options.get("block_index")
+        if not isinstance(state, dict) or options.get("block_type") != "double" or index is None or q.ndim != 4:
+            return out
+        state["indexed"] = state.get("indexed", 0) + 1
+        injections = self.injections.get(index)
+        if not injections:
+            return out
+        out, _ = identity_terms(out, q, None, state["txt_len"], "double", injections, func,
+                                options.get("cond_or_uncond") or (), state["latent_hw"], options.get("sigmas"),
+                                self.patch_size)
+        return out
+
+
+def add_indexed_injection(model, index: int, injection: LayerInjection, patch_size: int = 2) -> None:
+    options = model.model_options["transformer_options"]
+    existing = options.get(OVERRIDE_KEY)
+    if isinstance(existing, LayerIndexOverride):
+        override = existing.with_injection(index, injection)
+    else:
+        override = LayerIndexOverride({index: (injection,)}, previous=existing, patch_size=patch_size)
+    options[OVERRIDE_KEY] = override

@@ -60,6 +60,13 @@ def _joint_layers(model) -> list[HostLayer]:
             for i, block in enumerate(blocks)]
 
 
+def _main_layers(model) -> list[HostLayer]:
+    """Z-Image (NextDiT): its main layers (not the caption and noise refiners), which ComfyUI marks as double
+    blocks in transformer_options while they run."""
+    return [HostLayer(("double_block", i), "double", i, layer.attention.n_local_heads * layer.attention.head_dim,
+                      layer.attention.n_local_heads) for i, layer in enumerate(diffusion_model(model).layers)]
+
+
 @dataclass(frozen=True)
 class DitFamily:
     """A DiT family the identity adapter injects into through ``patches_replace["dit"]`` and the attention
@@ -71,6 +78,8 @@ class DitFamily:
     has_not: tuple[str, ...]
     layers: Callable
     accepts: tuple[str, ...] = ()
+    block_patches: bool = True      # False: no patches_replace["dit"]; the attention override finds the layer by
+                                    # the block_type/block_index the model's forward writes in transformer_options
 
     def takes(self, adapter_family: str) -> bool:
         return adapter_family == self.name or adapter_family in self.accepts
@@ -81,6 +90,8 @@ DIT_FAMILIES = (
     DitFamily("chroma", ("double_blocks", "single_blocks", "distilled_guidance_layer"), (), flux_layers, ("flux",)),
     DitFamily("flux", ("double_blocks", "single_blocks"), (), flux_layers),
     DitFamily("qwen_image", ("transformer_blocks", "txt_norm", "img_in"), ("double_blocks",), _joint_layers),
+    DitFamily("z_image", ("layers", "noise_refiner", "context_refiner", "x_pad_token"), ("double_blocks",), _main_layers,
+              block_patches=False),
 )
 
 

@@ -98,3 +98,24 @@ class QwenJointProcessor(_DitIdentityProcessor):
                            torch.cat([e_value, value], dim=1), attention_mask, None, txt_len)
         e_out, out = out[:, :txt_len], out[:, txt_len:]
         return attn.to_out[1](attn.to_out[0](out.contiguous())), attn.to_add_out(e_out.contiguous())
+
+
+class ZImageProcessor(_DitIdentityProcessor):
+    """Z-Image's main-layer attention (``layers.N.attention``): self-attention over one sequence in which
+    diffusers puts the image's tokens first, then the caption's, rotated by complex frequencies."""
+
+    def __call__(self, attn, hidden_states, encoder_hidden_states=None, attention_mask=None, freqs_cis=None, **_):
+        query, key, value = (f(hidden_states).unflatten(-1, (attn.heads, -1)) for f in (attn.to_q, attn.to_k, attn.to_v))
+        query, key = attn.norm_q(query), attn.norm_k(key)
+        if freqs_cis is not None:
+            query, key = (_complex_rotation(t, freqs_cis) for t in (query, key))
+        if attention_mask is not None and attention_mask.ndim == 2:
+            attention_mask = attention_mask[:, None, None, :]
+        out = self._attend(attn, query, key, value, attention_mask, None, 0)     # no text in front of the image
+        return attn.to_out[0](out)
+
+
+def _complex_rotation(x: torch.Tensor, freqs_cis: torch.Tensor) -> torch.Tensor:
+    """Each channel pair of ``x`` (B, L, heads, D) as a complex number times ``freqs_cis`` (B, L, D / 2)."""
+    pairs = torch.view_as_complex(x.float().reshape(*x.shape[:-1], -1, 2))
+    return torch.view_as_real(pairs * freqs_cis.unsqueeze(2)).flatten(3).type_as(x)

@@ -45,7 +45,7 @@ def _record_call(model, args, kwargs):
     sample = args[0] if args else kwargs.get("sample", kwargs.get("hidden_states"))
     if is_dit(model):
         context = args[1] if len(args) > 1 else kwargs.get("encoder_hidden_states")
-        state.txt_len = int(context.shape[1]) if torch.is_tensor(context) else None
+        state.txt_len = int(context.shape[1]) if torch.is_tensor(context) and context.ndim == 3 else None
     elif torch.is_tensor(sample) and sample.ndim == 4:
         state.latent_shape = tuple(sample.shape)
     state.residuals.clear()

@@ -29,6 +29,9 @@ def comfy_model(family: str, transformer):
     if family == "qwen_image":
         from support.qwen_image_layout import comfy_qwen_image
         return comfy_qwen_image(transformer.state_dict(), transformer.config)
+    if family == "z_image":
+        from support.z_image_layout import comfy_z_image
+        return comfy_z_image(transformer.state_dict(), transformer.config)
     raise ValueError(f"no ComfyUI twin for {family}")
 
 
@@ -59,8 +62,20 @@ def train(family: str, work: Path) -> tuple[str, str]:
     return folder, str(adapter)
 
 
+def injections_at(patched, layer) -> tuple:
+    """The identity injections ComfyUI's clone holds for a layer: in its dit block patch, or (families without
+    block patches) in its attention override, by layer number."""
+    options = patched.model_options["transformer_options"]
+    patch = options.get("patches_replace", {}).get("dit", {}).get(layer.key)
+    if patch is not None:
+        return patch.injections
+    override = options.get("optimized_attention_override")
+    return getattr(override, "injections", {}).get(layer.number, ())
+
+
 # latent channels and frame axis ComfyUI's model takes, per family
-LATENT = {"flux2": lambda c: (c.in_channels, ()), "qwen_image": lambda c: (c.in_channels // 4, (1,))}
+LATENT = {"flux2": lambda c: (c.in_channels, ()), "qwen_image": lambda c: (c.in_channels // 4, (1,)),
+          "z_image": lambda c: (c.in_channels, ())}
 
 
 def main() -> None:
@@ -109,10 +124,9 @@ def check(family: str, folder: str, adapter_file: str) -> dict:
     patched = apply(0.8)
     diffusers_apply(transformer, adapter, adapter.identity_tokens(embeds), 0.8, blocks=BlockWeights.parse(blocks))
     c_layers, d_layers = comfy_layers(model), host_layers(transformer)
-    patches = patched.model_options["transformer_options"]["patches_replace"]["dit"]
     kv_equal, weights = [], []
     for c_layer, d_layer in zip(c_layers, d_layers):
-        c_inj = patches[c_layer.key].injections[0]
+        c_inj = injections_at(patched, c_layer)[0]
         d_inj = d_layer.attention.processor.injections[0]
         kv_equal.append(all(torch.equal(c_inj.keys[b], d_inj.keys[b]) and torch.equal(c_inj.values[b], d_inj.values[b])
                             for b in (COND, UNCOND)))
@@ -123,7 +137,8 @@ def check(family: str, folder: str, adapter_file: str) -> dict:
     # a cond row and an uncond row; an even token grid on each side: on odd ones ComfyUI 0.33 and diffusers 0.42
     # centre Qwen-Image's rotary positions differently (the plain models differ there, with or without identity)
     x[1] += 0.5
-    context = torch.randn(1, 5, transformer.config.joint_attention_dim, generator=g).expand(2, -1, -1)
+    width = getattr(transformer.config, "joint_attention_dim", None) or transformer.config.cap_feat_dim
+    context = torch.randn(1, 5, width, generator=g).expand(2, -1, -1)
     sigma = torch.tensor([0.7, 0.7])
 
     import comfy.patcher_extension
@@ -133,7 +148,8 @@ def check(family: str, folder: str, adapter_file: str) -> dict:
         options = {**m.model_options["transformer_options"], "cond_or_uncond": [COND, UNCOND], "sigmas": sigmas}
         options["wrappers"] = comfy.patcher_extension.merge_nested_dicts(dict(options.get("wrappers", {})),
                                                                          m.wrappers, copy_dict1=True)
-        return m.model.diffusion_model(x, sigmas, context, transformer_options=options)
+        extra = {"num_tokens": context.shape[1]} if family == "z_image" else {}
+        return m.model.diffusion_model(x, sigmas, context, transformer_options=options, **extra)
 
     from omniid.diffusers_host.identity import remove_identity
     with torch.no_grad():
@@ -156,7 +172,7 @@ def check(family: str, folder: str, adapter_file: str) -> dict:
         "comfy_identity_effect": float((c_identity - c_plain).abs().max()), "scale": float(d_plain.abs().max()),
         "uncond_effect": float((c_identity[1] - c_plain[1]).abs().max()),
         "weight0_equal": bool(torch.equal(zero, c_plain)), "outside_window_equal": bool(torch.equal(outside, outside_plain)),
-        "window_patched": len(windowed.model_options["transformer_options"]["patches_replace"]["dit"])}
+        "window_patched": sum(1 for layer in c_layers if injections_at(windowed, layer))}
 
 
 if __name__ == "__main__":

@@ -1,7 +1,9 @@
 """The identity adapter on the 2026 DiTs: `omniid train --stage flow` trains it on a tiny diffusers model of
 each family, and the file loads in ComfyUI's Apply Identity Adapter, on ComfyUI's own model of that family
 (configured by ComfyUI's detection) holding the same weights, with bit-equal identity K/V and the same
-output as the diffusers host's processors (tests/comfy/dit_parity.py, one process for all families)."""
+output as the diffusers host's processors (tests/comfy/dit_parity.py, one process for all families).
+FLUX.2 and Qwen-Image take the identity through block patches, Z-Image through the attention override
+alone (its forward offers no block patches)."""
 import pytest
 
 from support.testing import facts_in_comfyui
@@ -9,8 +11,10 @@ from support.testing import facts_in_comfyui
 from pathlib import Path
 
 SCRIPT = Path(__file__).with_name("dit_parity.py")
-FAMILIES = ("flux2", "qwen_image")
-LAYERS = {"flux2": [["double", 0], ["single", 0], ["single", 1]], "qwen_image": [["double", 0], ["double", 1]]}
+FAMILIES = ("flux2", "qwen_image", "z_image")
+LAYERS = {"flux2": [["double", 0], ["single", 0], ["single", 1]], "qwen_image": [["double", 0], ["double", 1]],
+          "z_image": [["double", 0], ["double", 1]]}           # Z-Image: its main layers, not its refiners
+TOLERANCE = 3e-5        # of the output's scale: float32 round-off of two implementations (measured: 6e-6 at most)
 
 
 @pytest.fixture(scope="module")
@@ -33,9 +37,9 @@ def test_the_trained_file_records_its_family_and_loads_with_bit_equal_kv(facts, 
 @pytest.mark.parametrize("family", FAMILIES)
 def test_comfyui_patches_equal_the_diffusers_processors(facts, family):
     f = facts[family]
-    assert f["plain_diff"] < 1e-5 * f["scale"]                  # the same model in both hosts...
+    assert f["plain_diff"] < TOLERANCE * f["scale"]             # the same model in both hosts...
     assert f["identity_effect"] > 1e-3 * f["scale"]             # ...the identity changes its output...
-    assert f["identity_diff"] < 1e-5 * f["scale"]               # ...and both hosts add the same identity
+    assert f["identity_diff"] < TOLERANCE * f["scale"]          # ...and both hosts add the same identity
     assert f["uncond_effect"] == 0.0                            # Omni-ID's unconditional identity: zero tokens
 
 

@@ -1,10 +1,10 @@
 """Tiny diffusers models with the real layouts (few layers, small widths, random weights).
 
-    PYTHONPATH=tests python -m support.tiny_diffusers {sd15,sdxl,flux,comfy_sd15,flux2,qwen_image} FOLDER [--seed N]
+    PYTHONPATH=tests python -m support.tiny_diffusers {sd15,sdxl,flux,comfy_sd15,flux2,qwen_image,z_image} FOLDER [--seed N]
     PYTHONPATH=tests python -m support.tiny_diffusers data FOLDER
 
 The first writes a model folder ``omniid train --stage flow --model FOLDER`` reads: ``unet/`` (SD1.5,
-SDXL) or ``transformer/`` (FLUX.1, FLUX.2, Qwen-Image) and ``vae/``, saved with diffusers' ``save_pretrained``, and
+SDXL) or ``transformer/`` (FLUX.1, FLUX.2, Qwen-Image, Z-Image) and ``vae/``, saved with diffusers' ``save_pretrained``, and
 ``text_embeds.safetensors``, a fixed random prompt conditioning of the model's widths. The
 second writes what the rest of a smoke run needs: ``identities/`` (six synthetic identities of
 eight photos) and ``tiny_vit.json`` (a small random open_clip ViT for ``--clip open_clip:...``),
@@ -18,7 +18,7 @@ import sys
 
 import torch
 
-KINDS = ("sd15", "sdxl", "flux", "comfy_sd15", "flux2", "qwen_image")
+KINDS = ("sd15", "sdxl", "flux", "comfy_sd15", "flux2", "qwen_image", "z_image")
 TINY_OPEN_CLIP = {"embed_dim": 32, "vision_cfg": {"image_size": 224, "layers": 2, "width": 64, "patch_size": 32},
                   "text_cfg": {"context_length": 77, "vocab_size": 49408, "width": 64, "heads": 2, "layers": 1}}
 TINY_ENCODER = {"clip_dim": 64, "tokens_per_image": 50, "dim": 64, "num_queries": 16, "num_heads": 4,
@@ -97,6 +97,16 @@ def qwen_image_vae():
                                   latents_mean=[0.1, -0.2, 0.3, 0.0], latents_std=[1.5, 0.8, 2.0, 1.1])
 
 
+def z_image_transformer():
+    """Z-Image's layout, two main layers and one refiner of each kind, at width 1056 (8 heads of 132): the
+    smallest width with a ComfyUI twin, since below 1024 ComfyUI's timestep embedder narrows its hidden layer
+    (diffusers' does not), and the feed-forward's 8/3 x width must be a multiple of 256 (ComfyUI rounds up,
+    diffusers does not)."""
+    from diffusers import ZImageTransformer2DModel
+    return ZImageTransformer2DModel(in_channels=16, dim=1056, n_layers=2, n_refiner_layers=1, n_heads=8, n_kv_heads=8,
+                                    cap_feat_dim=40, axes_dims=[36, 48, 48], axes_lens=[64, 32, 32])
+
+
 def comfy_sd15_unet():
     """The diffusers twin of tests/comfy's small SD1.5-layout UNet (width 320, context 768, one level):
     ComfyUI's input block 1, output blocks 0 and 1, and the middle block have cross-attention."""
@@ -114,7 +124,7 @@ def text_embeds(kind: str, seed: int = 0) -> dict:
         return {"encoder_hidden_states": torch.randn(1, 7, 768, generator=g)}
     if kind == "sdxl":
         return {"encoder_hidden_states": torch.randn(1, 7, 48, generator=g), "text_embeds": torch.randn(1, 24, generator=g)}
-    if kind in ("flux2", "qwen_image"):
+    if kind in ("flux2", "qwen_image", "z_image"):
         return {"encoder_hidden_states": torch.randn(1, 7, 40, generator=g)}
     return {"encoder_hidden_states": torch.randn(1, 7, 40, generator=g), "pooled_projections": torch.randn(1, 24, generator=g)}
 
@@ -126,9 +136,10 @@ def make_model(kind: str, seed: int = 0):
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)
         base = {"sd15": sd15_unet, "sdxl": sdxl_unet, "flux": flux_transformer,
-                "comfy_sd15": comfy_sd15_unet, "flux2": flux2_transformer, "qwen_image": qwen_image_transformer}[kind]()
+                "comfy_sd15": comfy_sd15_unet, "flux2": flux2_transformer, "qwen_image": qwen_image_transformer,
+                "z_image": z_image_transformer}[kind]()
         autoencoders = {"flux2": flux2_vae, "qwen_image": qwen_image_vae}
-        autoencoder = autoencoders[kind]() if kind in autoencoders else vae(16 if kind == "flux" else 4)
+        autoencoder = autoencoders[kind]() if kind in autoencoders else vae(16 if kind in ("flux", "z_image") else 4)
     return base.eval(), autoencoder.eval()
 
 
@@ -136,7 +147,7 @@ def write_model_folder(kind: str, folder, seed: int = 0) -> str:
     from safetensors.torch import save_file
     base, autoencoder = make_model(kind, seed)
     folder = str(folder)
-    base.save_pretrained(os.path.join(folder, "transformer" if kind in ("flux", "flux2", "qwen_image") else "unet"))
+    base.save_pretrained(os.path.join(folder, "transformer" if kind in ("flux", "flux2", "qwen_image", "z_image") else "unet"))
     autoencoder.save_pretrained(os.path.join(folder, "vae"))
     save_file(text_embeds(kind, seed), os.path.join(folder, "text_embeds.safetensors"))
     return folder
