@@ -149,15 +149,35 @@ def inprocess(args) -> None:
     print("RESULT " + json.dumps({**result, "worst": worst, "quick": args.quick}))
 
 
+def examples(args) -> None:
+    """IPAdapter_plus's example workflows and their converted twins (tests/support/ipadapter_plus_examples.py)."""
+    comfyui = harness.ensure_comfyui()
+    import torch
+    from omniid.cli.server import comfyui_python
+    from support import ipadapter_plus_examples as ex
+    torch.set_num_threads(2)
+    only = set(args.only.split(",")) if args.only else (set(ex.QUICK) if args.quick else None)
+    result = ex.run(comfyui, comfyui_python(comfyui), only=only)
+    worst = max(e["worst"] for e in result["examples"].values())
+    print(f"{len(result['examples'])} examples, worst latent rel L2 {worst:.2e}", flush=True)
+    print("RESULT " + json.dumps({**result, "worst": worst, "quick": args.quick}))
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--quick", action="store_true", help="in process: the CI subset of cases")
     parser.add_argument("--http", action="store_true", help="the whole server with a full-size SD1.5 (slow)")
+    parser.add_argument("--examples", action="store_true",
+                        help="IPAdapter_plus's example workflows against their converted twins (--quick: a subset)")
+    parser.add_argument("--only", help="--examples: comma-separated example file names")
     parser.add_argument("--ipadapter-plus", help="--http: a checkout of IPAdapter_plus (default: the vendored archive)")
     parser.add_argument("--size", type=int, default=256)
     parser.add_argument("--steps", type=int, default=4)
     parser.add_argument("--weight", type=float, default=0.7)
     args = parser.parse_args()
+    if args.examples:
+        examples(args)
+        return
     if not args.http:
         inprocess(args)
         return

@@ -81,10 +81,11 @@ def cross_attention_widths(model) -> list[int]:
     return [layer.inner_dim for layer in unet_layers(model)]
 
 
-def h94_file(kind: str, layout: str, widths: list[int], seed: int) -> dict:
-    """{"image_proj", "ip_adapter"} of ``kind`` in the layout IPAdapter_plus builds its modules for."""
+def h94_file(kind: str, layout: str, widths: list[int], seed: int, token: int = 0) -> dict:
+    """{"image_proj", "ip_adapter"} of ``kind`` in the layout IPAdapter_plus builds its modules for; ``token``:
+    the UNet's text width (default: the small UNets' here)."""
     r = L.Random(seed)
-    token = UNETS[layout]["context_dim"]
+    token = token or UNETS[layout]["context_dim"]
     clip_width, pooled = CLIP["hidden_size"], CLIP["projection_dim"]
     sdxl = layout == "sdxl"
     if kind in ("plus", "plus_face"):
