@@ -74,10 +74,12 @@ def warp_crop(image: torch.Tensor, matrix: np.ndarray, crop_size: int) -> torch.
     """Warp ``image`` (H, W, C) with the source->crop ``matrix`` into (S, S, C).
 
     When the crop shrinks the source, it is rendered at up to 4x and box-filtered
-    down, so large photos do not alias. Outside the source is black.
+    down, so large photos do not alias (a scale within round-off of 1, 1/2, ... counts as
+    that scale: an identity alignment is a copy). Outside the source is black.
     """
     height, width, _ = image.shape
-    factor = int(min(MAX_SUPERSAMPLE, max(1, math.ceil(1.0 / max(matrix_scale(matrix), 1e-6)))))
+    shrink = 1.0 / max(matrix_scale(matrix), 1e-6)
+    factor = int(min(MAX_SUPERSAMPLE, max(1, math.ceil(shrink - 1e-6))))
     size = crop_size * factor
     inverse = invert_affine(matrix)
     coords = (np.arange(size, dtype=np.float64) + 0.5) / factor - 0.5

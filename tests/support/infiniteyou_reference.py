@@ -8,7 +8,10 @@ imported as the reference; nothing of it is copied into the product.
   ``image_proj_model.bin`` holds it (``{"image_proj": ...}``);
 - ``draw_kps``, ``resize_and_pad_image``: their keypoint drawing and canvas fit, from
   ``pipelines/pipeline_infu_flux.py`` (its other imports, which download or need CUDA-only packages, are given
-  empty stand-ins while it is imported).
+  empty stand-ins while it is imported);
+- ``authors_arcface_embedding()``: their ``extract_arcface_bgr_embedding`` (same file) compiled alone, with the
+  installed insightface's ``face_align`` (``insightface_face_align()``, imported without insightface's
+  ``__init__``), run on the CPU.
 """
 from __future__ import annotations
 
@@ -131,3 +134,34 @@ def arcface(photos: int, seed: int = 1) -> torch.Tensor:
 def relative(a: torch.Tensor, b: torch.Tensor) -> float:
     a, b = a.detach().double(), b.detach().double()
     return float((a - b).abs().max() / b.abs().max().clamp_min(1e-30))
+
+
+def authors_arcface_embedding():
+    """The authors' ``extract_arcface_bgr_embedding`` (``pipelines/pipeline_infu_flux.py``: insightface's
+    ``face_align.norm_crop`` to 112 px of the BGR photo, ``/ 255``, ``2x - 1``, the recogniser, its first row),
+    compiled from the archive's source with insightface's own ``face_align`` and run on the CPU (its ``.cuda()``
+    dropped)."""
+    import numpy as np
+    from .facexlib_reference import source_function
+    namespace = {"np": np, "torch": torch, "face_align": insightface_face_align(), "init_recognition_model": None}
+    return source_function(source_root() / "pipelines" / "pipeline_infu_flux.py", "extract_arcface_bgr_embedding",
+                           namespace)
+
+
+def insightface_face_align():
+    """The installed insightface's ``utils/face_align.py`` (``norm_crop``: scikit-image's similarity estimate and
+    OpenCV's warp), imported on its own: insightface's package ``__init__`` (onnxruntime, ...) is not run.
+    ``None`` where insightface, OpenCV or scikit-image is not installed."""
+    name = "insightface_reference_face_align"
+    if name in sys.modules:
+        return sys.modules[name]
+    spec = importlib.util.find_spec("insightface")
+    if spec is None or not spec.submodule_search_locations or any(
+            importlib.util.find_spec(m) is None for m in ("cv2", "skimage")):
+        return None
+    path = Path(list(spec.submodule_search_locations)[0]) / "utils" / "face_align.py"
+    module_spec = importlib.util.spec_from_file_location(name, path)
+    module = importlib.util.module_from_spec(module_spec)
+    module_spec.loader.exec_module(module)
+    sys.modules[name] = module
+    return module

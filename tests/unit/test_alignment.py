@@ -85,6 +85,13 @@ def test_warp_samples_the_source_where_the_inverse_transform_points(scale):
     np.testing.assert_allclose(crop.reshape(-1, 3).numpy(), expected, atol=2e-5)
 
 
+def test_an_identity_alignment_copies_the_pixels():
+    """A scale of 1 - 1e-16 (the estimate of the template onto itself) is not a shrink: no supersampling blur."""
+    image = torch.rand(112, 112, 3, generator=torch.Generator().manual_seed(0))
+    matrix = estimate_similarity(ARCFACE_TEMPLATE_112, ARCFACE_TEMPLATE_112)
+    assert torch.allclose(warp_crop(image, matrix, 112), image, atol=1e-5)
+
+
 def test_warp_fills_outside_the_source_with_black():
     image = torch.ones(50, 50, 3)
     matrix = similarity(0, 1.0, [500.0, 500.0])       # the source lands far outside the crop

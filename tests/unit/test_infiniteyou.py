@@ -1,6 +1,7 @@
 """InfiniteYou without ComfyUI: the published image projection layout, the identity tokens equal to the authors'
 Resampler (their code, from the vendored archive) on identical random weights, several photos, photos without
-a face skipped, the authors' step window, and the five-keypoint control image against their OpenCV drawing."""
+a face skipped, the authors' step window, the five-keypoint control image against their OpenCV drawing, and the
+pack's IR-SE50 ArcFace against facexlib's (its wheel's code) and the authors' extract_arcface_bgr_embedding."""
 import numpy as np
 import pytest
 import torch
@@ -178,6 +179,107 @@ def test_with_facexlibs_arcface_the_aligned_bgr_face_is_embedded():
     from omniid.encoders.face.alignment import ARCFACE_TEMPLATE_112, estimate_similarity, warp_crop
     rgb = warp_crop(photos[0], estimate_similarity(np.asarray(kps, np.float64), ARCFACE_TEMPLATE_112), 112)
     assert relative(crops[0, 0], rgb[..., 2] * 2 - 1) <= 1e-6 and relative(crops[0, 2], rgb[..., 0] * 2 - 1) <= 1e-6
+
+
+@pytest.fixture(scope="module")
+def facexlib_arcface(tmp_path_factory):
+    """(facexlib's IR-SE50 loaded by facexlib's own init_recognition_model, the pack's from the same file, the
+    file's state dict): facexlib 0.3.0's Backbone(50, mode='ir_se') with every parameter random (batch-norm
+    statistics and PReLU slopes included), saved as recognition_arcface_ir_se50.pth is keyed."""
+    from omniid.encoders import arcface_ir_se as A
+    from support.facexlib_reference import init_recognition_model, reference_arcface
+    _, state = reference_arcface(seed=7)
+    path = tmp_path_factory.mktemp("facexlib") / "recognition_arcface_ir_se50.pth"
+    torch.save(state, str(path))
+    theirs = init_recognition_model(path)          # load_state_dict(torch.load(path), strict=True)
+    return theirs, A.load_file(str(path)), state
+
+
+def test_the_arcface_network_equals_facexlibs_ir_se50_loaded_from_the_same_file(facexlib_arcface):
+    """The pack's IR-SE50 reads the file facexlib's init_recognition_model reads (the same keys, unchanged) and
+    embeds the authors' input (BGR crops, 112 px, in [-1, 1]) as facexlib's Backbone does, to float32
+    round-off: before the L2 normalisation and after it."""
+    import torch.nn.functional as F
+    theirs, ours, state = facexlib_arcface
+    assert not theirs.training and not ours.training
+    loaded = ours.state_dict()
+    assert set(loaded) == set(state) and set(state) == set(theirs.state_dict())
+    assert len({k.split(".")[1] for k in state if k.startswith("body.")}) == 24
+    assert all(torch.equal(loaded[k], v) for k, v in state.items())
+    faces = F.interpolate(torch.rand(2, 3, 14, 14, generator=torch.Generator().manual_seed(8)), (112, 112),
+                          mode="bilinear", align_corners=False) * 2 - 1
+    features = []                              # the output layer's (BatchNorm1d) output, before the L2 norm
+    hooks = [m.output_layer.register_forward_hook(lambda module, i, o: features.append(o)) for m in (theirs, ours)]
+    try:
+        with torch.no_grad():
+            expected, got = theirs(faces), ours(faces)
+    finally:
+        for hook in hooks:
+            hook.remove()
+    assert got.shape == expected.shape == (2, 512)
+    assert relative(features[1], features[0]) <= 1e-5
+    assert relative(got, expected) <= 1e-5, relative(got, expected)          # 0 here: the same operations
+    assert torch.allclose(expected.norm(dim=1), torch.ones(2), atol=1e-6)
+    assert float(expected[0] @ expected[1]) < 0.95                           # the picture matters
+
+
+@pytest.mark.filterwarnings("ignore:`estimate` is deprecated:FutureWarning")     # scikit-image 0.26, in norm_crop
+def test_the_arcface_crop_and_embedding_equal_the_authors_extract_arcface_bgr_embedding(facexlib_arcface):
+    """The authors' extract_arcface_bgr_embedding (insightface's norm_crop of the BGR photo, / 255, 2x - 1,
+    facexlib's recogniser, its first row) and the pack's arcface_embeddings with its IR-SE50: for a face on
+    ArcFace's template (the alignment is the identity for both), the same network input and the same embedding
+    to float32 round-off. Where the photo must be warped, the crops differ by the warp alone (OpenCV's
+    bilinear on 1/32 px, uint8; the pack's bilinear, supersampled when it shrinks the photo)."""
+    import torch.nn.functional as F
+    from omniid.encoders.arcface_ir_se import aligned_faces
+    from omniid.encoders.face.alignment import ARCFACE_TEMPLATE_112
+    from support.infiniteyou_reference import authors_arcface_embedding, insightface_face_align
+    if insightface_face_align() is None:
+        pytest.skip("insightface (with OpenCV and scikit-image) is not installed: requirements-insightface.txt")
+    theirs, ours, _ = facexlib_arcface
+    extract = authors_arcface_embedding()
+    g = torch.Generator().manual_seed(9)
+
+    def photo(size, detail):                   # an RGB uint8 photo, smooth at 1/detail of its size
+        small = torch.rand(1, 3, detail, detail, generator=g)
+        return (F.interpolate(small, (size, size), mode="bicubic", align_corners=False).clamp(0, 1)[0]
+                .permute(1, 2, 0) * 255).round().to(torch.uint8).numpy()
+
+    class OneFace:
+        def __init__(self, kps):
+            self.kps = kps
+
+        def detect(self, image, with_embedding=False):
+            return [DetectedFace(np.array([0, 0, 60, 60.0]), 0.9, self.kps, self.kps, "kps5")]
+
+    inputs = []
+
+    def recorded(model):
+        return lambda x: inputs.append(x) or model(x)
+    # the face on ArcFace's template
+    kps = ARCFACE_TEMPLATE_112.copy()
+    rgb = photo(112, 14)
+    with torch.no_grad():
+        expected = extract(np.ascontiguousarray(rgb[..., ::-1]), kps, recorded(theirs))    # cv2's BGR photo
+    pixels = torch.from_numpy(rgb).float() / 255
+    assert relative(aligned_faces(pixels, [kps])[0], inputs[0][0]) <= 1e-5      # float32 sampling coordinates
+    embeds, kept, _ = IY.arcface_embeddings(pixels[None], OneFace(kps), ours)
+    assert kept == [0] and embeds.shape == (1, 512)
+    assert relative(embeds[0], expected) <= 1e-5, relative(embeds[0], expected)      # 9.4e-7 here
+    # warped faces, turned 10 degrees: 1.6x the template (the crop shrinks the photo: the pack box-filters 2x2
+    # samples, OpenCV samples once; mean 0.56 levels here, more where the crop leaves the photo), then 0.8x (one
+    # bilinear sample on both sides: OpenCV's 1/32 px coordinates and uint8 rounding, at most 0.5 levels here)
+    for scale, mean_bound, max_bound in ((1.6, 1.0, 255.0), (0.8, 0.5, 1.0)):
+        angle = np.deg2rad(10.0)
+        rotation = scale * np.array([[np.cos(angle), -np.sin(angle)], [np.sin(angle), np.cos(angle)]])
+        kps = ((ARCFACE_TEMPLATE_112 - 56.0) @ rotation.T + 100.0).astype(np.float32)
+        rgb = photo(200, 24)
+        inputs.clear()
+        extract(np.ascontiguousarray(rgb[..., ::-1]), kps, recorded(lambda x: x.flatten(1)))
+        crop = aligned_faces(torch.from_numpy(rgb).float() / 255, [kps])[0]
+        levels = (crop - inputs[0][0]).abs() * 127.5                            # in 8-bit levels
+        assert float(levels.mean()) <= mean_bound and float(levels.max()) <= max_bound, (
+            scale, float(levels.mean()), float(levels.max()))
 
 
 def test_the_control_photo_is_fitted_to_the_canvas_as_the_authors_do():
