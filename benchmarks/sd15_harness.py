@@ -122,17 +122,21 @@ def compare(baseline, variant, repeats: int, device, names=("plain", "variant"))
     baseline()                                                 # warm-up: load weights, allocate
     variant()
     seconds = {name: [] for name in names}
+    cpu = {name: [] for name in names}            # process CPU time: steadier than wall time on a shared CPU
     peaks = {name: [] for name in names}
     for r in range(repeats):
         for name, run in zip(names, (baseline, variant)):
             with PeakMemory(device) as memory:
-                start = time.perf_counter()
+                start, start_cpu = time.perf_counter(), time.process_time()
                 run()
                 seconds[name].append(time.perf_counter() - start)
+                cpu[name].append(time.process_time() - start_cpu)
             peaks[name].append(memory.peak)
-            print(f"  {name:8s} run {r + 1}: {seconds[name][-1]:.2f} s, peak {memory.peak / 2**20:.0f} MiB", flush=True)
+            print(f"  {name:8s} run {r + 1}: {seconds[name][-1]:.2f} s ({cpu[name][-1]:.2f} s CPU), peak "
+                  f"{memory.peak / 2**20:.0f} MiB", flush=True)
     base, var = names
     return {"ratio": statistics.median(seconds[var]) / statistics.median(seconds[base]),
+            "cpu_time_ratio": statistics.median(cpu[var]) / statistics.median(cpu[base]),
             "peak_mem_ratio": max(peaks[var]) / max(peaks[base]),
             f"{base}_seconds": statistics.median(seconds[base]), f"{var}_seconds": statistics.median(seconds[var])}
 

@@ -180,12 +180,15 @@ def capture_options(model_options: dict, family: DitFamily, counts: list[int], f
 
 
 def dit_run(model, family: DitFamily, feature_block: int, subject_token: Optional[int], x: torch.Tensor,
-            model_options: dict, call: Callable[[dict], torch.Tensor], stop: bool):
+            model_options: dict, call: Callable[[dict], torch.Tensor], stop: bool, record: bool = True):
     """(prediction or None when stopped, features (B, C, h, w) on the token grid, (attention grid, subject
-    map, self-attention maps)) of one conditional pass ``call(options)``."""
+    map, self-attention maps)) of one conditional pass ``call(options)``; ``record``: whether the attention
+    maps are wanted (Nones otherwise, and no cost)."""
     counts = family.counts(diffusion_model(model))
     state = CaptureState(token_grid(model, tuple(x.shape[-2:])), stop)
-    maps = JointAttentionMaps(token=subject_token, keep_self=True, max_tokens=MAX_ATTENTION_TOKENS)
+    maps = JointAttentionMaps(token=subject_token, keep_self=record, max_tokens=MAX_ATTENTION_TOKENS)
+    if not record:
+        maps.token = None
     prediction = None
     try:
         prediction = call(capture_options(model_options, family, counts, feature_block, state, maps))

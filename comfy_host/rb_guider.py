@@ -126,7 +126,8 @@ class RBGuider(comfy.samplers.CFGGuider):
         if self.family is not None:
             return dit_run(self.model_patcher, self.family, self.feature_block, self.subject_token, x, model_options,
                            lambda options: comfy.samplers.calc_cond_batch(self.inner_model, [cond], x, sigma,
-                                                                          options)[0], stop)
+                                                                          options)[0], stop,
+                           record=not stop and self.generation_mask_image is None)
         target = math.prod(grid_for(tuple(x.shape[-2:]), ATTENTION_FACTOR))
         features = FeatureCapture(self.feature_block, stop)
         attention = AttentionMaps(token=self.subject_token if self.subject_token else None, keep_self=True,

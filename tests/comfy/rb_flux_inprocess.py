@@ -99,8 +99,11 @@ def facts(torch) -> dict:
 
     def spying(x, sigma, options, cond, stop):
         result = capture_run(x, sigma, options, cond, stop)
-        seen.setdefault("features", list(result[1].shape))
         grid, cross, self_maps = result[2]
+        if stop:                                  # the reference pass: features only, no attention maps
+            seen.setdefault("reference_maps", [grid, cross, self_maps] == [None, None, None])
+            return result
+        seen.setdefault("features", list(result[1].shape))
         seen.setdefault("attention", [list(grid), list(cross.shape), list(self_maps.shape),
                                       float(self_maps.sum(-1).sub(1).abs().max())])
         return result

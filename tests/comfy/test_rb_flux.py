@@ -36,3 +36,4 @@ def test_kontext_features_and_maps_cover_the_generated_image_only(facts):
     grid, cross, self_maps, row_sum_error = kontext["attention"]
     assert kontext["features"] == [1, 64, 4, 4] and grid == [4, 4]
     assert cross == [1, 16] and self_maps == [1, 16, 16] and row_sum_error < 1e-5
+    assert kontext["reference_maps"]                                   # not recorded where nothing reads them
