@@ -56,7 +56,7 @@ def unet_sigma_window(start_at: float, end_at: float, scheduler: dict | None = N
 
 FLUX_SHIFT = 1.15          # FLUX's time shift mu, ComfyUI's default for FLUX models
 SHIFTS = {"flux2": 2.02}   # the families ComfyUI samples with another shift (its sampling_settings)
-FAMILY_HOSTS = ("flux2", "qwen_image", "z_image")   # DiTs whose latents and call live in a module of their name
+FAMILY_HOSTS = ("flux2", "chroma", "qwen_image", "z_image")   # DiTs whose latents and call live in a module of their name
 
 
 def family_host(family: str):

@@ -4,7 +4,7 @@ UNets: the cross-attention (attn2) layers in the order of ``unet.attn_processors
 up blocks, middle block), the order h94's ``ip_adapter.N`` keys and this pack's adapters use.
 Each layer also carries ComfyUI's block name (``input``/``output``/``middle`` and the block
 number in ComfyUI's ``input_blocks``/``output_blocks``), so block weights mean the same in
-both hosts. FLUX.1 and FLUX.2: the double blocks (``transformer_blocks``) then the single blocks;
+both hosts. FLUX.1, FLUX.2 and Chroma: the double blocks (``transformer_blocks``) then the single blocks;
 Qwen-Image: its ``transformer_blocks``, as double blocks; Z-Image: its main ``layers``, as double blocks.
 """
 from __future__ import annotations
@@ -28,7 +28,8 @@ class DiffusersLayer:
 
 # the DiT families by diffusers class (as the adapter files name them)
 DIT_CLASSES = {"FluxTransformer2DModel": "flux", "Flux2Transformer2DModel": "flux2",
-               "QwenImageTransformer2DModel": "qwen_image", "ZImageTransformer2DModel": "z_image"}
+               "ChromaTransformer2DModel": "chroma", "QwenImageTransformer2DModel": "qwen_image",
+               "ZImageTransformer2DModel": "z_image"}
 PATCH_SIZE = {"flux2": 1}      # latent pixels per image token along a side where not 2 (FLUX.2's latent is patchified)
 
 
@@ -113,7 +114,8 @@ def z_image_layers(model) -> list[DiffusersLayer]:
             for i, layer in enumerate(model.layers)]
 
 
-LAYERS = {"flux": flux_layers, "flux2": flux2_layers, "qwen_image": qwen_image_layers, "z_image": z_image_layers}
+LAYERS = {"flux": flux_layers, "flux2": flux2_layers, "chroma": flux_layers, "qwen_image": qwen_image_layers,
+          "z_image": z_image_layers}
 
 
 def host_layers(model) -> list[DiffusersLayer]:

@@ -23,7 +23,7 @@ import torch
 
 @dataclass
 class BaseModel:
-    family: str                   # "unet", "flux", "flux2", "qwen_image" or "z_image"
+    family: str                   # "unet", "flux", "flux2", "chroma", "qwen_image" or "z_image"
     model: torch.nn.Module
     vae: torch.nn.Module
     text: dict                    # the prompt conditioning (see the module docstring)
@@ -31,14 +31,16 @@ class BaseModel:
 
 
 def _class_for(folder: str):
-    from diffusers import (Flux2Transformer2DModel, FluxTransformer2DModel, QwenImageTransformer2DModel,
-                           UNet2DConditionModel, ZImageTransformer2DModel)
+    from diffusers import (ChromaTransformer2DModel, Flux2Transformer2DModel, FluxTransformer2DModel,
+                           QwenImageTransformer2DModel, UNet2DConditionModel, ZImageTransformer2DModel)
     with open(os.path.join(folder, "config.json")) as f:
         name = json.load(f).get("_class_name", "")
     if name == "FluxTransformer2DModel":
         return "flux", FluxTransformer2DModel
     if name == "Flux2Transformer2DModel":
         return "flux2", Flux2Transformer2DModel
+    if name == "ChromaTransformer2DModel":
+        return "chroma", ChromaTransformer2DModel
     if name == "QwenImageTransformer2DModel":
         return "qwen_image", QwenImageTransformer2DModel
     if name == "ZImageTransformer2DModel":
@@ -47,7 +49,8 @@ def _class_for(folder: str):
         return "unet", UNet2DConditionModel
     raise ValueError(f"{folder}: a {name or 'model of no known class'}; the diffusers host trains on "
                      "UNet2DConditionModel (SD1.5, SDXL), FluxTransformer2DModel (FLUX.1), "
-                     "Flux2Transformer2DModel (FLUX.2), QwenImageTransformer2DModel (Qwen-Image) and "
+                     "Flux2Transformer2DModel (FLUX.2), ChromaTransformer2DModel (Chroma), QwenImageTransformer2DModel "
+                     "(Qwen-Image) and "
                      "ZImageTransformer2DModel (Z-Image)")
 
 

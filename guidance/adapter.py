@@ -38,7 +38,7 @@ class AdapterFitError(ValueError):
 
 ADAPTER_FORMAT = "omni_identity.adapter"
 ADAPTER_VERSION = 1
-FAMILIES = ("unet", "flux", "flux2", "qwen_image", "z_image")
+FAMILIES = ("unet", "flux", "flux2", "chroma", "qwen_image", "z_image")
 ATTENTION_STYLES = ("decoupled", "xlabs", "instantx")
 FLUX_BLOCK_SETS = ("all", "double")
 KV_NORM_EPS = 1e-5                       # InstantX's RMSNorm on the identity keys and values

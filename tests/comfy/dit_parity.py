@@ -29,6 +29,9 @@ def comfy_model(family: str, transformer):
     if family == "qwen_image":
         from support.qwen_image_layout import comfy_qwen_image
         return comfy_qwen_image(transformer.state_dict(), transformer.config)
+    if family == "chroma":
+        from support.chroma_layout import bfl_state_dict, comfy_chroma
+        return comfy_chroma(bfl_state_dict(transformer.state_dict()), transformer.config)
     if family == "z_image":
         from support.z_image_layout import comfy_z_image
         return comfy_z_image(transformer.state_dict(), transformer.config)
@@ -75,7 +78,7 @@ def injections_at(patched, layer) -> tuple:
 
 # latent channels and frame axis ComfyUI's model takes, per family
 LATENT = {"flux2": lambda c: (c.in_channels, ()), "qwen_image": lambda c: (c.in_channels // 4, (1,)),
-          "z_image": lambda c: (c.in_channels, ())}
+          "z_image": lambda c: (c.in_channels, ()), "chroma": lambda c: (c.in_channels // 4, ())}
 
 
 def main() -> None:
@@ -148,7 +151,8 @@ def check(family: str, folder: str, adapter_file: str) -> dict:
         options = {**m.model_options["transformer_options"], "cond_or_uncond": [COND, UNCOND], "sigmas": sigmas}
         options["wrappers"] = comfy.patcher_extension.merge_nested_dicts(dict(options.get("wrappers", {})),
                                                                          m.wrappers, copy_dict1=True)
-        extra = {"num_tokens": context.shape[1]} if family == "z_image" else {}
+        extra = {"z_image": {"num_tokens": context.shape[1]},
+                 "chroma": {"guidance": torch.zeros(2)}}.get(family, {})        # Chroma: ComfyUI's default, 0
         return m.model.diffusion_model(x, sigmas, context, transformer_options=options, **extra)
 
     from omniid.diffusers_host.identity import remove_identity

@@ -2,7 +2,7 @@
 each family, and the file loads in ComfyUI's Apply Identity Adapter, on ComfyUI's own model of that family
 (configured by ComfyUI's detection) holding the same weights, with bit-equal identity K/V and the same
 output as the diffusers host's processors (tests/comfy/dit_parity.py, one process for all families).
-FLUX.2 and Qwen-Image take the identity through block patches, Z-Image through the attention override
+FLUX.2, Chroma and Qwen-Image take the identity through block patches, Z-Image through the attention override
 alone (its forward offers no block patches)."""
 import pytest
 
@@ -11,9 +11,10 @@ from support.testing import facts_in_comfyui
 from pathlib import Path
 
 SCRIPT = Path(__file__).with_name("dit_parity.py")
-FAMILIES = ("flux2", "qwen_image", "z_image")
+FAMILIES = ("flux2", "chroma", "qwen_image", "z_image")
 LAYERS = {"flux2": [["double", 0], ["single", 0], ["single", 1]], "qwen_image": [["double", 0], ["double", 1]],
-          "z_image": [["double", 0], ["double", 1]]}           # Z-Image: its main layers, not its refiners
+          "z_image": [["double", 0], ["double", 1]],           # Z-Image: its main layers, not its refiners
+          "chroma": [["double", i] for i in range(19)] + [["single", i] for i in range(38)]}
 TOLERANCE = 3e-5        # of the output's scale: float32 round-off of two implementations (measured: 6e-6 at most)
 
 

@@ -1,10 +1,10 @@
 """Tiny diffusers models with the real layouts (few layers, small widths, random weights).
 
-    PYTHONPATH=tests python -m support.tiny_diffusers {sd15,sdxl,flux,comfy_sd15,flux2,qwen_image,z_image} FOLDER [--seed N]
+    PYTHONPATH=tests python -m support.tiny_diffusers {sd15,sdxl,flux,comfy_sd15,flux2,chroma,qwen_image,z_image} FOLDER [--seed N]
     PYTHONPATH=tests python -m support.tiny_diffusers data FOLDER
 
 The first writes a model folder ``omniid train --stage flow --model FOLDER`` reads: ``unet/`` (SD1.5,
-SDXL) or ``transformer/`` (FLUX.1, FLUX.2, Qwen-Image, Z-Image) and ``vae/``, saved with diffusers' ``save_pretrained``, and
+SDXL) or ``transformer/`` (FLUX.1, FLUX.2, Chroma, Qwen-Image, Z-Image) and ``vae/``, saved with diffusers' ``save_pretrained``, and
 ``text_embeds.safetensors``, a fixed random prompt conditioning of the model's widths. The
 second writes what the rest of a smoke run needs: ``identities/`` (six synthetic identities of
 eight photos) and ``tiny_vit.json`` (a small random open_clip ViT for ``--clip open_clip:...``),
@@ -18,7 +18,7 @@ import sys
 
 import torch
 
-KINDS = ("sd15", "sdxl", "flux", "comfy_sd15", "flux2", "qwen_image", "z_image")
+KINDS = ("sd15", "sdxl", "flux", "comfy_sd15", "flux2", "chroma", "qwen_image", "z_image")
 TINY_OPEN_CLIP = {"embed_dim": 32, "vision_cfg": {"image_size": 224, "layers": 2, "width": 64, "patch_size": 32},
                   "text_cfg": {"context_length": 77, "vocab_size": 49408, "width": 64, "heads": 2, "layers": 1}}
 TINY_ENCODER = {"clip_dim": 64, "tokens_per_image": 50, "dim": 64, "num_queries": 16, "num_heads": 4,
@@ -82,6 +82,17 @@ def flux2_vae():
     return vae
 
 
+def chroma_transformer():
+    """Chroma's layout (FLUX.1's blocks, modulations from a small approximator) at width 64, 4 heads of 16, with
+    the published depth (19 double, 38 single blocks): ComfyUI indexes the approximator's modulations as the
+    published model lays them out (344 of them), so only that depth has a ComfyUI twin."""
+    from diffusers import ChromaTransformer2DModel
+    return ChromaTransformer2DModel(patch_size=1, in_channels=64, num_layers=19, num_single_layers=38,
+                                    attention_head_dim=16, num_attention_heads=4, joint_attention_dim=40,
+                                    axes_dims_rope=(4, 6, 6), approximator_num_channels=64, approximator_hidden_dim=96,
+                                    approximator_layers=2)
+
+
 def qwen_image_transformer():
     """Qwen-Image's layout at width 64 (2 heads of 32), two blocks, over a 4-channel latent."""
     from diffusers import QwenImageTransformer2DModel
@@ -124,7 +135,7 @@ def text_embeds(kind: str, seed: int = 0) -> dict:
         return {"encoder_hidden_states": torch.randn(1, 7, 768, generator=g)}
     if kind == "sdxl":
         return {"encoder_hidden_states": torch.randn(1, 7, 48, generator=g), "text_embeds": torch.randn(1, 24, generator=g)}
-    if kind in ("flux2", "qwen_image", "z_image"):
+    if kind in ("flux2", "chroma", "qwen_image", "z_image"):
         return {"encoder_hidden_states": torch.randn(1, 7, 40, generator=g)}
     return {"encoder_hidden_states": torch.randn(1, 7, 40, generator=g), "pooled_projections": torch.randn(1, 24, generator=g)}
 
@@ -137,9 +148,10 @@ def make_model(kind: str, seed: int = 0):
         torch.manual_seed(seed)
         base = {"sd15": sd15_unet, "sdxl": sdxl_unet, "flux": flux_transformer,
                 "comfy_sd15": comfy_sd15_unet, "flux2": flux2_transformer, "qwen_image": qwen_image_transformer,
-                "z_image": z_image_transformer}[kind]()
+                "z_image": z_image_transformer, "chroma": chroma_transformer}[kind]()
         autoencoders = {"flux2": flux2_vae, "qwen_image": qwen_image_vae}
-        autoencoder = autoencoders[kind]() if kind in autoencoders else vae(16 if kind in ("flux", "z_image") else 4)
+        wide = kind in ("flux", "chroma", "z_image")
+        autoencoder = autoencoders[kind]() if kind in autoencoders else vae(16 if wide else 4)
     return base.eval(), autoencoder.eval()
 
 
@@ -147,7 +159,8 @@ def write_model_folder(kind: str, folder, seed: int = 0) -> str:
     from safetensors.torch import save_file
     base, autoencoder = make_model(kind, seed)
     folder = str(folder)
-    base.save_pretrained(os.path.join(folder, "transformer" if kind in ("flux", "flux2", "qwen_image", "z_image") else "unet"))
+    dit = kind in ("flux", "flux2", "chroma", "qwen_image", "z_image")
+    base.save_pretrained(os.path.join(folder, "transformer" if dit else "unet"))
     autoencoder.save_pretrained(os.path.join(folder, "vae"))
     save_file(text_embeds(kind, seed), os.path.join(folder, "text_embeds.safetensors"))
     return folder

@@ -1,0 +1,48 @@
+"""Small Chroma models for tests: a diffusers ``ChromaTransformer2DModel``'s weights as a ComfyUI model.
+
+ComfyUI converts the blocks from diffusers' keys with its own FLUX map (``convert_diffusers_mmdit``, as
+when it loads a diffusers-format FLUX file); Chroma's approximator, which that map does not know, is
+moved key by key into its published layout (``in_proj``, ``layers.N.in_layer/out_layer``,
+``norms.N.scale``, ``out_proj``). ComfyUI's detection then configures the model; the sizes it fixes for
+the published width (heads, rotary split, the approximator's widths and depth) are set from the small
+model's config.
+"""
+from __future__ import annotations
+
+import torch
+
+APPROXIMATOR = "distilled_guidance_layer."
+
+
+def bfl_state_dict(diffusers_state: dict) -> dict[str, torch.Tensor]:
+    import comfy.model_detection
+    blocks = {k: v for k, v in diffusers_state.items() if not k.startswith(APPROXIMATOR)}
+    out = comfy.model_detection.convert_diffusers_mmdit(dict(blocks), "")
+    for key, value in diffusers_state.items():
+        if key.startswith(APPROXIMATOR):
+            name = (key.replace(".linear_1.", ".in_layer.").replace(".linear_2.", ".out_layer.")
+                    .replace(".weight", ".scale") if ".norms." in key else
+                    key.replace(".linear_1.", ".in_layer.").replace(".linear_2.", ".out_layer."))
+            out[name] = value
+    return out
+
+
+def comfy_chroma(state: dict, config, dtype=torch.float32):
+    import comfy.model_detection
+    import comfy.model_patcher
+
+    unet_config = comfy.model_detection.detect_unet_config(state, "")
+    if unet_config is None or unet_config.get("image_model") != "chroma":
+        raise ValueError(f"ComfyUI does not detect these weights as Chroma: {unet_config}")
+    unet_config.update({"num_heads": config.num_attention_heads, "axes_dim": list(config.axes_dims_rope),
+                        "in_dim": config.approximator_num_channels, "out_dim": state["img_in.weight"].shape[0],
+                        "hidden_dim": config.approximator_hidden_dim, "n_layers": config.approximator_layers})
+    model_config = comfy.model_detection.model_config_from_unet_config(unet_config, state)
+    model_config.set_inference_dtype(dtype, None)
+    base = model_config.get_model({})
+    weights = model_config.process_unet_state_dict({k: v.to(dtype) for k, v in state.items()})
+    missing, unexpected = base.diffusion_model.load_state_dict(weights, strict=False)
+    if missing or unexpected:
+        raise ValueError(f"Chroma layout mismatch: missing {missing[:4]}, unexpected {unexpected[:4]}")
+    cpu = torch.device("cpu")
+    return comfy.model_patcher.ModelPatcher(base, load_device=cpu, offload_device=cpu)
