@@ -9,6 +9,7 @@ Editor (UI) and API workflows alike. What converts (IPAdapter_plus 9d076a3d's no
   wired to that input's source (the FaceID LoRA moves to the apply node's faceid_lora_strength);
 - IPAdapterInsightFaceLoader -> Face Analysis Loader (insightface/<model_name>, its provider);
 - PrepImageForClipVision -> Prep Image For CLIP Vision (OmniIdentity), the same values;
+- IPAdapterNoise -> IPAdapter Noise (OmniIdentity), the same values (its fade, dissolve and gaussian types);
 - IPAdapter, IPAdapterAdvanced, IPAdapterFaceID, IPAdapterPreciseStyleTransfer,
   IPAdapterPreciseComposition, IPAdapterMS, IPAdapterStyleComposition -> Apply IP-Adapter, IPAdapter_plus compatible
   (OmniIdentityApplyIPAdapterCompat) with the same values (IPAdapter's simple weight types as the types

@@ -6,7 +6,8 @@ import re
 from dataclasses import dataclass, field
 from typing import Optional
 
-from .convert_tables import (COMPAT, ADAPTER_LOADER, FACE_LOADER, CLIP_LOADER, PREP, IPA_WIDGETS, IPA_DEFAULTS,
+from .convert_tables import (COMPAT, ADAPTER_LOADER, FACE_LOADER, CLIP_LOADER, PREP, NOISE, NOISE_TYPES,
+                             IPA_WIDGETS, IPA_DEFAULTS,
                              APPLY_TYPES, LOADER_TYPES, APPLY_SOCKETS, WIDGETS, PRESETS, LORA_PRESETS, UNSUPPORTED)
 
 
@@ -94,7 +95,8 @@ def consumers(nodes: dict[str, Node], node_id: str, slot: int) -> list[tuple[str
 def plan(nodes: dict[str, Node]) -> Plan:
     p = Plan()
     sdxl = looks_sdxl(nodes)
-    reasons: dict[str, str] = {n.id: UNSUPPORTED[n.type] for n in nodes.values() if n.type in UNSUPPORTED}
+    reasons: dict[str, str] = {n.id: UNSUPPORTED[n.type] for n in nodes.values() if n.type in UNSUPPORTED
+                               and not (n.type == "IPAdapterNoise" and n.widgets.get("type") in NOISE_TYPES)}
     for n in nodes.values():
         if n.type in APPLY_TYPES:
             problem = apply_problem(n)
@@ -186,6 +188,10 @@ def plan(nodes: dict[str, Node]) -> Plan:
             p.replace[n.id] = (PREP, {"image": n.links["image"]} if "image" in n.links else {},
                                {k: n.widgets.get(k) for k in WIDGETS[PREP]})
             p.converted.append((n.id, n.type, PREP))
+        if n.type == "IPAdapterNoise" and n.widgets.get("type") in NOISE_TYPES:     # an image step as well
+            p.replace[n.id] = (NOISE, {"image": n.links["image_optional"]} if "image_optional" in n.links else {},
+                               {k: n.widgets.get(k) for k in WIDGETS[NOISE]})
+            p.converted.append((n.id, n.type, NOISE))
     for n in nodes.values():
         if n.id in reasons or n.type not in APPLY_TYPES:
             continue

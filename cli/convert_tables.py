@@ -8,6 +8,8 @@ ADAPTER_LOADER = "OmniIdentityAdapterLoader"
 FACE_LOADER = "OmniIdentityFaceAnalysisLoader"
 CLIP_LOADER = "CLIPVisionLoader"
 PREP = "OmniIdentityPrepImageForClipVision"
+NOISE = "OmniIdentityIPAdapterNoise"
+NOISE_TYPES = ("fade", "dissolve", "gaussian")      # IPAdapter Noise's types the pack makes ("shuffle" stays)
 
 # IPAdapter_plus's widget inputs per node, in its INPUT_TYPES order (older saves may lack trailing ones)
 IPA_WIDGETS = {
@@ -29,12 +31,14 @@ IPA_WIDGETS = {
     "IPAdapterUnifiedLoaderCommunity": ("preset",),
     "IPAdapterInsightFaceLoader": ("provider", "model_name"),
     "PrepImageForClipVision": ("interpolation", "crop_position", "sharpening"),
+    "IPAdapterNoise": ("type", "strength", "blur"),
 }
 IPA_DEFAULTS = {"weight": 1.0, "start_at": 0.0, "end_at": 1.0, "weight_type": "linear", "combine_embeds": "concat",
                 "embeds_scaling": "V only", "weight_faceidv2": 1.0, "style_boost": 1.0, "composition_boost": 0.0,
                 "lora_strength": 0.6, "provider": "CPU", "model_name": "buffalo_l", "layer_weights": "",
                 "interpolation": "LANCZOS", "crop_position": "top", "sharpening": 0.0,
-                "weight_style": 1.0, "expand_style": False, "weight_composition": 1.0}
+                "weight_style": 1.0, "expand_style": False, "weight_composition": 1.0, "type": "fade",
+                "strength": 1.0, "blur": 0}
 APPLY_TYPES = ("IPAdapter", "IPAdapterAdvanced", "IPAdapterFaceID", "IPAdapterPreciseStyleTransfer",
                "IPAdapterPreciseComposition", "IPAdapterMS", "IPAdapterStyleComposition")
 LOADER_TYPES = ("IPAdapterModelLoader", "IPAdapterUnifiedLoader", "IPAdapterUnifiedLoaderFaceID",
@@ -51,6 +55,7 @@ TARGETS = {
              ("face_analysis", "FACE_ANALYSIS")),
     ADAPTER_LOADER: (),
     PREP: (("image", "IMAGE"),),
+    NOISE: (("image", "IMAGE"),),
     FACE_LOADER: (),
     CLIP_LOADER: (),
 }
@@ -61,13 +66,15 @@ WIDGETS = {
     FACE_LOADER: ("backend", "provider", "det_size", "dlib_detector", "arcface_model"),
     CLIP_LOADER: ("clip_name",),
     PREP: ("interpolation", "crop_position", "sharpening"),
+    NOISE: ("type", "strength", "blur"),
 }
 OUTPUTS = {COMPAT: (("model", "MODEL"), ("face_image", "IMAGE")), ADAPTER_LOADER: (("adapter", "IDENTITY_ADAPTER"),),
            FACE_LOADER: (("face_analysis", "FACE_ANALYSIS"),), CLIP_LOADER: (("CLIP_VISION", "CLIP_VISION"),),
-           PREP: (("image", "IMAGE"),)}
+           PREP: (("image", "IMAGE"),), NOISE: (("image", "IMAGE"),)}
 TITLES = {COMPAT: "Apply IP-Adapter, IPAdapter_plus compatible (OmniIdentity)",
           ADAPTER_LOADER: "Identity Adapter Loader (OmniIdentity)", FACE_LOADER: "Face Analysis Loader (OmniIdentity)",
-          CLIP_LOADER: "Load CLIP Vision", PREP: "Prep Image For CLIP Vision (OmniIdentity)"}
+          CLIP_LOADER: "Load CLIP Vision", PREP: "Prep Image For CLIP Vision (OmniIdentity)",
+          NOISE: "IPAdapter Noise (OmniIdentity)"}
 
 CLIP_H, CLIP_G, CLIP_336 = ("CLIP-ViT-H-14-laion2B-s32B-b79K.safetensors", "CLIP-ViT-bigG-14-laion2B-39B-b160k.safetensors",
                             "clip-vit-large-patch14-336.bin")
@@ -107,7 +114,7 @@ UNSUPPORTED = {
     "IPAdapterRegionalConditioning": "IPADAPTER_PARAMS (regional conditioning) are not in the pack yet",
     "IPAdapterCombineParams": "IPADAPTER_PARAMS (regional conditioning) are not in the pack yet",
     "IPAdapterFaceIDKolors": "Kolors FaceID (its ChatGLM UNet's encoder_hid_proj inside the adapter) is not in the pack yet",
-    "IPAdapterNoise": "IPAdapter_plus's noise images have no counterpart in the pack yet (connect any image to image_negative)",
+    "IPAdapterNoise": "IPAdapter Noise's 'shuffle' (torchvision's random elastic transform) is not in the pack yet",
     "IPAdapterWeights": "frame weight schedules (AnimateDiff) are not in the pack yet",
     "IPAdapterWeightsFromStrategy": "frame weight schedules (AnimateDiff) are not in the pack yet",
     "IPAdapterPromptScheduleFromWeightsStrategy": "frame weight schedules (AnimateDiff) are not in the pack yet",

@@ -1,9 +1,11 @@
-"""IPAdapter_plus's nodes on this pack's engine: the compatible apply (its options and defaults) and its image prep."""
+"""IPAdapter_plus's nodes on this pack's engine: the compatible apply (its options and defaults), its image prep and
+its noise images."""
 from __future__ import annotations
 
 from comfy_api.latest import io, ui
 
 from ..encoders.image_prep import CROP_POSITIONS, INTERPOLATIONS, prep_for_clip_vision
+from ..encoders.noise_images import NOISE_TYPES, noise_image
 from ..comfy_host.ipadapter_plus import LORA_CHOICES, apply_ipadapter_plus, lora_files
 from ..guidance.ipadapter_plus import (COMBINE_MODES, EMBEDS_SCALINGS, STYLE_COMPOSITION_TYPES, WEIGHT_TYPES,
                                        parse_layer_weights)
@@ -122,4 +124,34 @@ class PrepImageForClipVision(OmniNode):
         return io.NodeOutput(prep_for_clip_vision(image, interpolation, crop_position, sharpening))
 
 
-NODES = [ApplyIPAdapterCompat, PrepImageForClipVision]
+class IPAdapterNoise(OmniNode):
+    @classmethod
+    def define_schema(cls) -> io.Schema:
+        return io.Schema(
+            node_id="OmniIdentityIPAdapterNoise",
+            display_name="IPAdapter Noise (OmniIdentity)",
+            category=f"{CATEGORY}/adapter",
+            description=("IPAdapter_plus's IPAdapter Noise: a noisy image for the compatible apply's image_negative. "
+                         "The photo's centre square at 224 px (black without a photo) mixed with noise whose seed "
+                         "is the image's pixel sum (the same photo, the same noise), then optionally blurred."),
+            inputs=[
+                io.Combo.Input("type", options=list(NOISE_TYPES), default="fade",
+                               tooltip="fade: the photo faded into uniform noise; dissolve: a share of pixels "
+                                       "replaced by noise; gaussian: the photo plus normal noise."),
+                io.Float.Input("strength", default=1.0, min=0.0, max=1.0, step=0.05,
+                               tooltip="How much noise: the fade, the share of pixels, or the normal noise's scale."),
+                io.Int.Input("blur", default=0, min=0, max=32, step=1,
+                             tooltip="Gaussian blur kernel in pixels (an even size is made odd); 0: none."),
+                io.Image.Input("image", optional=True,
+                               tooltip="The photo to add noise to; without one, black."),
+            ],
+            outputs=[io.Image.Output(display_name="image", tooltip="The 224 x 224 noise image(s).")],
+        )
+
+    @classmethod
+    def execute(cls, type: str, strength: float, blur: int, image=None) -> io.NodeOutput:  # noqa: A002
+        image = cls.checked(image=image)
+        return io.NodeOutput(noise_image(type, strength, blur, image))
+
+
+NODES = [ApplyIPAdapterCompat, PrepImageForClipVision, IPAdapterNoise]

@@ -60,6 +60,10 @@ def test_prep_image_equals_ipadapter_plus(result):
     assert result["prep_image"] <= 1e-6
 
 
+def test_noise_image_equals_ipadapter_plus(result):
+    assert result["noise_image"] <= 1e-5
+
+
 
 def test_the_nodes_answer_as_comfyui_calls_them(result):
     """execute and validate_inputs of both nodes, in the same ComfyUI process (see node_checks)."""

@@ -51,7 +51,8 @@ SIZE, STEPS = 64, 3
 RUNS = {
     "ipadapter_advanced.json": "sd15", "ipadapter_combine_embeds.json": "sd15", "ipadapter_faceid.json": "sd15",
     "ipadapter_faceid_batch.json": "sd15", "ipadapter_ideal_faceid_config.json": "sd15",
-    "ipadapter_negative_image.json": "sd15", "ipadapter_simple.json": "sd15", "ipadapter_weight_types.json": "sd15",
+    "ipadapter_negative_image.json": "sd15", "ipadapter_noise_injection.json": "sd15", "ipadapter_simple.json": "sd15",
+    "ipadapter_weight_types.json": "sd15",
     "ipadapter_portrait.json": "sdxl", "ipadapter_precise_composition.json": "sdxl",
     "ipadapter_precise_weight_type.json": "sdxl", "ipadapter_style_composition.json": "sdxl",
     "ipadapter_cosxl_edit.json": "sdxl_ip2p",

@@ -20,11 +20,12 @@ def converter_layout_problems() -> list:
     register_model_folders()
     from omniid.nodes.adapter_nodes import AdapterLoader
     from omniid.nodes.face_nodes import FaceAnalysisLoader
-    from omniid.nodes.ipadapter_plus_nodes import ApplyIPAdapterCompat, PrepImageForClipVision
+    from omniid.nodes.ipadapter_plus_nodes import ApplyIPAdapterCompat, IPAdapterNoise, PrepImageForClipVision
     sockets_types = {"MODEL", "IDENTITY_ADAPTER", "CLIP_VISION", "IMAGE", "MASK", "FACE_ANALYSIS"}
     problems = []
     for cls, kind in ((ApplyIPAdapterCompat, C.COMPAT), (AdapterLoader, C.ADAPTER_LOADER),
-                      (FaceAnalysisLoader, C.FACE_LOADER), (PrepImageForClipVision, C.PREP)):
+                      (FaceAnalysisLoader, C.FACE_LOADER), (PrepImageForClipVision, C.PREP),
+                      (IPAdapterNoise, C.NOISE)):
         schema = cls.define_schema()
         widgets = tuple(i.id for i in schema.inputs
                         if i.get_io_type() not in sockets_types and not getattr(i, "force_input", False))

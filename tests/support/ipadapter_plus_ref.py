@@ -321,7 +321,7 @@ def run(layouts=("sd15", "sdxl"), seed: int = 0, steps: int = 3, size: int = 16,
             print(f"{key:48s} latent rel L2 {results[key]:.2e} (IPAdapter_plus vs none {effects[key]:.2e})",
                   flush=True)
     return {"cases": results, "effect": effects, "face_images": face_images, "prep_image": prep_image_difference(ipa),
-            "ipadapter_plus_commit": COMMIT}
+            "noise_image": noise_image_difference(ipa), "ipadapter_plus_commit": COMMIT}
 
 
 def prep_image_difference(ipa, seed: int = 0) -> float:
@@ -338,4 +338,23 @@ def prep_image_difference(ipa, seed: int = 0) -> float:
                     theirs = ipa.PrepImageForClipVision().prep_image(image, interpolation, position, sharpening)[0]
                     ours = prep_for_clip_vision(image, interpolation, position, sharpening)
                     worst = max(worst, float((theirs - ours).abs().max()))
+    return worst
+
+
+def noise_image_difference(ipa, seed: int = 0) -> float:
+    """Largest difference between IPAdapter_plus's IPAdapter Noise and the pack's over its three types, two
+    strengths, blur off / even / odd, photos of several shapes (a batch of one and of two, square, 224) and none.
+    Their noise comes from a seed reset on torch's global generator; the global state is put back after."""
+    from omniid.encoders.noise_images import NOISE_TYPES, noise_image
+    g = torch.Generator().manual_seed(seed + 37)
+    state = torch.get_rng_state()
+    worst = 0.0
+    for shape in ((1, 180, 260, 3), (2, 301, 150, 3), (1, 224, 224, 3), (3, 100, 90, 3), None):
+        image = None if shape is None else torch.rand(*shape, generator=g)
+        for kind in NOISE_TYPES:
+            for strength in (0.3, 1.0):
+                for blur in (0, 4, 5):
+                    theirs = ipa.IPAdapterNoise().make_noise(kind, strength, blur, image)[0]
+                    worst = max(worst, float((theirs - noise_image(kind, strength, blur, image)).abs().max()))
+    torch.set_rng_state(state)
     return worst

@@ -23,8 +23,7 @@ ARCHIVE = Path(__file__).resolve().parents[2].parent / "shared" / "vendor" / "Co
 # workflow -> IPAdapter_plus node types that stay (each listed with a reason, or a loader kept for them beside
 # the pack's); every other one converts
 STAYS = {
-    "IPAdapter_FaceIDv2_Kolors.json": {"IPAdapterModelLoader", "IPAdapterInsightFaceLoader", "IPAdapterFaceIDKolors",
-                                       "IPAdapterNoise"},
+    "IPAdapter_FaceIDv2_Kolors.json": {"IPAdapterModelLoader", "IPAdapterInsightFaceLoader", "IPAdapterFaceIDKolors"},
     "ipadapter_advanced.json": set(),
     "ipadapter_clipvision_enhancer.json": {"IPAdapterUnifiedLoader", "IPAdapterClipVisionEnhancer"},
     "ipadapter_combine_embeds.json": set(),
@@ -34,7 +33,7 @@ STAYS = {
     "ipadapter_ideal_faceid_config.json": set(),
     "ipadapter_kolors.json": set(),
     "ipadapter_negative_image.json": set(),
-    "ipadapter_noise_injection.json": {"IPAdapterNoise"},
+    "ipadapter_noise_injection.json": set(),
     "ipadapter_portrait.json": set(),
     "ipadapter_precise_composition.json": set(),
     "ipadapter_precise_weight_type.json": set(),
@@ -48,7 +47,7 @@ STAYS = {
                                        "IPAdapterCombineEmbeds"},
     "ipadapter_weights.json": {"IPAdapterUnifiedLoader", "IPAdapterBatch", "IPAdapterWeights"},
 }
-OURS = {C.COMPAT, C.ADAPTER_LOADER, C.FACE_LOADER, C.CLIP_LOADER, C.PREP}
+OURS = {C.COMPAT, C.ADAPTER_LOADER, C.FACE_LOADER, C.CLIP_LOADER, C.PREP, C.NOISE}
 
 
 def examples() -> dict:
@@ -213,3 +212,16 @@ def test_prep_image_keeps_its_values():
     converted, _ = convert(EXAMPLES["ipadapter_advanced.json"])
     prep = next(n for n in converted["nodes"] if n["id"] == 17)
     assert prep["type"] == C.PREP and prep["widgets_values"] == ["LANCZOS", "top", 0.15]
+
+
+def test_noise_keeps_its_values_and_its_image_and_shuffle_stays():
+    converted, _ = convert(EXAMPLES["ipadapter_noise_injection.json"])
+    noise = next(n for n in converted["nodes"] if n["id"] == 18)
+    assert noise["type"] == C.NOISE and noise["widgets_values"] == ["fade", 0.3, 5]
+    source = next(link for link in converted["links"] if link[0] == noise["inputs"][0]["link"])
+    assert source[1] == 17           # its photo: the prepped image, as before
+    shuffled = json.loads(json.dumps(EXAMPLES["ipadapter_noise_injection.json"]))
+    next(n for n in shuffled["nodes"] if n["id"] == 18)["widgets_values"][0] = "shuffle"
+    converted, plan = convert(shuffled)
+    assert next(n for n in converted["nodes"] if n["id"] == 18)["type"] == "IPAdapterNoise"
+    assert any(int(i) == 18 and "shuffle" in reason for i, _, reason in plan.skipped)
