@@ -11,8 +11,9 @@ def prompt_tokens(clip, prompt: str, stream: str = "") -> list[str]:
         raise TypeError(f"clip must come from a checkpoint or CLIP loader, not a {type(clip).__name__}")
     tokenized = clip.tokenize(prompt)
     if stream and stream not in tokenized:
-        raise ValueError(f"RB-Guidance: the connected CLIP has no {stream!r} tokenizer ({', '.join(tokenized)}); "
-                         "connect the text encoder that encoded the positive prompt for this model")
+        raise ValueError(f"RB-Guidance reads this model's prompt as {stream} tokens, and the connected CLIP has none "
+                         f"({', '.join(tokenized)}): connect the text encoder that encoded the positive prompt, or "
+                         "set subject_token, connect a generation_mask, or set mask_source to 'reference similarity'")
     chunks = tokenized[stream] if stream else next(iter(tokenized.values()))
     tokenizer = getattr(clip.tokenizer, stream, None) if stream else None
     untokenize = getattr(tokenizer, "untokenize", None) or clip.tokenizer.untokenize

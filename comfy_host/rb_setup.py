@@ -106,6 +106,15 @@ def subject_token(positive, index: int, subject: str, clip, prompt: str, stream:
         "set mask_source to 'reference similarity', or connect a generation_mask.")
 
 
+def feature_description(guider: RBGuider) -> str:
+    if guider.family is None:
+        return f"input of output block {guider.feature_block}"
+    counts = guider.family.counts(guider.model_patcher.get_model_object("diffusion_model"))
+    kind, index = guider.family.block(guider.feature_block, counts)
+    return (f"{guider.family.name} block {guider.feature_block} of {sum(counts)} ({kind.replace('_', ' ')} {index}), "
+            "the generated image's tokens")
+
+
 def _tinted(image: torch.Tensor, mask) -> torch.Tensor:
     if mask is None:
         return image.clone()
@@ -145,8 +154,9 @@ def rb_guider(model, positive, negative, cfg: float, reference: torch.Tensor, va
     guider = RBGuider(gradient_ready(model), settings, latent, mask, generation_mask, feature_block, token, seed)
     guider.set_conds(positive, negative)
     guider.set_cfg(cfg)
-    lines = [f"reference mask: {ref.source}", f"generated-face mask: {gen_source}", *notes]
+    lines = [f"reference mask: {ref.source}", f"generated-face mask: {gen_source}",
+             f"features: {feature_description(guider)}", *notes]
     preview = captioned(_tinted(image[:1, :height, :width], mask), lines)
-    LOG.info("RB-Guidance: p=%s, u=%s, t0=%s, feature block %s; %s", settings.strength, settings.start_fraction,
-             settings.t0, guider.feature_block, "; ".join(lines))
+    LOG.info("RB-Guidance: p=%s, u=%s, t0=%s; %s", settings.strength, settings.start_fraction, settings.t0,
+             "; ".join(lines))
     return guider, preview, lines

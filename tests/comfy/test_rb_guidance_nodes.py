@@ -188,3 +188,4 @@ def test_flux_guider_from_the_loaders(comfy, comfy_server):
     assert 1e-5 < change < 0.5, change
     text = _text(result, guiders["rb"])
     assert "reference mask: whole image" in text and "attention of subject_token input (3)" in text
+    assert "features: FLUX block 1 of 2 (double block 0)" in text            # the default: the last double block
