@@ -20,11 +20,15 @@ from ..guidance.decoupled import COND, UNCOND, IdentityOnlyAttention, LayerInjec
 from .attention import record_attention
 from .gradients import gradient_ready
 from .identity import add_flux_injection, add_unet_injection, track_flux_calls
-from .layers import host_layers, is_flux, patch_size
+from .layers import dit_family, host_layers, is_flux, patch_size
 
 
 class ComfyDenoiserHost:
     def __init__(self, model, vae, positive, image_size: int):
+        family = dit_family(model)
+        if family is not None and not is_flux(model):
+            raise ValueError(f"training in ComfyUI on a {family.name} model is not supported yet: train its adapter "
+                             "with  omniid train --stage flow  on the diffusers model (docs/training_at_scale.md)")
         self.base = gradient_ready(model)
         self.vae, self.image_size = vae, image_size
         self.layers = host_layers(model)
