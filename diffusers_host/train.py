@@ -30,8 +30,9 @@ PARALLEL = ("ddp", "fsdp")
 
 def shard_units(model) -> list:
     """The submodules FSDP shards one by one (their weights are gathered together for their forward)."""
-    if is_dit(model):
-        return [*model.transformer_blocks, *getattr(model, "single_transformer_blocks", ())]
+    if is_dit(model):           # each family's block lists (Z-Image: its refiners and main layers)
+        names = ("transformer_blocks", "single_transformer_blocks", "context_refiner", "noise_refiner", "layers")
+        return [block for name in names for block in (getattr(model, name, None) or ())]
     blocks = [*model.down_blocks, *([model.mid_block] if model.mid_block is not None else []), *model.up_blocks]
     return [unit for block in blocks for unit in (*(getattr(block, "attentions", None) or []), *block.resnets)]
 
