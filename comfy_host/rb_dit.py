@@ -1,4 +1,4 @@
-"""RB-Guidance's captures on flow-matching DiTs (FLUX.1 dev and Kontext; Chroma, Qwen-Image by the same rules).
+"""RB-Guidance's captures on flow-matching DiTs (FLUX.1 dev and Kontext, Chroma).
 
 Each family is one entry of ``FAMILIES``: its block lists in execution order (the ``patches_replace["dit"]``
 names ComfyUI's forward offers), the tokenizer whose tokens make the text stream, and the default
@@ -42,6 +42,7 @@ class DitFamily:
     tokenizer: str                           # key of clip.tokenize()'s result holding the text stream's tokens
     default_block: Callable[[list[int]], int]   # block counts per kind -> default feature block (1-based)
     default_rule: str                        # the default, in words
+    marker: str = ""                         # an attribute only this family's diffusion model has
 
     def counts(self, dm) -> list[int]:
         return [len(getattr(dm, attribute)) for _, attribute in self.blocks]
@@ -65,9 +66,12 @@ def _last_of_first_kind(counts: list[int]) -> int:
     return counts[0]
 
 
-FAMILIES = (
-    DitFamily("FLUX", (("double_block", "double_blocks"), ("single_block", "single_blocks")), "single_block",
-              "t5xxl", _last_of_first_kind, "the last double block's output (19 of 57 on FLUX.1)"),
+FLUX_BLOCKS = (("double_block", "double_blocks"), ("single_block", "single_blocks"))
+FAMILIES = (      # the first that matches is taken: a family with a marker before the one it extends
+    DitFamily("Chroma", FLUX_BLOCKS, "single_block", "t5xxl", _last_of_first_kind,
+              "the last double block's output (19 of 57)", marker="distilled_guidance_layer"),
+    DitFamily("FLUX", FLUX_BLOCKS, "single_block", "t5xxl", _last_of_first_kind,
+              "the last double block's output (19 of 57 on FLUX.1)"),
 )
 
 
@@ -75,7 +79,8 @@ def dit_family(model) -> Optional[DitFamily]:
     """The DiT family of ``model`` (a ModelPatcher), or None for a UNet."""
     dm = diffusion_model(model)
     for family in FAMILIES:
-        if all(hasattr(dm, attribute) for _, attribute in family.blocks):
+        if all(hasattr(dm, attribute) for _, attribute in family.blocks) and (
+                not family.marker or hasattr(dm, family.marker)):
             return family
     return None
 

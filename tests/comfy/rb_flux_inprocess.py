@@ -1,4 +1,4 @@
-"""RB-Guidance on FLUX.1 (dev and Kontext) in process: run with the Python that runs ComfyUI.
+"""RB-Guidance on FLUX.1 (dev and Kontext) and Chroma in process: run with the Python that runs ComfyUI.
 
     python tests/comfy/rb_flux_inprocess.py --comfyui PATH
 
@@ -11,7 +11,9 @@ loaded in inference mode as ComfyUI's loaders do), sampled by ComfyUI's euler sa
   equals -sigma / (1 - sigma) times the masked gradient of E = p / (1 + S) written out here by hand
   (the flow model's own noise scaling for the reference at t0, the paper's matching);
 - the guided steps are those with t = 1000 sigma <= u T; with Kontext the features and the attention
-  maps cover the generated image's tokens only, and the subject map is recorded.
+  maps cover the generated image's tokens only, and the subject map is recorded;
+- Chroma (a tiny diffusers ChromaTransformer2DModel at the published depth in ComfyUI's Chroma): its own
+  family entry, strength 0 bit for bit, strength 8.5 moves the latent.
 Prints one JSON line of facts that tests/comfy/test_rb_flux.py asserts.
 """
 from __future__ import annotations
@@ -127,6 +129,27 @@ def facts(torch) -> dict:
     out["before_window_equal"] = all(torch.equal(a, b) for a, b in zip(predictions[id(guided)][:first],
                                                                         predictions[id(plain)][:first]))
     out["hand"] = hand_push(torch, model, reference, noise, sigmas, first, face, predictions[id(plain)], push)
+
+    # Chroma (FLUX.1's blocks, modulations from an approximator), through ComfyUI's detection
+    from support.chroma_layout import bfl_state_dict, comfy_chroma
+    from support.tiny_diffusers import chroma_transformer
+    torch.manual_seed(14)
+    transformer = chroma_transformer()
+    try:
+        with torch.inference_mode():
+            chroma = comfy_chroma(bfl_state_dict(transformer.state_dict()), transformer.config)
+    except ValueError as exc:                # a release whose Chroma fixes the published width's heads
+        out["chroma"] = {"built": False, "reason": str(exc)}
+        return out
+    text = [[torch.randn(1, 6, 40, generator=g), {}]], [[torch.randn(1, 6, 40, generator=g), {}]]
+    plain = run(comfy.samplers.CFGGuider(chroma), *text, 2.0)
+    off = run(rb(chroma, 0.0), *text, 2.0)
+    guided = rb(chroma, 8.5)
+    moved = run(guided, *text, 2.0)
+    out["chroma"] = {"built": True, "p0_equal": bool(torch.equal(plain, off)), "family": guided.family.name,
+                     "feature_block": guided.feature_block, "guided_steps": guided.guided_steps,
+                     "moved": float((moved - plain).abs().max() / plain.abs().max()),
+                     "finite": bool(torch.isfinite(moved).all())}
     return out
 
 

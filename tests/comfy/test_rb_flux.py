@@ -1,4 +1,4 @@
-"""RB-Guidance on FLUX.1 dev and Kontext, in process with ComfyUI's model classes (rb_flux_inprocess.py):
+"""RB-Guidance on FLUX.1 dev and Kontext (and Chroma), in process with ComfyUI's model classes (rb_flux_inprocess.py):
 strength 0 is ComfyUI's CFGGuider bit for bit, the push equals a hand computation, Kontext's reference
 tokens stay out of the features and the attention maps."""
 from pathlib import Path
@@ -37,3 +37,15 @@ def test_kontext_features_and_maps_cover_the_generated_image_only(facts):
     assert kontext["features"] == [1, 64, 4, 4] and grid == [4, 4]
     assert cross == [1, 16] and self_maps == [1, 16, 16] and row_sum_error < 1e-5
     assert kontext["reference_maps"]                                   # not recorded where nothing reads them
+
+
+def test_chroma_is_its_own_table_entry_on_the_same_path(facts):
+    chroma = facts["chroma"]
+    if not chroma["built"]:
+        # ComfyUI 0.3.64's Chroma takes the published width's heads whatever the weights say, so no small
+        # Chroma loads there; RB-Guidance on Chroma is checked on the releases where one does
+        assert "expected positional dim" in chroma["reason"], chroma["reason"]
+        return
+    assert chroma["family"] == "Chroma" and chroma["feature_block"] == 19      # the last of 19 double blocks
+    assert chroma["p0_equal"] and chroma["finite"] and chroma["guided_steps"] == 2
+    assert 1e-4 < chroma["moved"] < 1.0
