@@ -1,4 +1,4 @@
-"""RB-Guidance's captures on flow-matching DiTs (FLUX.1 dev and Kontext, Chroma).
+"""RB-Guidance's captures on flow-matching DiTs (FLUX.1 dev and Kontext, Chroma, FLUX.2).
 
 Each family is one entry of ``FAMILIES``: its block lists in execution order (the ``patches_replace["dit"]``
 names ComfyUI's forward offers), the tokenizer whose tokens make the text stream, and the default
@@ -39,7 +39,7 @@ class DitFamily:
     name: str
     blocks: tuple[tuple[str, str], ...]      # (patches_replace["dit"] kind, diffusion model attribute), in order
     joint_kind: str                          # blocks whose image stream is [text | image] ("" for none)
-    tokenizer: str                           # key of clip.tokenize()'s result holding the text stream's tokens
+    tokenizers: tuple[str, ...]              # keys of clip.tokenize()'s result that make the text stream
     default_block: Callable[[list[int]], int]   # block counts per kind -> default feature block (1-based)
     default_rule: str                        # the default, in words
     marker: str = ""                         # an attribute only this family's diffusion model has
@@ -68,9 +68,11 @@ def _last_of_first_kind(counts: list[int]) -> int:
 
 FLUX_BLOCKS = (("double_block", "double_blocks"), ("single_block", "single_blocks"))
 FAMILIES = (      # the first that matches is taken: a family with a marker before the one it extends
-    DitFamily("Chroma", FLUX_BLOCKS, "single_block", "t5xxl", _last_of_first_kind,
+    DitFamily("Chroma", FLUX_BLOCKS, "single_block", ("t5xxl",), _last_of_first_kind,
               "the last double block's output (19 of 57)", marker="distilled_guidance_layer"),
-    DitFamily("FLUX", FLUX_BLOCKS, "single_block", "t5xxl", _last_of_first_kind,
+    DitFamily("FLUX.2", FLUX_BLOCKS, "single_block", ("mistral3_24b", "qwen3_4b", "qwen3_8b"), _last_of_first_kind,
+              "the last double block's output (8 of 56 on FLUX.2 dev)", marker="double_stream_modulation_img"),
+    DitFamily("FLUX", FLUX_BLOCKS, "single_block", ("t5xxl",), _last_of_first_kind,
               "the last double block's output (19 of 57 on FLUX.1)"),
 )
 

@@ -80,7 +80,8 @@ def layout_masks(faces, count: int, grow: float = 0.15, feather: int = 8) -> tor
     return torch.stack([face_region(r.face, height, width, grow, feather) for r in records])
 
 
-def subject_token(positive, index: int, subject: str, clip, prompt: str, stream: str = "") -> tuple[int, str]:
+def subject_token(positive, index: int, subject: str, clip, prompt: str,
+                  streams: tuple[str, ...] = ()) -> tuple[int, str]:
     """(token index of the subject in the positive prompt, how it was found)."""
     tokens = min(int(cond.shape[1]) for cond, _ in positive)
     if index >= tokens:
@@ -93,7 +94,9 @@ def subject_token(positive, index: int, subject: str, clip, prompt: str, stream:
         token = int(marked.pop())
         return token, f"pivot token ({token}, from Apply Pivot ID)"
     if clip is not None and prompt.strip():
-        token, word = find_subject_token(prompt_tokens(clip, prompt, stream), subject)
+        tokens, start = prompt_tokens(clip, prompt, streams)
+        token, word = find_subject_token(tokens[start:], subject)
+        token = None if token is None else token + start
         if token is not None:
             return token, f"'{word}' at token {token} of the prompt"
         wanted = f"the word {subject!r}" if subject.strip() else "a person word (man, woman, person, boy, girl, ...)"
@@ -146,7 +149,7 @@ def rb_guider(model, positive, negative, cfg: float, reference: torch.Tensor, va
     else:
         family = dit_family(model)
         token, found = subject_token(positive, subject_index, subject, clip, prompt,
-                                     "" if family is None else family.tokenizer)
+                                     () if family is None else family.tokenizers)
         gen_source = f"attention of {found}, refined by self-attention"
     height, width = (image.shape[1] // 8) * 8, (image.shape[2] // 8) * 8
     latent = vae.encode(image[:, :height, :width])

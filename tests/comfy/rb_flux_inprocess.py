@@ -71,15 +71,18 @@ def facts(torch) -> dict:
     sampler = comfy.samplers.sampler_object("euler")
     predictions = {}
 
-    def run(guider, pos, neg, cfg):
+    def run(guider, pos, neg, cfg, channels=16):
         guider.set_conds(pos, neg)
         guider.set_cfg(cfg)
         steps = predictions[id(guider)] = []
-        return guider.sample(noise, latent, sampler, sigmas, disable_pbar=True, seed=13,
+        start, start_noise = (latent, noise) if channels == 16 else (torch.zeros(1, channels, 8, 8), torch.randn(
+            1, channels, 8, 8, generator=torch.Generator().manual_seed(13)))
+        return guider.sample(start_noise, start, sampler, sigmas, disable_pbar=True, seed=13,
                              callback=lambda step, x0, x, total: steps.append(x0.clone()))
 
-    def rb(m, strength, mask=None, block=0):
-        return RBGuider(gradient_ready(m), RBSettings(strength=strength), reference, None, mask, feature_block=block,
+    def rb(m, strength, mask=None, block=0, channels=16):
+        ref = reference if channels == 16 else torch.randn(1, channels, 8, 8, generator=torch.Generator().manual_seed(16))
+        return RBGuider(gradient_ready(m), RBSettings(strength=strength), ref, None, mask, feature_block=block,
                         subject_token=3, seed=0)
 
     out = {"sigmas": [float(s) for s in sigmas]}
@@ -130,6 +133,9 @@ def facts(torch) -> dict:
                                                                         predictions[id(plain)][:first]))
     out["hand"] = hand_push(torch, model, reference, noise, sigmas, first, face, predictions[id(plain)], push)
 
+    out["flux2"] = flux2_facts(torch, run, rb, g)
+    out["subject_words"] = subject_words()
+
     # Chroma (FLUX.1's blocks, modulations from an approximator), through ComfyUI's detection
     from support.chroma_layout import bfl_state_dict, comfy_chroma
     from support.tiny_diffusers import chroma_transformer
@@ -151,6 +157,52 @@ def facts(torch) -> dict:
                      "moved": float((moved - plain).abs().max() / plain.abs().max()),
                      "finite": bool(torch.isfinite(moved).all())}
     return out
+
+
+def flux2_facts(torch, run, rb, g) -> dict:
+    """FLUX.2 (klein's layout, patch size 1) through ComfyUI's detection: its own family entry."""
+    import comfy.samplers
+    from support.flux2_layout import bfl_state_dict, comfy_flux2
+    from support.tiny_diffusers import flux2_transformer
+    torch.manual_seed(15)
+    transformer = flux2_transformer()
+    try:
+        with torch.inference_mode():
+            model = comfy_flux2(bfl_state_dict(transformer.state_dict()), transformer.config.num_attention_heads,
+                                transformer.config.axes_dims_rope)
+    except ValueError as exc:                # a release without FLUX.2
+        return {"built": False, "reason": str(exc)}
+    text = [[torch.randn(1, 6, 40, generator=g), {}]], [[torch.randn(1, 6, 40, generator=g), {}]]
+    channels = transformer.config.in_channels                        # patch size 1
+    plain = run(comfy.samplers.CFGGuider(model), *text, 2.0, channels)
+    off = run(rb(model, 0.0, channels=channels), *text, 2.0, channels)
+    guided = rb(model, 8.5, channels=channels)
+    moved = run(guided, *text, 2.0, channels)
+    return {"built": True, "p0_equal": bool(torch.equal(plain, off)), "family": guided.family.name,
+            "feature_block": guided.feature_block, "guided_steps": guided.guided_steps,
+            "moved": float((moved - plain).abs().max() / plain.abs().max()), "finite": bool(torch.isfinite(moved).all())}
+
+
+def subject_words() -> dict:
+    """The subject word found with each family's own tokenizer (no text encoder weights needed), as the node
+    finds it: FLUX.1's T5 and, where this ComfyUI has it, FLUX.2 klein's Qwen3 with its chat template."""
+    from types import SimpleNamespace
+
+    import comfy.text_encoders.flux as flux_text
+    from omniid.comfy_host.rb_dit import FAMILIES
+    from omniid.comfy_host.rb_setup import subject_token
+    streams = {family.name: family.tokenizers for family in FAMILIES}
+    found = {}
+    for name, tokenizer, family in (("t5", getattr(flux_text, "FluxTokenizer", None), "FLUX"),
+                                    ("qwen3", getattr(flux_text, "KleinTokenizer", None), "FLUX.2")):
+        if tokenizer is None:
+            continue
+        tokenizer = tokenizer()
+        clip = SimpleNamespace(tokenize=tokenizer.tokenize_with_weights, tokenizer=tokenizer)
+        positive = [[None, {}]]
+        positive[0][0] = SimpleNamespace(shape=(1, 512, 8))
+        found[name] = list(subject_token(positive, 0, "", clip, "a photo of a woman, smiling", streams[family]))
+    return found
 
 
 def hand_push(torch, model, reference, noise, sigmas, first, face, plain_x0, push) -> dict:

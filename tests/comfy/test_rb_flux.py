@@ -49,3 +49,21 @@ def test_chroma_is_its_own_table_entry_on_the_same_path(facts):
     assert chroma["family"] == "Chroma" and chroma["feature_block"] == 19      # the last of 19 double blocks
     assert chroma["p0_equal"] and chroma["finite"] and chroma["guided_steps"] == 2
     assert 1e-4 < chroma["moved"] < 1.0
+
+
+def test_flux2_is_its_own_table_entry_on_the_same_path(facts):
+    flux2 = facts["flux2"]
+    if not flux2["built"]:                                             # ComfyUI 0.3.64 has no FLUX.2
+        assert "does not detect these weights as FLUX.2" in flux2["reason"], flux2["reason"]
+        return
+    assert flux2["family"] == "FLUX.2" and flux2["feature_block"] == 1      # klein's layout here: 1 double block
+    assert flux2["p0_equal"] and flux2["finite"] and flux2["guided_steps"] == 2
+    assert 1e-4 < flux2["moved"] < 1.0
+
+
+def test_the_subject_word_is_found_with_the_models_own_tokenizer(facts):
+    words = facts["subject_words"]
+    # T5 has no start token: 'a photo of a woman' -> '\u2581', 'a', '\u2581photo', '\u2581of', '\u2581', 'a', '\u2581woman'
+    assert words["t5"] == [6, "'woman' at token 6 of the prompt"]
+    if "qwen3" in words:            # klein's chat template comes first: '<|im_start|>', 'user', newline, then the prompt
+        assert words["qwen3"] == [7, "'woman' at token 7 of the prompt"]
