@@ -24,8 +24,8 @@ class RBGuidance(OmniNode):
                 "so the node finds the word), and the reference's mask its detected face. The preview says which "
                 "masks were used."),
             inputs=[
-                io.Model.Input("model", tooltip="SD1.5, SDXL or FLUX.1 (dev, Kontext) model, usually already carrying an "
-                                               "identity adapter (or PuLID-FLUX)."),
+                io.Model.Input("model", tooltip="SD1.5, SDXL, FLUX.1 (dev, Kontext), Chroma or FLUX.2 model, usually "
+                                               "already carrying an identity adapter (or PuLID-FLUX)."),
                 io.Conditioning.Input("positive", tooltip="Positive prompt."),
                 io.Conditioning.Input("negative", tooltip="Negative prompt."),
                 io.Float.Input("cfg", default=7.5, min=0.0, max=100.0, step=0.1, tooltip="CFG scale (paper: 7.5)."),
@@ -39,10 +39,11 @@ class RBGuidance(OmniNode):
                 io.Int.Input("t0", default=671, min=0, max=999,
                              tooltip="Timestep the reference is noised to for its features (the paper's 671)."),
                 io.Int.Input("feature_block", default=0, min=0, max=64, optional=True,
-                             tooltip="DIFT features. SD: the input of this output block; FLUX: the image tokens of "
-                                     "this block's output, counting the double blocks, then the single blocks (1 = "
-                                     "the first). 0 = the model's default: SD output block 6 (after SD1.5's second "
-                                     "up-block), FLUX the last double block (19)."),
+                             tooltip="DIFT features. SD: the input of this output block; FLUX.1, Chroma, FLUX.2: "
+                                     "the generated image's tokens of this block's output, counting the double "
+                                     "blocks, then the single blocks (1 = the first). 0 = the model's default: SD "
+                                     "output block 6 (after SD1.5's second up-block), DiTs the last double block "
+                                     "(FLUX.1: 19)."),
                 io.Clip.Input("clip", optional=True,
                               tooltip="The CLIP that encoded the positive prompt: reads the prompt's tokens to find "
                                       "the subject word."),
@@ -54,7 +55,7 @@ class RBGuidance(OmniNode):
                                         "girl, ... in the prompt (or the pivot token of Apply Pivot ID)."),
                 advanced(io.Int.Input("subject_token", default=0, min=0, max=511, optional=True,
                              tooltip="Expert: the subject's position among the prompt's tokens (SD: CLIP, 1 = first "
-                                     "word; FLUX: T5, 0 = first word, so find it instead); 0 = find it from "
+                                     "word; DiTs: their text stream, where the first word may be 0, so find it instead); 0 = find it from "
                                      "subject / prompt / Apply Pivot ID.")),
                 io.Combo.Input("mask_source", options=list(rb_setup.MASK_SOURCES), default="subject attention",
                                optional=True,
