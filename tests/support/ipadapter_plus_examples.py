@@ -191,7 +191,8 @@ def serve_small_clip_vision(path: Path) -> None:
     comfy.clip_vision.load = load
 
 
-def photo(name: str) -> "PIL.Image.Image":  # noqa: F821
+def photo(name: str):
+    """A smooth random RGB image for the file ``name``; its size (four of five not square) comes from the name."""
     from PIL import Image
     seed = int(hashlib.sha256(name.encode()).hexdigest()[:8], 16)
     g = np.random.default_rng(seed)

@@ -343,17 +343,17 @@ def prep_image_difference(ipa, seed: int = 0) -> float:
 
 def noise_image_difference(ipa, seed: int = 0) -> float:
     """Largest difference between IPAdapter_plus's IPAdapter Noise and the pack's over its three types, two
-    strengths, blur off / even / odd, photos of several shapes (a batch of one and of two, square, 224) and none.
+    strengths, blur off and 4 (made 5), photos of three shapes (a batch of one and of two, 224 square) and none.
     Their noise comes from a seed reset on torch's global generator; the global state is put back after."""
     from omniid.encoders.noise_images import NOISE_TYPES, noise_image
     g = torch.Generator().manual_seed(seed + 37)
     state = torch.get_rng_state()
     worst = 0.0
-    for shape in ((1, 180, 260, 3), (2, 301, 150, 3), (1, 224, 224, 3), (3, 100, 90, 3), None):
+    for shape in ((1, 180, 260, 3), (2, 301, 150, 3), (1, 224, 224, 3), None):
         image = None if shape is None else torch.rand(*shape, generator=g)
         for kind in NOISE_TYPES:
             for strength in (0.3, 1.0):
-                for blur in (0, 4, 5):
+                for blur in (0, 4):
                     theirs = ipa.IPAdapterNoise().make_noise(kind, strength, blur, image)[0]
                     worst = max(worst, float((theirs - noise_image(kind, strength, blur, image)).abs().max()))
     torch.set_rng_state(state)
