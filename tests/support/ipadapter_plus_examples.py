@@ -26,7 +26,6 @@ sampler's model taken from before IPAdapter_plus's nodes, gives how much IPAdapt
 """
 from __future__ import annotations
 
-import asyncio
 import hashlib
 import inspect
 import io
@@ -35,7 +34,6 @@ import sys
 import tarfile
 import tempfile
 import time
-import uuid
 from pathlib import Path
 
 import numpy as np
@@ -43,6 +41,7 @@ import torch
 
 from . import assets
 from . import ip_layouts as L
+from .editor_prompt import api_prompt, execute, resolved, without_ipadapter
 from .ipadapter_plus_ref import ARCHIVE, CLIP, COMMIT, ID_WIDTH, h94_file, relative
 
 VERSION = 1
@@ -263,10 +262,6 @@ class KeepLatent:
         return {}
 
 
-def _run(value):
-    return asyncio.run(value) if inspect.iscoroutine(value) else value
-
-
 def load_packs(work: Path) -> dict:
     """IPAdapter_plus (from the archive) and this pack loaded as custom nodes; the face and CLIP vision stand-ins
     in place. Returns ComfyUI's node classes."""
@@ -277,10 +272,10 @@ def load_packs(work: Path) -> dict:
         archive.extractall(custom, filter="data")
     (custom / "omniid").symlink_to(Path(__file__).resolve().parents[2])
     for name in (IPA_PACK, "omniid"):
-        assert _run(nodes.load_custom_node(str(custom / name))), f"{name} did not load"
+        assert resolved(nodes.load_custom_node(str(custom / name))), f"{name} did not load"
     for extra in EXTRA_NODES:        # ComfyUI's own, as its init_builtin_extra_nodes loads them
         path = Path(nodes.__file__).resolve().parent / "comfy_extras" / extra
-        assert _run(nodes.load_custom_node(str(path), module_parent="comfy_extras")), f"{extra} did not load"
+        assert resolved(nodes.load_custom_node(str(path), module_parent="comfy_extras")), f"{extra} did not load"
     nodes.NODE_CLASS_MAPPINGS[CAPTURE] = KeepLatent
     classes = nodes.NODE_CLASS_MAPPINGS
     ipa_module = sys.modules[classes["IPAdapterAdvanced"].__module__]
@@ -322,57 +317,6 @@ def place_files(models: Path, work: Path, prompts: list[dict], layouts) -> None:
                 photo(node["inputs"]["image"]).save(inputs / node["inputs"]["image"])
 
 
-# ---- editor workflow -> API prompt ----------------------------------------------------------------------------
-
-WIDGET_TYPES = {"INT", "FLOAT", "STRING", "BOOLEAN", "COMBO"}
-VIRTUAL = {"Note", "MarkdownNote", "Reroute", "PrimitiveNode"}
-
-
-def api_prompt(workflow: dict, classes: dict) -> dict:
-    """The API prompt the editor queues for ``workflow``."""
-    nodes = {n["id"]: n for n in workflow["nodes"]}
-    links = {link[0]: link for link in workflow["links"]}
-
-    def source(link_id):
-        _, src, slot = links[link_id][:3]
-        if nodes[src]["type"] == "Reroute":
-            return source(nodes[src]["inputs"][0]["link"])
-        return nodes[src], slot
-
-    prompt = {}
-    for node in workflow["nodes"]:
-        if node["type"] in VIRTUAL or node.get("mode", 0) == 2:
-            continue
-        if node.get("mode", 0) != 0:
-            raise ValueError(f"node {node['id']} ({node['type']}) is bypassed: not handled here")
-        spec = classes[node["type"]].INPUT_TYPES()
-        declared = {**spec.get("required", {}), **spec.get("optional", {})}
-        sockets = {s["name"]: s.get("link") for s in node.get("inputs") or []}
-        values = list(node.get("widgets_values") or [])
-        inputs, position = {}, 0
-        for name, entry in declared.items():
-            kind, options = entry[0], (entry[1] if len(entry) > 1 and isinstance(entry[1], dict) else {})
-            widget = (isinstance(kind, (list, tuple)) or kind in WIDGET_TYPES) and not options.get("forceInput")
-            value = None
-            if widget:
-                if position < len(values):
-                    value = values[position]
-                else:      # saved before the widget existed: the editor gives the default
-                    value = options.get("default", kind[0] if isinstance(kind, (list, tuple)) else
-                                        options.get("options", [None])[0])
-                position += 1
-                if kind == "INT" and (name in ("seed", "noise_seed") or options.get("control_after_generate")):
-                    position += 1          # the control_after_generate widget's value
-            link = sockets.get(name)
-            if link is not None:
-                src, slot = source(link)
-                inputs[name] = value if src["type"] == "PrimitiveNode" else [str(src["id"]), slot]
-            elif widget:
-                inputs[name] = value
-        prompt[str(node["id"])] = {"class_type": node["type"], "inputs": inputs}
-    return prompt
-
-
 def shrunk(prompt: dict, tag: str) -> dict:
     """The one rewrite of both twins: 64 x 64, batch 1, 3 steps; latents kept instead of decoded and saved."""
     out = {}
@@ -392,33 +336,6 @@ def shrunk(prompt: dict, tag: str) -> dict:
             kind, inputs = CAPTURE, {"samples": inputs["samples"], "key": f"{tag}/{node_id}"}
         out[node_id] = {"class_type": kind, "inputs": inputs}
     return out
-
-
-def without_ipadapter(prompt: dict) -> dict:
-    """``prompt`` with every sampler's model taken from before IPAdapter_plus's nodes (no adapter, no LoRA)."""
-    out = json.loads(json.dumps(prompt))
-    for node in out.values():
-        if node["class_type"] in ("KSampler", "KSamplerAdvanced", "CFGGuider", "DualCFGGuider", "BasicGuider",
-                                  "BasicScheduler"):
-            model = node["inputs"]["model"]
-            while out[model[0]]["class_type"].startswith("IPAdapter"):
-                model = out[model[0]]["inputs"]["model"]
-            node["inputs"]["model"] = model
-    return out
-
-
-def execute(executor, prompt: dict) -> None:
-    import execution
-    prompt_id = str(uuid.uuid4())
-    valid = _run(execution.validate_prompt(prompt_id, prompt, None))
-    if not valid[0]:
-        raise RuntimeError(f"invalid prompt: {valid[1]} {valid[3]}")
-    executor.execute(prompt, prompt_id, {}, valid[2])
-    if not executor.success:
-        error = executor.status_messages[-1][1]
-        raise RuntimeError(f"prompt failed at node {error.get('node_id')} ({error.get('node_type')}): "
-                           f"{error.get('exception_type')}: {error.get('exception_message')}"
-                           + "".join(error.get("traceback", [])[-3:]))
 
 
 def run(comfyui: Path, python: str, only=None) -> dict:
