@@ -36,8 +36,14 @@ def gradient_ready(model):
         if key.startswith("diffusion_model.") and key.endswith((".weight", ".bias")):
             patched.add_weight_wrapper(key, fresh_copy)
     dm = patched.get_model_object("diffusion_model")
+    wrapped = []          # an earlier clone's object patches may be in place while it is loaded: wrap their layers
     for name, module in dm.named_modules():
-        if name and raw_inference_parameters(module):
+        if any(name.startswith(w + ".") for w in wrapped):
+            continue
+        if isinstance(module, CopiedParameters):
+            wrapped.append(name)
+            patched.add_object_patch(f"diffusion_model.{name}", CopiedParameters(module.inner))
+        elif name and raw_inference_parameters(module):
             patched.add_object_patch(f"diffusion_model.{name}", CopiedParameters(module))
     return patched
 

@@ -11,8 +11,9 @@ over the latent (the residual times the mask resized to the token grid; the auth
 """
 from __future__ import annotations
 
+import copy
 import math
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Optional, Sequence
 
 import torch
@@ -39,6 +40,20 @@ class PuLIDInjection:
     sigma_start: float = math.inf              # active while sigma_end <= sigma <= sigma_start
     sigma_end: float = 0.0
     mask: Optional[torch.Tensor] = None        # (B or 1, H, W) over the latent
+    _ordinary: Optional[torch.nn.Module] = field(default=None, repr=False, compare=False)
+
+    def tracked_module(self) -> torch.nn.Module:
+        """The module for a forward whose graph autograd keeps (a guider's tracked pass): modules loaded while a
+        ComfyUI graph ran hold inference tensors, which autograd cannot save, so that pass gets an ordinary copy
+        (made once, again after the module moved)."""
+        if not any(p.is_inference() for p in self.module.parameters()):
+            return self.module
+        p = next(self.module.parameters())
+        held = None if self._ordinary is None else next(self._ordinary.parameters())
+        if held is None or (held.device, held.dtype) != (p.device, p.dtype):
+            with torch.inference_mode(False):
+                self._ordinary = copy.deepcopy(self.module)
+        return self._ordinary
 
     def active(self, sigmas: Optional[torch.Tensor]) -> bool:
         if self.weight == 0.0:
@@ -57,7 +72,10 @@ class PuLIDInjection:
         """weight x mask x pulid_ca(tokens of each row's branch, image) for image tokens (B, L, C)."""
         branches = list(cond_or_uncond) if cond_or_uncond else [COND]
         chunks = image.chunk(len(branches)) if len(branches) > 1 else (image,)
-        outs = [pulid_residual(self.module, self.tokens[UNCOND if b == UNCOND else COND], chunk)
+        tracked = torch.is_grad_enabled() and not torch.is_inference_mode_enabled()
+        module = self.tracked_module() if tracked else self.module
+        tokens = {b: (t.clone() if tracked and t.is_inference() else t) for b, t in self.tokens.items()}
+        outs = [pulid_residual(module, tokens[UNCOND if b == UNCOND else COND], chunk)
                 for chunk, b in zip(chunks, branches)]
         out = torch.cat(outs) if len(outs) > 1 else outs[0]
         if self.mask is not None:

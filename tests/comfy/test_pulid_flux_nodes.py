@@ -119,3 +119,33 @@ def test_the_start_flux_pulid_workflow_runs_from_1_and_3_photos_averaged_and_con
         mean, changed = image_change(images[a], images[b])
         assert mean > 0.5 and changed > 0.3, (a, b, mean, changed)
     assert "3 of 3 photo(s) used" in result.outputs[titles["PuLID from 3 photos (concat)"]]["text"][0]
+
+
+def test_the_start_flux_pulid_rb_workflow_guides_the_pulid_model(comfy, installed):
+    """PuLID-FLUX, then RB-Guidance on the patched model (its tracked pass differentiates through PuLID's modules,
+    loaded in inference mode): the guided latent differs from the same graph's at strength 0 (which samples as
+    CFGGuider does), and the preview names FLUX's default feature block."""
+    from safetensors.torch import load_file
+    prompt = tiny(load_workflow("api/start_flux_pulid_rb.json"))
+    titles = {node["_meta"]["title"]: node_id for node_id, node in prompt.items()}
+    prompt[titles["PuLID-FLUX"]]["inputs"].update(pulid_file=PULID, eva_clip=EVA)
+    rb = prompt[titles["RB-Guidance"]]["inputs"]
+    # the tiny text stand-in has no tokenizer to find the subject in: name its token; T5-XXL is not loaded
+    del rb["clip"], rb["prompt"]
+    rb.update(feature_block=0, subject_token=3, start_fraction=0.7)
+    del prompt[titles["Text encoders"]]
+    prompt[titles["Schedule"]]["inputs"]["steps"] = 3           # the last step guided (sigma 0.61)
+    latents = {}
+    for name, strength in (("guided", 8.5), ("unguided", 0.0)):
+        rb["strength"] = strength
+        prompt["keep"] = {"class_type": "SaveLatent", "inputs": {"samples": [titles["Sampler"], 0],
+                                                                 "filename_prefix": f"pulid_rb/{name}"}}
+        result = comfy.run(prompt, timeout=900)
+        folder = installed.base_directory / "output" / "pulid_rb"
+        latents[name] = load_file(str(sorted(folder.glob(f"{name}_0*.latent"))[-1]))["latent_tensor"]
+        if name == "guided":
+            text = "\n".join(result.outputs[titles["RB-Guidance"]].get("text", []))
+            assert images_of(comfy, result, titles["Save"])
+    change = float((latents["guided"] - latents["unguided"]).abs().max() / latents["unguided"].abs().max())
+    assert 1e-5 < change < 0.5, change
+    assert "features: FLUX block 1 of 2 (double block 0)" in text, text
