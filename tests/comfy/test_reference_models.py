@@ -1,6 +1,7 @@
 """Every IP-Adapter format, injected by the pack into ComfyUI's own models, equals its reference
-implementation on identical random weights (whole model, CFG batch, weights, masks), and PuLID-FLUX one
-whole denoising step of the authors' Flux model with PuLID: runs
+implementation on identical random weights (whole model, CFG batch, weights, masks), PuLID-FLUX one
+whole denoising step of the authors' Flux model with PuLID, and InfiniteYou two Euler steps of the authors'
+pipeline: runs
 benchmarks/compat.py (in process with ComfyUI) and checks its RESULT line."""
 import json
 import os
@@ -27,7 +28,8 @@ def result(comfyui):
 
 
 def test_every_format_is_measured(result):
-    expected = {f"h94_{kind}_{layout}" for kind in H94_KINDS for layout in LAYOUTS} | set(FLUX_KINDS) | {"pulid_flux"}
+    expected = ({f"h94_{kind}_{layout}" for kind in H94_KINDS for layout in LAYOUTS} | set(FLUX_KINDS)
+                | {"pulid_flux", "infiniteyou"})
     assert set(result["formats"]) == expected
     assert result["masked_unet_runs"] and result["seeds"] == 3
 
