@@ -1,8 +1,7 @@
 """Every IP-Adapter format, injected by the pack into ComfyUI's own models, equals its reference
 implementation on identical random weights (whole model, CFG batch, weights, masks), PuLID-FLUX one
 whole denoising step of the authors' Flux model with PuLID, and InfiniteYou two Euler steps of the authors'
-pipeline: runs
-benchmarks/compat.py (in process with ComfyUI) and checks its RESULT line."""
+pipeline: runs benchmarks/compat.py (in process with ComfyUI) and checks its RESULT line."""
 import json
 import os
 import subprocess
