@@ -170,10 +170,13 @@ def cmd_train(args) -> int:
                              f"{encoder_config.clip_dim} (set it with --encoder-config)")
         trainer = train_mtd(dataset, encoder, tokens, mtd, train, sampler, checkpoint_path=args.checkpoint,
                             on_step=report, device=device)
+        trainer.release_parallel()
         if rank == 0:
             save_encoder(encoder.cpu(), args.out, extra={"trained": {"stage": "mtd", "steps": trainer.step,
                                                               "final_loss": trainer.losses[-1]}})
             print(args.out)
+        if dist.is_initialized():
+            dist.barrier()          # no rank leaves (closing its connections) while rank 0 still writes the file
     finally:
         if dist.is_initialized():
             dist.destroy_process_group()

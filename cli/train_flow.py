@@ -96,6 +96,7 @@ def _run(args, trainer, base, rank) -> None:
 
     trainer.resume()
     trainer.run(on_step=report)
+    trainer.release_parallel()
 
 
 def cmd_train_flow(args, token_source, training_device) -> int:

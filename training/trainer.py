@@ -13,6 +13,7 @@ loss of some samples of the step's global batch. The trainer owns everything els
 """
 from __future__ import annotations
 
+import gc
 import math
 import os
 from contextlib import nullcontext
@@ -92,6 +93,15 @@ class Trainer:
         self.optimizer = torch.optim.AdamW(trainable, lr=config.lr, weight_decay=config.weight_decay)
         self.step = 0
         self.losses: list[float] = []
+
+    def release_parallel(self) -> None:
+        """Unwrap DistributedDataParallel once training is over, before the process group is destroyed. Its
+        reducer holds a reference to the group: freed after the group was destroyed, it is the group's last
+        owner, and the group's destructor then joins gloo's worker threads while holding the GIL, which a worker
+        finishing an all-reduce needs (a deadlock seen under torchrun at exit)."""
+        if self.model is not self.objective.module:
+            self.model = self.objective.module
+            gc.collect()
 
     # -- checkpoints -------------------------------------------------------------------------
     def state_dict(self) -> dict:
