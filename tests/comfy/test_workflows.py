@@ -15,6 +15,7 @@ RUN_ELSEWHERE = {
     "start_flux_xlabs.json": "test_flux_ip_adapters.py",
     "start_flux_pulid.json": "test_pulid_flux_nodes.py",
     "start_flux_infiniteyou.json": "test_infiniteyou_nodes.py",
+    "start_flux_pulid_rb.json": "test_pulid_flux_nodes.py",
 }
 
 
