@@ -16,6 +16,8 @@ import numpy as np
 import torch
 from torch import nn
 
+from .tensor_files import file_name, read_tensors
+
 STAGES = ((64, 64, 3), (64, 128, 4), (128, 256, 14), (256, 512, 3))   # in, out channels, units
 SE_REDUCTION = 16
 CROP = 112
@@ -100,15 +102,8 @@ def load_state(state: dict, name: str = "recognition_arcface_ir_se50.pth") -> IR
 
 def load_file(path: str, name: Optional[str] = None) -> IRSE50:
     """The ``.pth`` read with ``torch.load(weights_only=True)`` (tensors only), or a safetensors copy."""
-    name = name or path.replace("\\", "/").rsplit("/", 1)[-1]
-    try:
-        if path.endswith(".safetensors"):
-            from safetensors.torch import load_file as read
-            state = read(path)
-        else:
-            state = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as exc:
-        raise ArcFaceFileError(f"'{name}' cannot be read as tensors (pickled objects are refused): {exc}") from exc
+    name = file_name(path, name)
+    state = read_tensors(path, name, ArcFaceFileError)
     if not isinstance(state, dict) or not all(torch.is_tensor(v) for v in state.values()):
         raise ArcFaceFileError(f"'{name}' is not a state dict of tensors")
     return load_state(state, name)

@@ -15,6 +15,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from .tensor_files import file_name, read_tensors
+
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
 NUM_CLASSES = 19
@@ -171,13 +173,6 @@ def load_state(state: dict, name: str = "face parsing") -> BiSeNetParser:
 
 def load_file(path: str, name: Optional[str] = None) -> BiSeNetParser:
     """``parsing_bisenet.pth`` (read with ``weights_only=True``) or a safetensors copy."""
-    name = name or path.replace("\\", "/").rsplit("/", 1)[-1]
-    try:
-        if path.endswith(".safetensors"):
-            from safetensors.torch import load_file as read
-            state = read(path)
-        else:
-            state = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as exc:
-        raise FaceParsingFileError(f"'{name}' cannot be read as tensors (pickled objects are refused): {exc}") from exc
+    name = file_name(path, name)
+    state = read_tensors(path, name, FaceParsingFileError)
     return load_state(state, name)

@@ -20,6 +20,7 @@ import torch
 from torch import nn
 
 from .face.types import NoFaceFoundError
+from .tensor_files import file_name, read_tensors
 
 PROJ_KEY = "image_proj"
 COMBINE_MODES = ("embeddings", "tokens")     # several photos: average the embeddings, or the tokens
@@ -210,15 +211,8 @@ def load_state(state: dict, name: str = "image_proj_model") -> Resampler:
 
 def load_file(path: str, name: Optional[str] = None) -> Resampler:
     """``image_proj_model.bin`` (read with ``torch.load(weights_only=True)``: tensors only) or a safetensors copy."""
-    name = name or path.replace("\\", "/").rsplit("/", 1)[-1]
-    try:
-        if path.endswith(".safetensors"):
-            from safetensors.torch import load_file as read
-            state = read(path)
-        else:
-            state = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as exc:          # damaged, or a pickle holding more than tensors
-        raise InfiniteYouFileError(f"'{name}' cannot be read as tensors (pickled objects are refused): {exc}") from exc
+    name = file_name(path, name)
+    state = read_tensors(path, name, InfiniteYouFileError)
     if not isinstance(state, dict):
         raise InfiniteYouFileError(f"'{name}' holds a {type(state).__name__}, not InfiniteYou's image projection")
     return load_state(state, name)
