@@ -38,6 +38,21 @@ def cache_dir() -> Path:
     return root
 
 
+def unpacked_vendor_archive(archive: Path, name: str, marker: str) -> Path:
+    """A vendored reference archive unpacked once into the cache (``vendor/<name>``); ``marker`` (a path inside
+    the unpacked folder) says it is complete."""
+    target = cache_dir() / "vendor" / name
+    if not (target / marker).exists():
+        if not archive.exists():
+            raise FileNotFoundError(f"the vendored reference archive is missing: {archive}")
+        staging = target.with_name(target.name + ".part")
+        staging.mkdir(parents=True, exist_ok=True)
+        with tarfile.open(archive) as opened:
+            opened.extractall(staging, filter="data")
+        staging.rename(target) if not target.exists() else None
+    return target
+
+
 def face_photos() -> Path:
     """A folder with the face_recognition test photos (downloaded once with pip)."""
     target = cache_dir() / "photos" / "face_recognition-1.3.0"

@@ -18,13 +18,12 @@ from __future__ import annotations
 import importlib
 import importlib.util
 import sys
-import tarfile
 import types
 from pathlib import Path
 
 import torch
 
-from .assets import cache_dir
+from .assets import unpacked_vendor_archive
 
 ARCHIVE = Path(__file__).resolve().parents[2].parent / "shared" / "vendor" / "InfiniteYou-aaa6ea5f.tar.gz"
 COMMIT = "aaa6ea5f"
@@ -33,17 +32,7 @@ TINY = dict(dim=128, depth=2, dim_head=64, heads=2, num_queries=8, embedding_dim
 
 
 def source_root() -> Path:
-    target = cache_dir() / "vendor" / f"InfiniteYou-{COMMIT}"
-    root = target / "InfiniteYou"
-    if not (root / "pipelines" / "resampler.py").exists():
-        if not ARCHIVE.exists():
-            raise FileNotFoundError(f"the authors' InfiniteYou archive is missing: {ARCHIVE}")
-        staging = target.with_name(target.name + ".part")
-        staging.mkdir(parents=True, exist_ok=True)
-        with tarfile.open(ARCHIVE) as archive:
-            archive.extractall(staging, filter="data")
-        staging.rename(target) if not target.exists() else None
-    return root
+    return unpacked_vendor_archive(ARCHIVE, f"InfiniteYou-{COMMIT}", "InfiniteYou/pipelines/resampler.py") / "InfiniteYou"
 
 
 def reference_module(name: str):

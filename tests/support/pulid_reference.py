@@ -10,12 +10,11 @@ from __future__ import annotations
 
 import importlib
 import sys
-import tarfile
 from pathlib import Path
 
 import torch
 
-from .assets import cache_dir
+from .assets import unpacked_vendor_archive
 
 ARCHIVE = Path(__file__).resolve().parents[2].parent / "shared" / "vendor" / "PuLID-1aa2fc7d.tar.gz"
 COMMIT = "1aa2fc7d"
@@ -27,17 +26,7 @@ TINY_CA_HEADS = 1
 
 def source_root() -> Path:
     """The unpacked archive's PuLID/ folder (unpacked once into the cache)."""
-    target = cache_dir() / "vendor" / f"PuLID-{COMMIT}"
-    root = target / "PuLID"
-    if not (root / "pulid" / "encoders_transformer.py").exists():
-        if not ARCHIVE.exists():
-            raise FileNotFoundError(f"the authors' PuLID archive is missing: {ARCHIVE}")
-        staging = target.with_name(target.name + ".part")
-        staging.mkdir(parents=True, exist_ok=True)
-        with tarfile.open(ARCHIVE) as archive:
-            archive.extractall(staging, filter="data")
-        staging.rename(target) if not target.exists() else None
-    return root
+    return unpacked_vendor_archive(ARCHIVE, f"PuLID-{COMMIT}", "PuLID/pulid/encoders_transformer.py") / "PuLID"
 
 
 def reference_module(name: str):
