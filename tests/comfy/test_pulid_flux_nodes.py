@@ -9,7 +9,7 @@ import pytest
 from omniid.cli.client import ExecutionFailed
 from support.assets import TEST_ARCFACE_ONNX, cache_dir
 from support.graph import Graph
-from support.testing import image_change, images_of, load_workflow
+from support.testing import image_change, images_of, install_models, load_workflow
 from support.tiny_prompts import tiny
 
 PULID = "omniid_tiny_pulid_flux.safetensors"
@@ -41,12 +41,7 @@ def tiny_files():
 
 @pytest.fixture(scope="module")
 def installed(comfy_server):
-    files = tiny_files()
-    for folder, name in (("pulid", PULID), ("clip_vision", EVA)):
-        path = comfy_server.base_directory / "models" / folder / name
-        path.parent.mkdir(parents=True, exist_ok=True)
-        if not path.exists():
-            path.symlink_to(files / name)
+    install_models(comfy_server.base_directory, tiny_files(), (("pulid", PULID), ("clip_vision", EVA)))
     return comfy_server
 
 

@@ -46,6 +46,16 @@ def populate_base(base: Path, tiny_models: Path, input_files: dict[str, Path]) -
     return base
 
 
+def install_models(base_directory: Path, files: Path, entries) -> None:
+    """Link ``files / name`` into ``base_directory / models / folder`` for each (folder, name) of a running server
+    (ComfyUI lists a model folder's files afresh on each request)."""
+    for folder, name in entries:
+        path = base_directory / "models" / folder / name
+        path.parent.mkdir(parents=True, exist_ok=True)
+        if not path.exists():
+            path.symlink_to(files / name)
+
+
 def start_server(comfyui: Path, base: Path, **kwargs) -> ComfyServer:
     """A CPU ComfyUI on a free port over ``base``, logging to ``base/comfyui.log``."""
     server = ComfyServer(comfyui, base_directory=base, log_path=base / "comfyui.log",
