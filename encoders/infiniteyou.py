@@ -20,6 +20,7 @@ import torch
 from torch import nn
 
 from .face.types import NoFaceFoundError
+from .perceiver import feed_forward
 from .tensor_files import file_name, read_tensors
 
 PROJ_KEY = "image_proj"
@@ -51,12 +52,6 @@ class ResamplerConfig:
     def describe(self) -> str:
         return (f"Resampler {self.depth} layers x {self.dim}: ArcFace {self.embedding_dim} -> "
                 f"{self.num_queries} tokens x {self.output_dim}")
-
-
-def feed_forward(dim: int, mult: int) -> nn.Sequential:
-    inner = int(dim * mult)
-    return nn.Sequential(nn.LayerNorm(dim), nn.Linear(dim, inner, bias=False), nn.GELU(),
-                         nn.Linear(inner, dim, bias=False))
 
 
 class PerceiverAttention(nn.Module):

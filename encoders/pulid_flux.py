@@ -20,6 +20,8 @@ from typing import Optional, Sequence
 import torch
 from torch import nn
 
+from .perceiver import feed_forward
+
 ENCODER_PREFIX = "pulid_encoder."
 CA_PREFIX = "pulid_ca."
 METADATA_KEY = "pulid_flux"
@@ -56,12 +58,6 @@ class PuLIDFluxConfig:
 
 
 # -- modules (parameter names are the published files') ----------------------------------------
-def feed_forward(dim: int, mult: int) -> nn.Sequential:
-    inner = int(dim * mult)
-    return nn.Sequential(nn.LayerNorm(dim), nn.Linear(dim, inner, bias=False), nn.GELU(),
-                         nn.Linear(inner, dim, bias=False))
-
-
 def _heads_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, heads: int) -> torch.Tensor:
     """Softmax(q k^T / sqrt(d)) v per head, the softmax in float32; (B, Lq, H*D) -> (B, Lq, H*D)."""
     b, lq, inner = q.shape

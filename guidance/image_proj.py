@@ -20,6 +20,8 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from ..encoders.perceiver import feed_forward
+
 PROJECTIONS = ("none", "plus", "full_face", "faceid", "faceid_plusv2", "pooled", "pooled_mlp")
 
 
@@ -44,11 +46,6 @@ class PerceiverAttention(nn.Module):
         return self.to_out(out.transpose(1, 2).reshape(b, n, -1))
 
 
-def perceiver_feed_forward(dim: int, mult: int) -> nn.Sequential:
-    return nn.Sequential(nn.LayerNorm(dim), nn.Linear(dim, dim * mult, bias=False), nn.GELU(),
-                         nn.Linear(dim * mult, dim, bias=False))
-
-
 class PerceiverStack(nn.Module):
     """proj_in -> depth x (cross-attention, feed-forward) on latents -> proj_out -> LayerNorm."""
 
@@ -58,7 +55,7 @@ class PerceiverStack(nn.Module):
         self.proj_out = nn.Linear(dim, output_dim)
         self.norm_out = nn.LayerNorm(output_dim)
         self.layers = nn.ModuleList(
-            nn.ModuleList([PerceiverAttention(dim, 64, heads), perceiver_feed_forward(dim, ff_mult)])
+            nn.ModuleList([PerceiverAttention(dim, 64, heads), feed_forward(dim, ff_mult)])
             for _ in range(depth))
 
     def run(self, latents: torch.Tensor, features: torch.Tensor) -> torch.Tensor:
