@@ -28,7 +28,6 @@ import argparse
 import json
 import shutil
 import subprocess
-import tempfile
 from pathlib import Path
 
 import sd15_harness as harness
@@ -124,8 +123,9 @@ def graphs(args, photo: str) -> dict:
 def unpacked_ipadapter_plus() -> Path:
     """IPAdapter_plus unpacked from the vendored archive into a temporary folder."""
     import tarfile
+    from support import assets
     from support.ipadapter_plus_ref import ARCHIVE
-    folder = Path(tempfile.mkdtemp(prefix="omniid-ipa-src-"))
+    folder = assets.scratch_dir("omniid-ipa-src-")
     with tarfile.open(ARCHIVE) as archive:
         archive.extractall(folder, filter="data")
     return folder / "ComfyUI_IPAdapter_plus"
@@ -196,7 +196,7 @@ def main() -> None:
     python = comfyui_python(comfyui)
     models = build_models(comfyui, python, assets.cache_dir() / "ipadapter_plus_check")
     photo = assets.face_photos() / "obama.jpg"            # not square: exercises the crop convention
-    base = populate_base(Path(tempfile.mkdtemp(prefix="omniid-ipa-")), assets.tiny_models(comfyui, python),
+    base = populate_base(assets.scratch_dir("omniid-ipa-"), assets.tiny_models(comfyui, python),
                          {"photo.jpg": photo})
     (base / "models" / "checkpoints" / models["checkpoint"].name).symlink_to(models["checkpoint"])
     (base / "models" / "ipadapter").mkdir(parents=True, exist_ok=True)

@@ -11,6 +11,7 @@ The cache is ``$OMNI_IDENTITY_CACHE`` or ``~/.cache/comfyui-omniidentity``.
 """
 from __future__ import annotations
 
+import atexit
 import importlib.util
 import json
 import os
@@ -26,6 +27,14 @@ FACE_RECOGNITION_SDIST = "face_recognition==1.3.0"
 FACE_PHOTOS = ("obama.jpg", "obama2.jpg", "obama3.jpg", "obama_partial_face.jpg",
                "obama_partial_face2.jpg", "32bit.png", "biden.jpg")
 TINY_MODELS_SCRIPT = Path(__file__).resolve().parent.parent / "comfy" / "tiny_models.py"
+
+
+def scratch_dir(prefix: str) -> Path:
+    """A new temporary folder that is removed when this process exits (reference checks write
+    hundreds of MB of models and unpacked archives; left behind, they fill the disk)."""
+    folder = Path(tempfile.mkdtemp(prefix=prefix))
+    atexit.register(shutil.rmtree, folder, ignore_errors=True)
+    return folder
 
 
 class AssetError(RuntimeError):

@@ -32,7 +32,6 @@ import io
 import json
 import sys
 import tarfile
-import tempfile
 import time
 from pathlib import Path
 
@@ -176,7 +175,7 @@ def serve_small_clip_vision(path: Path) -> None:
     import comfy.utils
     original = comfy.clip_vision.load
     target = path.resolve()
-    config = Path(tempfile.mkdtemp(prefix="omniid-clipv-")) / "config.json"
+    config = assets.scratch_dir("omniid-clipv-") / "config.json"
     config.write_text(json.dumps(CLIP))
 
     def load(ckpt_path):
@@ -349,7 +348,7 @@ def run(comfyui: Path, python: str, only=None) -> dict:
     chosen = [name for name in RUNS if only is None or name in only]
     layouts = sorted({RUNS[name] for name in chosen})
     models = build_models(comfyui, python, layouts)
-    work = Path(tempfile.mkdtemp(prefix="omniid-ipa-examples-"))
+    work = assets.scratch_dir("omniid-ipa-examples-")
     serve_small_clip_vision(models / "clip_vision" / "omniid_small_clip_vision.safetensors")   # before the packs
     classes = load_packs(work)                                                                   # import its load
     workflows = examples()

@@ -3,12 +3,11 @@ the converter writes against the nodes' schemas, and the nodes' execute / valida
 from ipadapter_plus_ref)."""
 from __future__ import annotations
 
-import tempfile
-from pathlib import Path
 
 import torch
 
 from . import ip_layouts as L
+from .assets import scratch_dir
 from .ipadapter_plus_ref import clip_vision, cross_attention_widths, h94_file, relative, sample, unet
 
 
@@ -49,7 +48,7 @@ def node_checks(seed: int = 0) -> list:
     from omniid.nodes.ipadapter_plus_nodes import ApplyIPAdapterCompat, PrepImageForClipVision
     problems = []
     model, cv = unet("sd15", seed + 11), clip_vision(seed + 3)
-    path = Path(tempfile.mkdtemp(prefix="omniid-ipa-node-")) / "ip-adapter-plus_sd15.safetensors"
+    path = scratch_dir("omniid-ipa-node-") / "ip-adapter-plus_sd15.safetensors"
     save_file(L.flat(h94_file("plus", "sd15", cross_attention_widths(model), seed + 5)), str(path))
     adapter = load_adapter(str(path), path.name)
     photo = torch.rand(1, 150, 101, 3, generator=torch.Generator().manual_seed(seed + 29))

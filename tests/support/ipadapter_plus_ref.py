@@ -18,13 +18,13 @@ import importlib
 import json
 import sys
 import tarfile
-import tempfile
 from pathlib import Path
 
 import numpy as np
 import torch
 
 from . import ip_layouts as L
+from .assets import scratch_dir
 
 ARCHIVE = Path(__file__).resolve().parents[2].parent / "shared" / "vendor" / "ComfyUI_IPAdapter_plus-9d076a3d.tar.gz"
 COMMIT = "9d076a3df0d2763cef5510ec5ab807f6632c39f5"
@@ -68,8 +68,7 @@ def unet(layout: str, seed: int):
 
 def clip_vision(seed: int):
     import comfy.clip_vision
-    folder = tempfile.mkdtemp(prefix="omniid-clipv-")
-    path = Path(folder) / "config.json"
+    path = scratch_dir("omniid-clipv-") / "config.json"
     path.write_text(json.dumps(CLIP))
     cv = comfy.clip_vision.ClipVisionModel(str(path))
     L.randomise(cv.model, seed)
@@ -253,7 +252,7 @@ def run(layouts=("sd15", "sdxl"), seed: int = 0, steps: int = 3, size: int = 16,
 
     from omniid.comfy_host.ipadapter_plus import apply_ipadapter_plus
     from omniid.guidance.adapter_files import load_adapter
-    work = Path(tempfile.mkdtemp(prefix="omniid-ipa-ref-"))
+    work = scratch_dir("omniid-ipa-ref-")
     ipa = load_ipadapter_plus(work / "vendor")
     ipa_utils = importlib.import_module("ComfyUI_IPAdapter_plus.utils")
     cv = clip_vision(seed + 3)
