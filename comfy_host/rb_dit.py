@@ -1,4 +1,5 @@
-"""RB-Guidance's captures on flow-matching DiTs (FLUX.1 dev and Kontext, Chroma, FLUX.2).
+"""RB-Guidance's captures on flow-matching DiTs (FLUX.1 dev and Kontext, Chroma, FLUX.2, Qwen-Image and its edit
+variant, Z-Image).
 
 Each family is one entry of ``FAMILIES``: its block lists in execution order (the ``patches_replace["dit"]``
 names ComfyUI's forward offers), the tokenizer whose tokens make the text stream, and the default
@@ -13,6 +14,10 @@ feature block. The captures use only public patch points:
 - the attention override (``optimized_attention_override``) records the joint attention of those blocks:
   generated-image queries against the subject token's key and against the generated image's keys
   (``guidance.joint_attention``).
+
+Qwen-Image's blocks are all MM-DiT blocks whose image stream is the generated image's tokens, then the reference
+images' (Qwen-Image-Edit), attending jointly over [text | image]: the same patches read it. Z-Image offers no
+block replace patches: its captures go through the layer marks and ``patches["double_block"]`` (``rb_marks``).
 """
 from __future__ import annotations
 
@@ -26,6 +31,7 @@ from ..guidance.joint_attention import JointAttentionMaps
 from .attention import OVERRIDE_KEY
 from .gradients import snapshot_saves
 from .layers import diffusion_model
+from .rb_marks import marked_options
 
 MAX_ATTENTION_TOKENS = 1024      # self-attention maps are N x N: finer grids are pooled to at most this
 
@@ -43,6 +49,10 @@ class DitFamily:
     default_block: Callable[[list[int]], int]   # block counts per kind -> default feature block (1-based)
     default_rule: str                        # the default, in words
     marker: str = ""                         # an attribute only this family's diffusion model has
+    marked: bool = False                     # no patches_replace["dit"]: layers found by their transformer_options
+                                             # marks, features from patches["double_block"] (rb_marks)
+    prompt_from_end: bool = False            # the conditioning ends as the tokenized prompt does, but may not start
+                                             # alike (a template dropped, an edit's image tokens inserted)
 
     def counts(self, dm) -> list[int]:
         return [len(getattr(dm, attribute)) for _, attribute in self.blocks]
@@ -66,7 +76,14 @@ def _last_of_first_kind(counts: list[int]) -> int:
     return counts[0]
 
 
+def _at_depth(share: float) -> Callable[[list[int]], int]:
+    """The block at ``share`` of the depth (rounded, at least the first)."""
+    return lambda counts: max(1, min(counts[0], round(share * counts[0])))
+
+
 FLUX_BLOCKS = (("double_block", "double_blocks"), ("single_block", "single_blocks"))
+QWEN_IMAGE_DEPTH = 0.5      # benchmarks/rb_feature_blocks.py --family qwen_image (docs/rb_guidance.md)
+Z_IMAGE_DEPTH = 0.5         # benchmarks/rb_feature_blocks.py --family z_image
 FAMILIES = (      # the first that matches is taken: a family with a marker before the one it extends
     DitFamily("Chroma", FLUX_BLOCKS, "single_block", ("t5xxl",), _last_of_first_kind,
               "the last double block's output (19 of 57)", marker="distilled_guidance_layer"),
@@ -74,6 +91,10 @@ FAMILIES = (      # the first that matches is taken: a family with a marker befo
               "the last double block's output (8 of 56 on FLUX.2 dev)", marker="double_stream_modulation_img"),
     DitFamily("FLUX", FLUX_BLOCKS, "single_block", ("t5xxl",), _last_of_first_kind,
               "the last double block's output (19 of 57 on FLUX.1)"),
+    DitFamily("Qwen-Image", (("double_block", "transformer_blocks"),), "", ("qwen25_7b",), _at_depth(QWEN_IMAGE_DEPTH),
+              f"block {round(QWEN_IMAGE_DEPTH * 60)} of 60's output", marker="txt_norm", prompt_from_end=True),
+    DitFamily("Z-Image", (("double_block", "layers"),), "", ("qwen3_4b",), _at_depth(Z_IMAGE_DEPTH),
+              f"main layer {round(Z_IMAGE_DEPTH * 30)} of 30's output", marker="x_pad_token", marked=True),
 )
 
 
@@ -93,12 +114,14 @@ def token_grid(model, latent_hw: tuple[int, int]) -> tuple[int, int]:
 
 
 class CaptureState:
-    def __init__(self, grid: tuple[int, int], stop: bool):
+    def __init__(self, grid: tuple[int, int], stop: bool, multiple: int = 1):
         self.grid, self.stop = grid, stop
+        self.multiple = multiple             # image tokens padded to a multiple of this (Z-Image)
         self.txt_len = 0
         self.recording = False
         self.features: Optional[torch.Tensor] = None
         self.blocks = 0
+        self.resume_grad: Optional[bool] = None   # the grad mode to restore after a forward run on without it
 
 
 class BlockCapture:
@@ -168,10 +191,12 @@ class JointRecording:
 def capture_options(model_options: dict, family: DitFamily, counts: list[int], feature_block: int,
                     state: CaptureState, maps: JointAttentionMaps) -> dict:
     """A copy of ``model_options`` with the block patches and the attention recording installed."""
+    feature_kind, feature_index = family.block(feature_block, counts)
+    if family.marked:
+        return marked_options(model_options, feature_index, state, maps)
     transformer = dict(model_options.get("transformer_options", {}))
     replace = dict(transformer.get("patches_replace", {}))
     dit = dict(replace.get("dit", {}))
-    feature_kind, feature_index = family.block(feature_block, counts)
     for (kind, _), count in zip(family.blocks, counts):
         for index in range(count):
             dit[(kind, index)] = BlockCapture(state, family, kind, (kind, index) == (feature_kind, feature_index),
@@ -191,8 +216,9 @@ def dit_run(model, family: DitFamily, feature_block: int, subject_token: Optiona
     """(prediction or None when stopped, features (B, C, h, w) on the token grid, (attention grid, subject
     map, self-attention maps)) of one conditional pass ``call(options)``; ``record``: whether the attention
     maps are wanted (Nones otherwise, and no cost)."""
-    counts = family.counts(diffusion_model(model))
-    state = CaptureState(token_grid(model, tuple(x.shape[-2:])), stop)
+    dm = diffusion_model(model)
+    counts = family.counts(dm)
+    state = CaptureState(token_grid(model, tuple(x.shape[-2:])), stop, int(getattr(dm, "pad_tokens_multiple", 1) or 1))
     maps = JointAttentionMaps(token=subject_token, keep_self=record, max_tokens=MAX_ATTENTION_TOKENS)
     if not record:
         maps.token = None
@@ -201,8 +227,12 @@ def dit_run(model, family: DitFamily, feature_block: int, subject_token: Optiona
         prediction = call(capture_options(model_options, family, counts, feature_block, state, maps))
     except StopForward:
         pass
+    finally:
+        if state.resume_grad is not None:
+            torch.set_grad_enabled(state.resume_grad)
     if state.features is None:
-        raise RuntimeError(f"ComfyUI did not call the pack's {family.name} block patches (patches_replace['dit']): "
+        where = "patches['double_block']" if family.marked else "patches_replace['dit']"
+        raise RuntimeError(f"ComfyUI did not call the pack's {family.name} block patches ({where}): "
                            "RB-Guidance cannot read this model's features on this release")
     batch = x.shape[0]
     grid, cross, self_maps = maps.maps()

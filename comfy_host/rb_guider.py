@@ -215,7 +215,8 @@ class RBGuider(comfy.samplers.CFGGuider):
 
             grad, score, _ = guidance_gradient(
                 x_tracked, features_fn, ref_feats, ref_mask, self.settings.strength,
-                latent_mask=lambda m: mask_to_latent(m, state["grid"], latent_hw))
+                latent_mask=lambda m: mask_to_latent(m, state["grid"], latent_hw).reshape(  # (B, 1, [1,] H, W):
+                    m.shape[0], *([1] * (x.ndim - 3)), *latent_hw))                        # Qwen-Image's frame axis
         cfg1 = math.isclose(self.cfg, 1.0) and not model_options.get("disable_cfg1_optimization", False)
         uncond_ = None if cfg1 else uncond
         # as ComfyUI's sampling_function: at cfg 1 the unconditional prediction is calc_cond_batch's zeros

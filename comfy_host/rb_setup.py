@@ -81,9 +81,14 @@ def layout_masks(faces, count: int, grow: float = 0.15, feather: int = 8) -> tor
 
 
 def subject_token(positive, index: int, subject: str, clip, prompt: str,
-                  streams: tuple[str, ...] = ()) -> tuple[int, str]:
-    """(token index of the subject in the positive prompt, how it was found)."""
+                  streams: tuple[str, ...] = (), from_end: bool = False) -> tuple[int, str]:
+    """(token index of the subject in the positive prompt, how it was found).
+
+    ``from_end``: the conditioning ends as the tokenized prompt does but may start otherwise (Qwen-Image drops
+    its system template; its edit encoder puts the reference image's tokens before the prompt): the word's
+    place is counted from the end."""
     tokens = min(int(cond.shape[1]) for cond, _ in positive)
+    length = tokens
     if index >= tokens:
         raise ValueError(f"RB-Guidance: subject_token {index} is outside the positive prompt, which has {tokens} "
                          f"tokens (0-{tokens - 1}); use 0 to find the subject word")
@@ -97,6 +102,11 @@ def subject_token(positive, index: int, subject: str, clip, prompt: str,
         tokens, start = prompt_tokens(clip, prompt, streams)
         token, word = find_subject_token(tokens[start:], subject)
         token = None if token is None else token + start
+        if token is not None and from_end:
+            token = length - (len(tokens) - token)
+            if token < 0:
+                raise SubjectNotFound(f"RB-Guidance: the positive conditioning ({length} tokens) is shorter than "
+                                      f"the prompt {prompt!r}: give the text that was encoded, or subject_token")
         if token is not None:
             return token, f"'{word}' at token {token} of the prompt"
         wanted = f"the word {subject!r}" if subject.strip() else "a person word (man, woman, person, boy, girl, ...)"
@@ -149,7 +159,8 @@ def rb_guider(model, positive, negative, cfg: float, reference: torch.Tensor, va
     else:
         family = dit_family(model)
         token, found = subject_token(positive, subject_index, subject, clip, prompt,
-                                     () if family is None else family.tokenizers)
+                                     () if family is None else family.tokenizers,
+                                     family is not None and family.prompt_from_end)
         gen_source = f"attention of {found}, refined by self-attention"
     height, width = (image.shape[1] // 8) * 8, (image.shape[2] // 8) * 8
     latent = vae.encode(image[:, :height, :width])
