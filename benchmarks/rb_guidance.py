@@ -11,7 +11,9 @@ copies, attention maps) plus its backward to the latent. Goals: ratio <= 1.5, me
 
 --family flux: a FLUX.1-dev-shaped DiT (random weights in FLUX.1's published layout, configured by
 ComfyUI's detection; full size: width 3072, 24 heads, 19 double + 38 single blocks, bfloat16 on a GPU;
---quick: width 256, 4 heads, 4 double + 8 single blocks) sampled by euler at cfg 1 with FLUX's
+--quick: width 256, 4 heads, 4 double + 8 single blocks; --double-blocks N: full width with N double and
+2N single blocks, the full model's block shapes and proportions (the default feature block, the last
+double one, sits at the same share of the forward) where the full 12B model does not fit in memory) sampled by euler at cfg 1 with FLUX's
 guidance embedding, as FLUX.1 dev is sampled (one model pass per plain step), through ComfyUI's
 CFGGuider and through RB-Guidance with the paper's settings (features at the family's default block,
 the subject mask from the joint attention, the reference's face mask given). Goals: time <= 1.5,
@@ -22,6 +24,7 @@ Needs ComfyUI (re-runs itself with the Python setup recorded for it).
     .venv/bin/python benchmarks/rb_guidance.py --quick    # 128 x 128, 4 steps, under a minute
     .venv/bin/python benchmarks/rb_guidance.py --family flux           # 512 x 512, 10 steps, 2 repeats
     .venv/bin/python benchmarks/rb_guidance.py --family flux --quick   # 256 x 256, 8 steps, 3 repeats
+    .venv/bin/python benchmarks/rb_guidance.py --family flux --double-blocks 1   # full width, 1 + 2 blocks
 
 Last line: RESULT {json}.
 """
@@ -35,6 +38,9 @@ FLUX_QUICK = dict(hidden=256, heads=4, depth=4, single=8, axes=(8, 28, 28))
 
 def family_argument(parser) -> None:
     parser.add_argument("--family", choices=("sd15", "flux"), default="sd15", help="the model to sample")
+    parser.add_argument("--double-blocks", type=int,
+                        help="flux at full width with this many double blocks and twice as many single ones "
+                             "(FLUX.1 has 19 and 38): the full-size model's per-block cost where it does not fit")
 
 
 def main() -> None:
@@ -93,7 +99,9 @@ def flux(args) -> None:
     from omniid.guidance.rb_guidance import RBSettings
     from support.flux_layout import comfy_flux, flux_state_dict
 
-    shape = FLUX_QUICK if args.quick else FLUX_FULL
+    shape = dict(FLUX_QUICK if args.quick else FLUX_FULL)
+    if args.double_blocks:
+        shape.update(depth=args.double_blocks, single=2 * args.double_blocks)
     size, steps, repeats = args.size, args.steps, args.repeats
     device = mm.get_torch_device()
     dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
@@ -128,6 +136,8 @@ def flux(args) -> None:
     result = harness.compare(guided(comfy.samplers.CFGGuider(model)), guided(rb_guider), repeats, device,
                              names=("cfg", "rb"))
     harness.report(result, 1.5, {"family": "flux", "memory_goal": 1.3, "size": size, "steps": steps,
+                                 "width": shape["hidden"], "double_blocks": shape["depth"],
+                                 "single_blocks": shape["single"],
                                  "guided_steps": guided_steps, "feature_block": rb_guider.feature_block,
                                  "device": str(device), "attention": harness.attention_backend(),
                                  "quick": args.quick})
