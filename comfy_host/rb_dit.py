@@ -77,13 +77,16 @@ def _last_of_first_kind(counts: list[int]) -> int:
 
 
 def _at_depth(share: float) -> Callable[[list[int]], int]:
-    """The block at ``share`` of the depth (rounded, at least the first)."""
-    return lambda counts: max(1, min(counts[0], round(share * counts[0])))
+    """The block at ``share`` of the depth (rounded half up, at least the first)."""
+    return lambda counts: max(1, min(counts[0], int(share * counts[0] + 0.5)))
 
 
 FLUX_BLOCKS = (("double_block", "double_blocks"), ("single_block", "single_blocks"))
-QWEN_IMAGE_DEPTH = 0.5      # benchmarks/rb_feature_blocks.py --family qwen_image (docs/rb_guidance.md)
-Z_IMAGE_DEPTH = 0.5         # benchmarks/rb_feature_blocks.py --family z_image
+# the deepest block keeping 80 % of the first block's token correspondence, as a share of the depth, measured with
+# benchmarks/rb_feature_blocks.py --quick --family qwen_image (9 of 12) and --family z_image (3 of 8); see
+# docs/rb_guidance.md
+QWEN_IMAGE_DEPTH = 0.75
+Z_IMAGE_DEPTH = 0.375
 FAMILIES = (      # the first that matches is taken: a family with a marker before the one it extends
     DitFamily("Chroma", FLUX_BLOCKS, "single_block", ("t5xxl",), _last_of_first_kind,
               "the last double block's output (19 of 57)", marker="distilled_guidance_layer"),
@@ -92,9 +95,9 @@ FAMILIES = (      # the first that matches is taken: a family with a marker befo
     DitFamily("FLUX", FLUX_BLOCKS, "single_block", ("t5xxl",), _last_of_first_kind,
               "the last double block's output (19 of 57 on FLUX.1)"),
     DitFamily("Qwen-Image", (("double_block", "transformer_blocks"),), "", ("qwen25_7b",), _at_depth(QWEN_IMAGE_DEPTH),
-              f"block {round(QWEN_IMAGE_DEPTH * 60)} of 60's output", marker="txt_norm", prompt_from_end=True),
+              "block 45 of 60's output", marker="txt_norm", prompt_from_end=True),
     DitFamily("Z-Image", (("double_block", "layers"),), "", ("qwen3_4b",), _at_depth(Z_IMAGE_DEPTH),
-              f"main layer {round(Z_IMAGE_DEPTH * 30)} of 30's output", marker="x_pad_token", marked=True),
+              "main layer 11 of 30's output", marker="x_pad_token", marked=True),
 )
 
 
@@ -218,7 +221,8 @@ def dit_run(model, family: DitFamily, feature_block: int, subject_token: Optiona
     maps are wanted (Nones otherwise, and no cost)."""
     dm = diffusion_model(model)
     counts = family.counts(dm)
-    state = CaptureState(token_grid(model, tuple(x.shape[-2:])), stop, int(getattr(dm, "pad_tokens_multiple", 1) or 1))
+    multiple = int(getattr(dm, "pad_tokens_multiple", 1) or 1)
+    state = CaptureState(token_grid(model, tuple(x.shape[-2:])), stop, multiple)
     maps = JointAttentionMaps(token=subject_token, keep_self=record, max_tokens=MAX_ATTENTION_TOKENS)
     if not record:
         maps.token = None

@@ -24,8 +24,9 @@ class RBGuidance(OmniNode):
                 "so the node finds the word), and the reference's mask its detected face. The preview says which "
                 "masks were used."),
             inputs=[
-                io.Model.Input("model", tooltip="SD1.5, SDXL, FLUX.1 (dev, Kontext), Chroma or FLUX.2 model, usually "
-                                               "already carrying an identity adapter (or PuLID-FLUX)."),
+                io.Model.Input("model", tooltip="SD1.5, SDXL, FLUX.1 (dev, Kontext), Chroma, FLUX.2, Qwen-Image "
+                                               "(-Edit) or Z-Image model, usually already carrying an identity "
+                                               "adapter (or PuLID-FLUX)."),
                 io.Conditioning.Input("positive", tooltip="Positive prompt."),
                 io.Conditioning.Input("negative", tooltip="Negative prompt."),
                 io.Float.Input("cfg", default=7.5, min=0.0, max=100.0, step=0.1, tooltip="CFG scale (paper: 7.5)."),
@@ -41,9 +42,10 @@ class RBGuidance(OmniNode):
                 io.Int.Input("feature_block", default=0, min=0, max=64, optional=True,
                              tooltip="DIFT features. SD: the input of this output block; FLUX.1, Chroma, FLUX.2: "
                                      "the generated image's tokens of this block's output, counting the double "
-                                     "blocks, then the single blocks (1 = the first). 0 = the model's default: SD "
-                                     "output block 6 (after SD1.5's second up-block), DiTs the last double block "
-                                     "(FLUX.1: 19)."),
+                                     "blocks, then the single blocks (1 = the first); Qwen-Image: its blocks; "
+                                     "Z-Image: its main layers. 0 = the model's default: SD output block 6 (after "
+                                     "SD1.5's second up-block), FLUX-type DiTs the last double block (FLUX.1: 19), "
+                                     "Qwen-Image block 45 of 60, Z-Image layer 11 of 30."),
                 io.Clip.Input("clip", optional=True,
                               tooltip="The CLIP that encoded the positive prompt: reads the prompt's tokens to find "
                                       "the subject word."),

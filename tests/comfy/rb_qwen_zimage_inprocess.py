@@ -74,7 +74,8 @@ class ToyLayer:
 
 def qwen_patches(z):          # ComfyUI's Qwen-Image patchify: (B, C, 1, H, W) -> (B, h w, C 2 2)
     b, c, t, h, w = z.shape
-    return z.reshape(b, c, t, h // 2, 2, w // 2, 2).permute(0, 2, 3, 5, 1, 4, 6).reshape(b, t * (h // 2) * (w // 2), c * 4)
+    patches = z.reshape(b, c, t, h // 2, 2, w // 2, 2).permute(0, 2, 3, 5, 1, 4, 6)
+    return patches.reshape(b, t * (h // 2) * (w // 2), c * 4)
 
 
 def z_patches(z):             # ComfyUI's Z-Image patchify: (B, C, H, W) -> (B, h w, 2 2 C)

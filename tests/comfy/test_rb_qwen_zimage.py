@@ -39,7 +39,8 @@ def test_the_subject_mask_is_the_image_tokens_that_attend_to_the_subject_word(fa
     assert seen["mask"] == seen["face"] and sum(seen["face"]) == 6
     assert seen["finite"] and seen["reference_passes"] == 1 and seen["guided_steps"] == 2
     assert seen["family"] == {"qwen_image": "Qwen-Image", "z_image": "Z-Image"}[family]
-    assert seen["feature_block"] == 1                                  # the default at depth 0.5 of 2 blocks
+    # the default: Qwen-Image's at 0.75 of the depth (block 2 of 2), Z-Image's at 0.375 (main layer 1 of 2)
+    assert seen["feature_block"] == {"qwen_image": 2, "z_image": 1}[family]
     width = {"qwen_image": 64, "z_image": 1056}[family]
     assert seen["features"] == [1, width, 4, 4] and seen["grid"] == [4, 4]
     cross, self_maps, row_sum_error = seen["maps"]
