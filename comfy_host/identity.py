@@ -200,10 +200,11 @@ class FluxAttentionOverride:
         options = kwargs.get("transformer_options") or {}
         injections = options.get(FLUX_BLOCK)
         state = options.get(FLUX_STATE)
-        if isinstance(state, dict) and injections:
-            state["attention"] = state.get("attention", 0) + 1
+        if q.ndim == 3:           # (B, N, heads * D), as Qwen-Image's attention passes it on ComfyUI 0.3.64
+            q = q.unflatten(-1, (heads, -1)).transpose(1, 2)
         if not injections or not isinstance(state, dict) or q.ndim != 4:
-            return out
+            return out            # uncounted: check_injection_points then says the identity was not injected
+        state["attention"] = state.get("attention", 0) + 1
         call = options.get(FLUX_BLOCK_CALL) or {"kind": "double", "pe": None, "residual": None}
         out, residual = identity_terms(out, q, call.get("pe"), state["txt_len"], call.get("kind", "double"),
                                        injections, func, options.get("cond_or_uncond") or (), state["latent_hw"],

@@ -20,6 +20,9 @@ import sys
 from pathlib import Path
 
 
+MODEL_CLASS = {"flux2": "Flux2", "chroma": "Chroma", "qwen_image": "QwenImage", "z_image": "ZImage"}
+
+
 def comfy_model(family: str, transformer):
     if family == "flux2":
         from support.flux2_layout import bfl_state_dict, comfy_flux2
@@ -47,14 +50,31 @@ def diffusers_output(family: str, transformer, x, sigma, context):
     return v[:, :, None] if frames else v
 
 
-def train(family: str, work: Path) -> tuple[str, str]:
-    """(model folder, adapter file): `omniid train --stage flow` for 3 steps on a tiny ``family`` model."""
+def transformer_of(folder: str):
+    from omniid.diffusers_host.models import _class_for
+    _, cls = _class_for(str(Path(folder) / "transformer"))
+    return cls.from_pretrained(folder, subfolder="transformer").eval()
+
+
+def host_refusal(family: str, folder: str):
+    """None where this ComfyUI builds its own model of ``family`` from the weights, else why not (a host
+    older than the family: ComfyUI 0.3.64 detects no FLUX.2 and no Z-Image)."""
+    try:
+        comfy_model(family, transformer_of(folder))
+    except ValueError as error:
+        if "does not detect these weights" not in str(error):
+            raise
+        return str(error)
+    return None
+
+
+def train(family: str, folder: str, work: Path) -> str:
+    """The adapter file `omniid train --stage flow` writes after 3 steps on the tiny ``family`` model."""
     from omniid.cli.main import main as omniid
-    from support.tiny_diffusers import write_model_folder, write_smoke_data
+    from support.tiny_diffusers import write_smoke_data
     data = work / "data"
     if not (data / "encoder.json").exists():
         write_smoke_data(data)
-    folder = write_model_folder(family, work / family)
     adapter = work / family / "trained.safetensors"
     code = omniid(["train", "--stage", "flow", "--model", folder, "--data", str(data / "identities"), "--clip",
                    f"open_clip:{data / 'tiny_vit.json'}", "--encoder-config", (data / "encoder.json").read_text(),
@@ -62,7 +82,7 @@ def train(family: str, work: Path) -> tuple[str, str]:
                    "--threads", "1", "--lr", "1e-2"])
     if code != 0 or not adapter.exists():
         raise SystemExit(f"omniid train --stage flow on {family} exited with {code}")
-    return folder, str(adapter)
+    return str(adapter)
 
 
 def injections_at(patched, layer) -> tuple:
@@ -92,10 +112,17 @@ def main() -> None:
     sys.argv = sys.argv[:1]
     import comfy.cli_args
     comfy.cli_args.args.cpu = True
+    from support.tiny_diffusers import write_model_folder
     facts = {}
     for family in args.families.split(","):
-        folder, adapter = train(family, Path(args.work))
-        facts[family] = check(family, folder, adapter)
+        folder = write_model_folder(family, Path(args.work) / family)
+        refusal = host_refusal(family, folder)
+        if refusal is not None:
+            import comfy.supported_models
+            facts[family] = {"built": False, "reason": refusal,
+                             "host_has_class": hasattr(comfy.supported_models, MODEL_CLASS[family])}
+            continue
+        facts[family] = {"built": True, **check(family, folder, train(family, folder, Path(args.work)))}
     print(json.dumps(facts))
 
 
@@ -105,14 +132,12 @@ def check(family: str, folder: str, adapter_file: str) -> dict:
     from omniid.comfy_host.layers import host_layers as comfy_layers, model_family as comfy_family
     from omniid.diffusers_host.identity import apply_identity as diffusers_apply, identity_call
     from omniid.diffusers_host.layers import host_layers, model_family
-    from omniid.diffusers_host.models import _class_for
     from omniid.encoders.embeds import IdentityEmbeds
     from omniid.guidance.adapter_files import load_adapter
     from omniid.guidance.decoupled import COND, UNCOND
     from omniid.nodes.adapter_nodes import ApplyAdapter
 
-    _, cls = _class_for(str(Path(folder) / "transformer"))
-    transformer = cls.from_pretrained(folder, subfolder="transformer").eval()
+    transformer = transformer_of(folder)
     model = comfy_model(family, transformer)
     adapter = load_adapter(adapter_file, "trained_by_diffusers")
     g = torch.Generator().manual_seed(5)
@@ -173,6 +198,7 @@ def check(family: str, folder: str, adapter_file: str) -> dict:
         "diffusers_layers": [[l.group, l.number] for l in d_layers], "kv_equal": kv_equal, "weights": weights,
         "plain_diff": float((c_plain - d_plain).abs().max()), "identity_diff": float((c_identity - d_identity).abs().max()),
         "identity_effect": float((d_identity - d_plain).abs().max()),
+        "increment_diff": float(((c_identity - c_plain) - (d_identity - d_plain)).abs().max()),
         "comfy_identity_effect": float((c_identity - c_plain).abs().max()), "scale": float(d_plain.abs().max()),
         "uncond_effect": float((c_identity[1] - c_plain[1]).abs().max()),
         "weight0_equal": bool(torch.equal(zero, c_plain)), "outside_window_equal": bool(torch.equal(outside, outside_plain)),

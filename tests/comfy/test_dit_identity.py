@@ -4,14 +4,15 @@ each family, and the file loads in ComfyUI's Apply Identity Adapter, on ComfyUI'
 output as the diffusers host's processors (tests/comfy/dit_parity.py, one process for all families).
 FLUX.2, Chroma and Qwen-Image take the identity through block patches, Z-Image through the attention override
 alone (its forward offers no block patches)."""
+from pathlib import Path
+
 import pytest
 
 from support.testing import facts_in_comfyui
 
-from pathlib import Path
-
 SCRIPT = Path(__file__).with_name("dit_parity.py")
 FAMILIES = ("flux2", "chroma", "qwen_image", "z_image")
+NEWER_THAN_OLDEST_HOST = {"flux2", "z_image"}
 LAYERS = {"flux2": [["double", 0], ["single", 0], ["single", 1]], "qwen_image": [["double", 0], ["double", 1]],
           "z_image": [["double", 0], ["double", 1]],           # Z-Image: its main layers, not its refiners
           "chroma": [["double", i] for i in range(19)] + [["single", i] for i in range(38)]}
@@ -24,9 +25,21 @@ def facts(comfyui, tmp_path_factory):
     return facts_in_comfyui(SCRIPT, comfyui, "--work", str(work), "--families", ",".join(FAMILIES))
 
 
+def built(facts, family) -> dict:
+    """The family's facts, or None where this ComfyUI's detection does not know the family (0.3.64: FLUX.2 and
+    Z-Image came later); every family that the oldest host knows is checked there too."""
+    f = facts[family]
+    if not f["built"]:
+        assert family in NEWER_THAN_OLDEST_HOST and "does not detect these weights" in f["reason"], f["reason"]
+        assert not f["host_has_class"]           # a host with the family's model class must build it
+        return None
+    return f
+
+
 @pytest.mark.parametrize("family", FAMILIES)
 def test_the_trained_file_records_its_family_and_loads_with_bit_equal_kv(facts, family):
-    f = facts[family]
+    if (f := built(facts, family)) is None:
+        return
     assert f["comfy_family"] == f["diffusers_family"] == f["adapter_family"] == family
     assert f["layers"] == f["diffusers_layers"] == LAYERS[family]
     assert f["kv_equal"] == [True] * len(LAYERS[family])
@@ -37,7 +50,8 @@ def test_the_trained_file_records_its_family_and_loads_with_bit_equal_kv(facts, 
 
 @pytest.mark.parametrize("family", FAMILIES)
 def test_comfyui_patches_equal_the_diffusers_processors(facts, family):
-    f = facts[family]
+    if (f := built(facts, family)) is None:
+        return
     assert f["plain_diff"] < TOLERANCE * f["scale"]             # the same model in both hosts...
     assert f["identity_effect"] > 1e-3 * f["scale"]             # ...the identity changes its output...
     assert f["identity_diff"] < TOLERANCE * f["scale"]          # ...and both hosts add the same identity
@@ -46,6 +60,7 @@ def test_comfyui_patches_equal_the_diffusers_processors(facts, family):
 
 @pytest.mark.parametrize("family", FAMILIES)
 def test_weight_0_and_outside_the_window_leave_the_model_bit_identical(facts, family):
-    f = facts[family]
+    if (f := built(facts, family)) is None:
+        return
     assert f["weight0_equal"] is True
     assert f["window_patched"] == len(LAYERS[family]) and f["outside_window_equal"] is True

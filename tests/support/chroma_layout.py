@@ -34,7 +34,9 @@ def comfy_chroma(state: dict, config, dtype=torch.float32):
     unet_config = comfy.model_detection.detect_unet_config(state, "")
     if unet_config is None or unet_config.get("image_model") != "chroma":
         raise ValueError(f"ComfyUI does not detect these weights as Chroma: {unet_config}")
-    unet_config.update({"num_heads": config.num_attention_heads, "axes_dim": list(config.axes_dims_rope),
+    # hosts that fix FLUX.1's sizes at detection (ComfyUI 0.3.64) take the tiny model's from its weights
+    unet_config.update({"hidden_size": state["img_in.weight"].shape[0], "context_in_dim": state["txt_in.weight"].shape[1],
+                        "num_heads": config.num_attention_heads, "axes_dim": list(config.axes_dims_rope),
                         "in_dim": config.approximator_num_channels, "out_dim": state["img_in.weight"].shape[0],
                         "hidden_dim": config.approximator_hidden_dim, "n_layers": config.approximator_layers})
     model_config = comfy.model_detection.model_config_from_unet_config(unet_config, state)

@@ -16,7 +16,7 @@ def comfy_z_image(state: dict, config, dtype=torch.float32):
 
     converted = comfy.model_detection.convert_diffusers_mmdit(dict(state), "")
     if converted is None:
-        raise ValueError("ComfyUI does not read these keys as a diffusers-format Z-Image")
+        raise ValueError("ComfyUI does not detect these weights as Z-Image: it reads no diffusers-format Z-Image")
     unet_config = comfy.model_detection.detect_unet_config(converted, "")
     if unet_config is None or unet_config.get("image_model") != "lumina2":
         raise ValueError(f"ComfyUI does not detect these weights as Z-Image (NextDiT): {unet_config}")
