@@ -31,13 +31,10 @@ from ..guidance.joint_attention import JointAttentionMaps
 from .attention import OVERRIDE_KEY
 from .gradients import snapshot_saves
 from .layers import diffusion_model
+from .rb_capture import CaptureState, StopForward
 from .rb_marks import marked_options
 
 MAX_ATTENTION_TOKENS = 1024      # self-attention maps are N x N: finer grids are pooled to at most this
-
-
-class StopForward(Exception):
-    """Raised by the feature capture once the features are in hand."""
 
 
 @dataclass(frozen=True)
@@ -114,17 +111,6 @@ def dit_family(model) -> Optional[DitFamily]:
 def token_grid(model, latent_hw: tuple[int, int]) -> tuple[int, int]:
     patch = int(getattr(diffusion_model(model), "patch_size", 2) or 2)
     return math.ceil(latent_hw[0] / patch), math.ceil(latent_hw[1] / patch)
-
-
-class CaptureState:
-    def __init__(self, grid: tuple[int, int], stop: bool, multiple: int = 1):
-        self.grid, self.stop = grid, stop
-        self.multiple = multiple             # image tokens padded to a multiple of this (Z-Image)
-        self.txt_len = 0
-        self.recording = False
-        self.features: Optional[torch.Tensor] = None
-        self.blocks = 0
-        self.resume_grad: Optional[bool] = None   # the grad mode to restore after a forward run on without it
 
 
 class BlockCapture:

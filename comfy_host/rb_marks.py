@@ -18,6 +18,7 @@ from __future__ import annotations
 import torch
 
 from .attention import OVERRIDE_KEY
+from .rb_capture import StopForward
 
 
 class LayerFeatures:
@@ -30,7 +31,6 @@ class LayerFeatures:
         return self
 
     def __call__(self, args: dict, *more, **kwargs) -> dict:
-        from .rb_dit import StopForward
         state = self.state
         if args.get("block_index") != self.index or state.features is not None:
             return {}
