@@ -172,9 +172,21 @@ class JointRecording:
     def __call__(self, func, q, k, v, heads, *args, **kwargs):
         out = (self.previous(func, q, k, v, heads, *args, **kwargs) if self.previous is not None
                else func(q, k, v, heads, *args, **kwargs))
-        if self.state.recording and kwargs.get("skip_reshape") and q.ndim == 4:
-            self.maps.record(q, k, self.state.txt_len, self.state.grid)
+        if self.state.recording:
+            qk = heads_first(q, k, heads, kwargs.get("skip_reshape", False))
+            if qk is not None:
+                self.maps.record(*qk, self.state.txt_len, self.state.grid)
         return out
+
+
+def heads_first(q, k, heads: int, skip_reshape: bool):
+    """(q, k) as (B, heads, L, d) from an attention call's inputs, or None for a call of another shape. Releases
+    differ: FLUX's blocks pass them so (``skip_reshape``); ComfyUI 0.3.64's Qwen-Image passes (B, L, heads * d)."""
+    if skip_reshape:
+        return (q, k) if q.ndim == 4 else None
+    if q.ndim != 3 or k.ndim != 3 or q.shape[-1] % heads:
+        return None
+    return tuple(t.unflatten(-1, (heads, -1)).transpose(1, 2) for t in (q, k))
 
 
 def capture_options(model_options: dict, family: DitFamily, counts: list[int], feature_block: int,

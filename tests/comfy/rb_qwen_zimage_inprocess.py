@@ -1,6 +1,6 @@
 """RB-Guidance on Qwen-Image (and its edit variant) and Z-Image in process: run with the Python that runs ComfyUI.
 
-    python tests/comfy/rb_qwen_zimage_inprocess.py --comfyui PATH
+    python tests/comfy/rb_qwen_zimage_inprocess.py --comfyui PATH --family {qwen_image,z_image}
 
 Tiny models with random weights in the published layouts (diffusers' QwenImageTransformer2DModel over
 Qwen-Image's 16-channel latent; tests/support/tiny_diffusers.py's Z-Image), configured by ComfyUI's detection
@@ -18,7 +18,8 @@ sigmas (the last 2 guided):
   main blocks (told apart by their length alone); the guider's refined mask is that block. With the edit's
   reference latent the features and maps cover the generated image's tokens only;
 - the subject word found with Qwen-Image's (Qwen2.5-VL) and Z-Image's (Qwen3) own tokenizers.
-Prints one JSON line of facts that tests/comfy/test_rb_qwen_zimage.py asserts.
+Prints one JSON line of facts that tests/comfy/test_rb_qwen_image.py (ComfyUI 0.3.64 has Qwen-Image too) and
+test_rb_z_image.py (ComfyUI 0.33 only) assert.
 """
 from __future__ import annotations
 
@@ -92,10 +93,15 @@ class Constructed:
         self.inner, self.length, self.rows = inner, length, rows
 
     def __call__(self, func, q, k, v, heads, *args, **kwargs):
+        flat = q.ndim == 3 and not kwargs.get("skip_reshape")      # ComfyUI 0.3.64's Qwen-Image: (B, L, heads d)
+        if flat:
+            q, k = (t.unflatten(-1, (heads, -1)).transpose(1, 2) for t in (q, k))
         if q.ndim == 4 and q.shape[2] == self.length:
             q, k = q.clone(), k.clone()
             q[:, :, self.rows] = 4.0 * k[:, :, SUBJECT:SUBJECT + 1]     # logits 4 |k_s|^2 / sqrt(d) against it
             k[:, :, self.rows] += 0.25 * k[:, :, SUBJECT:SUBJECT + 1]   # a quarter of that more on each other
+        if flat:
+            q, k = (t.transpose(1, 2).flatten(2) for t in (q, k))
         call = self.inner if self.inner is not None else (lambda f, *a, **kw: f(*a, **kw))
         return call(func, q, k, v, heads, *args, **kwargs)
 
@@ -256,27 +262,31 @@ def z_image_facts(torch) -> dict:
     return out
 
 
-def subject_words() -> dict:
-    """The subject's place in the conditioning, found with each family's own tokenizer (no text encoder weights)
+WORDS = {   # the conditioning lengths ComfyUI's encoders give 'a photo of a woman, smiling': Qwen-Image drops its
+    # system template up to 'user' and the newline (12 left); the edit encoder inserts <|vision_start|>, the
+    # image's tokens (64 here) and <|vision_end|> before the prompt; Z-Image keeps all 15
+    "qwen_image": (("qwen_image", "qwen_image.QwenImageTokenizer", "Qwen-Image", 12),
+                   ("qwen_image_edit", "qwen_image.QwenImageTokenizer", "Qwen-Image", 78)),
+    "z_image": (("z_image", "z_image.ZImageTokenizer", "Z-Image", 15),),
+}
+
+
+def subject_words(family: str) -> dict:
+    """The subject's place in the conditioning, found with the family's own tokenizer (no text encoder weights)
     as the node finds it."""
+    import importlib
     from types import SimpleNamespace
 
-    import comfy.text_encoders.qwen_image as qwen_text
-    import comfy.text_encoders.z_image as z_text
     from omniid.comfy_host.rb_dit import FAMILIES
     from omniid.comfy_host.rb_setup import subject_token
-    families = {family.name: family for family in FAMILIES}
+    families = {entry.name: entry for entry in FAMILIES}
     found = {}
-    # the conditioning lengths ComfyUI's encoders give 'a photo of a woman, smiling': Qwen-Image drops its system
-    # template up to 'user' and the newline (12 left); the edit encoder inserts <|vision_start|>, the image's
-    # tokens (64 here) and <|vision_end|> before the prompt; Z-Image keeps all 15
-    for name, tokenizer, family, length in (("qwen_image", qwen_text.QwenImageTokenizer, "Qwen-Image", 12),
-                                            ("qwen_image_edit", qwen_text.QwenImageTokenizer, "Qwen-Image", 78),
-                                            ("z_image", z_text.ZImageTokenizer, "Z-Image", 15)):
-        tokenizer = tokenizer()
+    for name, path, family_name, length in WORDS[family]:
+        module, cls = path.split(".")
+        tokenizer = getattr(importlib.import_module(f"comfy.text_encoders.{module}"), cls)()
         clip = SimpleNamespace(tokenize=tokenizer.tokenize_with_weights, tokenizer=tokenizer)
         positive = [[SimpleNamespace(shape=(1, length, 8)), {}]]
-        entry = families[family]
+        entry = families[family_name]
         found[name] = list(subject_token(positive, 0, "", clip, "a photo of a woman, smiling", entry.tokenizers,
                                          entry.prompt_from_end))
     return found
@@ -285,6 +295,7 @@ def subject_words() -> dict:
 def main() -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument("--comfyui", required=True)
+    parser.add_argument("--family", choices=("qwen_image", "z_image"), required=True)
     args = parser.parse_args()
     sys.path.insert(0, str(Path(args.comfyui).resolve()))
     sys.path.insert(0, str(Path(__file__).resolve().parents[1]))      # tests/: support
@@ -294,8 +305,8 @@ def main() -> None:
     import torch
     torch.manual_seed(0)
     torch.set_num_threads(1)                  # tiny models: one thread is faster than two on a shared CPU
-    print(json.dumps({"qwen_image": qwen_image_facts(torch), "z_image": z_image_facts(torch),
-                      "subject_words": subject_words()}))
+    facts = qwen_image_facts(torch) if args.family == "qwen_image" else z_image_facts(torch)
+    print(json.dumps({**facts, "subject_words": subject_words(args.family)}))
 
 
 if __name__ == "__main__":
