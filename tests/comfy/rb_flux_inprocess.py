@@ -147,7 +147,8 @@ def facts(torch) -> dict:
     except ValueError as exc:                # a release whose Chroma fixes the published width's heads
         out["chroma"] = {"built": False, "reason": str(exc)}
         return out
-    text = [[torch.randn(1, 6, 40, generator=g), {}]], [[torch.randn(1, 6, 40, generator=g), {}]]
+    # ComfyUI 0.3.64's Chroma reads a pooled output as FLUX.1 does (its model ignores it); later releases' do not
+    text = tuple([[torch.randn(1, 6, 40, generator=g), {"pooled_output": torch.zeros(1, 768)}]] for _ in range(2))
     plain = run(comfy.samplers.CFGGuider(chroma), *text, 2.0)
     off = run(rb(chroma, 0.0), *text, 2.0)
     guided = rb(chroma, 8.5)
