@@ -40,7 +40,8 @@ MAX_ATTENTION_TOKENS = 1024      # self-attention maps are N x N: finer grids ar
 @dataclass(frozen=True)
 class DitFamily:
     name: str
-    blocks: tuple[tuple[str, str], ...]      # (patches_replace["dit"] kind, diffusion model attribute), in order
+    blocks: tuple[tuple[str, str], ...]      # (patches_replace["dit"] kind, or a name where the family is
+                                             # marked; diffusion model attribute), in order
     joint_kind: str                          # blocks whose image stream is [text | image] ("" for none)
     tokenizers: tuple[str, ...]              # keys of clip.tokenize()'s result that make the text stream
     default_block: Callable[[list[int]], int]   # block counts per kind -> default feature block (1-based)
@@ -93,7 +94,7 @@ FAMILIES = (      # the first that matches is taken: a family with a marker befo
               "the last double block's output (19 of 57 on FLUX.1)"),
     DitFamily("Qwen-Image", (("double_block", "transformer_blocks"),), "", ("qwen25_7b",), _at_depth(QWEN_IMAGE_DEPTH),
               "block 45 of 60's output", marker="txt_norm", prompt_from_end=True),
-    DitFamily("Z-Image", (("double_block", "layers"),), "", ("qwen3_4b",), _at_depth(Z_IMAGE_DEPTH),
+    DitFamily("Z-Image", (("main_layer", "layers"),), "", ("qwen3_4b",), _at_depth(Z_IMAGE_DEPTH),
               "main layer 11 of 30's output", marker="x_pad_token", marked=True),
 )
 
