@@ -31,16 +31,17 @@ STAGE_OF = {
     "OmniIdentityFlameLandmarks": "identity", "OmniIdentityFaceLandmarks": "identity",
     "OmniIdentityDataset": "identity", "OmniIdentityBuildDataset": "identity",
     "OmniIdentityPuLIDFluxLoader": "identity", "OmniIdentityInfiniteYouLoader": "identity",
-    "CheckpointLoaderSimple": "model", "UNETLoader": "model", "DualCLIPLoader": "model", "VAELoader": "model",
-    "ControlNetLoader": "model", "OmniIdentityAdapterLoader": "model", "OmniIdentityApplyAdapter": "model",
+    "CheckpointLoaderSimple": "model", "UNETLoader": "model", "CLIPLoader": "model", "DualCLIPLoader": "model",
+    "VAELoader": "model", "ControlNetLoader": "model", "OmniIdentityAdapterLoader": "model", "OmniIdentityApplyAdapter": "model",
     "OmniIdentityMixedAttention": "model", "OmniIdentityAdaINMean": "model", "OmniIdentityApplyPuLIDFlux": "model",
     "OmniIdentityApplyInfiniteYou": "sampling",
     "OmniIdentityTrainEncoderMTD": "training", "OmniIdentityTrainFlowMatching": "training",
     "OmniIdentityTrainPivotEncoder": "training",
     "CLIPTextEncode": "sampling", "ConditioningZeroOut": "sampling", "FluxGuidance": "sampling",
     "ControlNetApplyAdvanced": "sampling", "OmniIdentityApplyPivot": "sampling", "EmptyLatentImage": "sampling",
-    "EmptySD3LatentImage": "sampling", "KSampler": "sampling", "RandomNoise": "sampling",
-    "KSamplerSelect": "sampling", "BasicScheduler": "sampling", "OmniIdentityRBGuidance": "sampling",
+    "EmptySD3LatentImage": "sampling", "EmptyFlux2LatentImage": "sampling", "Flux2Scheduler": "sampling",
+    "FluxKontextImageScale": "sampling", "VAEEncode": "sampling", "ReferenceLatent": "sampling", "KSampler": "sampling",
+    "RandomNoise": "sampling", "KSamplerSelect": "sampling", "BasicScheduler": "sampling", "OmniIdentityRBGuidance": "sampling",
     "SamplerCustomAdvanced": "sampling",
     "VAEDecode": "output", "SaveImage": "output", "PreviewImage": "output", "PreviewAny": "output",
     "MaskToImage": "output", "OmniIdentitySimilarity": "output", "OmniIdentitySaveEncoder": "output",
@@ -153,6 +154,16 @@ AT_ZOOM = """
 DRAW = """
 (() => {
   const c = app.canvas, rect = c.canvas.getBoundingClientRect();
+  // newer frontends lay menus, the sidebar and toasts over the canvas: hidden (layout kept) for the screenshot,
+  // all but the nodes' own DOM widgets (notes, text boxes)
+  window.__omniidHidden = [];
+  for (let el = c.canvas; el.parentElement && el !== document.body; el = el.parentElement)
+    for (const sibling of el.parentElement.children)
+      if (sibling !== el && sibling.style.visibility !== "hidden"
+          && !sibling.matches(".dom-widget, textarea") && !sibling.querySelector(".dom-widget, textarea")) {
+        sibling.style.visibility = "hidden";
+        window.__omniidHidden.push(sibling);
+      }
   c.low_quality_zoom_threshold = 0.05;
   c.show_info = false;
   c.ds.scale = %(scale)s;
@@ -162,6 +173,9 @@ DRAW = """
   return {x: rect.left, y: rect.top, width: %(width)s, height: %(height)s};
 })()
 """
+
+
+SHOW_OVERLAYS = "(window.__omniidHidden || []).forEach(el => { el.style.visibility = ''; }), true"
 
 
 def build_script(name: str, api: dict, groups: list[dict], about: str, zoom: float = 0.75) -> str:

@@ -12,15 +12,18 @@ pack's workflows), with a thumbnail ``workflows/<name>.jpg`` (``thumbnails``: it
 and their nodes) and a screenshot of the editor at 75 % zoom in ``docs/workflows/``
 (``--json-only``: the workflows alone). The server has a stand-in photo under every name a Load
 Image node asks for, so the editor sizes those nodes with their photo's preview, as a user who
-put photos in ComfyUI's input folder sees them. The UI files are thus exactly what the editor
-makes of the API twins;
+put photos in ComfyUI's input folder sees them, and an empty stand-in file under every model name a
+loader asks for (frontend 1.49 marks a file the server lacks as an error). The UI files are thus
+exactly what the editor makes of the API twins;
 ``tests/comfy/test_frontend.py`` checks, in the frontend of every supported host, that they
 load with their saved values, keep their groups and convert back.
 
 The files are written by the frontend of the oldest supported host (ComfyUI 0.3.64, frontend
 1.27) unless ``--comfyui``, $COMFYUI_PATH or $OMNIID_COMFYUI_HOST say otherwise: newer frontends
 read what older ones write, not the reverse (frontend 1.49 on ComfyUI 0.33 adds fields and
-slots 0.3.64 lacks, e.g. an output on Save Image).
+slots 0.3.64 lacks, e.g. an output on Save Image). A workflow on core nodes the oldest host lacks
+(``newer_core_nodes`` in workflows/notes.toml, e.g. FLUX.2's) is written by the first host that has them:
+``OMNIID_COMFYUI_HOST=0.33.0 ... --only start_flux2_klein_rb``.
 """
 from __future__ import annotations
 
@@ -51,6 +54,7 @@ MODEL_FOLDERS = {
     "CLIPVisionLoader": {"clip_name": "clip_vision"},
     "ControlNetLoader": {"control_net_name": "controlnet"},
     "UNETLoader": {"unet_name": "diffusion_models"},
+    "CLIPLoader": {"clip_name": "text_encoders"},
     "DualCLIPLoader": {"clip_name1": "text_encoders", "clip_name2": "text_encoders"},
     "VAELoader": {"vae_name": "vae"},
     "OmniIdentityEncoderLoader": {"encoder_name": "omni_identity"},
@@ -78,6 +82,10 @@ SOURCES = {
     "clip_l.safetensors": "comfyanonymous/flux_text_encoders",
     "t5xxl_fp16.safetensors": "comfyanonymous/flux_text_encoders",
     "ae.safetensors": "black-forest-labs/FLUX.1-dev",
+    "flux1-kontext-dev.safetensors": "black-forest-labs/FLUX.1-Kontext-dev on Hugging Face",
+    "flux-2-klein-4b.safetensors": "Comfy-Org/Flux-2-Klein-4B on Hugging Face, split_files/diffusion_models/",
+    "qwen_3_4b.safetensors": "Comfy-Org/Flux-2-Klein-4B on Hugging Face, split_files/text_encoders/",
+    "flux2-vae.safetensors": "Comfy-Org/Flux-2-Klein-4B on Hugging Face, split_files/vae/",
     "pulid_flux_v0.9.1.safetensors": "guozinan/PuLID on Hugging Face",
     "EVA02_CLIP_L_336_psz14_s6B.pt": "QuanSun/EVA-CLIP on Hugging Face",
     "infusenet_aes_bf16.safetensors": "ByteDance/InfiniteYou on Hugging Face, infu_flux_v1.0/aes_stage2/InfuseNet",
@@ -161,6 +169,20 @@ def example_photos(folder: Path) -> dict[str, Path]:
     return photos
 
 
+def stand_in_models(base: Path) -> None:
+    """An empty file under every model name the API workflows' loaders ask for, where the tiny models have none: the
+    editor then shows the loaders as a user who has the files sees them (frontend 1.49 marks a missing file as an
+    error). The generator's server lists them and never loads them."""
+    for path in (WORKFLOWS / "api").glob("*.json"):
+        for node in json.loads(path.read_text()).values():
+            for field, folder in MODEL_FOLDERS.get(node["class_type"], {}).items():
+                value = node["inputs"].get(field)
+                target = base / "models" / folder / str(value)
+                if isinstance(value, str) and value != "none" and not target.exists():
+                    target.parent.mkdir(parents=True, exist_ok=True)
+                    target.touch()
+
+
 def build_all(url: str, names: list[str] | None = None, pictures: bool = True) -> list[Path]:
     """Editor workflow, thumbnail and 75 % screenshot of each API workflow (or of ``names``)."""
     notes = template_notes()
@@ -193,6 +215,7 @@ def build_all(url: str, names: list[str] | None = None, pictures: bool = True) -
             time.sleep(0.5)
             SCREENSHOTS.mkdir(parents=True, exist_ok=True)
             written.append(page.screenshot(SCREENSHOTS / f"{name}.jpg", clip=clip, quality=80))
+            page.evaluate(ui_layout.SHOW_OVERLAYS)
             page.send("Emulation.clearDeviceMetricsOverride")
         page.close()
     return written
@@ -214,6 +237,7 @@ def main(argv=None) -> int:
     tiny = assets.tiny_models(comfyui, comfyui_python(comfyui))
     base = populate_base(Path(tempfile.mkdtemp(prefix="omniid-ui-")), tiny,
                          example_photos(Path(tempfile.mkdtemp(prefix="omniid-ui-photos-"))))
+    stand_in_models(base)
     server = start_server(comfyui, base)
     try:
         for path in build_all(server.url, args.only, pictures=not args.json_only):
