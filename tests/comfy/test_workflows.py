@@ -16,6 +16,7 @@ RUN_ELSEWHERE = {
     "start_flux_pulid.json": "test_pulid_flux_nodes.py",
     "start_flux_infiniteyou.json": "test_infiniteyou_nodes.py",
     "start_flux_pulid_rb.json": "test_pulid_flux_nodes.py",
+    "start_kontext_rb.json": "test_rb_kontext_workflow.py",
 }
 
 
