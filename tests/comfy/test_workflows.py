@@ -17,6 +17,7 @@ RUN_ELSEWHERE = {
     "start_flux_infiniteyou.json": "test_infiniteyou_nodes.py",
     "start_flux_pulid_rb.json": "test_pulid_flux_nodes.py",
     "start_kontext_rb.json": "test_rb_kontext_workflow.py",
+    "start_flux2_klein_rb.json": "test_rb_flux2_workflow.py",      # FLUX.2: ComfyUI 0.33 on, with its tiny files
 }
 
 
