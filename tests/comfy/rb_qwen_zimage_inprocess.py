@@ -17,7 +17,8 @@ sigmas (the last 2 guided):
   the generated image's queries of a 2 x 3 block find the subject word's key, in every joint attention of the
   main blocks (told apart by their length alone); the guider's refined mask is that block. With the edit's
   reference latent the features and maps cover the generated image's tokens only;
-- the subject word found with Qwen-Image's (Qwen2.5-VL) and Z-Image's (Qwen3) own tokenizers.
+- the subject word found with Qwen-Image's (Qwen2.5-VL) and Z-Image's (Qwen3) own tokenizers, directly and
+  through the node's set-up (rb_setup.rb_guider), whose preview lines name the word and the feature block.
 Prints one JSON line of facts that tests/comfy/test_rb_qwen_image.py (ComfyUI 0.3.64 has Qwen-Image too) and
 test_rb_z_image.py (ComfyUI 0.33 only) assert.
 """
@@ -215,6 +216,23 @@ def hand_push(torch, model, h: Harness, first, plain_x0, push, features) -> dict
             "outside_mask": float((push.double() * (1 - latent_mask)).abs().max())}
 
 
+def node_setup(torch, model, tokenizer, length: int, latent_lead) -> dict:
+    """The node's set-up (rb_setup.rb_guider) on ``model``: the subject word read with the family's tokenizer
+    from 'a photo of a woman, smiling' against a positive conditioning of ``length`` tokens, and the lines the
+    preview shows. The VAE is a stand-in giving the family's latent shape."""
+    from types import SimpleNamespace
+
+    from omniid.comfy_host.rb_setup import rb_guider
+    from omniid.guidance.rb_guidance import RBSettings
+    tokenizer = tokenizer()
+    clip = SimpleNamespace(tokenize=tokenizer.tokenize_with_weights, tokenizer=tokenizer)
+    vae = SimpleNamespace(encode=lambda image: torch.zeros(*latent_lead, image.shape[1] // 8, image.shape[2] // 8))
+    positive = [[torch.zeros(1, length, 40), {}]]
+    guider, _, lines = rb_guider(model, positive, positive, 2.0, torch.rand(1, 64, 64, 3), vae, RBSettings(),
+                                 clip=clip, prompt="a photo of a woman, smiling", reference_region="whole image")
+    return {"subject_token": guider.subject_token, "lines": lines}
+
+
 def qwen_image_facts(torch) -> dict:
     from diffusers import QwenImageTransformer2DModel
     from support.qwen_image_layout import comfy_qwen_image
@@ -239,6 +257,8 @@ def qwen_image_facts(torch) -> dict:
     spied.set_model_patch_replace(lengths, "dit", "double_block", 0)
     out["edit"] = h.subject_mask(spied, edit, negative, TEXT + 32, TEXT)
     out["edit"]["image_stream_tokens"] = sorted(set(lengths.lengths))
+    from comfy.text_encoders.qwen_image import QwenImageTokenizer
+    out["node"] = node_setup(torch, model, QwenImageTokenizer, 12, (1, 16, 1))
     return out
 
 
@@ -259,6 +279,8 @@ def z_image_facts(torch) -> dict:
     out["hand"] = h.push(model, toy_model, positive, negative, lambda z: toy(z_patches(z) @ weight.T))
     # main blocks attend over [caption padded to 32 | generated image padded to 32]
     out["mask"] = h.subject_mask(model, positive, negative, 64, 32)
+    from comfy.text_encoders.z_image import ZImageTokenizer
+    out["node"] = node_setup(torch, model, ZImageTokenizer, 15, (1, 16))
     return out
 
 

@@ -52,3 +52,11 @@ def test_the_subject_word_is_found_with_the_models_own_tokenizer(facts):
     assert words["qwen_image"] == [4, "'woman' at token 4 of the prompt"]
     # the edit encoder's conditioning puts <|vision_start|>, 64 image tokens and <|vision_end|> first
     assert words["qwen_image_edit"] == [70, "'woman' at token 70 of the prompt"]
+
+
+def test_the_nodes_setup_reads_the_subject_from_the_prompt_and_names_the_block(facts):
+    node = facts["node"]
+    assert node["subject_token"] == 4
+    mask_line = "generated-face mask: attention of 'woman' at token 4 of the prompt, refined by self-attention"
+    assert mask_line in node["lines"]
+    assert "features: Qwen-Image block 2 of 2 (double block 1), the generated image's tokens" in node["lines"]

@@ -42,3 +42,11 @@ def test_the_subject_mask_is_the_image_tokens_that_attend_to_the_subject_word(fa
 def test_the_subject_word_is_found_with_the_models_own_tokenizer(facts):
     # Z-Image keeps its chat template: '<|im_start|>', 'user', newline, then 'a', ' photo', ' of', ' a', ' woman'
     assert facts["subject_words"]["z_image"] == [7, "'woman' at token 7 of the prompt"]
+
+
+def test_the_nodes_setup_reads_the_subject_from_the_prompt_and_names_the_block(facts):
+    node = facts["node"]
+    assert node["subject_token"] == 7
+    mask_line = "generated-face mask: attention of 'woman' at token 7 of the prompt, refined by self-attention"
+    assert mask_line in node["lines"]
+    assert "features: Z-Image block 1 of 2 (main layer 0), the generated image's tokens" in node["lines"]
