@@ -31,7 +31,6 @@ import argparse
 import json
 import os
 import sys
-import tempfile
 from pathlib import Path
 
 import time
@@ -235,8 +234,7 @@ def main(argv=None) -> int:
         print("error: no ComfyUI checkout (set COMFYUI_PATH)", file=sys.stderr)
         return 3
     tiny = assets.tiny_models(comfyui, comfyui_python(comfyui))
-    base = populate_base(Path(tempfile.mkdtemp(prefix="omniid-ui-")), tiny,
-                         example_photos(Path(tempfile.mkdtemp(prefix="omniid-ui-photos-"))))
+    base = populate_base(assets.scratch_dir("omniid-ui-"), tiny, example_photos(assets.scratch_dir("omniid-ui-photos-")))
     stand_in_models(base)
     server = start_server(comfyui, base)
     try:
