@@ -2,15 +2,20 @@
 forward runs in.
 
 ComfyUI runs nodes in inference mode, so the weights its loaders load are inference tensors,
-which autograd cannot save for backward. A weight function on every diffusion-model layer of a
-clone makes each forward see an ordinary copy instead:
-- on a plain ModelPatcher, ComfyUI casts a copy of a weight whenever a weight function is set,
-  and the copy made outside inference mode is already ordinary;
-- with dynamic VRAM (ComfyUI 0.33+ on a GPU, ``is_dynamic()``), weights stream from resident
-  storage and weight functions may see the stored tensors themselves. Such a model is first
-  exchanged for its non-dynamic delegate (``get_non_dynamic_delegate()``, what ComfyUI's own
-  CFGGuider uses where dynamic loading cannot serve), and the weight function copies any
-  inference tensor it is handed explicitly, so neither path depends on how ComfyUI casts.
+which autograd cannot save for backward. While a clone from ``gradient_ready`` is loaded, an
+injection (``set_injections``: ComfyUI ejects it before every load, partial load, unload or weight
+patch and injects it again after) gives the diffusion model's layers weights autograd can save:
+- a layer that computes with its stored weight gets that weight as an ordinary tensor on the same
+  storage (no copy, the same numbers, the same bits in every pass);
+- a layer that ComfyUI casts per call (offloaded in a low-VRAM load, quantized, already patched with
+  weight functions) gets a weight function that, in a forward whose graph is kept, hands autograd a
+  private copy: what the cast hands over may be a view of a buffer the next layer's cast overwrites.
+So a forward that keeps no graph (unguided steps, unconditional and reference passes) copies no
+weight, and a tracked forward copies only the weights of cast layers that its gradient path runs.
+With dynamic VRAM (ComfyUI 0.33+ on a GPU, ``is_dynamic()``) weights stream from resident storage
+through buffers a layer does not own; such a model is first exchanged for its non-dynamic delegate
+(``get_non_dynamic_delegate()``, what ComfyUI's own CFGGuider uses where dynamic loading cannot
+serve), whose layers are of the two kinds above.
 """
 from __future__ import annotations
 
@@ -22,53 +27,92 @@ import torch
 
 from .compat import comfyui_version
 
+INJECTION_KEY = "omniid_gradients"
+
 
 class GradientSupportError(RuntimeError):
     """This ComfyUI cannot give a model whose weights autograd can save."""
 
 
 def gradient_ready(model):
-    """A clone whose every diffusion-model layer uses a fresh, ordinary copy of its weights, so
-    gradients flow through the frozen model to its inputs and to patches (RB-Guidance, adapter
-    training). ``model`` itself is unchanged."""
+    """A clone whose diffusion-model layers, while it is loaded, compute with weights autograd can save
+    (ordinary tensors on the stored weights' storage, or private copies where ComfyUI casts per call), so
+    gradients flow through the frozen model to its inputs and to patches (RB-Guidance, adapter training).
+    ``model`` itself is unchanged."""
     patched = non_dynamic(model).clone()
-    for key in patched.model_state_dict():
-        if key.startswith("diffusion_model.") and key.endswith((".weight", ".bias")):
-            patched.add_weight_wrapper(key, fresh_copy)
-    dm = patched.get_model_object("diffusion_model")
-    wrapped = []          # an earlier clone's object patches may be in place while it is loaded: wrap their layers
-    for name, module in dm.named_modules():
-        if any(name.startswith(w + ".") for w in wrapped):
-            continue
-        if isinstance(module, CopiedParameters):
-            wrapped.append(name)
-            patched.add_object_patch(f"diffusion_model.{name}", CopiedParameters(module.inner))
-        elif name and raw_inference_parameters(module):
-            patched.add_object_patch(f"diffusion_model.{name}", CopiedParameters(module))
+    if not hasattr(patched, "set_injections"):
+        raise GradientSupportError(f"ComfyUI {comfyui_version()} has no model injections (ModelPatcher.set_injections), "
+                                   "which gradients through its models need")
+    from comfy.patcher_extension import PatcherInjection
+    patched.set_injections(INJECTION_KEY, [PatcherInjection(inject=_inject, eject=_eject)])
     return patched
 
 
-def raw_inference_parameters(module) -> bool:
-    """A leaf layer whose own parameters are inference tensors that no weight function reaches (not one of
-    ComfyUI's cast layers; e.g. FLUX's RMSNorm scales in ComfyUI 0.3.64)."""
-    return (not hasattr(module, "weight_function") and not any(True for _ in module.children())
-            and any(p.is_inference() for p in module.parameters(recurse=False)))
+def _cast_per_call(module) -> bool:
+    """A ComfyUI layer whose forward computes with a cast of its weight, not the stored weight itself."""
+    return hasattr(module, "weight_function") and bool(
+        getattr(module, "comfy_cast_weights", False) or module.weight_function or module.bias_function
+        or any(type(p) is not torch.nn.Parameter for p in module.parameters(recurse=False)))
 
 
-class CopiedParameters(torch.nn.Module):
-    """Object patch for a layer that ComfyUI's weight functions do not reach: where gradients are on, the layer
-    runs (``torch.func.functional_call``, the layer itself unchanged) with ordinary copies of its inference
-    parameters; otherwise it runs as it is."""
+def _inject(patcher) -> None:
+    """Loaded: stored inference weights become ordinary tensors on their storage; cast layers copy in tracked
+    forwards."""
+    for module in patcher.model.diffusion_model.modules():
+        if _cast_per_call(module):
+            for attribute in ("weight_function", "bias_function"):
+                functions = getattr(module, attribute)
+                if private_copy not in functions:
+                    setattr(module, attribute, [*functions, private_copy])
+            continue
+        for name, param in list(module._parameters.items()):
+            if param is not None and param.is_inference() and type(param) is torch.nn.Parameter:
+                setattr(module, name, _ordinary(param))
 
-    def __init__(self, inner: torch.nn.Module):
-        super().__init__()
-        self.inner = inner
 
-    def forward(self, *args, **kwargs):
-        if not torch.is_grad_enabled():
-            return self.inner(*args, **kwargs)
-        copies = {name: fresh_copy(p) for name, p in self.inner.named_parameters(recurse=False)}
-        return torch.func.functional_call(self.inner, copies, args, kwargs)
+def _eject(patcher) -> None:
+    """Before ComfyUI touches the weights, and when the clone is unloaded: every layer as it was."""
+    for module in patcher.model.diffusion_model.modules():
+        for attribute in ("weight_function", "bias_function"):
+            functions = module.__dict__.get(attribute)
+            if functions is not None and private_copy in functions:
+                setattr(module, attribute, [f for f in functions if f is not private_copy])
+        for name, param in list(module._parameters.items()):
+            stored = getattr(param, "_omniid_stored", None)
+            if stored is not None:
+                setattr(module, name, stored)
+
+
+def _ordinary(stored: torch.nn.Parameter) -> torch.nn.Parameter:
+    """An ordinary (not inference) parameter on ``stored``'s storage: autograd can save it, and it holds the
+    stored numbers because it is them (nothing writes the weights between a tracked forward and its
+    backward: ComfyUI ejects this before it loads or patches weights)."""
+    with torch.inference_mode(False):
+        view = torch.empty(0, dtype=stored.dtype, device=stored.device).set_(
+            stored.untyped_storage(), stored.storage_offset(), stored.size(), stored.stride())
+        ordinary = torch.nn.Parameter(view, requires_grad=False)
+    ordinary._omniid_stored = stored
+    return ordinary
+
+
+def private_copy(weight, *args, **kwargs):
+    """Weight function of the layers ComfyUI casts per call. In a forward whose graph is kept, autograd gets a
+    tensor this call owns: ComfyUI's cast itself where it is one (a new tensor of its own storage: a move or a
+    dtype change), else a copy (an inference tensor, or a view of a cast buffer that the next layer's cast
+    reuses). Otherwise the weight as handed over."""
+    if not (torch.is_tensor(weight) and torch.is_grad_enabled() and not torch.is_inference_mode_enabled()):
+        return weight
+    if _owns_storage(weight):
+        return weight
+    return weight.clone()
+
+
+def _owns_storage(t: torch.Tensor) -> bool:
+    try:
+        return (not t.is_inference() and t._base is None and t.storage_offset() == 0
+                and t.untyped_storage().nbytes() == t.numel() * t.element_size())
+    except (RuntimeError, NotImplementedError, TypeError):       # tensor subclasses without one storage
+        return False
 
 
 def non_dynamic(model):
@@ -85,11 +129,10 @@ def non_dynamic(model):
 
 
 def fresh_copy(weight, *args, **kwargs):
-    """Weight function: an ordinary tensor for autograd (a copy where ComfyUI handed over an inference
-    tensor; ComfyUI's own cast copy otherwise, which is ordinary already). A forward that keeps no graph
-    (gradients off: ComfyUI's inference mode, a sampler's no_grad) saves nothing for a backward and gets
-    the weight as handed over: a guider's untracked passes copy no weight a second time. Inside
-    ``tracked_forward`` the copy is noted, so that the backward keeps the stored weight, not the copy."""
+    """Weight function for a layer that hands its stored weight over (as dynamic loading may): an ordinary copy
+    of an inference tensor where gradients are on, the weight as handed over otherwise. Inside
+    ``tracked_forward`` the copy is noted, so that the backward keeps the stored weight, not the copy (copied
+    again there). ``gradient_ready`` clones do not need it; it is for weight wrappers of one's own."""
     if torch.is_tensor(weight) and weight.is_inference() and torch.is_grad_enabled():
         with torch.inference_mode(False):
             copy = weight.clone()
@@ -150,7 +193,7 @@ def snapshot_saves(*tensors: torch.Tensor):
 def tracked_forward():
     """Run model calls whose graph autograd keeps: out of inference mode, gradients on, ComfyUI's training
     flag set where it has one (its quantized layers then take their differentiable path), and the saved-tensor
-    hooks above (the backward re-copies the stored weights instead of keeping each layer's copy)."""
+    hooks above (snapshots of streams updated in place; ``fresh_copy``'s copies saved as their stored weight)."""
     import comfy.model_management as mm
     has_flag = hasattr(mm, "in_training")
     before = getattr(mm, "in_training", False)

@@ -8,6 +8,10 @@
   stand-in patcher that reports ``is_dynamic()``: ``gradient_ready`` must take its non-dynamic
   delegate, and a dynamic model with no delegate is a clear error. The weight function, handed a
   stored inference tensor itself (no cast copy, as dynamic loading may do), must copy it.
+- While a gradient-ready clone is loaded its layers compute with ordinary tensors on the stored
+  weights' storage (no copy: a pass without gradients is bit for bit the plain model's), a layer
+  ComfyUI casts per call gets private copies in tracked forwards only, and every layer is as it was
+  once another clone of the model is loaded; the gradient equals one taken through explicit copies.
 - ``tracked_forward`` sets ComfyUI's training flag where it has one, and restores it.
 Prints one JSON line of facts that tests/comfy/test_gradients.py asserts.
 """
@@ -121,12 +125,66 @@ def main() -> None:
         torch.nn.functional.linear(torch.tanh(expected), stored.clone()).square().sum().backward()
         facts["released_copy_gradient_equal"] = bool(torch.equal(x.grad, expected.grad))
 
+    facts.update(loaded_weights(torch, mm, model, gradient_ready, tracked_forward))
+
     has_flag = hasattr(mm, "in_training")
     inside = []
     with tracked_forward():
         inside.append(getattr(mm, "in_training", None))
     facts["training_flag"] = {"has": has_flag, "inside": inside[0], "after": getattr(mm, "in_training", None)}
     print(json.dumps(facts))
+
+
+def loaded_weights(torch, mm, model, gradient_ready, tracked_forward) -> dict:
+    """Facts about the weights a loaded gradient-ready clone computes with (see the module docstring)."""
+    from omniid.comfy_host.gradients import private_copy
+    dm = model.get_model_object("diffusion_model")
+    generator = torch.Generator().manual_seed(5)
+    x = torch.randn(1, 4, 8, 8, generator=generator)
+    context = torch.randn(1, 3, 768, generator=generator)
+    timestep = torch.tensor([500.0])
+    cast = dm.input_blocks[0][0]                          # played as a layer ComfyUI casts per call (offloaded)
+    cast.comfy_cast_weights = True
+
+    def untracked():
+        with torch.inference_mode():
+            return dm(x, timestep, context, transformer_options={})
+
+    def tracked_gradient(parameters=None):
+        with tracked_forward():
+            z = x.clone().requires_grad_(True)
+            if parameters is None:
+                out = dm(z, timestep, context, transformer_options={})
+            else:
+                out = torch.func.functional_call(dm, parameters, (z, timestep, context), {"transformer_options": {}})
+            out.square().mean().backward()
+        return z.grad
+
+    plain = model.clone()
+    mm.load_models_gpu([plain])
+    stored = {name: p for name, p in dm.named_parameters()}
+    plain_out = untracked()
+    with torch.inference_mode(False):
+        copies = {name: p.clone() for name, p in stored.items()}
+    expected = tracked_gradient(copies)
+    ready = gradient_ready(model)
+    mm.load_models_gpu([ready])
+    loaded = dict(dm.named_parameters())
+    resident = {name: p for name, p in loaded.items() if not name.startswith("input_blocks.0.0.")}
+    facts = {
+        "resident_ordinary_same_storage": all(not p.is_inference() and p.data_ptr() == stored[name].data_ptr()
+                                              for name, p in resident.items()),
+        "resident_without_weight_functions": all(not getattr(m, "weight_function", []) for m in dm.modules()
+                                                 if m is not cast),
+        "cast_layer_functions": [len(cast.weight_function), private_copy in cast.weight_function],
+        "untracked_bit_equal": bool(torch.equal(untracked(), plain_out)),
+        "gradient_equal_to_copies": bool(torch.equal(tracked_gradient(), expected)),
+    }
+    mm.load_models_gpu([plain])
+    facts["restored_after_unload"] = (all(p is stored[name] for name, p in dm.named_parameters())
+                                      and private_copy not in cast.weight_function)
+    del cast.comfy_cast_weights
+    return facts
 
 
 if __name__ == "__main__":
