@@ -12,10 +12,10 @@ batch (cond row, uncond row).
 """
 from __future__ import annotations
 
-import argparse
 import json
-import sys
 from pathlib import Path
+
+import comfy_process
 
 
 
@@ -29,16 +29,10 @@ def small_sd15_config() -> dict:
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser()
-    parser.add_argument("--comfyui", required=True)
-    parser.add_argument("--folder", required=True)
-    parser.add_argument("--adapter", required=True)
-    args = parser.parse_args()
-    sys.path.insert(0, str(Path(args.comfyui).resolve()))
-    sys.path.insert(0, str(Path(__file__).resolve().parents[1]))      # tests/: support
-    sys.argv = sys.argv[:1]
-    import comfy.cli_args
-    comfy.cli_args.args.cpu = True
+    def add_arguments(parser):
+        parser.add_argument("--folder", required=True)
+        parser.add_argument("--adapter", required=True)
+    args = comfy_process.start(add_arguments)
     import comfy.model_patcher
     import comfy.supported_models
     import comfy.utils

@@ -11,10 +11,9 @@ Prints one JSON line of facts that tests/comfy/test_infiniteyou.py asserts.
 """
 from __future__ import annotations
 
-import argparse
 import json
-import sys
-from pathlib import Path
+
+import comfy_process
 
 
 def behaviour_facts() -> dict:
@@ -72,18 +71,9 @@ def behaviour_facts() -> dict:
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser()
-    parser.add_argument("--comfyui", required=True)
-    args = parser.parse_args()
-    sys.path.insert(0, str(Path(args.comfyui).resolve()))
-    sys.path.insert(0, str(Path(__file__).resolve().parents[1]))      # tests/: support
-    sys.argv = sys.argv[:1]
-    import comfy.cli_args
-    comfy.cli_args.args.cpu = True
+    comfy_process.start(threads=1)
     import logging
 
-    import torch
-    torch.set_num_threads(1)
     logging.getLogger("diffusers").setLevel(logging.ERROR)
     from support.infiniteyou_check import block_check, step_check
     facts = {"block": block_check(0), "step": step_check(0), **behaviour_facts()}

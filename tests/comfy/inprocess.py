@@ -17,10 +17,9 @@ Prints one JSON line of facts that tests/comfy/test_inprocess.py asserts.
 """
 from __future__ import annotations
 
-import argparse
 import json
-import sys
-from pathlib import Path
+
+import comfy_process
 
 # a FLUX.1 schnell-layout model, small: built from weights through ComfyUI's detection (support.flux_layout)
 FLUX_LAYOUT = dict(hidden=64, heads=4, depth=2, single=2, context=48, vec=32, guidance=False, mlp_ratio=2.0)
@@ -238,14 +237,7 @@ def missing_injection_point_errors(torch, patched, FluxBlockPatch, record_flux_c
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser()
-    parser.add_argument("--comfyui", required=True)
-    args = parser.parse_args()
-    sys.path.insert(0, str(Path(args.comfyui).resolve()))
-    sys.path.insert(0, str(Path(__file__).resolve().parents[1]))      # tests/: support
-    sys.argv = sys.argv[:1]
-    import comfy.cli_args
-    comfy.cli_args.args.cpu = True
+    comfy_process.start()
     import torch
     import comfy
     import comfy.model_patcher

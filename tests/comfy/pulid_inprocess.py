@@ -15,10 +15,10 @@ the ``pulid_flux`` row from the same function).
 """
 from __future__ import annotations
 
-import argparse
 import json
-import sys
 from pathlib import Path
+
+import comfy_process
 
 def behaviour_facts() -> dict:
     """Weight 0, masks, the sigma window, several photos, XLabs alongside: on the same small FLUX."""
@@ -145,16 +145,7 @@ def two_people_facts(model, pulid, first, second, uncond) -> dict:
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser()
-    parser.add_argument("--comfyui", required=True)
-    args = parser.parse_args()
-    sys.path.insert(0, str(Path(args.comfyui).resolve()))
-    sys.path.insert(0, str(Path(__file__).resolve().parents[1]))      # tests/: support
-    sys.argv = sys.argv[:1]
-    import comfy.cli_args
-    comfy.cli_args.args.cpu = True
-    import torch
-    torch.set_num_threads(1)
+    comfy_process.start(threads=1)
     from support.pulid_flux_check import step_check
     facts = {"step": step_check(0), **behaviour_facts()}
     print(json.dumps(facts))

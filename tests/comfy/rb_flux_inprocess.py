@@ -18,10 +18,9 @@ Prints one JSON line of facts that tests/comfy/test_rb_flux.py asserts.
 """
 from __future__ import annotations
 
-import argparse
 import json
-import sys
-from pathlib import Path
+
+import comfy_process
 
 FLUX_DEV = dict(hidden=64, heads=4, depth=2, single=2, context=48, vec=32, guidance=True, mlp_ratio=2.0)
 FLUX_AXES = (4, 6, 6)
@@ -245,17 +244,9 @@ def noise_of_seed(torch, shape, seed):
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser()
-    parser.add_argument("--comfyui", required=True)
-    args = parser.parse_args()
-    sys.path.insert(0, str(Path(args.comfyui).resolve()))
-    sys.path.insert(0, str(Path(__file__).resolve().parents[1]))      # tests/: support
-    sys.argv = sys.argv[:1]
-    import comfy.cli_args
-    comfy.cli_args.args.cpu = True
+    comfy_process.start(threads=1)
     import torch
     torch.manual_seed(0)
-    torch.set_num_threads(1)                  # a tiny model: one thread is faster than two on a shared CPU
     print(json.dumps(facts(torch)))
 
 

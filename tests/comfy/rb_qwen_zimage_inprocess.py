@@ -24,10 +24,9 @@ test_rb_z_image.py (ComfyUI 0.33 only) assert.
 """
 from __future__ import annotations
 
-import argparse
 import json
-import sys
-from pathlib import Path
+
+import comfy_process
 
 SIGMAS = (1.0, 0.8, 0.55, 0.3, 0.0)                   # 4 steps, the last 2 guided (sigma <= 0.6)
 TEXT, SUBJECT = 6, 3                                   # prompt tokens, the subject's index among them
@@ -315,18 +314,10 @@ def subject_words(family: str) -> dict:
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser()
-    parser.add_argument("--comfyui", required=True)
-    parser.add_argument("--family", choices=("qwen_image", "z_image"), required=True)
-    args = parser.parse_args()
-    sys.path.insert(0, str(Path(args.comfyui).resolve()))
-    sys.path.insert(0, str(Path(__file__).resolve().parents[1]))      # tests/: support
-    sys.argv = sys.argv[:1]
-    import comfy.cli_args
-    comfy.cli_args.args.cpu = True
+    args = comfy_process.start(lambda parser: parser.add_argument("--family", choices=("qwen_image", "z_image"),
+                                                                  required=True), threads=1)
     import torch
     torch.manual_seed(0)
-    torch.set_num_threads(1)                  # tiny models: one thread is faster than two on a shared CPU
     facts = qwen_image_facts(torch) if args.family == "qwen_image" else z_image_facts(torch)
     print(json.dumps({**facts, "subject_words": subject_words(args.family)}))
 
