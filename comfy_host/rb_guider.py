@@ -132,7 +132,9 @@ class RBGuider(comfy.samplers.CFGGuider):
         features = FeatureCapture(self.feature_block, stop)
         attention = AttentionMaps(token=self.subject_token if self.subject_token else None, keep_self=True,
                                   max_tokens=MAX_ATTENTION_TOKENS)
-        transformer = record_attention(dict(model_options.get("transformer_options", {})), attention)
+        transformer = dict(model_options.get("transformer_options", {}))
+        if not stop and self.generation_mask_image is None:     # nothing reads the maps otherwise
+            transformer = record_attention(transformer, attention)
         patches = dict(transformer.get("patches", {}))
         patches["output_block_patch"] = list(patches.get("output_block_patch", [])) + [features]
         transformer["patches"] = patches

@@ -30,6 +30,9 @@ class AttentionMaps:
         self.token, self.keep_self, self.track_grad, self.max_tokens = token, keep_self, track_grad, max_tokens
         self.cross: dict[int, list[torch.Tensor]] = {}
         self.self_maps: dict[int, list[torch.Tensor]] = {}
+        # detached maps are computed when a grid's maps are first asked for, so unused grids cost nothing:
+        # (is_self, q, k, heads) per call, in call order
+        self._pending: dict[int, list[tuple[bool, torch.Tensor, torch.Tensor, int]]] = {}
 
     def wants(self, q: torch.Tensor, k: torch.Tensor) -> bool:
         n = q.shape[1]
@@ -43,16 +46,25 @@ class AttentionMaps:
         if q.ndim != 3 or not self.wants(q, k):
             return
         n, is_self = q.shape[1], k.shape[1] == q.shape[1]
+        if not self.track_grad:      # q and k are read after the attention call, which is done with them
+            self._pending.setdefault(n, []).append((is_self, q.detach(), k.detach(), heads))
+            return
+        self._add(n, is_self, q, k, heads)
+
+    def _add(self, n: int, is_self: bool, q: torch.Tensor, k: torch.Tensor, heads: int) -> None:
         with torch.set_grad_enabled(self.track_grad and torch.is_grad_enabled()):
-            probs = attention_probs(q if self.track_grad else q.detach(), k if self.track_grad else k.detach(),
-                                    heads)
+            probs = attention_probs(q, k, heads)
             if is_self:
                 self.self_maps.setdefault(n, []).append(probs.mean(dim=1))
             else:
                 self.cross.setdefault(n, []).append(probs[..., self.token].mean(dim=1))
 
+    def _materialize(self, n: int) -> None:
+        for is_self, q, k, heads in self._pending.pop(n, []):
+            self._add(n, is_self, q, k, heads)
+
     def grids(self) -> list[int]:
-        return sorted(set(self.cross) | set(self.self_maps))
+        return sorted(set(self.cross) | set(self.self_maps) | set(self._pending))
 
     def nearest(self, tokens: int) -> Optional[int]:
         """The recorded token count closest to ``tokens`` (in log scale), or None."""
@@ -61,9 +73,11 @@ class AttentionMaps:
 
     def cross_map(self, n: int) -> Optional[torch.Tensor]:
         """The token's map (B, N) averaged over the calls at ``n`` query tokens, or None."""
+        self._materialize(n)
         return torch.stack(self.cross[n]).mean(0) if n in self.cross else None
 
     def self_map(self, n: int) -> Optional[torch.Tensor]:
+        self._materialize(n)
         return torch.stack(self.self_maps[n]).mean(0) if n in self.self_maps else None
 
 
