@@ -8,7 +8,9 @@ the same masks and ``weight_mode``, and the same sigma window (``sigma_start`` >
 ``denoiser.unet_sigma_window`` (SD1.5/SDXL) and ``denoiser.flux_sigma_window`` give the same sigmas).
 diffusers gives processors no sigma: ``identity_call(model, sigmas=..., cond_or_uncond=...)``
 says them for the calls inside it (without it, every window is open and the whole batch is
-conditional). ``remove_identity`` puts diffusers' default processors back.
+conditional). Qwen-Image's calls give the generated image's size in ``img_shapes``, which is read
+from each call: -Edit's reference tokens after the generated image's take no identity, as in ComfyUI.
+``remove_identity`` puts diffusers' default processors back.
 """
 from __future__ import annotations
 
@@ -46,9 +48,27 @@ def _record_call(model, args, kwargs):
     if is_dit(model):
         context = args[1] if len(args) > 1 else kwargs.get("encoder_hidden_states")
         state.txt_len = int(context.shape[1]) if torch.is_tensor(context) and context.ndim == 3 else None
+        generated = _generated_grid(kwargs.get("img_shapes"))
+        if generated is not None and torch.is_tensor(sample):
+            side = state.patch_size
+            state.latent_shape = (sample.shape[0], model.config.out_channels, generated[0] * side, generated[1] * side)
     elif torch.is_tensor(sample) and sample.ndim == 4:
         state.latent_shape = tuple(sample.shape)
     state.residuals.clear()
+
+
+def _generated_grid(img_shapes) -> Optional[tuple[int, int]]:
+    """Qwen-Image: the generated image's token grid (rows, columns) from the call's ``img_shapes``, whose first
+    entry per sample is the generated image's (frames, rows, columns) and the others -Edit's references'
+    (whose tokens follow the generated image's and take no identity); None for anything else."""
+    if not isinstance(img_shapes, (list, tuple)) or not img_shapes:
+        return None
+    first = img_shapes[0]
+    if isinstance(first, list):           # per sample: [generated, reference, ...]
+        first = first[0] if first else None
+    if not isinstance(first, tuple) or len(first) != 3 or int(first[0]) != 1:
+        return None                       # several frames or layers: no single generated grid
+    return int(first[1]), int(first[2])
 
 
 def _add_residual(block, args, kwargs, output):

@@ -221,3 +221,14 @@ def test_flux_instantx_and_xlabs_attentions_equal_a_hand_computation(style):
             hook.remove()
     assert not torch.allclose(reference, plain, atol=1e-3)
     torch.testing.assert_close(ours, reference, atol=2e-5, rtol=1e-4)
+
+
+def test_qwen_image_calls_name_the_generated_image_first_in_img_shapes():
+    """The generated image's token grid, which alone takes the identity, as Qwen-Image's pipelines and the
+    diffusers host call the transformer: QwenImagePipeline, -Edit / -EditPlus (references after it), the
+    host's own velocity (one tuple per sample); no single grid for several frames or no img_shapes."""
+    from omniid.diffusers_host.identity import _generated_grid
+    assert _generated_grid([[(1, 4, 6)]] * 2) == (4, 6)
+    assert _generated_grid([[(1, 4, 6), (1, 8, 8), (1, 2, 4)]] * 2) == (4, 6)
+    assert _generated_grid([(1, 4, 6)] * 2) == (4, 6)
+    assert _generated_grid([[(3, 4, 6)]]) is None and _generated_grid(None) is None
