@@ -10,7 +10,8 @@ OmniIdentityApplyAdapter's execute. diffusers side: the same file through
 ``diffusers_host.apply_identity``. Prints one JSON line: the family each host finds, whether every
 layer's identity K/V (cond and uncond) are bit-equal, the two models' largest output difference on a
 CFG batch (cond row, uncond row), plain and with the identity, and whether weight 0 and a sigma
-outside start_at/end_at leave ComfyUI's output bit-identical. One JSON object, family -> facts.
+outside start_at/end_at leave ComfyUI's output bit-identical; on Qwen-Image, the same with -Edit's reference
+images (qwen_edit_parity.py). One JSON object, family -> facts.
 """
 from __future__ import annotations
 
@@ -192,8 +193,12 @@ def check(family: str, folder: str, adapter_file: str) -> dict:
         windowed = apply(0.8, start_at=0.5, end_at=0.9)
         outside = comfy_out(windowed, torch.tensor([0.99, 0.99]))
         outside_plain = comfy_out(model, torch.tensor([0.99, 0.99]))
+    edit = {}
+    if family == "qwen_image":           # -Edit's reference images: qwen_edit_parity.py, beside this script
+        from qwen_edit_parity import edit_facts
+        edit = {"edit": edit_facts(transformer, model, adapter, embeds)}
     return {
-        "comfy_family": comfy_family(model), "diffusers_family": model_family(transformer),
+        **edit, "comfy_family": comfy_family(model), "diffusers_family": model_family(transformer),
         "adapter_family": adapter.config.family, "layers": [[l.group, l.number] for l in c_layers],
         "diffusers_layers": [[l.group, l.number] for l in d_layers], "kv_equal": kv_equal, "weights": weights,
         "plain_diff": float((c_plain - d_plain).abs().max()), "identity_diff": float((c_identity - d_identity).abs().max()),

@@ -3,7 +3,8 @@ each family, and the file loads in ComfyUI's Apply Identity Adapter, on ComfyUI'
 (configured by ComfyUI's detection) holding the same weights, with bit-equal identity K/V and the same
 output as the diffusers host's processors (tests/comfy/dit_parity.py, one process for all families).
 FLUX.2, Chroma and Qwen-Image take the identity through block patches, Z-Image through the attention override
-alone (its forward offers no block patches)."""
+alone (its forward offers no block patches). On Qwen-Image also with -Edit's reference images
+(tests/comfy/qwen_edit_parity.py): the references' tokens take no identity in either host."""
 from pathlib import Path
 
 import pytest
@@ -64,3 +65,43 @@ def test_weight_0_and_outside_the_window_leave_the_model_bit_identical(facts, fa
         return
     assert f["weight0_equal"] is True
     assert f["window_patched"] == len(LAYERS[family]) and f["outside_window_equal"] is True
+
+
+def edit_facts(facts) -> dict:
+    """Qwen-Image-Edit's facts (tests/comfy/qwen_edit_parity.py): every host that builds Qwen-Image passes -Edit's
+    reference latents to its forward (``ref_latents``: ReferenceLatent, TextEncodeQwenImageEdit(Plus))."""
+    edit = built(facts, "qwen_image")["edit"]
+    assert edit["takes_ref_latents"] is True
+    return edit
+
+
+@pytest.mark.parametrize("case", ["edit", "edit_plus"])         # one reference image; two (-Edit Plus)
+def test_qwen_image_edit_references_take_no_identity_and_both_hosts_agree(facts, case):
+    f = edit_facts(facts)[case]
+    assert f["plain_diff"] < TOLERANCE * f["scale"]             # ComfyUI's ref_latents = diffusers' appended tokens
+    assert f["identity_effect"] > 1e-3 * f["scale"]
+    assert f["identity_diff"] < TOLERANCE * f["scale"]
+    assert f["uncond_effect"] == 0.0
+    for host in ("comfy", "diffusers"):                         # the term each layer's attention adds, per row
+        rows = f[host]
+        assert rows["calls"] == len(LAYERS["qwen_image"])
+        assert rows["reference_rows"] == [f["expected_reference_rows"]]
+        assert rows["reference_term"] == 0.0 and rows["text_term"] == 0.0
+        assert rows["generated_term_min"] > 0.0
+    assert f["weight0_equal"] is True
+
+
+def test_qwen_image_edit_rotary_settings_where_the_hosts_are_one_model(facts):
+    """ComfyUI's default reference method ("index": reference i at frame i) is diffusers' layout, and on hosts
+    that know Qwen-Image-Edit-2511's "index_timestep_zero" it equals diffusers' zero_cond_t. "offset" with
+    several references, and a reference larger than the generated image (diffusers starts the text's
+    positions after the largest image, ComfyUI after the generated one), are other models."""
+    edit = edit_facts(facts)
+    scale = edit["edit"]["scale"]
+    assert edit["offset_plain_diff"] > 1e-3 * scale and edit["larger_reference_plain_diff"] > 1e-3 * scale
+    if edit["timestep_zero_host"]:
+        assert edit["timestep_zero_effect"] > 1e-4 * scale      # another model than "index" (1e-3 of the scale)...
+        assert edit["timestep_zero_plain_diff"] < TOLERANCE * scale
+        assert edit["timestep_zero_identity_diff"] < TOLERANCE * scale
+    else:
+        assert "timestep_zero_plain_diff" not in edit
