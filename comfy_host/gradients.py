@@ -55,7 +55,7 @@ def _cast_per_call(module) -> bool:
         or any(type(p) is not torch.nn.Parameter for p in module.parameters(recurse=False)))
 
 
-def _inject(patcher) -> None:
+def _inject(patcher, *args, **kwargs) -> None:
     """Loaded: stored inference weights become ordinary tensors on their storage; cast layers copy in tracked
     forwards."""
     for module in patcher.model.diffusion_model.modules():
@@ -70,7 +70,7 @@ def _inject(patcher) -> None:
                 setattr(module, name, _ordinary(param))
 
 
-def _eject(patcher) -> None:
+def _eject(patcher, *args, **kwargs) -> None:
     """Before ComfyUI touches the weights, and when the clone is unloaded: every layer as it was."""
     for module in patcher.model.diffusion_model.modules():
         for attribute in ("weight_function", "bias_function"):

@@ -57,7 +57,7 @@ def main() -> None:
 
     from omniid.comfy_host.attention import AttentionRecording
     from omniid.comfy_host.denoiser import IdentityOnlyAttention
-    from omniid.comfy_host.gradients import fresh_copy
+    from omniid.comfy_host.gradients import fresh_copy, private_copy
     from omniid.comfy_host.identity import FLUX_BLOCK, FLUX_STATE, FluxAttentionOverride, FluxBlockPatch, record_flux_call
     from omniid.comfy_host.rb_guider import FeatureCapture, RBGuider
     from omniid.comfy_host.two_streams import TwoStreams
@@ -133,6 +133,9 @@ def main() -> None:
     results["fresh_copy"] = {"same": torch.equal(fresh_copy(weight), fresh_copy(weight, EXTRA_POSITIONAL,
                                                                                   **EXTRA_KEYWORDS)),
                              "forwarded": True}
+    with torch.enable_grad():                                       # a tracked forward: a copy, equal
+        results["private_copy"] = {"same": torch.equal(private_copy(weight[:2]), private_copy(
+            weight[:2], EXTRA_POSITIONAL, **EXTRA_KEYWORDS)), "forwarded": True}
 
     # the guider: an inactive step goes to CFGGuider.predict_noise with every argument it was given
     import comfy.samplers

@@ -6,7 +6,7 @@ from support.testing import facts_in_comfyui
 SCRIPT = Path(__file__).with_name("extra_arguments.py")
 REGISTERED = {"DecoupledAttention", "IdentityOnlyAttention", "MixedSelfAttention", "StreamCrossAttention",
               "AttentionRecording", "FluxAttentionOverride", "FluxBlockPatch", "record_flux_call", "TwoStreams",
-              "FeatureCapture", "fresh_copy", "RBGuider.predict_noise"}
+              "FeatureCapture", "fresh_copy", "private_copy", "RBGuider.predict_noise"}
 
 
 def test_every_registered_callable_takes_and_passes_on_unknown_arguments(comfyui):
