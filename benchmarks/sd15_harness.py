@@ -85,9 +85,9 @@ def build_sd15(torch, size: int):
     device = mm.get_torch_device()
     config = comfy.supported_models.SD15(dict(SD15_UNET))
     config.set_inference_dtype(torch.float16 if device.type == "cuda" else torch.float32, None)
-    base = config.get_model({})
     generator = torch.Generator().manual_seed(0)
-    with torch.no_grad():
+    with torch.inference_mode():          # as ComfyUI's loaders run: the weights are inference tensors
+        base = config.get_model({})
         for param in base.diffusion_model.parameters():
             param.normal_(0.0, 0.02, generator=generator)
     model = comfy.model_patcher.ModelPatcher(base, load_device=device, offload_device=torch.device("cpu"))
