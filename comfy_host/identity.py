@@ -43,10 +43,8 @@ def apply_identity(model, adapter: IdentityAdapter, tokens: dict, weight: float,
     tokens_side = patch_size(model) if dit else 2
     for layer, injection in layer_injections(adapter, layers, tokens, weight, sigma_start, sigma_end, mask, blocks,
                                              inject, weight_mode, flux=dit):
-        if dit and not family.block_patches:
-            add_indexed_injection(patched, layer.number, injection, tokens_side)
-        elif dit:
-            add_flux_injection(patched, layer.key, injection, tokens_side)
+        if dit:
+            add_dit_injection(patched, family, layer, injection, tokens_side)
         else:
             add_unet_injection(patched, layer.key, injection)
     if dit:
@@ -85,6 +83,16 @@ def add_unet_injection(model, key: tuple, injection: LayerInjection) -> None:
     else:   # no patch yet, or another pack's: keep it as the text attention
         patch = DecoupledAttention(comfy_attention.optimized_attention, [injection], base=existing)
     model.set_model_attn2_replace(patch, *key)
+
+
+def add_dit_injection(model, family, layer, injection: LayerInjection, tokens_side: int) -> None:
+    """One layer's identity on a DiT clone, through the patch point its family offers: the layer's block patch
+    (FLUX.1, FLUX.2, Chroma, Qwen-Image), or the attention override by layer number (Z-Image). The model needs
+    ``track_flux_calls`` as well (once)."""
+    if family.block_patches:
+        add_flux_injection(model, layer.key, injection, tokens_side)
+    else:
+        add_indexed_injection(model, layer.number, injection, tokens_side)
 
 
 # -- FLUX -----------------------------------------------------------------------------

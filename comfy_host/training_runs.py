@@ -30,7 +30,7 @@ from .denoiser import ComfyDenoiserHost
 from .encoder_model import LoadedEncoder
 from .folders import run_checkpoint
 from .gradients import tracked_forward
-from .layers import host_layers, is_flux, model_family
+from .layers import dit_family, host_layers, model_family
 from .pivot_vision import LAYOUT, ComfyVisionTower
 from .progress import run_training, trainable_copy
 
@@ -187,7 +187,7 @@ def train_pivot_encoder(model, vae, clip_vision, dataset, face_analysis, positiv
                         condition_dropout: float = CONDITION_DROPOUT, unconditional=None):
     """OmniPortrait's Pivot ID encoder on a frozen SD1.5/SDXL UNet (L_diff + eta L_loc).
     Returns (the trained pivot encoder, its loss plot)."""
-    if is_flux(model):
+    if dit_family(model) is not None:
         raise ValueError("the pivot encoder replaces a word of a CLIP text conditioning: use an SD1.5 or SDXL model")
     text = positive[0][0]
     run = apply_recipe(pivot_stage(text.shape[-1]), recipe, steps, lr, image_size, batch, 1)
