@@ -7,9 +7,10 @@ injection (``set_injections``: ComfyUI ejects it before every load, partial load
 patch and injects it again after) gives the diffusion model's layers weights autograd can save:
 - a layer that computes with its stored weight gets that weight as an ordinary tensor on the same
   storage (no copy, the same numbers, the same bits in every pass);
-- a layer that ComfyUI casts per call (offloaded in a low-VRAM load, quantized, already patched with
-  weight functions) gets a weight function that, in a forward whose graph is kept, hands autograd a
-  private copy: what the cast hands over may be a view of a buffer the next layer's cast overwrites.
+- a layer whose weights ComfyUI moves or transforms per call (offloaded in a low-VRAM load, quantized,
+  already patched with weight functions) gets a weight function that, in a forward whose graph is
+  kept, hands autograd a tensor the call owns: the cast may be a view of a buffer the next layer's
+  cast overwrites. A resident manual-cast layer is of the first kind (its cast is a new tensor).
 So a forward that keeps no graph (unguided steps, unconditional and reference passes) copies no
 weight, and a tracked forward copies only the weights of cast layers that its gradient path runs.
 With dynamic VRAM (ComfyUI 0.33+ on a GPU, ``is_dynamic()``) weights stream from resident storage
@@ -48,18 +49,28 @@ def gradient_ready(model):
     return patched
 
 
-def _cast_per_call(module) -> bool:
-    """A ComfyUI layer whose forward computes with a cast of its weight, not the stored weight itself."""
-    return hasattr(module, "weight_function") and bool(
-        getattr(module, "comfy_cast_weights", False) or module.weight_function or module.bias_function
-        or any(type(p) is not torch.nn.Parameter for p in module.parameters(recurse=False)))
+def _cast_per_call(module, device: torch.device) -> bool:
+    """A ComfyUI layer whose forward may compute with a tensor it does not own: its weights are moved to
+    ``device`` per call (a low-VRAM load's offloaded layers; the move may land in a buffer the next layer's
+    cast reuses), or go through weight functions (another patch's, which may return anything), or are
+    quantized. A resident layer, manual-cast ones included, computes with its stored weight or a new cast."""
+    if not hasattr(module, "weight_function"):
+        return False
+    params = list(module.parameters(recurse=False))
+    return bool(module.weight_function or module.bias_function
+                or any(type(p) is not torch.nn.Parameter or not _on(p.device, device) for p in params))
+
+
+def _on(device: torch.device, target: torch.device) -> bool:
+    return device.type == target.type and (device.index is None or target.index is None or device.index == target.index)
 
 
 def _inject(patcher, *args, **kwargs) -> None:
-    """Loaded: stored inference weights become ordinary tensors on their storage; cast layers copy in tracked
-    forwards."""
+    """Loaded: stored inference weights become ordinary tensors on their storage; layers cast per call copy in
+    tracked forwards."""
+    device = torch.device(patcher.load_device)
     for module in patcher.model.diffusion_model.modules():
-        if _cast_per_call(module):
+        if _cast_per_call(module, device):
             for attribute in ("weight_function", "bias_function"):
                 functions = getattr(module, attribute)
                 if private_copy not in functions:

@@ -8,9 +8,10 @@
   stand-in patcher that reports ``is_dynamic()``: ``gradient_ready`` must take its non-dynamic
   delegate, and a dynamic model with no delegate is a clear error. The weight function, handed a
   stored inference tensor itself (no cast copy, as dynamic loading may do), must copy it.
-- While a gradient-ready clone is loaded its layers compute with ordinary tensors on the stored
-  weights' storage (no copy: a pass without gradients is bit for bit the plain model's), a layer
-  ComfyUI casts per call gets private copies in tracked forwards only, and every layer is as it was
+- While a gradient-ready clone is loaded its layers, manual-cast ones included, compute with ordinary
+  tensors on the stored weights' storage (no copy: a pass without gradients is bit for bit the plain
+  model's), a layer with another patch's weight function gets private copies in tracked forwards
+  only, and every layer is as it was
   once another clone of the model is loaded; the gradient equals one taken through explicit copies.
 - ``tracked_forward`` sets ComfyUI's training flag where it has one, and restores it.
 Prints one JSON line of facts that tests/comfy/test_gradients.py asserts.
@@ -143,8 +144,13 @@ def loaded_weights(torch, mm, model, gradient_ready, tracked_forward) -> dict:
     x = torch.randn(1, 4, 8, 8, generator=generator)
     context = torch.randn(1, 3, 768, generator=generator)
     timestep = torch.tensor([500.0])
-    cast = dm.input_blocks[0][0]                          # played as a layer ComfyUI casts per call (offloaded)
-    cast.comfy_cast_weights = True
+    manual = dm.input_blocks[0][0]                        # a manual-cast layer (resident, cast per call)
+    manual.comfy_cast_weights = True
+    cast = dm.out[2]                                      # a layer with another patch's weight function
+    cast_key = "diffusion_model.out.2.weight"
+
+    def unchanged(weight, *args, **kwargs):
+        return weight
 
     def untracked():
         with torch.inference_mode():
@@ -168,22 +174,23 @@ def loaded_weights(torch, mm, model, gradient_ready, tracked_forward) -> dict:
         copies = {name: p.clone() for name, p in stored.items()}
     expected = tracked_gradient(copies)
     ready = gradient_ready(model)
+    ready.add_weight_wrapper(cast_key, unchanged)
     mm.load_models_gpu([ready])
     loaded = dict(dm.named_parameters())
-    resident = {name: p for name, p in loaded.items() if not name.startswith("input_blocks.0.0.")}
+    resident = {name: p for name, p in loaded.items() if not name.startswith("out.2.")}
     facts = {
         "resident_ordinary_same_storage": all(not p.is_inference() and p.data_ptr() == stored[name].data_ptr()
                                               for name, p in resident.items()),
         "resident_without_weight_functions": all(not getattr(m, "weight_function", []) for m in dm.modules()
                                                  if m is not cast),
-        "cast_layer_functions": [len(cast.weight_function), private_copy in cast.weight_function],
+        "cast_layer_functions": [cast.weight_function == [unchanged, private_copy], private_copy in cast.bias_function],
         "untracked_bit_equal": bool(torch.equal(untracked(), plain_out)),
         "gradient_equal_to_copies": bool(torch.equal(tracked_gradient(), expected)),
     }
     mm.load_models_gpu([plain])
     facts["restored_after_unload"] = (all(p is stored[name] for name, p in dm.named_parameters())
                                       and private_copy not in cast.weight_function)
-    del cast.comfy_cast_weights
+    del manual.comfy_cast_weights
     return facts
 
 
