@@ -88,14 +88,16 @@ class TrainFlowMatching(OmniNode):
             category=f"{CATEGORY}/training",
             description=("Omni-ID stage 2: the identity adapter on a frozen base model. The encoder and the adapter's "
                          "per-layer K/V projections train with the model's own denoising loss (flow matching on "
-                         "FLUX, epsilon on SD1.5/SDXL), few inputs to all targets. 'identity_enhanced' is "
-                         "Infinite-ID's identity-enhanced training: text cross-attention off (UNet models). "
+                         "FLUX.1, FLUX.2, Chroma, Qwen-Image and Z-Image, epsilon on SD1.5/SDXL), few inputs to all "
+                         "targets, the identity entering where Apply Identity Adapter puts it. 'identity_enhanced' "
+                         "is Infinite-ID's identity-enhanced training: text cross-attention off (UNet models). "
                          "'method' trains the paper's baselines the same way: arcface (ArcFace projection), "
                          "arcface_clip (FaceIDPlus-style transformer), clip (no encoder: only the projections); "
                          "infinite_id trains Infinite-ID's identity extractor (with identity_enhanced: its own "
                          "training)."),
             inputs=[
-                io.Model.Input("model", tooltip="The frozen base model (SD1.5, SDXL or FLUX)."),
+                io.Model.Input("model", tooltip="The frozen base model: SD1.5, SDXL, FLUX.1, FLUX.2, Chroma, "
+                                                "Qwen-Image or Z-Image. The adapter trained fits this family."),
                 io.Vae.Input("vae", tooltip="The base model's VAE (targets are encoded once)."),
                 io.ClipVision.Input("clip_vision", tooltip="CLIP-H, as for Encode."),
                 OmniIdEncoderType.Input("encoder", optional=True,
@@ -107,7 +109,8 @@ class TrainFlowMatching(OmniNode):
                 IdentityAdapterType.Input("adapter", optional=True,
                                           tooltip="This pack's adapter to continue from; without it a new one starts."),
                 io.Combo.Input("mode", options=list(FM_MODES), default="omni_id",
-                               tooltip="omni_id: text + identity attention; identity_enhanced: text cross-attention off."),
+                               tooltip="omni_id: text + identity attention; identity_enhanced: text cross-attention off "
+                                       "(SD1.5/SDXL only: a DiT's text and image share one attention)."),
                 io.Int.Input("image_size", default=512, min=64, max=2048, step=64, tooltip="Target resolution."),
                 *_common_training_inputs(1000),
                 io.Combo.Input("method", options=list(FM_METHODS), default="omni_id", optional=True,
