@@ -21,10 +21,10 @@ does not detect (0.3.64: no FLUX.2, no Z-Image) is reported with the reason.
 """
 from __future__ import annotations
 
-import argparse
 import json
-import sys
 from pathlib import Path
+
+import comfy_process
 
 STEPS, BATCH, TARGETS, IMAGE_SIZE, SEED, TEXT_WIDTH = 3, 2, 2, 64, 0, 40
 SIGMAS = (1.0, 0.6, 0.0)
@@ -203,18 +203,10 @@ def check(family: str, model, work: Path) -> dict:
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser()
-    parser.add_argument("--comfyui", required=True)
-    parser.add_argument("--work", required=True)
-    parser.add_argument("--families", required=True)
-    args = parser.parse_args()
-    sys.path.insert(0, str(Path(args.comfyui).resolve()))
-    sys.path.insert(0, str(Path(__file__).resolve().parents[1]))      # tests/: support
-    sys.argv = sys.argv[:1]
-    import comfy.cli_args
-    comfy.cli_args.args.cpu = True
-    import torch
-    torch.set_num_threads(1)
+    def arguments(parser):
+        parser.add_argument("--work", required=True)
+        parser.add_argument("--families", required=True)
+    args = comfy_process.start(arguments, threads=1)
     facts = {}
     for family in args.families.split(","):
         try:
