@@ -36,9 +36,9 @@ def test_every_api_workflow_is_run_by_a_test(request):
 
 @pytest.mark.parametrize("name", [n for n in api_workflows() if n not in RUN_ELSEWHERE])
 def test_api_workflow_runs_on_the_tiny_models(comfy, name):
-    # identity_flux keeps FLUX's real text encoders (random full-size T5-XXL): the one FLUX graph
-    # run unmodified; the others get the test conditioning (see support/tiny_prompts.py)
-    prompt = tiny(load_workflow(f"api/{name}"), flux_text_encoders=name == "identity_flux.json")
+    # FLUX graphs get the test conditioning (support/tiny_prompts.py); test_flux_text_encoders.py runs
+    # identity_flux with FLUX's real text encoders
+    prompt = tiny(load_workflow(f"api/{name}"))
     result = comfy.run(prompt, timeout=900)
     savers = [node_id for node_id, node in prompt.items() if node["class_type"] == "SaveImage"]
     assert savers
