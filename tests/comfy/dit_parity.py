@@ -15,10 +15,10 @@ images (qwen_edit_parity.py). One JSON object, family -> facts.
 """
 from __future__ import annotations
 
-import argparse
 import json
-import sys
 from pathlib import Path
+
+import comfy_process
 
 
 MODEL_CLASS = {"flux2": "Flux2", "chroma": "Chroma", "qwen_image": "QwenImage", "z_image": "ZImage"}
@@ -103,16 +103,10 @@ LATENT = {"flux2": lambda c: (c.in_channels, ()), "qwen_image": lambda c: (c.in_
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser()
-    parser.add_argument("--comfyui", required=True)
-    parser.add_argument("--work", required=True)
-    parser.add_argument("--families", required=True)
-    args = parser.parse_args()
-    sys.path.insert(0, str(Path(args.comfyui).resolve()))
-    sys.path.insert(0, str(Path(__file__).resolve().parents[1]))      # tests/: support
-    sys.argv = sys.argv[:1]
-    import comfy.cli_args
-    comfy.cli_args.args.cpu = True
+    def arguments(parser):
+        parser.add_argument("--work", required=True)
+        parser.add_argument("--families", required=True)
+    args = comfy_process.start(arguments)
     from support.tiny_diffusers import write_model_folder
     facts = {}
     for family in args.families.split(","):

@@ -18,21 +18,13 @@ Prints one JSON line of facts that tests/comfy/test_gradients.py asserts.
 """
 from __future__ import annotations
 
-import argparse
 import json
-import sys
-from pathlib import Path
+
+import comfy_process
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser()
-    parser.add_argument("--comfyui", required=True)
-    args = parser.parse_args()
-    sys.path.insert(0, str(Path(args.comfyui).resolve()))
-    sys.path.insert(0, str(Path(__file__).resolve().parent))          # tests/comfy: inprocess
-    sys.argv = sys.argv[:1]
-    import comfy.cli_args
-    comfy.cli_args.args.cpu = True
+    comfy_process.start()
     import comfy.model_management as mm
     import comfy.model_patcher
     import torch
