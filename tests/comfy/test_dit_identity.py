@@ -9,11 +9,10 @@ from pathlib import Path
 
 import pytest
 
-from support.testing import facts_in_comfyui
+from support.testing import facts_in_comfyui, family_facts
 
 SCRIPT = Path(__file__).with_name("dit_parity.py")
 FAMILIES = ("flux2", "chroma", "qwen_image", "z_image")
-NEWER_THAN_OLDEST_HOST = {"flux2", "z_image"}
 LAYERS = {"flux2": [["double", 0], ["single", 0], ["single", 1]], "qwen_image": [["double", 0], ["double", 1]],
           "z_image": [["double", 0], ["double", 1]],           # Z-Image: its main layers, not its refiners
           "chroma": [["double", i] for i in range(19)] + [["single", i] for i in range(38)]}
@@ -26,20 +25,9 @@ def facts(comfyui, tmp_path_factory):
     return facts_in_comfyui(SCRIPT, comfyui, "--work", str(work), "--families", ",".join(FAMILIES))
 
 
-def built(facts, family) -> dict:
-    """The family's facts, or None where this ComfyUI's detection does not know the family (0.3.64: FLUX.2 and
-    Z-Image came later); every family that the oldest host knows is checked there too."""
-    f = facts[family]
-    if not f["built"]:
-        assert family in NEWER_THAN_OLDEST_HOST and "does not detect these weights" in f["reason"], f["reason"]
-        assert not f["host_has_class"]           # a host with the family's model class must build it
-        return None
-    return f
-
-
 @pytest.mark.parametrize("family", FAMILIES)
 def test_the_trained_file_records_its_family_and_loads_with_bit_equal_kv(facts, family):
-    if (f := built(facts, family)) is None:
+    if (f := family_facts(facts, family)) is None:
         return
     assert f["comfy_family"] == f["diffusers_family"] == f["adapter_family"] == family
     assert f["layers"] == f["diffusers_layers"] == LAYERS[family]
@@ -51,7 +39,7 @@ def test_the_trained_file_records_its_family_and_loads_with_bit_equal_kv(facts, 
 
 @pytest.mark.parametrize("family", FAMILIES)
 def test_comfyui_patches_equal_the_diffusers_processors(facts, family):
-    if (f := built(facts, family)) is None:
+    if (f := family_facts(facts, family)) is None:
         return
     assert f["plain_diff"] < TOLERANCE * f["scale"]             # the same model in both hosts...
     assert f["identity_effect"] > 1e-3 * f["scale"]             # ...the identity changes its output...
@@ -61,7 +49,7 @@ def test_comfyui_patches_equal_the_diffusers_processors(facts, family):
 
 @pytest.mark.parametrize("family", FAMILIES)
 def test_weight_0_and_outside_the_window_leave_the_model_bit_identical(facts, family):
-    if (f := built(facts, family)) is None:
+    if (f := family_facts(facts, family)) is None:
         return
     assert f["weight0_equal"] is True
     assert f["window_patched"] == len(LAYERS[family]) and f["outside_window_equal"] is True
@@ -70,7 +58,7 @@ def test_weight_0_and_outside_the_window_leave_the_model_bit_identical(facts, fa
 def edit_facts(facts) -> dict:
     """Qwen-Image-Edit's facts (tests/comfy/qwen_edit_parity.py): every host that builds Qwen-Image passes -Edit's
     reference latents to its forward (``ref_latents``: ReferenceLatent, TextEncodeQwenImageEdit(Plus))."""
-    edit = built(facts, "qwen_image")["edit"]
+    edit = family_facts(facts, "qwen_image")["edit"]
     assert edit["takes_ref_latents"] is True
     return edit
 

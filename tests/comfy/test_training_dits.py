@@ -8,11 +8,10 @@ from pathlib import Path
 
 import pytest
 
-from support.testing import facts_in_comfyui
+from support.testing import facts_in_comfyui, family_facts
 
 SCRIPT = Path(__file__).with_name("train_dit_inprocess.py")
 FAMILIES = ("flux", "flux2", "qwen_image", "z_image")
-NEWER_THAN_OLDEST_HOST = {"flux2", "z_image"}
 LATENT = {"flux": [1, 16, 8, 8], "flux2": [1, 32, 8, 8], "qwen_image": [1, 16, 1, 8, 8], "z_image": [1, 16, 8, 8]}
 LAYERS = {"flux": 4, "flux2": 3, "qwen_image": 2, "z_image": 2}
 TOLERANCE = 1e-6        # relative: float32 round-off of two orders of the same sums (measured: 1.1e-7 at most)
@@ -24,20 +23,9 @@ def facts(comfyui, tmp_path_factory):
     return facts_in_comfyui(SCRIPT, comfyui, "--work", str(work), "--families", ",".join(FAMILIES))
 
 
-def built(facts, family):
-    """The family's facts, or None where this ComfyUI's detection does not know the family (0.3.64: FLUX.2,
-    Z-Image)."""
-    f = facts[family]
-    if not f["built"]:
-        assert family in NEWER_THAN_OLDEST_HOST and "does not detect these weights" in f["reason"], f["reason"]
-        assert not f["host_has_class"]           # a host with the family's model class must build it
-        return None
-    return f
-
-
 @pytest.mark.parametrize("family", FAMILIES)
 def test_the_node_trains_the_adapter_of_the_models_family(facts, family):
-    if (f := built(facts, family)) is None:
+    if (f := family_facts(facts, family)) is None:
         return
     assert f["family"] == f["adapter_family"] == family and f["latent_shape"] == LATENT[family]
     assert len(f["losses"]) == 3 and all(0.0 < loss < 1e3 for loss in f["losses"])      # finite, not blown up
@@ -47,7 +35,7 @@ def test_the_node_trains_the_adapter_of_the_models_family(facts, family):
 
 @pytest.mark.parametrize("family", FAMILIES)
 def test_the_loss_at_step_0_is_the_flow_matching_loss_written_by_hand(facts, family):
-    if (f := built(facts, family)) is None:
+    if (f := family_facts(facts, family)) is None:
         return
     assert sorted(f["step0_inputs"]) == [1, 2]              # two token lengths: two groups of targets
     assert abs(f["losses"][0] - f["hand_loss"]) < TOLERANCE * f["hand_loss"]
@@ -57,7 +45,7 @@ def test_the_loss_at_step_0_is_the_flow_matching_loss_written_by_hand(facts, fam
 
 @pytest.mark.parametrize("family", FAMILIES)
 def test_the_trained_adapter_applies_and_weight_0_leaves_the_model_bit_identical(facts, family):
-    if (f := built(facts, family)) is None:
+    if (f := family_facts(facts, family)) is None:
         return
     assert f["identity_effect"] > 1e-2 * f["scale"]
     assert f["weight0_equal"] is True

@@ -72,6 +72,21 @@ def facts_in_comfyui(script: Path, comfyui: Path, *args: str) -> dict:
     return json.loads(done.stdout.strip().splitlines()[-1])
 
 
+NEWER_THAN_OLDEST_HOST = {"flux2", "z_image"}      # DiT families ComfyUI 0.3.64's detection does not know
+
+
+def family_facts(facts: dict, family: str) -> Optional[dict]:
+    """A family's facts from an in-process script that records {"built": False, "reason", "host_has_class"}
+    where this ComfyUI's detection does not know the family, or None there: allowed only for a family newer
+    than the oldest host, on a host without that family's model class."""
+    f = facts[family]
+    if not f["built"]:
+        assert family in NEWER_THAN_OLDEST_HOST and "does not detect these weights" in f["reason"], f["reason"]
+        assert not f["host_has_class"]           # a host with the family's model class must build it
+        return None
+    return f
+
+
 def images_of(client: ComfyClient, result: RunResult, node_id: str) -> list[np.ndarray]:
     """The images a SaveImage/PreviewImage node reported, as RGB uint8 arrays."""
     from PIL import Image
