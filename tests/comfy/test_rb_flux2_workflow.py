@@ -10,6 +10,7 @@ FLUX.2 VAE).
 import pytest
 
 from support.assets import cache_dir
+from support.guided_twin import add_plain_twin, guided_change
 from support.testing import images_of, install_models, load_workflow
 
 KLEIN = "omniid_tiny_flux2_klein.safetensors"
@@ -57,7 +58,6 @@ def test_the_start_flux2_klein_rb_workflow_guides_flux2(comfy, installed):
     from ComfyUI's CFGGuider's on the same inputs and noise, the preview names FLUX.2's default block, and the image is saved. The
     text stand-in replaces klein's Qwen3 encoder (512 tokens, as klein's tokenizer pads to), so the subject is
     named by its token; the reference is the photo at 64 px, matched whole."""
-    from safetensors.torch import load_file
     prompt = load_workflow("api/start_flux2_klein_rb.json")
     titles = {node["_meta"]["title"]: node_id for node_id, node in prompt.items()}
     prompt[titles["FLUX.2 klein model"]]["inputs"]["unet_name"] = KLEIN
@@ -74,20 +74,11 @@ def test_the_start_flux2_klein_rb_workflow_guides_flux2(comfy, installed):
     rb.update(subject_token=3, reference=["small", 0], reference_region="whole image")
     prompt[titles["Latent"]]["inputs"].update(width=64, height=64)
     prompt[titles["Schedule"]]["inputs"].update(width=64, height=64)
-    sampler = prompt[titles["Sampler"]]["inputs"]
-    prompt["plain"] = {"class_type": "CFGGuider",
-                       "inputs": {key: rb[key] for key in ("model", "positive", "negative", "cfg")}}
-    prompt["plain_sampler"] = {"class_type": "SamplerCustomAdvanced", "inputs": {**sampler, "guider": ["plain", 0]}}
-    for name, node in (("guided", titles["Sampler"]), ("plain", "plain_sampler")):
-        prompt[f"keep_{name}"] = {"class_type": "SaveLatent", "inputs": {"samples": [node, 0],
-                                                                         "filename_prefix": f"klein_rb/{name}"}}
+    add_plain_twin(prompt, titles["RB-Guidance"], titles["Sampler"], "klein_rb")
     result = comfy.run(prompt, timeout=900)
     assert images_of(comfy, result, titles["Save"])
     preview = "\n".join(result.outputs[titles["RB-Guidance"]].get("text", []))
-    folder = installed.base_directory / "output" / "klein_rb"
-    latents = {name: load_file(str(sorted(folder.glob(f"{name}_0*.latent"))[-1]))["latent_tensor"]
-               for name in ("guided", "plain")}
-    assert latents["guided"].shape[1] == 128                       # FLUX.2's latent
-    change = float((latents["guided"] - latents["plain"]).abs().max() / latents["plain"].abs().max())
+    guided, change = guided_change(installed.base_directory, "klein_rb")
+    assert guided.shape[1] == 128                                  # FLUX.2's latent
     assert 1e-5 < change < 0.5, change
     assert "features: FLUX.2 block 1 of 2 (double block 0)" in preview, preview

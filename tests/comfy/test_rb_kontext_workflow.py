@@ -3,6 +3,7 @@
 Kontext dev is FLUX.1 dev's layout, so the tiny FLUX file stands in for it; the photo goes in through the
 workflow's own Kontext path (encoded, Set Reference Latent) and RB-Guidance works on top of that conditioning.
 """
+from support.guided_twin import add_plain_twin, guided_change
 from support.testing import images_of, load_workflow
 from support.tiny_prompts import tiny
 
@@ -12,7 +13,6 @@ def test_the_start_kontext_rb_workflow_guides_kontext(comfy, comfy_server):
     FLUX's default feature block, and the image is saved. The photo is scaled to 64 px instead of a Kontext size
     (FLUX's full-size autoencoder on a 1024 px photo takes minutes on a CPU) and matched whole; the text stand-in
     has no tokenizer, so the subject is named by its token; three steps, the last guided (sigma 0.61 < 0.7)."""
-    from safetensors.torch import load_file
     prompt = tiny(load_workflow("api/start_kontext_rb.json"))
     titles = {node["_meta"]["title"]: node_id for node_id, node in prompt.items()}
     scale = prompt[titles["Photo at Kontext's size"]]
@@ -24,19 +24,10 @@ def test_the_start_kontext_rb_workflow_guides_kontext(comfy, comfy_server):
     del rb["clip"], rb["prompt"], prompt[titles["Text encoders"]]
     rb.update(feature_block=0, subject_token=3, start_fraction=0.7, reference=[titles["Photo at Kontext's size"], 0],
               reference_region="whole image")
-    sampler = prompt[titles["Sampler"]]["inputs"]
-    prompt["plain"] = {"class_type": "CFGGuider",
-                       "inputs": {key: rb[key] for key in ("model", "positive", "negative", "cfg")}}
-    prompt["plain_sampler"] = {"class_type": "SamplerCustomAdvanced", "inputs": {**sampler, "guider": ["plain", 0]}}
-    for name, node in (("guided", titles["Sampler"]), ("plain", "plain_sampler")):
-        prompt[f"keep_{name}"] = {"class_type": "SaveLatent", "inputs": {"samples": [node, 0],
-                                                                         "filename_prefix": f"kontext_rb/{name}"}}
+    add_plain_twin(prompt, titles["RB-Guidance"], titles["Sampler"], "kontext_rb")
     result = comfy.run(prompt, timeout=900)
     assert images_of(comfy, result, titles["Save"])
     preview = "\n".join(result.outputs[titles["RB-Guidance"]].get("text", []))
-    folder = comfy_server.base_directory / "output" / "kontext_rb"
-    latents = {name: load_file(str(sorted(folder.glob(f"{name}_0*.latent"))[-1]))["latent_tensor"]
-               for name in ("guided", "plain")}
-    change = float((latents["guided"] - latents["plain"]).abs().max() / latents["plain"].abs().max())
+    _, change = guided_change(comfy_server.base_directory, "kontext_rb")
     assert 1e-5 < change < 0.5, change
     assert "features: FLUX block 1 of 2 (double block 0)" in preview, preview
