@@ -6,8 +6,8 @@ ComfyUI's SD1.5 UNet (random weights) sampled by ComfyUI's euler sampler through
 ComfyUI's CFGGuider, and the RB-Guidance guider with the paper's settings and masks (p = 8.5,
 u = 0.6, t0 = 671, DIFT features at output block 6, the generated face's mask from the subject
 token's cross-attention refined by self-attention at 1/4 of the latent, the reference's face mask
-given). In the guided steps (t <= 0.6 T) each step's conditional pass is the tracked one (weight
-copies, attention maps) plus its backward to the latent. Goals: ratio <= 1.5, memory <= 1.6.
+given). In the guided steps (t <= 0.6 T) each step's conditional pass is the tracked one (graph to
+the feature block, attention maps) plus its backward to the latent. Goals: ratio <= 1.5, memory <= 1.6.
 
 --family flux: a FLUX.1-dev-shaped DiT (random weights in FLUX.1's published layout, configured by
 ComfyUI's detection; full size: width 3072, 24 heads, 19 double + 38 single blocks, bfloat16 on a GPU;

@@ -154,7 +154,7 @@ def fresh_copy(weight, *args, **kwargs):
     return weight
 
 
-_TRACKED = threading.local()      # per tracked forward: weight copies made, stream storages to snapshot
+_TRACKED = threading.local()      # per tracked forward: fresh_copy's copies, stream storages to snapshot
 
 
 def _pack(saved: torch.Tensor):
