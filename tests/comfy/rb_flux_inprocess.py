@@ -207,7 +207,6 @@ def subject_words() -> dict:
 
 def hand_push(torch, model, reference, noise, sigmas, first, face, plain_x0, push) -> dict:
     """The push of the first guided step written out: the sampler's x there, E's gradient, the flow's scales."""
-    import torch.nn.functional as F
     dm = model.get_model_object("diffusion_model")
     weight, bias = dm.img_in.weight.clone().double(), dm.img_in.bias.clone().double()
 
@@ -216,11 +215,19 @@ def hand_push(torch, model, reference, noise, sigmas, first, face, plain_x0, pus
         img = tokens @ weight.T + bias
         return torch.tanh(img) * 1.5 + 0.5 * img
 
-    # euler from the noise (x = sigma_0 * noise on a flow model's empty latent) to the first guided step
+    return expected_push(torch, model, reference, noise, sigmas, float(sigmas[first]), first, plain_x0, push,
+                         features)
+
+
+def expected_push(torch, model, reference, noise, sigmas, sigma: float, first: int, plain_x0, push, features) -> dict:
+    """RB-Guidance's push at the first guided step (noise level ``sigma``) by hand, for a toy ``features``
+    (z -> (B, 16 tokens, C)) on a 4 x 4 token grid: euler from the noise (x = sigma_0 * noise on a flow model's
+    empty latent) to that step, the reference noised to t0 with seed 0's noise, E's gradient inside the
+    constructed face mask, the flow's scale. ``push``: the guided minus the plain prediction there."""
+    import torch.nn.functional as F
     x = (sigmas[0] * noise).double()
     for i in range(first):
-        x0 = plain_x0[i].double()
-        x = x + (x - x0) / sigmas[i].double() * (sigmas[i + 1] - sigmas[i]).double()
+        x = x + (x - plain_x0[i].double()) / sigmas[i].double() * (sigmas[i + 1] - sigmas[i]).double()
     sigma0 = 0.671
     z_ref = model.model.process_latent_in(reference).double()
     ref = features(sigma0 * noise_of_seed(torch, reference.shape, 0).double() + (1 - sigma0) * z_ref)[0]
@@ -231,8 +238,8 @@ def hand_push(torch, model, reference, noise, sigmas, first, face, plain_x0, pus
     similarity = torch.einsum("rc,bnc->brn", F.normalize(ref, dim=-1), gen).masked_fill(~gen_mask[:, None], -1e9)
     energy = 8.5 / (1 + similarity.max(-1).values.mean(-1))
     (grad,) = torch.autograd.grad(energy.sum(), x)
-    latent_mask = gen_mask.view(1, 1, 4, 4).double().repeat_interleave(2, 2).repeat_interleave(2, 3)
-    sigma = float(sigmas[first])
+    latent_mask = gen_mask.view(1, 4, 4).double().repeat_interleave(2, 1).repeat_interleave(2, 2)
+    latent_mask = latent_mask.reshape(1, *([1] * (x.ndim - 3)), 8, 8)        # Qwen-Image's frame axis
     expected = -(sigma / (1 - sigma)) * grad * latent_mask
     return {"push_max": float(push.abs().max()), "expected_max": float(expected.abs().max()),
             "difference": float((push.double() - expected).abs().max()),

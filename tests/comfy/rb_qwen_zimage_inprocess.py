@@ -27,6 +27,7 @@ from __future__ import annotations
 import json
 
 import comfy_process
+from rb_flux_inprocess import expected_push
 
 SIGMAS = (1.0, 0.8, 0.55, 0.3, 0.0)                   # 4 steps, the last 2 guided (sigma <= 0.6)
 TEXT, SUBJECT = 6, 3                                   # prompt tokens, the subject's index among them
@@ -191,28 +192,8 @@ class Harness:
 
 
 def hand_push(torch, model, h: Harness, first, plain_x0, push, features) -> dict:
-    """The push of the first guided step written out: the sampler's x there, E's gradient, the flow's scales."""
-    import torch.nn.functional as F
-    x = (h.sigmas[0] * h.noise).double()
-    for i in range(first):
-        x = x + (x - plain_x0[i].double()) / h.sigmas[i].double() * (h.sigmas[i + 1] - h.sigmas[i]).double()
-    sigma0 = 0.671
-    z_ref = model.model.process_latent_in(h.reference).double()
-    noise = torch.randn(h.reference.shape, generator=torch.Generator().manual_seed(0)).double()
-    ref = features(sigma0 * noise + (1 - sigma0) * z_ref)[0]
-    gen_mask = torch.zeros(1, 16, dtype=torch.bool)
-    gen_mask.view(1, 4, 4)[:, 1:3, 0:3] = True
-    x = x.clone().requires_grad_(True)
-    gen = F.normalize(features(x), dim=-1)
-    similarity = torch.einsum("rc,bnc->brn", F.normalize(ref, dim=-1), gen).masked_fill(~gen_mask[:, None], -1e9)
-    energy = 8.5 / (1 + similarity.max(-1).values.mean(-1))
-    (grad,) = torch.autograd.grad(energy.sum(), x)
-    latent_mask = gen_mask.view(1, 4, 4).double().repeat_interleave(2, 1).repeat_interleave(2, 2)
-    latent_mask = latent_mask.reshape(1, *([1] * (x.ndim - 3)), 8, 8)
-    sigma = SIGMAS[first]
-    expected = -(sigma / (1 - sigma)) * grad * latent_mask
-    return {"expected_max": float(expected.abs().max()), "difference": float((push.double() - expected).abs().max()),
-            "outside_mask": float((push.double() * (1 - latent_mask)).abs().max())}
+    """The push of the first guided step written out (rb_flux_inprocess.expected_push)."""
+    return expected_push(torch, model, h.reference, h.noise, h.sigmas, SIGMAS[first], first, plain_x0, push, features)
 
 
 def node_setup(torch, model, tokenizer, length: int, latent_lead) -> dict:
