@@ -11,6 +11,8 @@ from __future__ import annotations
 
 import torch
 
+from .comfy_build import detected_patcher
+
 APPROXIMATOR = "distilled_guidance_layer."
 
 
@@ -29,7 +31,6 @@ def bfl_state_dict(diffusers_state: dict) -> dict[str, torch.Tensor]:
 
 def comfy_chroma(state: dict, config, dtype=torch.float32):
     import comfy.model_detection
-    import comfy.model_patcher
 
     unet_config = comfy.model_detection.detect_unet_config(state, "")
     if unet_config is None or unet_config.get("image_model") != "chroma":
@@ -39,12 +40,4 @@ def comfy_chroma(state: dict, config, dtype=torch.float32):
                         "num_heads": config.num_attention_heads, "axes_dim": list(config.axes_dims_rope),
                         "in_dim": config.approximator_num_channels, "out_dim": state["img_in.weight"].shape[0],
                         "hidden_dim": config.approximator_hidden_dim, "n_layers": config.approximator_layers})
-    model_config = comfy.model_detection.model_config_from_unet_config(unet_config, state)
-    model_config.set_inference_dtype(dtype, None)
-    base = model_config.get_model({})
-    weights = model_config.process_unet_state_dict({k: v.to(dtype) for k, v in state.items()})
-    missing, unexpected = base.diffusion_model.load_state_dict(weights, strict=False)
-    if missing or unexpected:
-        raise ValueError(f"Chroma layout mismatch: missing {missing[:4]}, unexpected {unexpected[:4]}")
-    cpu = torch.device("cpu")
-    return comfy.model_patcher.ModelPatcher(base, load_device=cpu, offload_device=cpu)
+    return detected_patcher(unet_config, state, dtype, "Chroma")

@@ -9,6 +9,8 @@ from __future__ import annotations
 
 import torch
 
+from .comfy_build import detected_patcher
+
 
 def _block_keys(i: int) -> dict[str, str]:
     d, b = f"transformer_blocks.{i}.", f"double_blocks.{i}."
@@ -69,7 +71,6 @@ def comfy_flux2(state: dict, heads: int, axes, dtype=torch.float32):
     ``heads``, ``axes`` (the rotary split of a head), the MLP ratio and the output channels, which ComfyUI
     fixes for the published sizes, set from the small model's."""
     import comfy.model_detection
-    import comfy.model_patcher
 
     config = comfy.model_detection.detect_unet_config(state, "")
     if config is None or config.get("image_model") != "flux2":
@@ -79,12 +80,4 @@ def comfy_flux2(state: dict, heads: int, axes, dtype=torch.float32):
         raise ValueError(f"rotary axes {axes} x {heads} heads do not make the width {hidden}")
     config.update({"num_heads": heads, "axes_dim": list(axes), "out_channels": state["final_layer.linear.weight"].shape[0],
                    "mlp_ratio": state["double_blocks.0.img_mlp.2.weight"].shape[1] / hidden})
-    model_config = comfy.model_detection.model_config_from_unet_config(config, state)
-    model_config.set_inference_dtype(dtype, None)
-    base = model_config.get_model({})
-    weights = model_config.process_unet_state_dict({k: v.to(dtype) for k, v in state.items()})
-    missing, unexpected = base.diffusion_model.load_state_dict(weights, strict=False)
-    if missing or unexpected:
-        raise ValueError(f"FLUX.2 layout mismatch: missing {missing[:4]}, unexpected {unexpected[:4]}")
-    cpu = torch.device("cpu")
-    return comfy.model_patcher.ModelPatcher(base, load_device=cpu, offload_device=cpu)
+    return detected_patcher(config, state, dtype, "FLUX.2")

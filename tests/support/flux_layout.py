@@ -11,6 +11,8 @@ from __future__ import annotations
 
 import torch
 
+from .comfy_build import detected_patcher
+
 
 def flux_shapes(hidden: int, heads: int, depth: int, single: int, in_channels: int = 16, context: int = 4096,
                 vec: int = 768, guidance: bool = True, mlp_ratio: float = 4.0) -> dict[str, tuple]:
@@ -85,18 +87,9 @@ def comfy_flux(state: dict, heads: int, axes=(16, 56, 56), dtype=torch.float32):
     """A ComfyUI ModelPatcher holding ``state`` (FLUX.1 layout), configured by ComfyUI's detection;
     ``heads`` and ``axes`` (the rotary split of a head, FLUX.1's own by default) as the weights cannot say."""
     import comfy.model_detection
-    import comfy.model_patcher
 
     config = comfy.model_detection.detect_unet_config(state, "")
     if config is None or config.get("image_model") != "flux":
         raise ValueError(f"ComfyUI does not detect these weights as FLUX.1: {config}")
     config.update(layout_sizes(state, heads, axes))
-    model_config = comfy.model_detection.model_config_from_unet_config(config, state)
-    model_config.set_inference_dtype(dtype, None)
-    base = model_config.get_model({})
-    weights = model_config.process_unet_state_dict({k: v.to(dtype) for k, v in state.items()})
-    missing, unexpected = base.diffusion_model.load_state_dict(weights, strict=False)
-    if missing or unexpected:
-        raise ValueError(f"FLUX layout mismatch: missing {missing[:4]}, unexpected {unexpected[:4]}")
-    cpu = torch.device("cpu")
-    return comfy.model_patcher.ModelPatcher(base, load_device=cpu, offload_device=cpu)
+    return detected_patcher(config, state, dtype, "FLUX")

@@ -8,12 +8,13 @@ from __future__ import annotations
 
 import torch
 
+from .comfy_build import detected_patcher
+
 
 def comfy_qwen_image(state: dict, config, dtype=torch.float32):
     """A ComfyUI ModelPatcher holding ``state``, configured by ComfyUI's detection and ``config`` (the
     diffusers model's config) for the sizes the weights leave open."""
     import comfy.model_detection
-    import comfy.model_patcher
 
     unet_config = comfy.model_detection.detect_unet_config(state, "")
     if unet_config is None or unet_config.get("image_model") != "qwen_image":
@@ -21,12 +22,4 @@ def comfy_qwen_image(state: dict, config, dtype=torch.float32):
     unet_config.update({"out_channels": config.out_channels, "attention_head_dim": config.attention_head_dim,
                         "num_attention_heads": config.num_attention_heads,
                         "joint_attention_dim": config.joint_attention_dim, "axes_dims_rope": tuple(config.axes_dims_rope)})
-    model_config = comfy.model_detection.model_config_from_unet_config(unet_config, state)
-    model_config.set_inference_dtype(dtype, None)
-    base = model_config.get_model({})
-    weights = model_config.process_unet_state_dict({k: v.to(dtype) for k, v in state.items()})
-    missing, unexpected = base.diffusion_model.load_state_dict(weights, strict=False)
-    if missing or unexpected:
-        raise ValueError(f"Qwen-Image layout mismatch: missing {missing[:4]}, unexpected {unexpected[:4]}")
-    cpu = torch.device("cpu")
-    return comfy.model_patcher.ModelPatcher(base, load_device=cpu, offload_device=cpu)
+    return detected_patcher(unet_config, state, dtype, "Qwen-Image")

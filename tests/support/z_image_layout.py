@@ -9,10 +9,11 @@ from __future__ import annotations
 
 import torch
 
+from .comfy_build import detected_patcher
+
 
 def comfy_z_image(state: dict, config, dtype=torch.float32):
     import comfy.model_detection
-    import comfy.model_patcher
 
     converted = comfy.model_detection.convert_diffusers_mmdit(dict(state), "")
     if converted is None:
@@ -24,12 +25,4 @@ def comfy_z_image(state: dict, config, dtype=torch.float32):
                         "axes_lens": list(config.axes_lens), "rope_theta": config.rope_theta,
                         "ffn_dim_multiplier": 8.0 / 3.0, "z_image_modulation": True, "time_scale": config.t_scale,
                         "pad_tokens_multiple": 32, "n_refiner_layers": config.n_refiner_layers})
-    model_config = comfy.model_detection.model_config_from_unet_config(unet_config, converted)
-    model_config.set_inference_dtype(dtype, None)
-    base = model_config.get_model({})
-    weights = model_config.process_unet_state_dict({k: v.to(dtype) for k, v in converted.items()})
-    missing, unexpected = base.diffusion_model.load_state_dict(weights, strict=False)
-    if missing or unexpected:
-        raise ValueError(f"Z-Image layout mismatch: missing {missing[:4]}, unexpected {unexpected[:4]}")
-    cpu = torch.device("cpu")
-    return comfy.model_patcher.ModelPatcher(base, load_device=cpu, offload_device=cpu)
+    return detected_patcher(unet_config, converted, dtype, "Z-Image")
