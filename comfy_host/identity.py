@@ -20,6 +20,7 @@ import torch
 from ..guidance.adapter import IdentityAdapter
 from ..guidance.decoupled import BlockWeights, DecoupledAttention, LayerInjection, layer_injections
 from ..guidance.flux_identity import identity_terms
+from .attention import OVERRIDE_KEY, heads_first
 from .compat import comfyui_version, flux_options_position, options_position_of
 from .layers import adapter_layers, check_fit, dit_family, existing_patch, patch_size, sigma_window
 from .options import find_options
@@ -208,10 +209,10 @@ class FluxAttentionOverride:
         options = kwargs.get("transformer_options") or {}
         injections = options.get(FLUX_BLOCK)
         state = options.get(FLUX_STATE)
-        if q.ndim == 3:           # (B, N, heads * D), as Qwen-Image's attention passes it on ComfyUI 0.3.64
-            q = q.unflatten(-1, (heads, -1)).transpose(1, 2)
-        if not injections or not isinstance(state, dict) or q.ndim != 4:
+        qk = heads_first(q, k, heads, kwargs.get("skip_reshape", False))
+        if not injections or not isinstance(state, dict) or qk is None:
             return out            # uncounted: check_injection_points then says the identity was not injected
+        q = qk[0]
         state["attention"] = state.get("attention", 0) + 1
         call = options.get(FLUX_BLOCK_CALL) or {"kind": "double", "pe": None, "residual": None}
         out, residual = identity_terms(out, q, call.get("pe"), state["txt_len"], call.get("kind", "double"),
@@ -233,9 +234,6 @@ def add_flux_injection(model, key: tuple, injection: LayerInjection, patch_size:
 
 
 # -- DiTs without block patches (Z-Image) --------------------------------------------------
-OVERRIDE_KEY = "optimized_attention_override"
-
-
 class LayerIndexOverride:
     """``optimized_attention_override`` for a DiT whose forward offers no block patches but marks each main
     layer in transformer_options (``block_type`` "double", ``block_index`` i) before it runs: adds the

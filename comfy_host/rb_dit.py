@@ -28,7 +28,7 @@ from typing import Callable, Optional
 import torch
 
 from ..guidance.joint_attention import JointAttentionMaps
-from .attention import OVERRIDE_KEY
+from .attention import OVERRIDE_KEY, heads_first
 from .gradients import snapshot_saves
 from .layers import diffusion_model
 from .rb_capture import CaptureState, StopForward
@@ -178,16 +178,6 @@ class JointRecording:
             if qk is not None:
                 self.maps.record(*qk, self.state.txt_len, self.state.grid)
         return out
-
-
-def heads_first(q, k, heads: int, skip_reshape: bool):
-    """(q, k) as (B, heads, L, d) from an attention call's inputs, or None for a call of another shape. Releases
-    differ: FLUX's blocks pass them so (``skip_reshape``); ComfyUI 0.3.64's Qwen-Image passes (B, L, heads * d)."""
-    if skip_reshape:
-        return (q, k) if q.ndim == 4 else None
-    if q.ndim != 3 or k.ndim != 3 or q.shape[-1] % heads:
-        return None
-    return tuple(t.unflatten(-1, (heads, -1)).transpose(1, 2) for t in (q, k))
 
 
 def capture_options(model_options: dict, family: DitFamily, counts: list[int], feature_block: int,
