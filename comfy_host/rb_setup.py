@@ -87,11 +87,10 @@ def subject_token(positive, index: int, subject: str, clip, prompt: str,
     ``from_end``: the conditioning ends as the tokenized prompt does but may start otherwise (Qwen-Image drops
     its system template; its edit encoder puts the reference image's tokens before the prompt): the word's
     place is counted from the end."""
-    tokens = min(int(cond.shape[1]) for cond, _ in positive)
-    length = tokens
-    if index >= tokens:
-        raise ValueError(f"RB-Guidance: subject_token {index} is outside the positive prompt, which has {tokens} "
-                         f"tokens (0-{tokens - 1}); use 0 to find the subject word")
+    length = min(int(cond.shape[1]) for cond, _ in positive)
+    if index >= length:
+        raise ValueError(f"RB-Guidance: subject_token {index} is outside the positive prompt, which has {length} "
+                         f"tokens (0-{length - 1}); use 0 to find the subject word")
     if index > 0:
         return index, f"subject_token input ({index})"
     marked = {extra.get(SUBJECT_TOKEN_KEY) for _, extra in positive} - {None}
