@@ -20,6 +20,8 @@ from typing import Optional
 
 import torch
 
+from .layers import DIT_CLASSES
+
 
 @dataclass
 class BaseModel:
@@ -30,28 +32,21 @@ class BaseModel:
     scheduler: dict               # the scheduler config (SD: the noise schedule and prediction type)
 
 
+FAMILY_OF_CLASS = {"UNet2DConditionModel": "unet", **DIT_CLASSES}
+MODELS_OF_CLASS = {"UNet2DConditionModel": "SD1.5, SDXL", "FluxTransformer2DModel": "FLUX.1",
+                   "Flux2Transformer2DModel": "FLUX.2", "ChromaTransformer2DModel": "Chroma",
+                   "QwenImageTransformer2DModel": "Qwen-Image", "ZImageTransformer2DModel": "Z-Image"}
+
+
 def _class_for(folder: str):
-    from diffusers import (ChromaTransformer2DModel, Flux2Transformer2DModel, FluxTransformer2DModel,
-                           QwenImageTransformer2DModel, UNet2DConditionModel, ZImageTransformer2DModel)
+    """(family, diffusers class) of the model whose ``config.json`` is in ``folder``."""
+    import diffusers
     with open(os.path.join(folder, "config.json")) as f:
         name = json.load(f).get("_class_name", "")
-    if name == "FluxTransformer2DModel":
-        return "flux", FluxTransformer2DModel
-    if name == "Flux2Transformer2DModel":
-        return "flux2", Flux2Transformer2DModel
-    if name == "ChromaTransformer2DModel":
-        return "chroma", ChromaTransformer2DModel
-    if name == "QwenImageTransformer2DModel":
-        return "qwen_image", QwenImageTransformer2DModel
-    if name == "ZImageTransformer2DModel":
-        return "z_image", ZImageTransformer2DModel
-    if name == "UNet2DConditionModel":
-        return "unet", UNet2DConditionModel
-    raise ValueError(f"{folder}: a {name or 'model of no known class'}; the diffusers host trains on "
-                     "UNet2DConditionModel (SD1.5, SDXL), FluxTransformer2DModel (FLUX.1), "
-                     "Flux2Transformer2DModel (FLUX.2), ChromaTransformer2DModel (Chroma), QwenImageTransformer2DModel "
-                     "(Qwen-Image) and "
-                     "ZImageTransformer2DModel (Z-Image)")
+    if name not in FAMILY_OF_CLASS:
+        known = ", ".join(f"{cls} ({MODELS_OF_CLASS[cls]})" for cls in FAMILY_OF_CLASS)
+        raise ValueError(f"{folder}: a {name or 'model of no known class'}; the diffusers host trains on {known}")
+    return FAMILY_OF_CLASS[name], getattr(diffusers, name)
 
 
 VAE_CLASSES = ("AutoencoderKLFlux2", "AutoencoderKLQwenImage")   # beside AutoencoderKL, by their configs' class name
